@@ -1,0 +1,214 @@
+//! Drives a fixed set of requests to completion on a replica: chunked prefill, then decode,
+//! every running sequence in every step (iteration-level batching).
+//!
+//! This is the engine-level loop that `helios generate` and the engine benchmark use. Each step
+//! fills a token budget: one decode token per sequence whose prompt is done, then chunks of the
+//! prompts still being read. Blocks come from the coordinator's [`BlockAllocator`] and go back
+//! when a sequence finishes.
+
+use anyhow::{bail, Result};
+use helios_proto::v1::{SamplingParams, SequenceStep, StepPlan};
+
+use crate::block_manager::BlockAllocator;
+use crate::sharded_client::ShardedClient;
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt_ids: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation stops after emitting one of these (EOS unless ignored).
+    pub stop_token_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Length,
+    Eos,
+}
+
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub generated_ids: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub finish_reason: FinishReason,
+}
+
+struct Seq {
+    req: Request,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    /// Tokens whose KV is in the cache.
+    computed: usize,
+    table: Vec<u32>,
+    logprobs: Vec<f32>,
+    finished: Option<FinishReason>,
+}
+
+impl Seq {
+    fn generated(&self) -> &[u32] {
+        &self.tokens[self.req.prompt_ids.len()..]
+    }
+}
+
+pub struct Driver<'a> {
+    client: &'a mut ShardedClient,
+    blocks: BlockAllocator,
+    max_batch_tokens: usize,
+    next_step: u64,
+}
+
+impl<'a> Driver<'a> {
+    pub fn new(client: &'a mut ShardedClient, blocks: BlockAllocator, max_batch_tokens: usize) -> Self {
+        Self {
+            client,
+            blocks,
+            max_batch_tokens: max_batch_tokens.max(1),
+            next_step: 0,
+        }
+    }
+
+    pub fn blocks(&self) -> &BlockAllocator {
+        &self.blocks
+    }
+
+    /// Runs `reqs` together; `on_token(request index, token)` sees each token as it is sampled.
+    pub async fn run(
+        &mut self,
+        reqs: Vec<Request>,
+        mut on_token: impl FnMut(usize, u32),
+    ) -> Result<Vec<Output>> {
+        let mut seqs: Vec<Seq> = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            if req.prompt_ids.is_empty() {
+                bail!("empty prompt");
+            }
+            let finished = (req.max_new_tokens == 0).then_some(FinishReason::Length);
+            seqs.push(Seq {
+                tokens: req.prompt_ids.clone(),
+                req,
+                computed: 0,
+                table: Vec::new(),
+                logprobs: Vec::new(),
+                finished,
+            });
+        }
+        let result = self.run_seqs(&mut seqs, &mut on_token).await;
+        for s in &mut seqs {
+            self.blocks.release(&mut s.table);
+        }
+        result?;
+        Ok(seqs
+            .into_iter()
+            .map(|s| Output {
+                generated_ids: s.generated().to_vec(),
+                logprobs: s.logprobs,
+                finish_reason: s.finished.unwrap_or(FinishReason::Length),
+            })
+            .collect())
+    }
+
+    async fn run_seqs(
+        &mut self,
+        seqs: &mut [Seq],
+        on_token: &mut impl FnMut(usize, u32),
+    ) -> Result<()> {
+        loop {
+            let (plan, members) = self.plan(seqs, false)?;
+            if members.is_empty() {
+                return Ok(());
+            }
+            let result = self.client.step(plan.clone()).await?;
+            for (&i, step) in members.iter().zip(&plan.seqs) {
+                seqs[i].computed += step.token_ids.len();
+            }
+            for t in result.tokens {
+                let i = t.seq_id as usize;
+                let s = &mut seqs[i];
+                s.tokens.push(t.token_id);
+                s.logprobs.push(t.logprob);
+                on_token(i, t.token_id);
+                if s.req.stop_token_ids.contains(&t.token_id) {
+                    s.finished = Some(FinishReason::Eos);
+                } else if s.generated().len() >= s.req.max_new_tokens {
+                    s.finished = Some(FinishReason::Length);
+                }
+                if s.finished.is_some() {
+                    self.blocks.release(&mut s.table);
+                }
+            }
+        }
+    }
+
+    /// Last-position logits of `prompt_ids` (read in budget-sized chunks).
+    pub async fn prompt_logits(&mut self, prompt_ids: &[u32]) -> Result<Vec<f32>> {
+        let mut seq = Seq {
+            req: Request {
+                prompt_ids: prompt_ids.to_vec(),
+                max_new_tokens: 1,
+                sampling: SamplingParams::default(),
+                stop_token_ids: Vec::new(),
+            },
+            tokens: prompt_ids.to_vec(),
+            computed: 0,
+            table: Vec::new(),
+            logprobs: Vec::new(),
+            finished: None,
+        };
+        let mut logits = Vec::new();
+        let out: Result<()> = async {
+            while seq.computed < seq.tokens.len() {
+                let (plan, _) = self.plan(std::slice::from_mut(&mut seq), true)?;
+                let n = plan.seqs[0].token_ids.len();
+                let mut r = self.client.step(plan).await?;
+                seq.computed += n;
+                if let Some(l) = r.logits.pop() {
+                    logits = l.values;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        self.blocks.release(&mut seq.table);
+        out?;
+        Ok(logits)
+    }
+
+    /// The next step: which sequences take part and with which tokens.
+    fn plan(&mut self, seqs: &mut [Seq], return_logits: bool) -> Result<(StepPlan, Vec<usize>)> {
+        let mut budget = self.max_batch_tokens;
+        let mut plan = StepPlan {
+            step_id: self.next_step,
+            seqs: Vec::new(),
+            return_logits,
+        };
+        self.next_step += 1;
+        let mut members = Vec::new();
+        // Decodes first (each needs one token), then prompt chunks.
+        let order = (0..seqs.len())
+            .filter(|&i| seqs[i].computed >= seqs[i].req.prompt_ids.len())
+            .chain((0..seqs.len()).filter(|&i| seqs[i].computed < seqs[i].req.prompt_ids.len()));
+        for i in order.collect::<Vec<_>>() {
+            let s = &mut seqs[i];
+            if s.finished.is_some() || budget == 0 {
+                continue;
+            }
+            let n = (s.tokens.len() - s.computed).min(budget);
+            self.blocks.ensure(&mut s.table, s.computed + n)?;
+            budget -= n;
+            let mut sampling = s.req.sampling.clone();
+            sampling.output_index = s.generated().len() as u32;
+            plan.seqs.push(SequenceStep {
+                seq_id: i as u64,
+                token_ids: s.tokens[s.computed..s.computed + n].to_vec(),
+                start_pos: s.computed as u32,
+                block_table: s.table.clone(),
+                sample: s.computed + n == s.tokens.len(),
+                sampling: Some(sampling),
+            });
+            members.push(i);
+        }
+        Ok((plan, members))
+    }
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The test suite, as CI runs it: fetch the default model if missing, set up the Python
+# reference environment (.venv-ref/), then build and run every test of the workspace.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+scripts/fetch-model.sh >/dev/null
+
+if [ ! -x .venv-ref/bin/python ] || ! .venv-ref/bin/python -c 'import numpy, gguf' 2>/dev/null; then
+  echo "setting up the reference environment in .venv-ref/" >&2
+  python3 -m venv .venv-ref
+  .venv-ref/bin/pip install --quiet --disable-pip-version-check -r tests/reference/requirements.txt
+fi
+export HELIOS_PYTHON="$PWD/.venv-ref/bin/python"
+
+cargo build --workspace --bins
+cargo test --workspace "$@"

@@ -1,0 +1,137 @@
+//! Shared helpers for Helios' tests: the repo's reference scripts, tiny models, the default model
+//! and the built binaries.
+//!
+//! The independent reference is `tests/reference/llama_ref.py` (NumPy, float64), which shares no
+//! code with the engine. Python comes from `$HELIOS_PYTHON` (set by `scripts/test.sh` to its
+//! virtual environment) or `python3`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{bail, Context, Result};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the repo root")
+        .to_path_buf()
+}
+
+pub fn python() -> Command {
+    Command::new(std::env::var("HELIOS_PYTHON").unwrap_or_else(|_| "python3".into()))
+}
+
+fn run_json(mut cmd: Command) -> Result<serde_json::Value> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("parsing the output of {cmd:?}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Writes a tiny random Llama (HF format, two shards) into `dir`; `extra` are flags of
+/// `make_tiny_model.py` (`--tie`, `--heads 8`, ...).
+pub fn make_tiny_model(dir: &Path, seed: u64, extra: &[&str]) -> Result<()> {
+    let mut cmd = python();
+    cmd.arg(repo_root().join("tests/reference/make_tiny_model.py"))
+        .arg(dir)
+        .args(["--seed", &seed.to_string()])
+        .args(extra);
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn ids_arg(ids: &[u32]) -> String {
+    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// The reference's last-position logits.
+pub fn reference_logits(model: &Path, ids: &[u32]) -> Result<Vec<f64>> {
+    let mut cmd = python();
+    cmd.arg(repo_root().join("tests/reference/llama_ref.py"))
+        .args(["logits", "--model"])
+        .arg(model)
+        .args(["--ids", &ids_arg(ids)]);
+    let v = run_json(cmd)?;
+    serde_json::from_value(v["logits"].clone()).context("reference logits")
+}
+
+/// The reference's greedy continuation: (generated ids, top-1/top-2 logit gap at each step).
+pub fn reference_generate(model: &Path, ids: &[u32], n: usize) -> Result<(Vec<u32>, Vec<f64>)> {
+    let mut cmd = python();
+    cmd.arg(repo_root().join("tests/reference/llama_ref.py"))
+        .args(["generate", "--model"])
+        .arg(model)
+        .args(["--ids", &ids_arg(ids), "--max-new-tokens", &n.to_string()]);
+    let v = run_json(cmd)?;
+    Ok((
+        serde_json::from_value(v["generated_ids"].clone())?,
+        serde_json::from_value(v["top2_gaps"].clone())?,
+    ))
+}
+
+/// Teacher-forced reference: per continuation token, (argmax, top-2 gap) of the distribution
+/// that predicts it.
+pub fn reference_score(model: &Path, prompt: &[u32], cont: &[u32]) -> Result<(Vec<u32>, Vec<f64>)> {
+    let mut cmd = python();
+    cmd.arg(repo_root().join("tests/reference/llama_ref.py"))
+        .args(["score", "--model"])
+        .arg(model)
+        .args(["--ids", &ids_arg(prompt), "--continuation", &ids_arg(cont)]);
+    let v = run_json(cmd)?;
+    Ok((
+        serde_json::from_value(v["argmax"].clone())?,
+        serde_json::from_value(v["top2_gaps"].clone())?,
+    ))
+}
+
+/// The default model; fails (never skips) when it is missing.
+pub fn default_model() -> PathBuf {
+    let p = repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-model.sh",
+        p.display()
+    );
+    p
+}
+
+/// Path of a workspace binary (`helios`, `helios-worker`), built once per test process.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(repo_root())
+            .args(["build", "--bins", "-p", "helios-coordinator", "-p", "helios-worker"])
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "cargo build --bins failed");
+        // tests run from target/<profile>/deps/; binaries live one level up.
+        let exe = std::env::current_exe().expect("test executable");
+        exe.parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .to_path_buf()
+    });
+    dir.join(name)
+}
+
+/// Largest relative error of `got` against `want`, relative to the largest |want|.
+pub fn max_rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (*g as f64 - w).abs() / scale)
+        .fold(0.0, f64::max)
+}

@@ -1,0 +1,144 @@
+//! A step's input, checked and laid out for the forward pass.
+//!
+//! The coordinator sends each sequence's new tokens, their start position and its block table.
+//! Here that becomes flat tensors over all the step's tokens (ids, positions, KV slots to write)
+//! and, per sequence, the slots of its whole context and its causal mask. Every check happens
+//! here, before any rank starts the forward pass: all ranks see the same plan, so they all
+//! reject it alike and none is left waiting in an all-reduce.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use helios_proto::v1::StepPlan;
+
+/// What a plan is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub vocab_size: usize,
+    pub max_positions: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    /// Width of one KV row on this rank: kv_heads_local * head_dim.
+    pub kv_row_width: usize,
+}
+
+/// One sequence's part of the step.
+pub struct SeqSlice {
+    /// Rows of this sequence's new tokens within the step.
+    pub q_start: usize,
+    pub q_len: usize,
+    /// KV slots of positions `0 .. start_pos + q_len`, u32 `[ctx]`.
+    pub ctx_slots: Tensor,
+    /// Additive causal mask `[q_len, ctx]`; `None` for a single token (it sees everything).
+    pub mask: Option<Tensor>,
+}
+
+pub struct StepBatch {
+    /// u32 `[T]`.
+    pub tokens: Tensor,
+    /// u32 `[T]`.
+    pub positions: Tensor,
+    /// u32 `[T, kv_row_width]`: each token's KV slot, repeated across the row.
+    pub write_slots: Tensor,
+    pub seqs: Vec<SeqSlice>,
+    /// u32 `[N]`: the row of the last token of every sequence that needs logits.
+    pub output_rows: Tensor,
+    /// Plan index of the sequence behind each output row.
+    pub output_seqs: Vec<usize>,
+}
+
+/// A plan that cannot run; the step is refused, the worker stays healthy.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid step plan: {0}")]
+pub struct InvalidPlan(pub String);
+
+fn invalid(msg: String) -> anyhow::Error {
+    InvalidPlan(msg).into()
+}
+
+impl StepBatch {
+    pub fn build(plan: &StepPlan, lim: &BatchLimits, dtype: DType, device: &Device) -> Result<Self> {
+        if plan.seqs.is_empty() {
+            return Err(invalid("no sequences".into()));
+        }
+        let bs = lim.block_size;
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut write_slots = Vec::new();
+        let mut seqs = Vec::with_capacity(plan.seqs.len());
+        let mut output_rows = Vec::new();
+        let mut output_seqs = Vec::new();
+        for (i, s) in plan.seqs.iter().enumerate() {
+            let id = s.seq_id;
+            let q_len = s.token_ids.len();
+            let start = s.start_pos as usize;
+            let ctx = start + q_len;
+            if q_len == 0 {
+                return Err(invalid(format!("sequence {id} has no tokens")));
+            }
+            if ctx > lim.max_positions {
+                return Err(invalid(format!(
+                    "sequence {id} reaches position {ctx}, beyond the model's {}",
+                    lim.max_positions
+                )));
+            }
+            if let Some(t) = s.token_ids.iter().find(|&&t| t as usize >= lim.vocab_size) {
+                return Err(invalid(format!(
+                    "sequence {id}: token {t} is outside the vocabulary of {}",
+                    lim.vocab_size
+                )));
+            }
+            let needed = ctx.div_ceil(bs);
+            if s.block_table.len() < needed {
+                return Err(invalid(format!(
+                    "sequence {id} needs {needed} blocks for {ctx} positions, the plan gives {}",
+                    s.block_table.len()
+                )));
+            }
+            if let Some(b) = s.block_table.iter().find(|&&b| b as usize >= lim.num_blocks) {
+                return Err(invalid(format!(
+                    "sequence {id}: block {b} is beyond the cache's {} blocks",
+                    lim.num_blocks
+                )));
+            }
+            let slot = |p: usize| s.block_table[p / bs] * bs as u32 + (p % bs) as u32;
+            let q_start = tokens.len();
+            for (j, &t) in s.token_ids.iter().enumerate() {
+                let p = start + j;
+                tokens.push(t);
+                positions.push(p as u32);
+                write_slots.extend(std::iter::repeat_n(slot(p), lim.kv_row_width));
+            }
+            let ctx_slots: Vec<u32> = (0..ctx).map(slot).collect();
+            let mask = if q_len > 1 {
+                let mut m = Vec::with_capacity(q_len * ctx);
+                for qi in 0..q_len {
+                    for kj in 0..ctx {
+                        m.push(if kj > start + qi { f32::NEG_INFINITY } else { 0.0 });
+                    }
+                }
+                Some(Tensor::from_vec(m, (q_len, ctx), device)?.to_dtype(dtype)?)
+            } else {
+                None
+            };
+            if s.sample || plan.return_logits {
+                output_rows.push((q_start + q_len - 1) as u32);
+                output_seqs.push(i);
+            }
+            seqs.push(SeqSlice {
+                q_start,
+                q_len,
+                ctx_slots: Tensor::new(ctx_slots.as_slice(), device)?,
+                mask,
+            });
+        }
+        let t = tokens.len();
+        Ok(Self {
+            tokens: Tensor::new(tokens.as_slice(), device)?,
+            positions: Tensor::new(positions.as_slice(), device)?,
+            write_slots: Tensor::from_vec(write_slots, (t, lim.kv_row_width), device)?,
+            seqs,
+            output_rows: Tensor::new(output_rows.as_slice(), device)?,
+            output_seqs,
+        })
+    }
+}

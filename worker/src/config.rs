@@ -1,0 +1,320 @@
+//! Model hyper-parameters, read from an HF `config.json` or from GGUF metadata.
+//!
+//! One struct serves both formats so that everything downstream (sharding, KV sizing, the
+//! forward pass) is format-blind. `validate_tp` is the single place that decides whether a
+//! tensor-parallel degree can split this model.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::Value;
+use serde::Deserialize;
+
+/// RoPE frequency scaling, as HF `rope_scaling` describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Positions divided by `factor` (Llama 2 long-context fine-tunes).
+    Linear { factor: f64 },
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+}
+
+/// The fields of an HF `config.json` that a Llama-family model uses.
+#[derive(Debug, Deserialize)]
+struct HfConfig {
+    #[serde(default)]
+    architectures: Vec<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    rope_theta: f64,
+    rope_scaling: Option<serde_json::Value>,
+    #[serde(default = "default_max_pos")]
+    max_position_embeddings: usize,
+    sliding_window: Option<usize>,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    4096
+}
+
+/// Architectures whose weights and forward pass are the Llama layout.
+const SUPPORTED_ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM"];
+
+impl ModelConfig {
+    /// Reads `dir/config.json`.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let hf: HfConfig =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let architecture = match hf.architectures.first() {
+            Some(a) if SUPPORTED_ARCHITECTURES.contains(&a.as_str()) => a.clone(),
+            Some(a) => bail!(
+                "{}: unsupported architecture {a:?} (supported: {})",
+                path.display(),
+                SUPPORTED_ARCHITECTURES.join(", ")
+            ),
+            None => bail!("{}: no `architectures` entry", path.display()),
+        };
+        let rope_scaling = match &hf.rope_scaling {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(
+                parse_hf_rope_scaling(v)
+                    .with_context(|| format!("{}: rope_scaling", path.display()))?,
+            ),
+        };
+        // Mistral's sliding window only differs from full attention past the window, so a
+        // context capped at the window is exact without a sliding-window kernel.
+        let max_position_embeddings = match hf.sliding_window {
+            Some(w) if w > 0 => hf.max_position_embeddings.min(w),
+            _ => hf.max_position_embeddings,
+        };
+        let cfg = Self {
+            architecture,
+            vocab_size: hf.vocab_size,
+            hidden_size: hf.hidden_size,
+            intermediate_size: hf.intermediate_size,
+            num_layers: hf.num_hidden_layers,
+            num_heads: hf.num_attention_heads,
+            num_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
+            head_dim: hf
+                .head_dim
+                .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
+            rms_norm_eps: hf.rms_norm_eps,
+            rope_theta: hf.rope_theta,
+            rope_scaling,
+            max_position_embeddings,
+            tie_word_embeddings: hf.tie_word_embeddings,
+        };
+        cfg.check().with_context(|| path.display().to_string())?;
+        Ok(cfg)
+    }
+
+    /// Reads the `llama.*` keys of a GGUF file's metadata.
+    pub fn from_gguf(
+        path: &Path,
+        md: &HashMap<String, Value>,
+        vocab_rows: usize,
+        has_output: bool,
+    ) -> Result<Self> {
+        let ctx = || path.display().to_string();
+        let arch = md
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        if arch != "llama" {
+            bail!(
+                "{}: unsupported GGUF architecture {arch:?} (supported: llama)",
+                ctx()
+            );
+        }
+        let get_u = |k: &str| -> Result<usize> {
+            let v = md
+                .get(k)
+                .with_context(|| format!("{}: missing metadata {k}", ctx()))?;
+            Ok(v.to_u64()
+                .or_else(|_| v.to_u32().map(u64::from))
+                .with_context(|| format!("{}: metadata {k} is not an integer", ctx()))?
+                as usize)
+        };
+        let get_f = |k: &str, default: f64| -> f64 {
+            md.get(k)
+                .and_then(|v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok())
+                .unwrap_or(default)
+        };
+        let hidden_size = get_u("llama.embedding_length")?;
+        let num_heads = get_u("llama.attention.head_count")?;
+        let num_kv_heads = get_u("llama.attention.head_count_kv").unwrap_or(num_heads);
+        let head_dim = get_u("llama.attention.key_length")
+            .unwrap_or(hidden_size / num_heads.max(1));
+        let rope_scaling = match md
+            .get("llama.rope.scaling.type")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+        {
+            Some("linear") => Some(RopeScaling::Linear {
+                factor: get_f("llama.rope.scaling.factor", 1.0),
+            }),
+            Some("none") | None => None,
+            Some(other) => bail!("{}: unsupported rope scaling {other:?}", ctx()),
+        };
+        let cfg = Self {
+            architecture: "llama".to_string(),
+            vocab_size: vocab_rows,
+            hidden_size,
+            intermediate_size: get_u("llama.feed_forward_length")?,
+            num_layers: get_u("llama.block_count")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: get_f("llama.attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta: get_f("llama.rope.freq_base", 10_000.0),
+            rope_scaling,
+            max_position_embeddings: get_u("llama.context_length").unwrap_or(4096),
+            tie_word_embeddings: !has_output,
+        };
+        cfg.check().with_context(ctx)?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_layers == 0 {
+            bail!("head and layer counts must be positive");
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            bail!(
+                "{} query heads are not a multiple of {} KV heads",
+                self.num_heads,
+                self.num_kv_heads
+            );
+        }
+        if self.head_dim % 2 != 0 {
+            bail!("head_dim {} must be even for RoPE", self.head_dim);
+        }
+        Ok(())
+    }
+
+    /// Whether `tp` ranks can split this model Megatron-style: whole query and KV heads, and
+    /// whole MLP columns, on every rank.
+    pub fn validate_tp(&self, tp: usize) -> Result<()> {
+        if tp == 0 {
+            bail!("tensor-parallel degree must be at least 1");
+        }
+        if self.num_heads % tp != 0
+            || self.num_kv_heads % tp != 0
+            || self.intermediate_size % tp != 0
+        {
+            let ok: Vec<String> = (1..=self.num_kv_heads)
+                .filter(|d| {
+                    self.num_heads % d == 0
+                        && self.num_kv_heads % d == 0
+                        && self.intermediate_size % d == 0
+                })
+                .map(|d| d.to_string())
+                .collect();
+            bail!(
+                "tp {tp} does not divide this model's {} query heads, {} KV heads and MLP width {}; \
+                 valid tp values: {}",
+                self.num_heads,
+                self.num_kv_heads,
+                self.intermediate_size,
+                ok.join(", ")
+            );
+        }
+        Ok(())
+    }
+}
+
+fn parse_hf_rope_scaling(v: &serde_json::Value) -> Result<RopeScaling> {
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("");
+    let num = |k: &str| -> Result<f64> {
+        v.get(k)
+            .and_then(|x| x.as_f64())
+            .with_context(|| format!("missing number {k}"))
+    };
+    match kind {
+        "linear" => Ok(RopeScaling::Linear {
+            factor: num("factor")?,
+        }),
+        "llama3" => Ok(RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        }),
+        other => bail!("unsupported rope_scaling type {other:?} (supported: linear, llama3)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> ModelConfig {
+        ModelConfig {
+            architecture: "LlamaForCausalLM".into(),
+            vocab_size: 100,
+            hidden_size: 64,
+            intermediate_size: 160,
+            num_layers: 2,
+            num_heads: 8,
+            num_kv_heads: 4,
+            head_dim: 8,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            max_position_embeddings: 128,
+            tie_word_embeddings: false,
+        }
+    }
+
+    #[test]
+    fn tp_must_divide_heads() {
+        let cfg = tiny();
+        assert!(cfg.validate_tp(1).is_ok());
+        assert!(cfg.validate_tp(2).is_ok());
+        assert!(cfg.validate_tp(4).is_ok());
+        let err = cfg.validate_tp(3).unwrap_err().to_string();
+        assert!(err.contains("valid tp values: 1, 2, 4"), "{err}");
+        assert!(cfg.validate_tp(0).is_err());
+    }
+
+    #[test]
+    fn unknown_architecture_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"architectures":["GPT2LMHeadModel"],"vocab_size":10,"hidden_size":8,
+                "intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2}"#,
+        )
+        .unwrap();
+        let err = format!("{:#}", ModelConfig::from_hf_dir(dir.path()).unwrap_err());
+        assert!(err.contains("GPT2LMHeadModel"), "{err}");
+        assert!(err.contains("config.json"), "{err}");
+    }
+}

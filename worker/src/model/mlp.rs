@@ -1,0 +1,22 @@
+//! The SwiGLU MLP, one rank's share of its columns.
+//!
+//! `gate/up_proj` are column-parallel over the MLP width, `down_proj` row-parallel: the output
+//! is a partial sum that the caller all-reduces.
+
+use anyhow::Result;
+use candle_core::quantized::QMatMul;
+use candle_core::{Module, Tensor};
+
+pub struct Mlp {
+    pub gate_proj: QMatMul,
+    pub up_proj: QMatMul,
+    pub down_proj: QMatMul,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        let up = self.up_proj.forward(x)?;
+        Ok(self.down_proj.forward(&(gate * up)?)?)
+    }
+}

@@ -1,0 +1,155 @@
+//! The Llama-family model, sharded Megatron-style across tensor-parallel ranks.
+//!
+//! Shape of the code follows candle-transformers' llama: small structs (`Attention`, `Mlp`,
+//! `Block`) loaded by HF tensor-name prefix. Each block is
+//! `x += all_reduce(attn(norm(x)))`, `x += all_reduce(mlp(norm(x)))`. Embedding and norms are
+//! replicated; the lm_head lives on rank 0 only, which alone samples (see `comm`).
+
+mod attention;
+mod mlp;
+mod rope;
+
+use anyhow::{Context, Result};
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Module, Tensor};
+
+use self::attention::Attention;
+use self::mlp::Mlp;
+use self::rope::Rope;
+use crate::batch::StepBatch;
+use crate::comm::Communicator;
+use crate::config::ModelConfig;
+use crate::kv_cache::KvCache;
+use crate::weights::{LoadOptions, Split, Weights};
+
+struct Block {
+    input_norm: Tensor,
+    attn: Attention,
+    post_attn_norm: Tensor,
+    mlp: Mlp,
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    pub dtype: DType,
+    rank: usize,
+    embed_tokens: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    /// Rank 0 only.
+    lm_head: Option<QMatMul>,
+    rope: Rope,
+    eps: f64,
+}
+
+impl Model {
+    /// Loads rank `rank` of `world`'s shard.
+    pub fn load(w: &Weights, rank: usize, world: usize, opts: &LoadOptions) -> Result<Self> {
+        let cfg = w.config().clone();
+        cfg.validate_tp(world)?;
+        let (hidden, inter, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let (h, kvh) = (cfg.num_heads, cfg.num_kv_heads);
+        let rows = Split::Rows { rank, parts: world };
+        let cols = Split::Cols { rank, parts: world };
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let lin = |name: &str, shape: [usize; 2], split: Split| {
+                w.linear(&format!("{p}.{name}.weight"), shape, split, opts)
+            };
+            blocks.push(Block {
+                input_norm: w.dense(&format!("{p}.input_layernorm.weight"), &[hidden], opts)?,
+                attn: Attention {
+                    q_proj: lin("self_attn.q_proj", [h * d, hidden], rows)?,
+                    k_proj: lin("self_attn.k_proj", [kvh * d, hidden], rows)?,
+                    v_proj: lin("self_attn.v_proj", [kvh * d, hidden], rows)?,
+                    o_proj: lin("self_attn.o_proj", [hidden, h * d], cols)?,
+                    num_heads: h / world,
+                    num_kv_heads: kvh / world,
+                    head_dim: d,
+                },
+                post_attn_norm: w.dense(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[hidden],
+                    opts,
+                )?,
+                mlp: Mlp {
+                    gate_proj: lin("mlp.gate_proj", [inter, hidden], rows)?,
+                    up_proj: lin("mlp.up_proj", [inter, hidden], rows)?,
+                    down_proj: lin("mlp.down_proj", [hidden, inter], cols)?,
+                },
+            });
+        }
+        let vocab = cfg.vocab_size;
+        let lm_head = if rank == 0 {
+            let name = if !cfg.tie_word_embeddings && w.contains("lm_head.weight") {
+                "lm_head.weight"
+            } else {
+                "model.embed_tokens.weight"
+            };
+            Some(w.linear(name, [vocab, hidden], Split::Full, opts)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            embed_tokens: w.dense("model.embed_tokens.weight", &[vocab, hidden], opts)?,
+            norm: w.dense("model.norm.weight", &[hidden], opts)?,
+            rope: Rope::new(&cfg, opts.dtype, &opts.device)?,
+            eps: cfg.rms_norm_eps,
+            dtype: opts.dtype,
+            config: cfg,
+            rank,
+            blocks,
+            lm_head,
+        })
+    }
+
+    /// Width of one KV-cache row on this rank.
+    pub fn kv_row_width(&self, world: usize) -> usize {
+        self.config.num_kv_heads / world * self.config.head_dim
+    }
+
+    /// Runs one step. Returns, on rank 0, the logits `[N, vocab]` (f32) of the batch's output
+    /// rows; `None` on other ranks.
+    pub fn forward(
+        &self,
+        batch: &StepBatch,
+        cache: &KvCache,
+        comm: &mut dyn Communicator,
+    ) -> Result<Option<Tensor>> {
+        let mut x = self.embed_tokens.index_select(&batch.tokens, 0)?;
+        let (cos, sin) = self.rope.at(&batch.positions)?;
+        let eps = self.eps as f32;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &b.input_norm, eps)?;
+            let a = b.attn.forward(&h, &cos, &sin, batch, cache, i)?;
+            let a = comm
+                .all_reduce_sum(&a)
+                .with_context(|| format!("all-reduce after attention {i}"))?;
+            x = (x + a)?;
+            let h = candle_nn::ops::rms_norm(&x, &b.post_attn_norm, eps)?;
+            let m = b.mlp.forward(&h)?;
+            let m = comm
+                .all_reduce_sum(&m)
+                .with_context(|| format!("all-reduce after MLP {i}"))?;
+            x = (x + m)?;
+        }
+        let Some(lm_head) = &self.lm_head else {
+            return Ok(None);
+        };
+        debug_assert_eq!(self.rank, 0);
+        if batch.output_seqs.is_empty() {
+            return Ok(None);
+        }
+        let last = x.index_select(&batch.output_rows, 0)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
+        Ok(Some(lm_head.forward(&last)?.to_dtype(DType::F32)?))
+    }
+}
+
+impl Model {
+    /// The device the weights live on.
+    pub fn embed_device(&self) -> candle_core::Device {
+        self.embed_tokens.device().clone()
+    }
+}
