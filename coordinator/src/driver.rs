@@ -6,7 +6,7 @@
 //! prompts still being read. Blocks come from the coordinator's [`BlockAllocator`] and go back
 //! when a sequence finishes.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use helios_proto::v1::{SamplingParams, SequenceStep, StepPlan};
 
 use crate::block_manager::BlockAllocator;
@@ -60,7 +60,11 @@ pub struct Driver<'a> {
 }
 
 impl<'a> Driver<'a> {
-    pub fn new(client: &'a mut ShardedClient, blocks: BlockAllocator, max_batch_tokens: usize) -> Self {
+    pub fn new(
+        client: &'a mut ShardedClient,
+        blocks: BlockAllocator,
+        max_batch_tokens: usize,
+    ) -> Self {
         Self {
             client,
             blocks,
@@ -141,38 +145,54 @@ impl<'a> Driver<'a> {
         }
     }
 
-    /// Last-position logits of `prompt_ids` (read in budget-sized chunks).
-    pub async fn prompt_logits(&mut self, prompt_ids: &[u32]) -> Result<Vec<f32>> {
-        let mut seq = Seq {
-            req: Request {
-                prompt_ids: prompt_ids.to_vec(),
-                max_new_tokens: 1,
-                sampling: SamplingParams::default(),
-                stop_token_ids: Vec::new(),
-            },
-            tokens: prompt_ids.to_vec(),
-            computed: 0,
-            table: Vec::new(),
-            logprobs: Vec::new(),
-            finished: None,
-        };
-        let mut logits = Vec::new();
+    /// Teacher-forced logits: those after the whole prompt, then after each token of `cont`
+    /// fed one at a time (`cont.len() + 1` rows, the last one predicting past `cont`).
+    pub async fn teacher_forced_logits(
+        &mut self,
+        prompt: &[u32],
+        cont: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
+        if prompt.is_empty() {
+            bail!("empty prompt");
+        }
+        let tokens: Vec<u32> = prompt.iter().chain(cont).copied().collect();
+        let mut table = Vec::new();
+        let mut rows = Vec::with_capacity(cont.len() + 1);
         let out: Result<()> = async {
-            while seq.computed < seq.tokens.len() {
-                let (plan, _) = self.plan(std::slice::from_mut(&mut seq), true)?;
-                let n = plan.seqs[0].token_ids.len();
+            let mut done = 0;
+            while done < tokens.len() {
+                // The prompt in budget-sized chunks, then one token per step.
+                let n = if done < prompt.len() {
+                    (prompt.len() - done).min(self.max_batch_tokens)
+                } else {
+                    1
+                };
+                self.blocks.ensure(&mut table, done + n)?;
+                let plan = StepPlan {
+                    step_id: self.next_step,
+                    seqs: vec![SequenceStep {
+                        seq_id: 0,
+                        token_ids: tokens[done..done + n].to_vec(),
+                        start_pos: done as u32,
+                        block_table: table.clone(),
+                        sample: false,
+                        sampling: None,
+                    }],
+                    return_logits: true,
+                };
+                self.next_step += 1;
                 let mut r = self.client.step(plan).await?;
-                seq.computed += n;
-                if let Some(l) = r.logits.pop() {
-                    logits = l.values;
+                done += n;
+                if done >= prompt.len() {
+                    rows.push(r.logits.pop().context("rank 0 returned no logits")?.values);
                 }
             }
             Ok(())
         }
         .await;
-        self.blocks.release(&mut seq.table);
+        self.blocks.release(&mut table);
         out?;
-        Ok(logits)
+        Ok(rows)
     }
 
     /// The next step: which sequences take part and with which tokens.
@@ -197,7 +217,7 @@ impl<'a> Driver<'a> {
             let n = (s.tokens.len() - s.computed).min(budget);
             self.blocks.ensure(&mut s.table, s.computed + n)?;
             budget -= n;
-            let mut sampling = s.req.sampling.clone();
+            let mut sampling = s.req.sampling;
             sampling.output_index = s.generated().len() as u32;
             plan.seqs.push(SequenceStep {
                 seq_id: i as u64,

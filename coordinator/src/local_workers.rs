@@ -63,7 +63,10 @@ impl LocalWorkers {
                 .with_context(|| format!("rank {rank} exited before it was ready"))?;
             let addr = line
                 .strip_prefix("HELIOS_WORKER_READY ")
-                .and_then(|rest| rest.split_whitespace().find_map(|kv| kv.strip_prefix("grpc=")))
+                .and_then(|rest| {
+                    rest.split_whitespace()
+                        .find_map(|kv| kv.strip_prefix("grpc="))
+                })
                 .with_context(|| format!("rank {rank}: unexpected first line {line:?}"))?;
             addrs.push(format!("http://{addr}"));
             // Keep draining stdout so the child never blocks on a full pipe.

@@ -29,7 +29,8 @@ struct Cli {
 enum Command {
     /// Generate a completion for one prompt on a local tensor-parallel replica.
     Generate(GenerateArgs),
-    /// Print the last-position logits of a token sequence as JSON (tests, debugging).
+    /// Print the last-position logits of a token sequence as JSON; with `--continuation`, the
+    /// argmax of every teacher-forced position instead (tests, debugging).
     #[command(hide = true)]
     Logits(LogitsArgs),
 }
@@ -96,6 +97,9 @@ struct LogitsArgs {
     /// Comma-separated token ids.
     #[arg(long, value_delimiter = ',')]
     ids: Vec<u32>,
+    /// Comma-separated token ids fed after the prompt, one per step.
+    #[arg(long, value_delimiter = ',')]
+    continuation: Vec<u32>,
 }
 
 #[tokio::main]
@@ -103,8 +107,7 @@ async fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
     let cli = Cli::parse();
@@ -270,7 +273,18 @@ async fn logits(a: LogitsArgs) -> Result<()> {
         replica.info.facts.block_size as usize,
     );
     let mut driver = Driver::new(&mut replica.client, blocks, a.replica.max_batch_tokens);
-    let logits = driver.prompt_logits(&a.ids).await?;
-    println!("{}", serde_json::json!({ "logits": logits }));
+    let rows = driver
+        .teacher_forced_logits(&a.ids, &a.continuation)
+        .await?;
+    if a.continuation.is_empty() {
+        let logits = rows.into_iter().next().context("no logits")?;
+        println!("{}", serde_json::json!({ "logits": logits }));
+    } else {
+        let argmax: Vec<usize> = rows
+            .iter()
+            .map(|r| (0..r.len()).fold(0, |b, i| if r[i] > r[b] { i } else { b }))
+            .collect();
+        println!("{}", serde_json::json!({ "argmax": argmax }));
+    }
     Ok(())
 }

@@ -154,7 +154,11 @@ impl ShardedClient {
                 bail!("{}", r.error);
             }
             if r.step_id != plan.step_id {
-                bail!("rank {rank} answered step {} to step {}", r.step_id, plan.step_id);
+                bail!(
+                    "rank {rank} answered step {} to step {}",
+                    r.step_id,
+                    plan.step_id
+                );
             }
             if rank == 0 {
                 rank0 = Some(r);

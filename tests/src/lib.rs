@@ -31,8 +31,12 @@ fn run_json(mut cmd: Command) -> Result<serde_json::Value> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("parsing the output of {cmd:?}: {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "parsing the output of {cmd:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 /// Writes a tiny random Llama (HF format, two shards) into `dir`; `extra` are flags of
@@ -51,7 +55,10 @@ pub fn make_tiny_model(dir: &Path, seed: u64, extra: &[&str]) -> Result<()> {
 }
 
 fn ids_arg(ids: &[u32]) -> String {
-    ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+    ids.iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The reference's last-position logits.
@@ -112,7 +119,14 @@ pub fn binary(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(repo_root())
-            .args(["build", "--bins", "-p", "helios-coordinator", "-p", "helios-worker"])
+            .args([
+                "build",
+                "--bins",
+                "-p",
+                "helios-coordinator",
+                "-p",
+                "helios-worker",
+            ])
             .status()
             .expect("running cargo build");
         assert!(status.success(), "cargo build --bins failed");
@@ -134,4 +148,26 @@ pub fn max_rel_err(got: &[f32], want: &[f64]) -> f64 {
         .zip(want)
         .map(|(g, w)| (*g as f64 - w).abs() / scale)
         .fold(0.0, f64::max)
+}
+
+/// Runs the `helios` CLI; returns (exit success, stdout, stderr).
+pub fn helios(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(binary("helios"))
+        .args(args)
+        .env("HELIOS_WORKER_BIN", binary("helios-worker"))
+        .output()
+        .expect("running helios");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs the `helios` CLI, which must succeed, and parses its JSON output.
+pub fn helios_json(args: &[&str]) -> serde_json::Value {
+    let (ok, stdout, stderr) = helios(args);
+    assert!(ok, "helios {args:?} failed:\n{stderr}");
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("bad JSON from helios {args:?}: {e}\n{stdout}"))
 }

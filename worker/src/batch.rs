@@ -56,7 +56,12 @@ fn invalid(msg: String) -> anyhow::Error {
 }
 
 impl StepBatch {
-    pub fn build(plan: &StepPlan, lim: &BatchLimits, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn build(
+        plan: &StepPlan,
+        lim: &BatchLimits,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         if plan.seqs.is_empty() {
             return Err(invalid("no sequences".into()));
         }
@@ -94,7 +99,11 @@ impl StepBatch {
                     s.block_table.len()
                 )));
             }
-            if let Some(b) = s.block_table.iter().find(|&&b| b as usize >= lim.num_blocks) {
+            if let Some(b) = s
+                .block_table
+                .iter()
+                .find(|&&b| b as usize >= lim.num_blocks)
+            {
                 return Err(invalid(format!(
                     "sequence {id}: block {b} is beyond the cache's {} blocks",
                     lim.num_blocks
@@ -113,7 +122,11 @@ impl StepBatch {
                 let mut m = Vec::with_capacity(q_len * ctx);
                 for qi in 0..q_len {
                     for kj in 0..ctx {
-                        m.push(if kj > start + qi { f32::NEG_INFINITY } else { 0.0 });
+                        m.push(if kj > start + qi {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        });
                     }
                 }
                 Some(Tensor::from_vec(m, (q_len, ctx), device)?.to_dtype(dtype)?)

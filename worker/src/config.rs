@@ -166,8 +166,8 @@ impl ModelConfig {
         let hidden_size = get_u("llama.embedding_length")?;
         let num_heads = get_u("llama.attention.head_count")?;
         let num_kv_heads = get_u("llama.attention.head_count_kv").unwrap_or(num_heads);
-        let head_dim = get_u("llama.attention.key_length")
-            .unwrap_or(hidden_size / num_heads.max(1));
+        let head_dim =
+            get_u("llama.attention.key_length").unwrap_or(hidden_size / num_heads.max(1));
         let rope_scaling = match md
             .get("llama.rope.scaling.type")
             .and_then(|v| v.to_string().ok())
@@ -202,17 +202,36 @@ impl ModelConfig {
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_layers == 0 {
             bail!("head and layer counts must be positive");
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             bail!(
                 "{} query heads are not a multiple of {} KV heads",
                 self.num_heads,
                 self.num_kv_heads
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail!("head_dim {} must be even for RoPE", self.head_dim);
         }
         Ok(())
+    }
+
+    /// The number of column slices row-parallel layers are kept in: the largest valid tp when
+    /// `tp` divides it (so tp 1 and that tp add the same partial sums in the same order and give
+    /// bit-identical results), else `tp` itself.
+    pub fn reduce_parts(&self, tp: usize) -> usize {
+        let max_tp = (1..=self.num_kv_heads)
+            .rev()
+            .find(|&d| {
+                self.num_heads.is_multiple_of(d)
+                    && self.num_kv_heads.is_multiple_of(d)
+                    && self.intermediate_size.is_multiple_of(d)
+            })
+            .unwrap_or(1);
+        if max_tp.is_multiple_of(tp) {
+            max_tp
+        } else {
+            tp
+        }
     }
 
     /// Whether `tp` ranks can split this model Megatron-style: whole query and KV heads, and
@@ -221,15 +240,15 @@ impl ModelConfig {
         if tp == 0 {
             bail!("tensor-parallel degree must be at least 1");
         }
-        if self.num_heads % tp != 0
-            || self.num_kv_heads % tp != 0
-            || self.intermediate_size % tp != 0
+        if !self.num_heads.is_multiple_of(tp)
+            || !self.num_kv_heads.is_multiple_of(tp)
+            || !self.intermediate_size.is_multiple_of(tp)
         {
             let ok: Vec<String> = (1..=self.num_kv_heads)
                 .filter(|d| {
-                    self.num_heads % d == 0
-                        && self.num_kv_heads % d == 0
-                        && self.intermediate_size % d == 0
+                    self.num_heads.is_multiple_of(*d)
+                        && self.num_kv_heads.is_multiple_of(*d)
+                        && self.intermediate_size.is_multiple_of(*d)
                 })
                 .map(|d| d.to_string())
                 .collect();
@@ -302,6 +321,9 @@ mod tests {
         let err = cfg.validate_tp(3).unwrap_err().to_string();
         assert!(err.contains("valid tp values: 1, 2, 4"), "{err}");
         assert!(cfg.validate_tp(0).is_err());
+        assert_eq!(cfg.reduce_parts(1), 4);
+        assert_eq!(cfg.reduce_parts(2), 4);
+        assert_eq!(cfg.reduce_parts(4), 4);
     }
 
     #[test]

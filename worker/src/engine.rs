@@ -127,7 +127,9 @@ impl Engine {
     pub fn step(&mut self, plan: &StepPlan) -> Result<StepResult> {
         let device = self.model.embed_device();
         let batch = StepBatch::build(plan, &self.limits, self.model.dtype, &device)?;
-        let logits = self.model.forward(&batch, &self.cache, self.comm.as_mut())?;
+        let logits = self
+            .model
+            .forward(&batch, &self.cache, self.comm.as_mut())?;
         let mut result = StepResult {
             step_id: plan.step_id,
             ..Default::default()

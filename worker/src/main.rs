@@ -15,7 +15,10 @@ use helios_worker::service::WorkerService;
 use tokio_stream::wrappers::TcpListenerStream;
 
 #[derive(Parser, Debug)]
-#[command(name = "helios-worker", about = "One tensor-parallel rank of a Helios replica")]
+#[command(
+    name = "helios-worker",
+    about = "One tensor-parallel rank of a Helios replica"
+)]
 struct Args {
     /// gRPC address to serve the coordinator on (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
@@ -48,8 +51,7 @@ async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let args = Args::parse();

@@ -74,7 +74,11 @@ impl Worker for WorkerService {
             .ok_or_else(|| Status::failed_precondition("this worker is already initialized"))?;
         let opts = EngineOptions {
             model_path: req.model_path.clone().into(),
-            block_size: if req.block_size == 0 { 16 } else { req.block_size as usize },
+            block_size: if req.block_size == 0 {
+                16
+            } else {
+                req.block_size as usize
+            },
             num_kv_blocks: (req.num_kv_blocks > 0).then_some(req.num_kv_blocks as usize),
             kv_cache_memory_bytes: req.kv_cache_memory_bytes,
             dequantize: req.dequantize,
@@ -126,16 +130,17 @@ impl Worker for WorkerService {
                     let engine = guard
                         .as_mut()
                         .ok_or_else(|| anyhow::anyhow!("step before init"))?;
-                    engine.step(&plan).map_err(|e| (plan.step_id, e)).or_else(|(id, e)| {
-                        match e.downcast_ref::<InvalidPlan>() {
+                    engine
+                        .step(&plan)
+                        .map_err(|e| (plan.step_id, e))
+                        .or_else(|(id, e)| match e.downcast_ref::<InvalidPlan>() {
                             Some(inv) => Ok(StepResult {
                                 step_id: id,
                                 error: inv.to_string(),
                                 ..Default::default()
                             }),
                             None => Err(e),
-                        }
-                    })
+                        })
                 })
                 .await;
                 match result {

@@ -78,7 +78,9 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn prompt(n: usize, salt: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| (i * 37 + salt * 11 + 5) % 300).collect()
+    (0..n as u32)
+        .map(|i| (i * 37 + salt * 11 + 5) % 300)
+        .collect()
 }
 
 #[test]
@@ -87,10 +89,19 @@ fn chunking_and_block_size_do_not_change_logits() {
     make_tiny_model(dir.path(), 1, &[]).unwrap();
     let tokens = prompt(45, 0);
     let whole = chunked_logits(&mut engine(dir.path(), 16, 8), &tokens, 1000, 16);
-    for (chunk, bs, blocks) in [(7, 16, 8), (1000, 1, 64), (1000, 32, 4), (7, 1, 64), (3, 32, 4)] {
+    for (chunk, bs, blocks) in [
+        (7, 16, 8),
+        (1000, 1, 64),
+        (1000, 32, 4),
+        (7, 1, 64),
+        (3, 32, 4),
+    ] {
         let got = chunked_logits(&mut engine(dir.path(), bs, blocks), &tokens, chunk, bs);
         let err = rel(&got, &whole);
-        assert!(err < 1e-5, "chunk {chunk}, block size {bs}: relative error {err}");
+        assert!(
+            err < 1e-5,
+            "chunk {chunk}, block size {bs}: relative error {err}"
+        );
     }
     // And the single-rank forward pass agrees with the NumPy reference.
     let want = reference_logits(dir.path(), &tokens).unwrap();
@@ -104,7 +115,11 @@ fn a_batch_gives_each_sequence_its_own_logits() {
     make_tiny_model(dir.path(), 2, &[]).unwrap();
     let bs = 16;
     let lens = [1usize, 5, 17, 33, 2, 40, 9, 16];
-    let prompts: Vec<Vec<u32>> = lens.iter().enumerate().map(|(i, &n)| prompt(n, i as u32)).collect();
+    let prompts: Vec<Vec<u32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| prompt(n, i as u32))
+        .collect();
     // Alone.
     let alone: Vec<Vec<f32>> = prompts
         .iter()
@@ -142,7 +157,11 @@ fn a_batch_gives_each_sequence_its_own_logits() {
     for (i, (g, a)) in got.iter().zip(&alone).enumerate() {
         let g = g.as_ref().expect("every sequence finished");
         let err = rel(g, a);
-        assert!(err < 1e-5, "sequence {i} (length {}): relative error {err}", lens[i]);
+        assert!(
+            err < 1e-5,
+            "sequence {i} (length {}): relative error {err}",
+            lens[i]
+        );
     }
 }
 

@@ -28,8 +28,8 @@ pub struct TcpListenerSlot {
 
 impl TcpListenerSlot {
     pub fn bind(addr: &str) -> Result<Self> {
-        let listener =
-            TcpListener::bind(addr).with_context(|| format!("binding the communicator to {addr}"))?;
+        let listener = TcpListener::bind(addr)
+            .with_context(|| format!("binding the communicator to {addr}"))?;
         Ok(Self { listener })
     }
 
@@ -68,7 +68,8 @@ impl TcpCommunicator {
         }
         let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
         for (r, addr) in peer_addrs.iter().enumerate().take(rank) {
-            let mut s = dial(addr).with_context(|| format!("rank {rank} dialing rank {r} at {addr}"))?;
+            let mut s =
+                dial(addr).with_context(|| format!("rank {rank} dialing rank {r} at {addr}"))?;
             s.write_all(&(rank as u32).to_le_bytes())?;
             streams[r] = Some(s);
         }
@@ -194,22 +195,39 @@ impl Communicator for TcpCommunicator {
     }
 
     fn all_reduce_sum(&mut self, x: &Tensor) -> Result<Tensor> {
-        if x.dtype() != DType::F32 {
-            bail!("the CPU communicator sums f32 tensors, got {:?}", x.dtype());
+        self.all_reduce_parts(&x.unsqueeze(0)?)
+    }
+
+    /// Every rank sends all its slices; each rank adds all `P_local · world` slices in global
+    /// order, starting from the first slice itself (as `sum_in_order` does at tp 1).
+    fn all_reduce_parts(&mut self, parts: &Tensor) -> Result<Tensor> {
+        if parts.dtype() != DType::F32 {
+            bail!(
+                "the CPU communicator sums f32 tensors, got {:?}",
+                parts.dtype()
+            );
         }
-        let shape = x.shape().clone();
-        let local = x.flatten_all()?.to_vec1::<f32>()?;
+        let shape = parts.get(0)?.shape().clone();
+        let n = shape.elem_count();
+        let local = parts.flatten_all()?.to_vec1::<f32>()?;
         let mut bytes = Vec::with_capacity(local.len() * 4);
         for v in &local {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
-        let mut sum = vec![0f32; local.len()];
+        let mut sum: Option<Vec<f32>> = None;
         self.exchange(bytes, |msg| {
-            for (s, c) in sum.iter_mut().zip(msg.chunks_exact(4)) {
-                *s += f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            for slice in msg.chunks_exact(n * 4) {
+                let values = slice
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                match &mut sum {
+                    None => sum = Some(values.collect()),
+                    Some(acc) => acc.iter_mut().zip(values).for_each(|(a, v)| *a += v),
+                }
             }
         })?;
-        Ok(Tensor::from_vec(sum, shape, x.device())?)
+        let sum = sum.unwrap_or_else(|| vec![0.0; n]);
+        Ok(Tensor::from_vec(sum, shape, parts.device())?)
     }
 
     fn barrier(&mut self) -> Result<()> {
@@ -258,7 +276,49 @@ mod tests {
         let i = 12345;
         let expect: f32 = (0..world)
             .map(|r| ((i * (r + 1)) as f32).sin() * 10f32.powi(r as i32 * 3))
-            .fold(0.0, |a, b| a + b);
+            .reduce(|a, b| a + b)
+            .unwrap();
         assert_eq!(results[0][i], expect);
+    }
+
+    #[test]
+    fn parts_are_added_in_global_order_like_one_rank_would() {
+        // Four slices whose float sum depends on the order of addition.
+        let slice = |j: usize| -> Vec<f32> {
+            (0..1000)
+                .map(|i| ((i * (j + 3)) as f32).cos() * 10f32.powi(j as i32 * 2 - 3))
+                .collect()
+        };
+        let all: Vec<f32> = (0..4).flat_map(slice).collect();
+        let one_rank =
+            crate::comm::sum_in_order(&Tensor::from_vec(all, (4, 1000), &Device::Cpu).unwrap())
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+        let slots: Vec<TcpListenerSlot> = (0..2)
+            .map(|_| TcpListenerSlot::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addrs: Vec<String> = slots
+            .iter()
+            .map(|s| s.local_addr().unwrap().to_string())
+            .collect();
+        let handles: Vec<_> = slots
+            .into_iter()
+            .enumerate()
+            .map(|(rank, slot)| {
+                let addrs = addrs.clone();
+                std::thread::spawn(move || {
+                    let mut c = TcpCommunicator::connect(&slot, rank, &addrs).unwrap();
+                    let mine: Vec<f32> = (2 * rank..2 * rank + 2).flat_map(slice).collect();
+                    let t = Tensor::from_vec(mine, (2, 1000), &Device::Cpu).unwrap();
+                    c.all_reduce_parts(&t).unwrap().to_vec1::<f32>().unwrap()
+                })
+            })
+            .collect();
+        for h in handles {
+            let got = h.join().unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&one_rank));
+        }
     }
 }

@@ -9,6 +9,7 @@ use anyhow::Result;
 use candle_core::quantized::QMatMul;
 use candle_core::{Module, Tensor};
 
+use super::linear::RowParallel;
 use super::rope::Rope;
 use crate::batch::StepBatch;
 use crate::kv_cache::KvCache;
@@ -17,7 +18,7 @@ pub struct Attention {
     pub q_proj: QMatMul,
     pub k_proj: QMatMul,
     pub v_proj: QMatMul,
-    pub o_proj: QMatMul,
+    pub o_proj: RowParallel,
     /// Heads on this rank.
     pub num_heads: usize,
     pub num_kv_heads: usize,
@@ -25,7 +26,7 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// `x`: `[T, hidden]` (normed). Returns this rank's partial `[T, hidden]`.
+    /// `x`: `[T, hidden]` (normed). Returns this rank's partial sums `[P_local, T, hidden]`.
     pub fn forward(
         &self,
         x: &Tensor,
@@ -79,7 +80,6 @@ impl Attention {
         } else {
             Tensor::cat(&outs, 0)?
         };
-        Ok(self.o_proj.forward(&o.contiguous()?)?)
+        self.o_proj.forward(&o.contiguous()?)
     }
 }
-

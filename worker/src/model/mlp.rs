@@ -1,22 +1,24 @@
 //! The SwiGLU MLP, one rank's share of its columns.
 //!
 //! `gate/up_proj` are column-parallel over the MLP width, `down_proj` row-parallel: the output
-//! is a partial sum that the caller all-reduces.
+//! is a set of partial sums (`[P_local, T, hidden]`) that the caller all-reduces.
 
 use anyhow::Result;
 use candle_core::quantized::QMatMul;
 use candle_core::{Module, Tensor};
 
+use super::linear::RowParallel;
+
 pub struct Mlp {
     pub gate_proj: QMatMul,
     pub up_proj: QMatMul,
-    pub down_proj: QMatMul,
+    pub down_proj: RowParallel,
 }
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
         let up = self.up_proj.forward(x)?;
-        Ok(self.down_proj.forward(&(gate * up)?)?)
+        self.down_proj.forward(&(gate * up)?)
     }
 }

@@ -6,6 +6,7 @@
 //! replicated; the lm_head lives on rank 0 only, which alone samples (see `comm`).
 
 mod attention;
+mod linear;
 mod mlp;
 mod rope;
 
@@ -14,6 +15,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Module, Tensor};
 
 use self::attention::Attention;
+use self::linear::RowParallel;
 use self::mlp::Mlp;
 use self::rope::Rope;
 use crate::batch::StepBatch;
@@ -50,20 +52,29 @@ impl Model {
         let (hidden, inter, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         let (h, kvh) = (cfg.num_heads, cfg.num_kv_heads);
         let rows = Split::Rows { rank, parts: world };
-        let cols = Split::Cols { rank, parts: world };
+        // Row-parallel layers as `parts` global column slices, `per_rank` of them here.
+        let parts = cfg.reduce_parts(world);
+        let per_rank = parts / world;
+        let row_parallel = |name: &str, shape: [usize; 2]| -> Result<RowParallel> {
+            let slices = (rank * per_rank..(rank + 1) * per_rank)
+                .map(|j| w.linear(name, shape, Split::Cols { rank: j, parts }, opts))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(RowParallel::new(slices))
+        };
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
             let lin = |name: &str, shape: [usize; 2], split: Split| {
                 w.linear(&format!("{p}.{name}.weight"), shape, split, opts)
             };
+            let row_par = |name: &str, shape| row_parallel(&format!("{p}.{name}.weight"), shape);
             blocks.push(Block {
                 input_norm: w.dense(&format!("{p}.input_layernorm.weight"), &[hidden], opts)?,
                 attn: Attention {
                     q_proj: lin("self_attn.q_proj", [h * d, hidden], rows)?,
                     k_proj: lin("self_attn.k_proj", [kvh * d, hidden], rows)?,
                     v_proj: lin("self_attn.v_proj", [kvh * d, hidden], rows)?,
-                    o_proj: lin("self_attn.o_proj", [hidden, h * d], cols)?,
+                    o_proj: row_par("self_attn.o_proj", [hidden, h * d])?,
                     num_heads: h / world,
                     num_kv_heads: kvh / world,
                     head_dim: d,
@@ -76,7 +87,7 @@ impl Model {
                 mlp: Mlp {
                     gate_proj: lin("mlp.gate_proj", [inter, hidden], rows)?,
                     up_proj: lin("mlp.up_proj", [inter, hidden], rows)?,
-                    down_proj: lin("mlp.down_proj", [hidden, inter], cols)?,
+                    down_proj: row_par("mlp.down_proj", [hidden, inter])?,
                 },
             });
         }
@@ -124,13 +135,13 @@ impl Model {
             let h = candle_nn::ops::rms_norm(&x, &b.input_norm, eps)?;
             let a = b.attn.forward(&h, &cos, &sin, batch, cache, i)?;
             let a = comm
-                .all_reduce_sum(&a)
+                .all_reduce_parts(&a)
                 .with_context(|| format!("all-reduce after attention {i}"))?;
             x = (x + a)?;
             let h = candle_nn::ops::rms_norm(&x, &b.post_attn_norm, eps)?;
             let m = b.mlp.forward(&h)?;
             let m = comm
-                .all_reduce_sum(&m)
+                .all_reduce_parts(&m)
                 .with_context(|| format!("all-reduce after MLP {i}"))?;
             x = (x + m)?;
         }

@@ -82,7 +82,7 @@ impl GgufWeights {
         let dims = info.shape.dims().to_vec();
         let elems: usize = dims.iter().product();
         let bs = info.ggml_dtype.block_size();
-        if elems % bs != 0 {
+        if !elems.is_multiple_of(bs) {
             bail!(
                 "{}: tensor {gname} has {elems} elements, not a multiple of its block size {bs}",
                 self.path.display()
@@ -149,7 +149,11 @@ impl GgufWeights {
             // A column share that cuts through quant blocks: dequantize, then slice dense.
             let full = qtensor(data, dtype, &dims, &Device::Cpu).with_context(ctx)?;
             let dense = full.dequantize(&Device::Cpu)?;
-            let idx: Vec<u32> = self.hf_rows(name, r.clone()).iter().map(|&x| x as u32).collect();
+            let idx: Vec<u32> = self
+                .hf_rows(name, r.clone())
+                .iter()
+                .map(|&x| x as u32)
+                .collect();
             let idx = Tensor::new(idx.as_slice(), &Device::Cpu)?;
             let dense = dense
                 .index_select(&idx, 0)?

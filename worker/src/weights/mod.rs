@@ -172,6 +172,9 @@ mod tests {
     fn slice_rows_takes_rows_and_columns() {
         // 3 rows of 4 bytes.
         let data: Vec<u8> = (0..12).collect();
-        assert_eq!(slice_rows(&data, 4, [2, 0].into_iter(), 1..3), vec![9, 10, 1, 2]);
+        assert_eq!(
+            slice_rows(&data, 4, [2, 0].into_iter(), 1..3),
+            vec![9, 10, 1, 2]
+        );
     }
 }

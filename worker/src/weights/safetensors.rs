@@ -63,7 +63,8 @@ impl SafetensorsWeights {
         let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: the mapping is read-only; a model file changed under a running worker is
         // outside what we support (as in every mmap-based loader).
-        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
+        let mmap =
+            unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
         let entries = parse_header(&mmap).with_context(|| format!("reading {}", path.display()))?;
         let file_idx = self.files.len();
         for (name, entry) in entries {
@@ -156,7 +157,10 @@ fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn parse_header(data: &[u8]) -> Result<Vec<(String, Entry)>> {
     if data.len() < 8 {
-        bail!("file too short for a safetensors header ({} bytes)", data.len());
+        bail!(
+            "file too short for a safetensors header ({} bytes)",
+            data.len()
+        );
     }
     let mut len8 = [0u8; 8];
     len8.copy_from_slice(&data[..8]);
@@ -177,8 +181,8 @@ fn parse_header(data: &[u8]) -> Result<Vec<(String, Entry)>> {
         if name == "__metadata__" {
             continue;
         }
-        let h: HeaderEntry = serde_json::from_value(v)
-            .with_context(|| format!("header entry of tensor {name}"))?;
+        let h: HeaderEntry =
+            serde_json::from_value(v).with_context(|| format!("header entry of tensor {name}"))?;
         let dtype = match h.dtype.as_str() {
             "F32" => DType::F32,
             "F16" => DType::F16,

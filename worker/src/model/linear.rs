@@ -1,0 +1,34 @@
+//! Row-parallel linears, kept as column slices.
+//!
+//! A row-parallel layer (`o_proj`, `down_proj`) produces partial sums that ranks add up. Float
+//! addition is not associative, so to make every tp give bit-identical hidden states (and tokens)
+//! the layer is always split into the same `P` column slices (`ModelConfig::reduce_parts`): rank
+//! `r` of `tp` holds slices `r·P/tp ..`, returns each slice's partial sum separately, and the
+//! communicator adds all `P` partials in slice order. At tp 1 the same `P` partials are added
+//! locally in the same order. The price is `P/tp` smaller matmuls instead of one per layer.
+
+use anyhow::Result;
+use candle_core::quantized::QMatMul;
+use candle_core::{Module, Tensor};
+
+pub struct RowParallel {
+    parts: Vec<QMatMul>,
+}
+
+impl RowParallel {
+    pub fn new(parts: Vec<QMatMul>) -> Self {
+        Self { parts }
+    }
+
+    /// `x`: `[T, in_local]`. Returns the partial sums `[P_local, T, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let width = x.dim(1)? / self.parts.len();
+        let partials = self
+            .parts
+            .iter()
+            .enumerate()
+            .map(|(j, w)| Ok(w.forward(&x.narrow(1, j * width, width)?.contiguous()?)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&partials, 0)?)
+    }
+}
