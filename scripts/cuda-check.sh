@@ -75,7 +75,8 @@ nvidia-curand==10.4.0.35 --hash=sha256:1aee33a5da6e1db083fe2b90082def8915f30f324
 nvidia-nccl-cu13==2.30.7 --hash=sha256:cefa7fdb9710efd0f39c5f1be1d61ff6fc9a996c451265bd7fbdcf9455ed4b50
 '
 STAMP=$TC/.installed
-if [[ -f $STAMP && $(cat "$STAMP") == "$REQUIREMENTS" && -x $TC/cuda/bin/nvcc ]]; then
+WANT=$(printf '%s' "$REQUIREMENTS" | sha256sum | cut -d' ' -f1)
+if [[ -f $STAMP && $(cat "$STAMP") == "$WANT" && -x $TC/cuda/bin/nvcc ]]; then
     say "toolkit already in ${TC#"$ROOT"/} (delete it to reinstall)"
 else
     say "installing the CUDA 13.0 toolkit wheels into ${TC#"$ROOT"/} ..."
@@ -94,7 +95,7 @@ else
     # Stable names, relative so that the folder can move.
     ln -sfn "${SITE#"$TC"/}/nvidia/cu13" "$TC/cuda"
     ln -sfn "${SITE#"$TC"/}/nvidia/nccl" "$TC/nccl"
-    printf '%s' "$REQUIREMENTS" >"$STAMP"
+    echo "$WANT" >"$STAMP"
 fi
 CUDA=$TC/cuda
 NCCL=$TC/nccl

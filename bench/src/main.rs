@@ -1,1 +1,221 @@
-fn main() {}
+//! `helios-bench`: Helios benchmarks.
+//!
+//! `helios-bench engine` measures the engine through real worker processes, as `helios generate`
+//! runs it: prefill tokens/s for one prompt, and decode tokens/s at several batch sizes
+//! (greedy, end-of-sequence ignored). Results go to stdout as a table, or as JSON with `--json`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use helios_coordinator::block_manager::BlockAllocator;
+use helios_coordinator::driver::{Driver, Request};
+use helios_coordinator::local_workers::{worker_binary, LocalWorkers};
+use helios_coordinator::sharded_client::{InitOptions, ShardedClient};
+use helios_proto::v1::SamplingParams;
+
+#[derive(Parser)]
+#[command(name = "helios-bench")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Prefill and decode throughput of the engine.
+    Engine(EngineArgs),
+    /// The Q4_1 CPU matmul kernel alone: weight bytes streamed per second.
+    Kernel(KernelArgs),
+}
+
+#[derive(clap::Args)]
+struct KernelArgs {
+    #[arg(long, default_value_t = 1536)]
+    rows: usize,
+    #[arg(long, default_value_t = 576)]
+    cols: usize,
+    /// Tokens per call (1 = decode, larger = prefill).
+    #[arg(long, default_value_t = 1)]
+    tokens: usize,
+    /// Distinct matrices cycled through, so weights come from memory, not cache.
+    #[arg(long, default_value_t = 64)]
+    matrices: usize,
+    #[arg(long, default_value_t = 2000)]
+    calls: usize,
+}
+
+#[derive(clap::Args)]
+struct EngineArgs {
+    #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Compute threads per worker.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long)]
+    dequantize: bool,
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens generated per sequence in the decode runs.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Decode batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    batch: Vec<usize>,
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    repeat: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Engine(a) => engine(a).await,
+        Command::Kernel(a) => kernel(a),
+    }
+}
+
+/// Deterministic pseudo-random token ids below `vocab`.
+fn prompt(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i * 7919 + salt * 104_729 + 17) % (vocab - 1000) + 500) as u32)
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+async fn engine(a: EngineArgs) -> Result<()> {
+    let model = std::fs::canonicalize(&a.model)
+        .with_context(|| format!("model {} (run scripts/fetch-model.sh)", a.model.display()))?;
+    let workers = LocalWorkers::spawn(a.tp, &worker_binary()?, a.threads).await?;
+    let mut client = ShardedClient::connect(&workers.addrs).await?;
+    let info = client
+        .init(&InitOptions {
+            model_path: model.to_string_lossy().into_owned(),
+            block_size: 16,
+            num_kv_blocks: 0,
+            kv_cache_memory_bytes: 512 << 20,
+            dequantize: a.dequantize,
+        })
+        .await?;
+    let vocab = info.facts.vocab_size as usize;
+    let blocks = BlockAllocator::new(info.num_kv_blocks as usize, info.facts.block_size as usize);
+    let mut driver = Driver::new(&mut client, blocks, 4096);
+
+    // Warm-up: first touches of the weights and allocator.
+    driver.teacher_forced_logits(&prompt(a.prompt_tokens, 99, vocab), &[]).await?;
+
+    let mut prefill = Vec::new();
+    for r in 0..a.repeat {
+        let p = prompt(a.prompt_tokens, r, vocab);
+        let t = Instant::now();
+        driver.teacher_forced_logits(&p, &[]).await?;
+        prefill.push(a.prompt_tokens as f64 / t.elapsed().as_secs_f64());
+    }
+    let prefill_tps = median(prefill);
+
+    let mut decode = Vec::new();
+    for &b in &a.batch {
+        let mut runs = Vec::new();
+        for r in 0..a.repeat.min(3) {
+            let reqs: Vec<Request> = (0..b)
+                .map(|i| Request {
+                    prompt_ids: prompt(16, 1000 + r * b + i, vocab),
+                    max_new_tokens: a.decode_tokens,
+                    sampling: SamplingParams::default(),
+                    stop_token_ids: Vec::new(),
+                })
+                .collect();
+            // Decode rate: tokens after each sequence's first, over the time from the moment
+            // every sequence had its first token to the last token.
+            let start = Instant::now();
+            let mut firsts: Vec<Option<Duration>> = vec![None; b];
+            let mut after_first = 0usize;
+            let mut last = Duration::ZERO;
+            driver
+                .run(reqs, |i, _| {
+                    let now = start.elapsed();
+                    if firsts[i].is_none() {
+                        firsts[i] = Some(now);
+                    } else {
+                        after_first += 1;
+                    }
+                    last = now;
+                })
+                .await?;
+            let all_started = firsts.iter().flatten().max().copied().unwrap_or_default();
+            runs.push(after_first as f64 / (last - all_started).as_secs_f64());
+        }
+        decode.push((b, median(runs)));
+    }
+
+    if a.json {
+        let obj = serde_json::json!({
+            "model": a.model.display().to_string(),
+            "dtype": info.facts.dtype,
+            "tp": a.tp,
+            "threads_per_worker": a.threads,
+            "prefill_tokens": a.prompt_tokens,
+            "prefill_tokens_per_s": prefill_tps,
+            "decode_tokens_per_s": decode.iter().map(|(b, t)| serde_json::json!({"batch": b, "tokens_per_s": t})).collect::<Vec<_>>(),
+        });
+        println!("{obj}");
+    } else {
+        println!(
+            "model {} ({}), tp {}, {} threads/worker",
+            a.model.display(),
+            info.facts.dtype,
+            a.tp,
+            a.threads
+        );
+        println!("prefill {} tokens: {prefill_tps:.1} tokens/s", a.prompt_tokens);
+        for (b, t) in decode {
+            println!("decode batch {b}: {t:.1} tokens/s");
+        }
+    }
+    Ok(())
+}
+
+fn kernel(a: KernelArgs) -> Result<()> {
+    use helios_worker::kernels::q4_1::{Q41Matrix, BLOCK, BLOCK_BYTES};
+    let bytes = a.rows * a.cols / BLOCK * BLOCK_BYTES;
+    let mats = (0..a.matrices)
+        .map(|m| {
+            // Scale 0.001 (f16 0x1419), minimum 0, nibbles varying by matrix.
+            let data: Vec<u8> = (0..bytes)
+                .map(|i| match i % BLOCK_BYTES {
+                    0 => 0x19,
+                    1 => 0x14,
+                    2 | 3 => 0,
+                    _ => ((i + m) % 251) as u8,
+                })
+                .collect();
+            Q41Matrix::new(data, a.rows, a.cols)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let x = candle_core::Tensor::ones((a.tokens, a.cols), candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    let t = Instant::now();
+    for i in 0..a.calls {
+        mats[i % mats.len()].forward(&x)?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "Q4_1 [{} x {}] x {} tokens: {:.1} us/call, {:.2} GB/s of weights, {:.1} GMAC/s ({} threads)",
+        a.rows,
+        a.cols,
+        a.tokens,
+        secs / a.calls as f64 * 1e6,
+        (bytes * a.calls) as f64 / secs / 1e9,
+        (a.rows * a.cols * a.tokens * a.calls) as f64 / secs / 1e9,
+        candle_core::utils::get_num_threads()
+    );
+    Ok(())
+}

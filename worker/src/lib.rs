@@ -10,6 +10,7 @@ pub mod batch;
 pub mod comm;
 pub mod config;
 pub mod engine;
+pub mod kernels;
 pub mod kv_cache;
 pub mod model;
 pub mod sampling;

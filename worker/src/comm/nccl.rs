@@ -34,7 +34,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::CudaDType;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 use cudarc::driver::DeviceRepr;
-use cudarc::nccl::{Comm, Id, NcclError, NcclType, ReduceOp};
+use cudarc::nccl::result::NcclError;
+use cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
 use half::{bf16, f16};
 
 use super::Communicator;

@@ -6,18 +6,17 @@
 //! gather uses only candle ops, so the same code runs on CPU and CUDA.
 
 use anyhow::Result;
-use candle_core::quantized::QMatMul;
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 
-use super::linear::RowParallel;
+use super::linear::{Linear, RowParallel};
 use super::rope::Rope;
 use crate::batch::StepBatch;
 use crate::kv_cache::KvCache;
 
 pub struct Attention {
-    pub q_proj: QMatMul,
-    pub k_proj: QMatMul,
-    pub v_proj: QMatMul,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
     pub o_proj: RowParallel,
     /// Heads on this rank.
     pub num_heads: usize,

@@ -1,4 +1,4 @@
-//! Row-parallel linears, kept as column slices.
+//! Linear layers, and row-parallel ones kept as column slices.
 //!
 //! A row-parallel layer (`o_proj`, `down_proj`) produces partial sums that ranks add up. Float
 //! addition is not associative, so to make every tp give bit-identical hidden states (and tokens)
@@ -16,12 +16,31 @@ use anyhow::Result;
 use candle_core::quantized::QMatMul;
 use candle_core::{Module, Tensor};
 
+use crate::kernels::q4_1::Q41Matrix;
+
+/// A weight matrix `[out, in]` applied as `x · Wᵀ`: dense or quantized through candle, or Q4_1
+/// through our CPU kernel.
+pub enum Linear {
+    Candle(QMatMul),
+    Q41(Q41Matrix),
+}
+
+impl Linear {
+    /// `x`: `[T, in]` → `[T, out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Candle(m) => Ok(m.forward(x)?),
+            Linear::Q41(m) => m.forward(x),
+        }
+    }
+}
+
 pub struct RowParallel {
-    parts: Vec<QMatMul>,
+    parts: Vec<Linear>,
 }
 
 impl RowParallel {
-    pub fn new(parts: Vec<QMatMul>) -> Self {
+    pub fn new(parts: Vec<Linear>) -> Self {
         Self { parts }
     }
 
@@ -32,7 +51,7 @@ impl RowParallel {
             .parts
             .iter()
             .enumerate()
-            .map(|(j, w)| Ok(w.forward(&x.narrow(1, j * width, width)?.contiguous()?)?))
+            .map(|(j, w)| w.forward(&x.narrow(1, j * width, width)?.contiguous()?))
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::stack(&partials, 0)?)
     }

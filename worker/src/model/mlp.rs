@@ -4,14 +4,13 @@
 //! is a set of partial sums (`[P_local, T, hidden]`) that the caller all-reduces.
 
 use anyhow::Result;
-use candle_core::quantized::QMatMul;
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 
-use super::linear::RowParallel;
+use super::linear::{Linear, RowParallel};
 
 pub struct Mlp {
-    pub gate_proj: QMatMul,
-    pub up_proj: QMatMul,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
     pub down_proj: RowParallel,
 }
 

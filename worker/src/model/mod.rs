@@ -6,16 +6,15 @@
 //! replicated; the lm_head lives on rank 0 only, which alone samples (see `comm`).
 
 mod attention;
-mod linear;
+pub mod linear;
 mod mlp;
 mod rope;
 
 use anyhow::{Context, Result};
-use candle_core::quantized::QMatMul;
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Tensor};
 
 use self::attention::Attention;
-use self::linear::RowParallel;
+use self::linear::{Linear, RowParallel};
 use self::mlp::Mlp;
 use self::rope::Rope;
 use crate::batch::StepBatch;
@@ -39,7 +38,7 @@ pub struct Model {
     blocks: Vec<Block>,
     norm: Tensor,
     /// Rank 0 only.
-    lm_head: Option<QMatMul>,
+    lm_head: Option<Linear>,
     rope: Rope,
     eps: f64,
 }

@@ -22,6 +22,8 @@ use memmap2::Mmap;
 
 use super::{check_shape, slice_rows, LoadOptions, Split};
 use crate::config::ModelConfig;
+use crate::kernels::q4_1::Q41Matrix;
+use crate::model::linear::Linear;
 
 pub struct GgufWeights {
     pub config: ModelConfig,
@@ -126,7 +128,7 @@ impl GgufWeights {
         shape: [usize; 2],
         split: Split,
         opts: &LoadOptions,
-    ) -> Result<QMatMul> {
+    ) -> Result<Linear> {
         let gname = gguf_name(name);
         let (dtype, dims, data) = self.raw(&gname)?;
         check_shape(&self.path, &gname, &dims, &shape)?;
@@ -159,15 +161,21 @@ impl GgufWeights {
                 .index_select(&idx, 0)?
                 .narrow(1, c.start, c.len())?
                 .contiguous()?;
-            return Ok(QMatMul::Tensor(
+            return Ok(Linear::Candle(QMatMul::Tensor(
                 dense.to_dtype(opts.dtype)?.to_device(&opts.device)?,
-            ));
+            )));
         };
         let float = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         if opts.dequantize || float {
             let dense = qtensor.dequantize(&Device::Cpu)?;
-            return Ok(QMatMul::Tensor(
+            return Ok(Linear::Candle(QMatMul::Tensor(
                 dense.to_dtype(opts.dtype)?.to_device(&opts.device)?,
+            )));
+        }
+        if dtype == GgmlDType::Q4_1 && opts.device.is_cpu() {
+            let bytes = qtensor.data()?.into_owned();
+            return Ok(Linear::Q41(
+                Q41Matrix::new(bytes, r.len(), c.len()).with_context(ctx)?,
             ));
         }
         let qtensor = if opts.device.is_cpu() {
@@ -176,7 +184,7 @@ impl GgufWeights {
             let bytes = qtensor.data()?.into_owned();
             self::qtensor(&bytes, dtype, &[r.len(), c.len()], &opts.device).with_context(ctx)?
         };
-        Ok(QMatMul::from_qtensor(qtensor)?)
+        Ok(Linear::Candle(QMatMul::from_qtensor(qtensor)?))
     }
 
     pub fn dense(&self, name: &str, shape: &[usize], opts: &LoadOptions) -> Result<Tensor> {

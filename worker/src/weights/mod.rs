@@ -17,10 +17,10 @@ use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{bail, Result};
-use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::ModelConfig;
+use crate::model::linear::Linear;
 
 pub use self::gguf::GgufWeights;
 pub use self::safetensors::SafetensorsWeights;
@@ -106,9 +106,11 @@ impl Weights {
         shape: [usize; 2],
         split: Split,
         opts: &LoadOptions,
-    ) -> Result<QMatMul> {
+    ) -> Result<Linear> {
         match self {
-            Self::Safetensors(w) => Ok(QMatMul::Tensor(w.matrix(name, shape, split, opts)?)),
+            Self::Safetensors(w) => Ok(Linear::Candle(candle_core::quantized::QMatMul::Tensor(
+                w.matrix(name, shape, split, opts)?,
+            ))),
             Self::Gguf(w) => w.linear(name, shape, split, opts),
         }
     }

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Builds llama-cpp-python 0.3.36 (llama.cpp from source: about 25 minutes on 2 cores) into
+# bench/.llama-venv, once. Kept out of CI; only bench/run-engine-bench.sh needs it.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+if [ -x .llama-venv/bin/python ] && .llama-venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
+  exit 0
+fi
+python3 -m venv .llama-venv
+# AMX off: on this kind of VM llama.cpp's AMX matmul segfaults (ggml_backend_amx_mul_mat), and the
+# kernel does not grant AMX tile state to guests here. AVX-512/VNNI stay on (native build).
+CMAKE_ARGS="-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .llama-venv/bin/pip install --disable-pip-version-check \
+  --no-cache-dir numpy llama-cpp-python==0.3.36

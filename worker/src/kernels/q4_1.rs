@@ -1,0 +1,295 @@
+//! Q4_1 weight × f32 activation matmul for the CPU, llama.cpp's way.
+//!
+//! A Q4_1 block holds 32 weights as 4-bit `q` with an f16 scale `d` and minimum `m`
+//! (`w = d·q + m`; byte `j` holds element `j` in its low nibble, element `j + 16` in its high
+//! one). Activations are quantized per 32-block to 8 bits (`x ≈ d8·q8`, with `s8 = d8·Σq8`), so
+//! a block's dot product is `d·d8·Σ q·q8 + m·s8`: integer multiply-adds, then one float FMA.
+//!
+//! Every output element is one dot product over its row's blocks in a fixed order, whatever the
+//! number of rows or tokens: results do not depend on the tensor-parallel split or the batch.
+//! Rows are spread over candle's CPU thread pool, so no second pool competes for the cores.
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use half::f16;
+
+pub const BLOCK: usize = 32;
+/// Bytes of one Q4_1 block: f16 d, f16 m, 16 bytes of nibbles.
+pub const BLOCK_BYTES: usize = 20;
+
+/// A `[rows, cols]` Q4_1 matrix in GGUF's byte layout.
+pub struct Q41Matrix {
+    data: Vec<u8>,
+    rows: usize,
+    cols: usize,
+}
+
+/// One activation block: `x ≈ d·q`, `s = d·Σq`.
+#[derive(Clone, Copy)]
+struct Q8Block {
+    d: f32,
+    s: f32,
+    q: [i8; BLOCK],
+}
+
+impl Q41Matrix {
+    pub fn new(data: Vec<u8>, rows: usize, cols: usize) -> Result<Self> {
+        if !cols.is_multiple_of(BLOCK) || data.len() != rows * cols / BLOCK * BLOCK_BYTES {
+            bail!(
+                "Q4_1 matrix [{rows}, {cols}] needs {} bytes, got {}",
+                rows * cols / BLOCK * BLOCK_BYTES,
+                data.len()
+            );
+        }
+        Ok(Self { data, rows, cols })
+    }
+
+    /// `x`: f32 `[T, cols]` → `[T, rows]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (t, cols) = x.dims2()?;
+        if cols != self.cols {
+            bail!("Q4_1 matmul: input has {cols} columns, weight {}", self.cols);
+        }
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let nb = cols / BLOCK;
+        let acts: Vec<Q8Block> = xs.chunks_exact(BLOCK).map(quantize_block).collect();
+        let mut out = vec![0f32; t * self.rows];
+        let out_ptr = SyncPtr(out.as_mut_ptr());
+        let row_bytes = nb * BLOCK_BYTES;
+        let simd = has_avx2();
+        candle_core::utils::barrier_pool().execute_chunked(self.rows, |range| {
+            let out_ptr = &out_ptr;
+            let mut dots = [0f32; TOKENS_PER_PASS];
+            for r in range {
+                let row = &self.data[r * row_bytes..(r + 1) * row_bytes];
+                // A few tokens per pass over the row: its nibbles are unpacked once for all.
+                for t0 in (0..t).step_by(TOKENS_PER_PASS) {
+                    let n = TOKENS_PER_PASS.min(t - t0);
+                    let acts = &acts[t0 * nb..(t0 + n) * nb];
+                    dot_row_tokens(simd, row, acts, nb, &mut dots[..n]);
+                    for (k, v) in dots[..n].iter().enumerate() {
+                        // SAFETY: each (token, row) is written by exactly one thread: rows are
+                        // split into disjoint ranges, and `out` outlives the pool call.
+                        unsafe { *out_ptr.0.add((t0 + k) * self.rows + r) = *v };
+                    }
+                }
+            }
+        });
+        Ok(Tensor::from_vec(out, (t, self.rows), &Device::Cpu)?)
+    }
+}
+
+struct SyncPtr(*mut f32);
+// SAFETY: used only for disjoint writes from the pool's threads (see `forward`).
+unsafe impl Sync for SyncPtr {}
+
+fn quantize_block(x: &[f32]) -> Q8Block {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut q = [0i8; BLOCK];
+    let mut sum = 0i32;
+    for (qi, &v) in q.iter_mut().zip(x) {
+        let r = (v * id).round() as i32;
+        *qi = r as i8;
+        sum += r;
+    }
+    Q8Block {
+        d,
+        s: d * sum as f32,
+        q,
+    }
+}
+
+/// Tokens whose dot products share one pass over a weight row.
+const TOKENS_PER_PASS: usize = 4;
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2.get_or_init(|| {
+            std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `out[k]` = row · token `k` (activation blocks `acts[k*nb .. (k+1)*nb]`). Each token's sum
+/// runs over the blocks in order, exactly as it would alone.
+fn dot_row_tokens(simd: bool, row: &[u8], acts: &[Q8Block], nb: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd {
+            // SAFETY: `simd` is true only when the CPU has the features the function uses.
+            unsafe {
+                match out.len() {
+                    1 => dot_row_tokens_avx2::<1>(row, acts, nb, out),
+                    2 => dot_row_tokens_avx2::<2>(row, acts, nb, out),
+                    3 => dot_row_tokens_avx2::<3>(row, acts, nb, out),
+                    _ => dot_row_tokens_avx2::<4>(row, acts, nb, out),
+                }
+            }
+            return;
+        }
+    }
+    let _ = simd;
+    for (k, o) in out.iter_mut().enumerate() {
+        *o = dot_row_scalar(row, &acts[k * nb..(k + 1) * nb]);
+    }
+}
+
+fn block_dm(b: &[u8]) -> (f32, f32) {
+    (
+        f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+        f16::from_bits(u16::from_le_bytes([b[2], b[3]])).to_f32(),
+    )
+}
+
+fn dot_row_scalar(row: &[u8], acts: &[Q8Block]) -> f32 {
+    let mut sum = 0f32;
+    for (b, a) in row.chunks_exact(BLOCK_BYTES).zip(acts) {
+        let (d, m) = block_dm(b);
+        let mut isum = 0i32;
+        for j in 0..16 {
+            isum += (b[4 + j] & 0x0F) as i32 * a.q[j] as i32;
+            isum += (b[4 + j] >> 4) as i32 * a.q[j + 16] as i32;
+        }
+        sum += d * a.d * isum as f32 + m * a.s;
+    }
+    sum
+}
+
+/// `N` tokens against one row. Each token keeps two sets of accumulators (even and odd blocks)
+/// so consecutive blocks do not wait on each other's adds; the order is the same for every `N`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_row_tokens_avx2<const N: usize>(
+    row: &[u8],
+    acts: &[Q8Block],
+    nb: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); N]; 2];
+    let mut summs = [[0f32; N]; 2];
+    let low = _mm_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    for (i, b) in row.chunks_exact(BLOCK_BYTES).enumerate() {
+        let p = b.as_ptr();
+        // d and m: two f16 at the start of the block.
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+        let d = _mm_cvtss_f32(dm);
+        let m = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1));
+        let qs = _mm_loadu_si128(p.add(4) as *const __m128i);
+        let lo = _mm_and_si128(qs, low);
+        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low);
+        let wq = _mm256_set_m128i(hi, lo);
+        let (lane, mins) = (&mut acc[i & 1], &mut summs[i & 1]);
+        for k in 0..N {
+            let a = acts.get_unchecked(k * nb + i);
+            mins[k] += m * a.s;
+            let xq = _mm256_loadu_si256(a.q.as_ptr() as *const __m256i);
+            let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
+            lane[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(p32), lane[k]);
+        }
+    }
+    for k in 0..N {
+        let v = _mm256_add_ps(acc[0][k], acc[1][k]);
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+        out[k] = _mm_cvtss_f32(h) + (summs[0][k] + summs[1][k]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random Q4_1 bytes and the f32 weights they stand for.
+    fn random_q41(rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+        let mut state = seed;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        let mut bytes = Vec::new();
+        let mut dense = Vec::new();
+        for _ in 0..rows * cols / BLOCK {
+            let d = f16::from_f32((next() % 1000) as f32 / 20000.0);
+            let m = f16::from_f32(-((next() % 1000) as f32) / 10000.0);
+            bytes.extend_from_slice(&d.to_bits().to_le_bytes());
+            bytes.extend_from_slice(&m.to_bits().to_le_bytes());
+            let qs: Vec<u8> = (0..16).map(|_| (next() % 256) as u8).collect();
+            let mut block = [0f32; BLOCK];
+            for j in 0..16 {
+                block[j] = (qs[j] & 0x0F) as f32 * d.to_f32() + m.to_f32();
+                block[j + 16] = (qs[j] >> 4) as f32 * d.to_f32() + m.to_f32();
+            }
+            bytes.extend_from_slice(&qs);
+            dense.extend_from_slice(&block);
+        }
+        (bytes, dense)
+    }
+
+    #[test]
+    fn matches_the_dense_product_within_activation_rounding() {
+        let (rows, cols, t) = (37, 256, 5);
+        let (bytes, w) = random_q41(rows, cols, 1);
+        let x: Vec<f32> = (0..t * cols).map(|i| ((i * 7 % 23) as f32 - 11.0) / 7.0).collect();
+        let m = Q41Matrix::new(bytes, rows, cols).unwrap();
+        let got = m
+            .forward(&Tensor::from_vec(x.clone(), (t, cols), &Device::Cpu).unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for ti in 0..t {
+            for r in 0..rows {
+                let exact: f32 = (0..cols).map(|c| w[r * cols + c] * x[ti * cols + c]).sum();
+                let err = (got[ti][r] - exact).abs();
+                assert!(err < 0.02 * (1.0 + exact.abs()), "({ti},{r}): {} vs {exact}", got[ti][r]);
+            }
+        }
+    }
+
+    #[test]
+    fn simd_and_scalar_agree_and_rows_do_not_depend_on_the_batch() {
+        let (rows, cols) = (8, 128);
+        let (bytes, _) = random_q41(rows, cols, 2);
+        let x: Vec<f32> = (0..3 * cols).map(|i| ((i * 13 % 31) as f32 - 15.0) / 9.0).collect();
+        let m = Q41Matrix::new(bytes.clone(), rows, cols).unwrap();
+        let all = m
+            .forward(&Tensor::from_vec(x.clone(), (3, cols), &Device::Cpu).unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let one = m
+            .forward(&Tensor::from_vec(x[cols..2 * cols].to_vec(), (1, cols), &Device::Cpu).unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(all[1], one[0], "a row's result depends on the batch");
+        let nb = cols / BLOCK;
+        let acts: Vec<Q8Block> = x.chunks_exact(BLOCK).map(quantize_block).collect();
+        let row_bytes = nb * BLOCK_BYTES;
+        for r in 0..rows {
+            let row = &bytes[r * row_bytes..(r + 1) * row_bytes];
+            let mut simd = [0f32; 3];
+            dot_row_tokens(has_avx2(), row, &acts, nb, &mut simd);
+            for (k, a) in simd.iter().enumerate() {
+                let b = dot_row_scalar(row, &acts[k * nb..(k + 1) * nb]);
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "row {r}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_sizes_are_errors() {
+        assert!(Q41Matrix::new(vec![0; 19], 1, 32).is_err());
+        assert!(Q41Matrix::new(vec![0; 20], 1, 31).is_err());
+    }
+}
