@@ -7,8 +7,11 @@ if [ -x .llama-venv/bin/python ] && .llama-venv/bin/python -c 'import llama_cpp'
   exit 0
 fi
 python3 -m venv .llama-venv
-# AMX off: on this kind of VM llama.cpp's AMX matmul segfaults (ggml_backend_amx_mul_mat), and the
-# kernel does not grant AMX tile state to guests here. AVX-512/VNNI stay on (native build).
-CMAKE_ARGS="-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+# No AMX: on this kind of VM llama.cpp's AMX matmul segfaults (ggml_backend_amx_mul_mat). A native
+# build (-march=native) turns AMX on whatever GGML_AMX_* say, so the x86 features are listed
+# instead: AVX2/FMA/F16C and AVX-512 with VNNI, as the CPUs here have.
+CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+  -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON \
+  -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .llama-venv/bin/pip install --disable-pip-version-check \
   --no-cache-dir numpy llama-cpp-python==0.3.36

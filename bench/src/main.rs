@@ -111,7 +111,9 @@ async fn engine(a: EngineArgs) -> Result<()> {
     let mut driver = Driver::new(&mut client, blocks, 4096);
 
     // Warm-up: first touches of the weights and allocator.
-    driver.teacher_forced_logits(&prompt(a.prompt_tokens, 99, vocab), &[]).await?;
+    driver
+        .teacher_forced_logits(&prompt(a.prompt_tokens, 99, vocab), &[])
+        .await?;
 
     let mut prefill = Vec::new();
     for r in 0..a.repeat {
@@ -176,7 +178,10 @@ async fn engine(a: EngineArgs) -> Result<()> {
             a.tp,
             a.threads
         );
-        println!("prefill {} tokens: {prefill_tps:.1} tokens/s", a.prompt_tokens);
+        println!(
+            "prefill {} tokens: {prefill_tps:.1} tokens/s",
+            a.prompt_tokens
+        );
         for (b, t) in decode {
             println!("decode batch {b}: {t:.1} tokens/s");
         }
@@ -201,7 +206,11 @@ fn kernel(a: KernelArgs) -> Result<()> {
             Q41Matrix::new(data, a.rows, a.cols)
         })
         .collect::<Result<Vec<_>>>()?;
-    let x = candle_core::Tensor::ones((a.tokens, a.cols), candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    let x = candle_core::Tensor::ones(
+        (a.tokens, a.cols),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )?;
     let t = Instant::now();
     for i in 0..a.calls {
         mats[i % mats.len()].forward(&x)?;

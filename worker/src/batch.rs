@@ -26,10 +26,13 @@ pub struct SeqSlice {
     /// Rows of this sequence's new tokens within the step.
     pub q_start: usize,
     pub q_len: usize,
-    /// KV slots of positions `0 .. start_pos + q_len`, u32 `[ctx]`.
-    pub ctx_slots: Tensor,
-    /// Additive causal mask `[q_len, ctx]`; `None` for a single token (it sees everything).
-    pub mask: Option<Tensor>,
+    /// Position of the first new token.
+    pub start_pos: usize,
+    /// KV slots of positions `0 .. start_pos + q_len`.
+    pub slots: Vec<u32>,
+    /// For the tensor-op attention (non-CPU devices): the slots as u32 `[ctx]`, and the additive
+    /// causal mask `[q_len, ctx]` (`None` for a single token, which sees everything).
+    pub gather: Option<(Tensor, Option<Tensor>)>,
 }
 
 pub struct StepBatch {
@@ -117,21 +120,26 @@ impl StepBatch {
                 positions.push(p as u32);
                 write_slots.extend(std::iter::repeat_n(slot(p), lim.kv_row_width));
             }
-            let ctx_slots: Vec<u32> = (0..ctx).map(slot).collect();
-            let mask = if q_len > 1 {
-                let mut m = Vec::with_capacity(q_len * ctx);
-                for qi in 0..q_len {
-                    for kj in 0..ctx {
-                        m.push(if kj > start + qi {
-                            f32::NEG_INFINITY
-                        } else {
-                            0.0
-                        });
-                    }
-                }
-                Some(Tensor::from_vec(m, (q_len, ctx), device)?.to_dtype(dtype)?)
-            } else {
+            let slots: Vec<u32> = (0..ctx).map(slot).collect();
+            let gather = if device.is_cpu() {
                 None
+            } else {
+                let mask = if q_len > 1 {
+                    let mut m = Vec::with_capacity(q_len * ctx);
+                    for qi in 0..q_len {
+                        for kj in 0..ctx {
+                            m.push(if kj > start + qi {
+                                f32::NEG_INFINITY
+                            } else {
+                                0.0
+                            });
+                        }
+                    }
+                    Some(Tensor::from_vec(m, (q_len, ctx), device)?.to_dtype(dtype)?)
+                } else {
+                    None
+                };
+                Some((Tensor::new(slots.as_slice(), device)?, mask))
             };
             if s.sample || plan.return_logits {
                 output_rows.push((q_start + q_len - 1) as u32);
@@ -140,8 +148,9 @@ impl StepBatch {
             seqs.push(SeqSlice {
                 q_start,
                 q_len,
-                ctx_slots: Tensor::new(ctx_slots.as_slice(), device)?,
-                mask,
+                start_pos: start,
+                slots,
+                gather,
             });
         }
         let t = tokens.len();

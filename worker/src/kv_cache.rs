@@ -5,8 +5,8 @@
 //! which blocks a sequence owns (its block table); the worker only writes the slots a step names
 //! and reads back the slots of each sequence's context. Nothing here knows about sequences.
 
-use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Storage, Tensor};
 
 pub struct KvCache {
     pub block_size: usize,
@@ -57,6 +57,25 @@ impl KvCache {
         kc.scatter_set(slot_index, &k.contiguous()?, 0)?;
         vc.scatter_set(slot_index, &v.contiguous()?, 0)?;
         Ok(())
+    }
+
+    /// Runs `f` on the raw K and V storage of `layer` (CPU, f32): `[slots * row_width]` each.
+    pub fn with_cpu_slices<R>(
+        &self,
+        layer: usize,
+        f: impl FnOnce(&[f32], &[f32]) -> R,
+    ) -> Result<R> {
+        let (kc, vc) = &self.layers[layer];
+        let (ks, kl) = kc.storage_and_layout();
+        let (vs, vl) = vc.storage_and_layout();
+        match (&*ks, &*vs) {
+            (Storage::Cpu(k), Storage::Cpu(v))
+                if kl.is_contiguous() && vl.is_contiguous() && kl.start_offset() == 0 =>
+            {
+                Ok(f(k.as_slice::<f32>()?, v.as_slice::<f32>()?))
+            }
+            _ => bail!("the KV cache is not contiguous f32 CPU memory"),
+        }
     }
 
     /// The K and V rows `[ctx, row_width]` of the given slots (u32 `[ctx]`).

@@ -44,38 +44,70 @@ impl Q41Matrix {
         Ok(Self { data, rows, cols })
     }
 
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Stacks matrices of equal width along the rows (fusing q/k/v or gate/up into one call).
+    pub fn concat_rows(parts: Vec<Q41Matrix>) -> Result<Self> {
+        let cols = parts.first().map_or(0, |p| p.cols);
+        if parts.iter().any(|p| p.cols != cols) {
+            bail!("Q4_1 matrices of different widths cannot be stacked");
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let data = parts.into_iter().flat_map(|p| p.data).collect();
+        Self::new(data, rows, cols)
+    }
+
     /// `x`: f32 `[T, cols]` → `[T, rows]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_segments(x, 1)?.squeeze(0)?)
+    }
+
+    /// The products of `segments` equal column ranges separately: `[segments, T, rows]`, each
+    /// exactly what a matrix holding only that column range would give.
+    pub fn forward_segments(&self, x: &Tensor, segments: usize) -> Result<Tensor> {
         let (t, cols) = x.dims2()?;
         if cols != self.cols {
-            bail!("Q4_1 matmul: input has {cols} columns, weight {}", self.cols);
+            bail!(
+                "Q4_1 matmul: input has {cols} columns, weight {}",
+                self.cols
+            );
         }
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let nb = cols / BLOCK;
+        if segments == 0 || !nb.is_multiple_of(segments) {
+            bail!("{nb} blocks per row do not split into {segments} segments");
+        }
+        let nbs = nb / segments;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let acts: Vec<Q8Block> = xs.chunks_exact(BLOCK).map(quantize_block).collect();
-        let mut out = vec![0f32; t * self.rows];
+        let rows = self.rows;
+        let mut out = vec![0f32; segments * t * rows];
         let out_ptr = SyncPtr(out.as_mut_ptr());
         let row_bytes = nb * BLOCK_BYTES;
         let simd = has_avx2();
-        candle_core::utils::barrier_pool().execute_chunked(self.rows, |range| {
+        candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
             let out_ptr = &out_ptr;
             let mut dots = [0f32; TOKENS_PER_PASS];
             for r in range {
                 let row = &self.data[r * row_bytes..(r + 1) * row_bytes];
-                // A few tokens per pass over the row: its nibbles are unpacked once for all.
-                for t0 in (0..t).step_by(TOKENS_PER_PASS) {
-                    let n = TOKENS_PER_PASS.min(t - t0);
-                    let acts = &acts[t0 * nb..(t0 + n) * nb];
-                    dot_row_tokens(simd, row, acts, nb, &mut dots[..n]);
-                    for (k, v) in dots[..n].iter().enumerate() {
-                        // SAFETY: each (token, row) is written by exactly one thread: rows are
-                        // split into disjoint ranges, and `out` outlives the pool call.
-                        unsafe { *out_ptr.0.add((t0 + k) * self.rows + r) = *v };
+                for (p, seg) in row.chunks_exact(nbs * BLOCK_BYTES).enumerate() {
+                    // A few tokens per pass over the row: its nibbles are unpacked once for all.
+                    for t0 in (0..t).step_by(TOKENS_PER_PASS) {
+                        let n = TOKENS_PER_PASS.min(t - t0);
+                        let acts = &acts[t0 * nb + p * nbs..];
+                        dot_row_tokens(simd, seg, acts, nb, &mut dots[..n]);
+                        for (k, v) in dots[..n].iter().enumerate() {
+                            // SAFETY: each (segment, token, row) is written by exactly one
+                            // thread (rows are split into disjoint ranges), and `out`
+                            // outlives the pool call.
+                            unsafe { *out_ptr.0.add((p * t + t0 + k) * rows + r) = *v };
+                        }
                     }
                 }
             }
         });
-        Ok(Tensor::from_vec(out, (t, self.rows), &Device::Cpu)?)
+        Ok(Tensor::from_vec(out, (segments, t, rows), &Device::Cpu)?)
     }
 }
 
@@ -118,8 +150,8 @@ fn has_avx2() -> bool {
     false
 }
 
-/// `out[k]` = row · token `k` (activation blocks `acts[k*nb .. (k+1)*nb]`). Each token's sum
-/// runs over the blocks in order, exactly as it would alone.
+/// `out[k]` = row · token `k`, whose activation blocks start at `acts[k * nb]`. Each token's
+/// sum runs over the row's blocks in order, exactly as it would alone.
 fn dot_row_tokens(simd: bool, row: &[u8], acts: &[Q8Block], nb: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -138,7 +170,7 @@ fn dot_row_tokens(simd: bool, row: &[u8], acts: &[Q8Block], nb: usize, out: &mut
     }
     let _ = simd;
     for (k, o) in out.iter_mut().enumerate() {
-        *o = dot_row_scalar(row, &acts[k * nb..(k + 1) * nb]);
+        *o = dot_row_scalar(row, &acts[k * nb..]);
     }
 }
 
@@ -214,7 +246,9 @@ mod tests {
     fn random_q41(rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
         let mut state = seed;
         let mut next = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 33) as u32
         };
         let mut bytes = Vec::new();
@@ -240,7 +274,9 @@ mod tests {
     fn matches_the_dense_product_within_activation_rounding() {
         let (rows, cols, t) = (37, 256, 5);
         let (bytes, w) = random_q41(rows, cols, 1);
-        let x: Vec<f32> = (0..t * cols).map(|i| ((i * 7 % 23) as f32 - 11.0) / 7.0).collect();
+        let x: Vec<f32> = (0..t * cols)
+            .map(|i| ((i * 7 % 23) as f32 - 11.0) / 7.0)
+            .collect();
         let m = Q41Matrix::new(bytes, rows, cols).unwrap();
         let got = m
             .forward(&Tensor::from_vec(x.clone(), (t, cols), &Device::Cpu).unwrap())
@@ -251,7 +287,11 @@ mod tests {
             for r in 0..rows {
                 let exact: f32 = (0..cols).map(|c| w[r * cols + c] * x[ti * cols + c]).sum();
                 let err = (got[ti][r] - exact).abs();
-                assert!(err < 0.02 * (1.0 + exact.abs()), "({ti},{r}): {} vs {exact}", got[ti][r]);
+                assert!(
+                    err < 0.02 * (1.0 + exact.abs()),
+                    "({ti},{r}): {} vs {exact}",
+                    got[ti][r]
+                );
             }
         }
     }
@@ -260,7 +300,9 @@ mod tests {
     fn simd_and_scalar_agree_and_rows_do_not_depend_on_the_batch() {
         let (rows, cols) = (8, 128);
         let (bytes, _) = random_q41(rows, cols, 2);
-        let x: Vec<f32> = (0..3 * cols).map(|i| ((i * 13 % 31) as f32 - 15.0) / 9.0).collect();
+        let x: Vec<f32> = (0..3 * cols)
+            .map(|i| ((i * 13 % 31) as f32 - 15.0) / 9.0)
+            .collect();
         let m = Q41Matrix::new(bytes.clone(), rows, cols).unwrap();
         let all = m
             .forward(&Tensor::from_vec(x.clone(), (3, cols), &Device::Cpu).unwrap())
@@ -268,7 +310,9 @@ mod tests {
             .to_vec2::<f32>()
             .unwrap();
         let one = m
-            .forward(&Tensor::from_vec(x[cols..2 * cols].to_vec(), (1, cols), &Device::Cpu).unwrap())
+            .forward(
+                &Tensor::from_vec(x[cols..2 * cols].to_vec(), (1, cols), &Device::Cpu).unwrap(),
+            )
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
@@ -282,8 +326,54 @@ mod tests {
             dot_row_tokens(has_avx2(), row, &acts, nb, &mut simd);
             for (k, a) in simd.iter().enumerate() {
                 let b = dot_row_scalar(row, &acts[k * nb..(k + 1) * nb]);
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "row {r}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "row {r}: {a} vs {b}"
+                );
             }
+        }
+    }
+
+    #[test]
+    fn segments_equal_separate_matrices_and_stacking_equals_separate_calls() {
+        let (rows, cols, t) = (5, 192, 3);
+        let (bytes, _) = random_q41(rows, cols, 3);
+        let x: Vec<f32> = (0..t * cols)
+            .map(|i| ((i * 17 % 29) as f32 - 14.0) / 5.0)
+            .collect();
+        let xt = Tensor::from_vec(x.clone(), (t, cols), &Device::Cpu).unwrap();
+        let whole = Q41Matrix::new(bytes.clone(), rows, cols).unwrap();
+        let segs = whole
+            .forward_segments(&xt, 3)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap();
+        let row_bytes = cols / BLOCK * BLOCK_BYTES;
+        for p in 0..3 {
+            // The matrix holding only columns p*64 .. (p+1)*64.
+            let part: Vec<u8> = (0..rows)
+                .flat_map(|r| {
+                    bytes[r * row_bytes..][p * row_bytes / 3..(p + 1) * row_bytes / 3].to_vec()
+                })
+                .collect();
+            let m = Q41Matrix::new(part, rows, cols / 3).unwrap();
+            let xp = xt.narrow(1, p * 64, 64).unwrap().contiguous().unwrap();
+            let alone = m.forward(&xp).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(segs[p], alone, "segment {p}");
+        }
+        let (b2, _) = random_q41(4, cols, 4);
+        let other = Q41Matrix::new(b2.clone(), 4, cols).unwrap();
+        let a = whole.forward(&xt).unwrap().to_vec2::<f32>().unwrap();
+        let b = other.forward(&xt).unwrap().to_vec2::<f32>().unwrap();
+        let stacked =
+            Q41Matrix::concat_rows(vec![Q41Matrix::new(bytes, rows, cols).unwrap(), other])
+                .unwrap()
+                .forward(&xt)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+        for i in 0..t {
+            assert_eq!(stacked[i], [a[i].clone(), b[i].clone()].concat());
         }
     }
 

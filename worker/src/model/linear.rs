@@ -5,12 +5,12 @@
 //! the layer is always split into the same `P` column slices (`ModelConfig::reduce_parts`): rank
 //! `r` of `tp` holds slices `r·P/tp ..`, returns each slice's partial sum separately, and the
 //! communicator adds all `P` partials in slice order. At tp 1 the same `P` partials are added
-//! locally in the same order. The price is `P/tp` smaller matmuls instead of one per layer.
+//! locally in the same order.
 //!
-//! Bit-identity also needs each matmul output to be independent of the matrix's width. candle's
-//! quantized CPU kernels compute every output as its own dot product, so quantized models agree
-//! to the bit at every tp (tested). Dense f32 matmuls go through `gemm`, which picks kernels by
-//! shape: dense models agree across tp to rounding (1e-6 relative), not to the bit.
+//! Bit-identity also needs each matmul output to be independent of the matrix's width. Our Q4_1
+//! kernel and candle's quantized CPU kernels compute every output as its own dot product, so
+//! quantized models agree to the bit at every tp (tested). Dense f32 matmuls go through `gemm`,
+//! which picks kernels by shape: dense models agree across tp to rounding (1e-6), not the bit.
 
 use anyhow::Result;
 use candle_core::quantized::QMatMul;
@@ -18,11 +18,14 @@ use candle_core::{Module, Tensor};
 
 use crate::kernels::q4_1::Q41Matrix;
 
-/// A weight matrix `[out, in]` applied as `x · Wᵀ`: dense or quantized through candle, or Q4_1
-/// through our CPU kernel.
+/// A weight matrix `[out, in]` applied as `x · Wᵀ`.
 pub enum Linear {
+    /// Dense, or quantized through candle's kernels.
     Candle(QMatMul),
+    /// Q4_1 through our CPU kernel.
     Q41(Q41Matrix),
+    /// Matrices that could not be fused into one: outputs concatenated.
+    Stacked(Vec<Linear>),
 }
 
 impl Linear {
@@ -31,28 +34,68 @@ impl Linear {
         match self {
             Linear::Candle(m) => Ok(m.forward(x)?),
             Linear::Q41(m) => m.forward(x),
+            Linear::Stacked(parts) => {
+                let outs = parts
+                    .iter()
+                    .map(|p| p.forward(x))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&outs, 1)?)
+            }
         }
+    }
+
+    /// One layer computing all of `parts` (same input width), outputs side by side: q/k/v and
+    /// gate/up become one matmul each.
+    pub fn stack_rows(parts: Vec<Linear>) -> Result<Linear> {
+        if parts.iter().all(|p| matches!(p, Linear::Q41(_))) {
+            let ms = parts
+                .into_iter()
+                .filter_map(|p| match p {
+                    Linear::Q41(m) => Some(m),
+                    _ => None,
+                })
+                .collect();
+            return Ok(Linear::Q41(Q41Matrix::concat_rows(ms)?));
+        }
+        if parts
+            .iter()
+            .all(|p| matches!(p, Linear::Candle(QMatMul::Tensor(_))))
+        {
+            let ts: Vec<Tensor> = parts
+                .into_iter()
+                .filter_map(|p| match p {
+                    Linear::Candle(QMatMul::Tensor(t)) => Some(t),
+                    _ => None,
+                })
+                .collect();
+            return Ok(Linear::Candle(QMatMul::Tensor(Tensor::cat(&ts, 0)?)));
+        }
+        Ok(Linear::Stacked(parts))
     }
 }
 
-pub struct RowParallel {
-    parts: Vec<Linear>,
+/// This rank's slices of a row-parallel layer.
+pub enum RowParallel {
+    /// One matrix per slice.
+    Slices(Vec<Linear>),
+    /// The rank's slices as one Q4_1 matrix computed per column segment in a single call.
+    Q41Segments { matrix: Q41Matrix, segments: usize },
 }
 
 impl RowParallel {
-    pub fn new(parts: Vec<Linear>) -> Self {
-        Self { parts }
-    }
-
     /// `x`: `[T, in_local]`. Returns the partial sums `[P_local, T, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let width = x.dim(1)? / self.parts.len();
-        let partials = self
-            .parts
-            .iter()
-            .enumerate()
-            .map(|(j, w)| w.forward(&x.narrow(1, j * width, width)?.contiguous()?))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::stack(&partials, 0)?)
+        match self {
+            RowParallel::Q41Segments { matrix, segments } => matrix.forward_segments(x, *segments),
+            RowParallel::Slices(parts) => {
+                let width = x.dim(1)? / parts.len();
+                let partials = parts
+                    .iter()
+                    .enumerate()
+                    .map(|(j, w)| w.forward(&x.narrow(1, j * width, width)?.contiguous()?))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::stack(&partials, 0)?)
+            }
+        }
     }
 }

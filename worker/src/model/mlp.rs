@@ -9,15 +9,18 @@ use candle_core::Tensor;
 use super::linear::{Linear, RowParallel};
 
 pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
+    /// `gate_proj` and `up_proj` stacked: one matmul.
+    pub gate_up_proj: Linear,
+    /// Columns of the MLP on this rank.
+    pub width: usize,
     pub down_proj: RowParallel,
 }
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        let up = self.up_proj.forward(x)?;
+        let gate_up = self.gate_up_proj.forward(x)?;
+        let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, self.width)?)?;
+        let up = gate_up.narrow(1, self.width, self.width)?;
         self.down_proj.forward(&(gate * up)?)
     }
 }

@@ -55,10 +55,23 @@ impl Model {
         let parts = cfg.reduce_parts(world);
         let per_rank = parts / world;
         let row_parallel = |name: &str, shape: [usize; 2]| -> Result<RowParallel> {
+            if per_rank > 1 {
+                // The rank's columns as one Q4_1 matrix when its segments are whole blocks.
+                let cols = Split::Cols { rank, parts: world };
+                if let Linear::Q41(matrix) = w.linear(name, shape, cols, opts)? {
+                    let seg_cols = shape[1] / parts;
+                    if seg_cols.is_multiple_of(crate::kernels::q4_1::BLOCK) {
+                        return Ok(RowParallel::Q41Segments {
+                            matrix,
+                            segments: per_rank,
+                        });
+                    }
+                }
+            }
             let slices = (rank * per_rank..(rank + 1) * per_rank)
                 .map(|j| w.linear(name, shape, Split::Cols { rank: j, parts }, opts))
                 .collect::<Result<Vec<_>>>()?;
-            Ok(RowParallel::new(slices))
+            Ok(RowParallel::Slices(slices))
         };
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
@@ -70,9 +83,11 @@ impl Model {
             blocks.push(Block {
                 input_norm: w.dense(&format!("{p}.input_layernorm.weight"), &[hidden], opts)?,
                 attn: Attention {
-                    q_proj: lin("self_attn.q_proj", [h * d, hidden], rows)?,
-                    k_proj: lin("self_attn.k_proj", [kvh * d, hidden], rows)?,
-                    v_proj: lin("self_attn.v_proj", [kvh * d, hidden], rows)?,
+                    qkv_proj: Linear::stack_rows(vec![
+                        lin("self_attn.q_proj", [h * d, hidden], rows)?,
+                        lin("self_attn.k_proj", [kvh * d, hidden], rows)?,
+                        lin("self_attn.v_proj", [kvh * d, hidden], rows)?,
+                    ])?,
                     o_proj: row_par("self_attn.o_proj", [hidden, h * d])?,
                     num_heads: h / world,
                     num_kv_heads: kvh / world,
@@ -84,8 +99,11 @@ impl Model {
                     opts,
                 )?,
                 mlp: Mlp {
-                    gate_proj: lin("mlp.gate_proj", [inter, hidden], rows)?,
-                    up_proj: lin("mlp.up_proj", [inter, hidden], rows)?,
+                    gate_up_proj: Linear::stack_rows(vec![
+                        lin("mlp.gate_proj", [inter, hidden], rows)?,
+                        lin("mlp.up_proj", [inter, hidden], rows)?,
+                    ])?,
+                    width: inter / world,
                     down_proj: row_par("mlp.down_proj", [hidden, inter])?,
                 },
             });
