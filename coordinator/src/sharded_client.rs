@@ -77,10 +77,15 @@ impl ShardedClient {
                 .health(HealthRequest {})
                 .await
                 .with_context(|| format!("health of rank {}", s.rank))?;
-            anyhow::Ok(h.into_inner().comm_addr)
+            anyhow::Ok(h.into_inner())
         }))
         .await;
-        let peer_addrs = healths.into_iter().collect::<Result<Vec<_>>>()?;
+        let healths = healths.into_iter().collect::<Result<Vec<_>>>()?;
+        let peer_addrs: Vec<String> = healths.iter().map(|h| h.comm_addr.clone()).collect();
+        let nccl_id = healths
+            .first()
+            .map(|h| h.nccl_id.clone())
+            .unwrap_or_default();
         let inits = join_all(self.shards.iter_mut().map(|s| {
             let req = InitRequest {
                 rank: s.rank as u32,
@@ -91,6 +96,7 @@ impl ShardedClient {
                 num_kv_blocks: opts.num_kv_blocks,
                 block_size: opts.block_size,
                 dequantize: opts.dequantize,
+                nccl_id: nccl_id.clone(),
             };
             async move {
                 let r = s

@@ -22,6 +22,8 @@ use crate::engine::{Engine, EngineOptions};
 
 pub struct WorkerService {
     comm_addr: String,
+    /// CUDA: an NCCL unique id made here, offered in Health (used if this worker is rank 0).
+    nccl_id: Vec<u8>,
     device: Device,
     /// The communicator listener, consumed by Init.
     comm_slot: Mutex<Option<TcpListenerSlot>>,
@@ -33,6 +35,7 @@ impl WorkerService {
     pub fn new(comm_slot: TcpListenerSlot, device: Device) -> anyhow::Result<Self> {
         Ok(Self {
             comm_addr: comm_slot.local_addr()?.to_string(),
+            nccl_id: nccl_id_for(&device)?,
             device,
             comm_slot: Mutex::new(Some(comm_slot)),
             engine: Arc::new(Mutex::new(None)),
@@ -53,6 +56,7 @@ impl Worker for WorkerService {
             comm_addr: self.comm_addr.clone(),
             initialized: rank.is_some(),
             rank: rank.map_or(-1, |r| r as i32),
+            nccl_id: self.nccl_id.clone(),
         }))
     }
 
@@ -85,12 +89,9 @@ impl Worker for WorkerService {
             device: self.device.clone(),
         };
         let peers = req.peer_addrs.clone();
+        let nccl_id = req.nccl_id.clone();
         let engine = tokio::task::spawn_blocking(move || -> anyhow::Result<Engine> {
-            let comm: Box<dyn Communicator> = if world == 1 {
-                Box::new(SingleRank)
-            } else {
-                Box::new(TcpCommunicator::connect(&slot, rank, &peers)?)
-            };
+            let comm = communicator(&opts.device, &slot, rank, &peers, &nccl_id)?;
             Engine::load(&opts, comm)
         })
         .await
@@ -156,6 +157,37 @@ impl Worker for WorkerService {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// The all-reduce for this rank: none alone, NCCL between GPUs, the TCP mesh on the CPU.
+fn communicator(
+    device: &Device,
+    slot: &TcpListenerSlot,
+    rank: usize,
+    peers: &[String],
+    nccl_id: &[u8],
+) -> anyhow::Result<Box<dyn Communicator>> {
+    let world = peers.len();
+    if world == 1 {
+        return Ok(Box::new(SingleRank));
+    }
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return Ok(Box::new(crate::comm::NcclCommunicator::from_id_bytes(
+            device, rank, world, nccl_id,
+        )?));
+    }
+    let _ = (device, nccl_id);
+    Ok(Box::new(TcpCommunicator::connect(slot, rank, peers)?))
+}
+
+fn nccl_id_for(device: &Device) -> anyhow::Result<Vec<u8>> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return crate::comm::NcclCommunicator::unique_id_bytes();
+    }
+    let _ = device;
+    Ok(Vec::new())
 }
 
 /// This rank can no longer keep in step with its peers: say why, then exit.
