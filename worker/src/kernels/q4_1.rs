@@ -89,6 +89,26 @@ impl Q41Matrix {
         candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
             let out_ptr = &out_ptr;
             let mut dots = [0f32; TOKENS_PER_PASS];
+            let mut range = range;
+            // Decode: one token, rows in fours, so independent rows keep the core busy.
+            if t == 1 && simd {
+                while range.len() >= DECODE_ROWS {
+                    let r = range.start;
+                    for p in 0..segments {
+                        let seg = |j: usize| {
+                            let start = (r + j) * row_bytes + p * nbs * BLOCK_BYTES;
+                            &self.data[start..start + nbs * BLOCK_BYTES]
+                        };
+                        let dots =
+                            dot_rows::<DECODE_ROWS>(std::array::from_fn(seg), &acts[p * nbs..]);
+                        for (j, v) in dots.iter().enumerate() {
+                            // SAFETY: as below.
+                            unsafe { *out_ptr.0.add(p * rows + r + j) = *v };
+                        }
+                    }
+                    range.start += DECODE_ROWS;
+                }
+            }
             for r in range {
                 let row = &self.data[r * row_bytes..(r + 1) * row_bytes];
                 for (p, seg) in row.chunks_exact(nbs * BLOCK_BYTES).enumerate() {
@@ -134,7 +154,9 @@ fn quantize_block(x: &[f32]) -> Q8Block {
 }
 
 /// Tokens whose dot products share one pass over a weight row.
-const TOKENS_PER_PASS: usize = 4;
+const TOKENS_PER_PASS: usize = 8;
+/// Rows computed together for a single token (decode).
+const DECODE_ROWS: usize = 4;
 
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -162,7 +184,11 @@ fn dot_row_tokens(simd: bool, row: &[u8], acts: &[Q8Block], nb: usize, out: &mut
                     1 => dot_row_tokens_avx2::<1>(row, acts, nb, out),
                     2 => dot_row_tokens_avx2::<2>(row, acts, nb, out),
                     3 => dot_row_tokens_avx2::<3>(row, acts, nb, out),
-                    _ => dot_row_tokens_avx2::<4>(row, acts, nb, out),
+                    4 => dot_row_tokens_avx2::<4>(row, acts, nb, out),
+                    5 => dot_row_tokens_avx2::<5>(row, acts, nb, out),
+                    6 => dot_row_tokens_avx2::<6>(row, acts, nb, out),
+                    7 => dot_row_tokens_avx2::<7>(row, acts, nb, out),
+                    _ => dot_row_tokens_avx2::<8>(row, acts, nb, out),
                 }
             }
             return;
@@ -193,6 +219,62 @@ fn dot_row_scalar(row: &[u8], acts: &[Q8Block]) -> f32 {
         sum += d * a.d * isum as f32 + m * a.s;
     }
     sum
+}
+
+/// `R` rows against one token, each computed exactly as `dot_row_tokens_avx2::<1>` would.
+fn dot_rows<const R: usize>(rows: [&[u8]; R], acts: &[Q8Block]) -> [f32; R] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: only called when `has_avx2()` holds.
+        unsafe { dot_rows_avx2(rows, acts) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        rows.map(|r| dot_row_scalar(r, acts))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_avx2<const R: usize>(rows: [&[u8]; R], acts: &[Q8Block]) -> [f32; R] {
+    use std::arch::x86_64::*;
+    let low = _mm_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    // [row][even/odd block]
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let mut mins = [[0f32; 2]; R];
+    let nb = rows[0].len() / BLOCK_BYTES;
+    for i in 0..nb {
+        let act = acts.get_unchecked(i);
+        let xq = _mm256_loadu_si256(act.q.as_ptr() as *const __m256i);
+        for j in 0..R {
+            let p = rows[j].as_ptr().add(i * BLOCK_BYTES);
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+            let d = _mm_cvtss_f32(dm);
+            let m = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1));
+            let qs = _mm_loadu_si128(p.add(4) as *const __m128i);
+            let wq = _mm256_set_m128i(
+                _mm_and_si128(_mm_srli_epi16(qs, 4), low),
+                _mm_and_si128(qs, low),
+            );
+            mins[j][i & 1] += m * act.s;
+            let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
+            acc[j][i & 1] = _mm256_fmadd_ps(
+                _mm256_set1_ps(d * act.d),
+                _mm256_cvtepi32_ps(p32),
+                acc[j][i & 1],
+            );
+        }
+    }
+    let mut out = [0f32; R];
+    for j in 0..R {
+        let v = _mm256_add_ps(acc[j][0], acc[j][1]);
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+        out[j] = _mm_cvtss_f32(h) + (mins[j][0] + mins[j][1]);
+    }
+    out
 }
 
 /// `N` tokens against one row. Each token keeps two sets of accumulators (even and odd blocks)
@@ -316,6 +398,7 @@ mod tests {
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
+        // One token goes through the two-row decode kernel, three through the token-group one.
         assert_eq!(all[1], one[0], "a row's result depends on the batch");
         let nb = cols / BLOCK;
         let acts: Vec<Q8Block> = x.chunks_exact(BLOCK).map(quantize_block).collect();
