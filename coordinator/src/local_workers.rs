@@ -75,9 +75,4 @@ impl LocalWorkers {
         }
         Ok(Self { children, addrs })
     }
-
-    /// Process ids, for tests that kill a rank.
-    pub fn pids(&self) -> Vec<Option<u32>> {
-        self.children.iter().map(|c| c.id()).collect()
-    }
 }

@@ -240,9 +240,11 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    #[test]
-    fn three_ranks_get_identical_sums() {
-        let world = 3;
+    /// Runs `f(rank, communicator)` on `world` threads joined in a mesh; results by rank.
+    fn on_ranks<T: Send + 'static>(
+        world: usize,
+        f: impl Fn(usize, TcpCommunicator) -> T + Send + Clone + 'static,
+    ) -> Vec<T> {
         let slots: Vec<TcpListenerSlot> = (0..world)
             .map(|_| TcpListenerSlot::bind("127.0.0.1:0").unwrap())
             .collect();
@@ -254,21 +256,28 @@ mod tests {
             .into_iter()
             .enumerate()
             .map(|(rank, slot)| {
-                let addrs = addrs.clone();
+                let (addrs, f) = (addrs.clone(), f.clone());
                 std::thread::spawn(move || {
-                    let mut c = TcpCommunicator::connect(&slot, rank, &addrs).unwrap();
-                    // Values whose float sum depends on the order of addition.
-                    let v: Vec<f32> = (0..100_000)
-                        .map(|i| ((i * (rank + 1)) as f32).sin() * 10f32.powi(rank as i32 * 3))
-                        .collect();
-                    let t = Tensor::from_vec(v, (1000, 100), &Device::Cpu).unwrap();
-                    c.barrier().unwrap();
-                    let s = c.all_reduce_sum(&t).unwrap();
-                    s.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                    f(rank, TcpCommunicator::connect(&slot, rank, &addrs).unwrap())
                 })
             })
             .collect();
-        let results: Vec<Vec<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn three_ranks_get_identical_sums() {
+        let world = 3;
+        let results = on_ranks(world, |rank, mut c| {
+            // Values whose float sum depends on the order of addition.
+            let v: Vec<f32> = (0..100_000)
+                .map(|i| ((i * (rank + 1)) as f32).sin() * 10f32.powi(rank as i32 * 3))
+                .collect();
+            let t = Tensor::from_vec(v, (1000, 100), &Device::Cpu).unwrap();
+            c.barrier().unwrap();
+            let s = c.all_reduce_sum(&t).unwrap();
+            s.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        });
         let bits = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&results[0]), bits(&results[1]));
         assert_eq!(bits(&results[0]), bits(&results[2]));
@@ -295,28 +304,12 @@ mod tests {
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-        let slots: Vec<TcpListenerSlot> = (0..2)
-            .map(|_| TcpListenerSlot::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let addrs: Vec<String> = slots
-            .iter()
-            .map(|s| s.local_addr().unwrap().to_string())
-            .collect();
-        let handles: Vec<_> = slots
-            .into_iter()
-            .enumerate()
-            .map(|(rank, slot)| {
-                let addrs = addrs.clone();
-                std::thread::spawn(move || {
-                    let mut c = TcpCommunicator::connect(&slot, rank, &addrs).unwrap();
-                    let mine: Vec<f32> = (2 * rank..2 * rank + 2).flat_map(slice).collect();
-                    let t = Tensor::from_vec(mine, (2, 1000), &Device::Cpu).unwrap();
-                    c.all_reduce_parts(&t).unwrap().to_vec1::<f32>().unwrap()
-                })
-            })
-            .collect();
-        for h in handles {
-            let got = h.join().unwrap();
+        let results = on_ranks(2, move |rank, mut c| {
+            let mine: Vec<f32> = (2 * rank..2 * rank + 2).flat_map(slice).collect();
+            let t = Tensor::from_vec(mine, (2, 1000), &Device::Cpu).unwrap();
+            c.all_reduce_parts(&t).unwrap().to_vec1::<f32>().unwrap()
+        });
+        for got in results {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&one_rank));
         }

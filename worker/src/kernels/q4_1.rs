@@ -268,13 +268,20 @@ unsafe fn dot_rows_avx2<const R: usize>(rows: [&[u8]; R], acts: &[Q8Block]) -> [
     }
     let mut out = [0f32; R];
     for j in 0..R {
-        let v = _mm256_add_ps(acc[j][0], acc[j][1]);
-        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-        out[j] = _mm_cvtss_f32(h) + (mins[j][0] + mins[j][1]);
+        out[j] = hsum(_mm256_add_ps(acc[j][0], acc[j][1])) + (mins[j][0] + mins[j][1]);
     }
     out
+}
+
+/// The sum of a vector's eight lanes, in one fixed order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    _mm_cvtss_f32(h)
 }
 
 /// `N` tokens against one row. Each token keeps two sets of accumulators (even and odd blocks)
@@ -312,11 +319,7 @@ unsafe fn dot_row_tokens_avx2<const N: usize>(
         }
     }
     for k in 0..N {
-        let v = _mm256_add_ps(acc[0][k], acc[1][k]);
-        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-        out[k] = _mm_cvtss_f32(h) + (summs[0][k] + summs[1][k]);
+        out[k] = hsum(_mm256_add_ps(acc[0][k], acc[1][k])) + (summs[0][k] + summs[1][k]);
     }
 }
 
