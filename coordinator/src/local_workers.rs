@@ -13,7 +13,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 pub struct LocalWorkers {
-    children: Vec<Child>,
+    /// Held only so that dropping the handle kills the children (`kill_on_drop`).
+    _children: Vec<Child>,
     /// gRPC address of each rank's worker.
     pub addrs: Vec<String>,
 }
@@ -73,6 +74,9 @@ impl LocalWorkers {
             tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
             children.push(child);
         }
-        Ok(Self { children, addrs })
+        Ok(Self {
+            _children: children,
+            addrs,
+        })
     }
 }
