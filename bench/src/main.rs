@@ -190,20 +190,21 @@ async fn engine(a: EngineArgs) -> Result<()> {
 }
 
 fn kernel(a: KernelArgs) -> Result<()> {
-    use helios_worker::kernels::q4_1::{Q41Matrix, BLOCK, BLOCK_BYTES};
-    let bytes = a.rows * a.cols / BLOCK * BLOCK_BYTES;
+    use helios_worker::kernels::quant_matmul::{Format, QuantMatrix, BLOCK};
+    let block_bytes = Format::Q4_1.block_bytes();
+    let bytes = a.rows * a.cols / BLOCK * block_bytes;
     let mats = (0..a.matrices)
         .map(|m| {
             // Scale 0.001 (f16 0x1419), minimum 0, nibbles varying by matrix.
             let data: Vec<u8> = (0..bytes)
-                .map(|i| match i % BLOCK_BYTES {
+                .map(|i| match i % block_bytes {
                     0 => 0x19,
                     1 => 0x14,
                     2 | 3 => 0,
                     _ => ((i + m) % 251) as u8,
                 })
                 .collect();
-            Q41Matrix::new(data, a.rows, a.cols)
+            QuantMatrix::new(Format::Q4_1, data, a.rows, a.cols)
         })
         .collect::<Result<Vec<_>>>()?;
     let x = candle_core::Tensor::ones(

@@ -7,8 +7,8 @@
 //! communicator adds all `P` partials in slice order. At tp 1 the same `P` partials are added
 //! locally in the same order.
 //!
-//! Bit-identity also needs each matmul output to be independent of the matrix's width. Our Q4_1
-//! kernel and candle's quantized CPU kernels compute every output as its own dot product, so
+//! Bit-identity also needs each matmul output to be independent of the matrix's width. Our
+//! quantized kernels and candle's quantized CPU kernels compute every output as its own dot product, so
 //! quantized models agree to the bit at every tp (tested). Dense f32 matmuls go through `gemm`,
 //! which picks kernels by shape: dense models agree across tp to rounding (1e-6), not the bit.
 
@@ -16,14 +16,14 @@ use anyhow::Result;
 use candle_core::quantized::QMatMul;
 use candle_core::{Module, Tensor};
 
-use crate::kernels::q4_1::Q41Matrix;
+use crate::kernels::quant_matmul::QuantMatrix;
 
 /// A weight matrix `[out, in]` applied as `x · Wᵀ`.
 pub enum Linear {
     /// Dense, or quantized through candle's kernels.
     Candle(QMatMul),
-    /// Q4_1 through our CPU kernel.
-    Q41(Q41Matrix),
+    /// Q4_1 / Q8_0 through our CPU kernels.
+    Quant(QuantMatrix),
     /// Matrices that could not be fused into one: outputs concatenated.
     Stacked(Vec<Linear>),
 }
@@ -33,7 +33,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Linear::Candle(m) => Ok(m.forward(x)?),
-            Linear::Q41(m) => m.forward(x),
+            Linear::Quant(m) => m.forward(x),
             Linear::Stacked(parts) => {
                 let outs = parts
                     .iter()
@@ -47,15 +47,22 @@ impl Linear {
     /// One layer computing all of `parts` (same input width), outputs side by side: q/k/v and
     /// gate/up become one matmul each.
     pub fn stack_rows(parts: Vec<Linear>) -> Result<Linear> {
-        if parts.iter().all(|p| matches!(p, Linear::Q41(_))) {
+        let formats: Vec<_> = parts
+            .iter()
+            .map(|p| match p {
+                Linear::Quant(m) => Some(m.format()),
+                _ => None,
+            })
+            .collect();
+        if formats[0].is_some() && formats.iter().all(|f| *f == formats[0]) {
             let ms = parts
                 .into_iter()
                 .filter_map(|p| match p {
-                    Linear::Q41(m) => Some(m),
+                    Linear::Quant(m) => Some(m),
                     _ => None,
                 })
                 .collect();
-            return Ok(Linear::Q41(Q41Matrix::concat_rows(ms)?));
+            return Ok(Linear::Quant(QuantMatrix::concat_rows(ms)?));
         }
         if parts
             .iter()
@@ -78,15 +85,20 @@ impl Linear {
 pub enum RowParallel {
     /// One matrix per slice.
     Slices(Vec<Linear>),
-    /// The rank's slices as one Q4_1 matrix computed per column segment in a single call.
-    Q41Segments { matrix: Q41Matrix, segments: usize },
+    /// The rank's slices as one quantized matrix computed per column segment in one call.
+    QuantSegments {
+        matrix: QuantMatrix,
+        segments: usize,
+    },
 }
 
 impl RowParallel {
     /// `x`: `[T, in_local]`. Returns the partial sums `[P_local, T, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            RowParallel::Q41Segments { matrix, segments } => matrix.forward_segments(x, *segments),
+            RowParallel::QuantSegments { matrix, segments } => {
+                matrix.forward_segments(x, *segments)
+            }
             RowParallel::Slices(parts) => {
                 let width = x.dim(1)? / parts.len();
                 let partials = parts

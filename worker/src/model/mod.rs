@@ -56,12 +56,12 @@ impl Model {
         let per_rank = parts / world;
         let row_parallel = |name: &str, shape: [usize; 2]| -> Result<RowParallel> {
             if per_rank > 1 {
-                // The rank's columns as one Q4_1 matrix when its segments are whole blocks.
+                // The rank's columns as one quantized matrix when its segments are whole blocks.
                 let cols = Split::Cols { rank, parts: world };
-                if let Linear::Q41(matrix) = w.linear(name, shape, cols, opts)? {
+                if let Linear::Quant(matrix) = w.linear(name, shape, cols, opts)? {
                     let seg_cols = shape[1] / parts;
-                    if seg_cols.is_multiple_of(crate::kernels::q4_1::BLOCK) {
-                        return Ok(RowParallel::Q41Segments {
+                    if seg_cols.is_multiple_of(crate::kernels::quant_matmul::BLOCK) {
+                        return Ok(RowParallel::QuantSegments {
                             matrix,
                             segments: per_rank,
                         });

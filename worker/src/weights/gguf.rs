@@ -22,7 +22,7 @@ use memmap2::Mmap;
 
 use super::{check_shape, slice_rows, LoadOptions, Split};
 use crate::config::ModelConfig;
-use crate::kernels::q4_1::Q41Matrix;
+use crate::kernels::quant_matmul::{Format, QuantMatrix};
 use crate::model::linear::Linear;
 
 pub struct GgufWeights {
@@ -172,10 +172,15 @@ impl GgufWeights {
                 dense.to_dtype(opts.dtype)?.to_device(&opts.device)?,
             )));
         }
-        if dtype == GgmlDType::Q4_1 && opts.device.is_cpu() {
+        let ours = match dtype {
+            GgmlDType::Q4_1 => Some(Format::Q4_1),
+            GgmlDType::Q8_0 => Some(Format::Q8_0),
+            _ => None,
+        };
+        if let (Some(format), true) = (ours, opts.device.is_cpu()) {
             let bytes = qtensor.data()?.into_owned();
-            return Ok(Linear::Q41(
-                Q41Matrix::new(bytes, r.len(), c.len()).with_context(ctx)?,
+            return Ok(Linear::Quant(
+                QuantMatrix::new(format, bytes, r.len(), c.len()).with_context(ctx)?,
             ));
         }
         let qtensor = if opts.device.is_cpu() {

@@ -1,24 +1,42 @@
-//! Q4_1 weight × f32 activation matmul for the CPU, llama.cpp's way.
+//! Quantized weight × f32 activation matmuls for the CPU (Q4_1 and Q8_0), llama.cpp's way.
 //!
-//! A Q4_1 block holds 32 weights as 4-bit `q` with an f16 scale `d` and minimum `m`
-//! (`w = d·q + m`; byte `j` holds element `j` in its low nibble, element `j + 16` in its high
-//! one). Activations are quantized per 32-block to 8 bits (`x ≈ d8·q8`, with `s8 = d8·Σq8`), so
-//! a block's dot product is `d·d8·Σ q·q8 + m·s8`: integer multiply-adds, then one float FMA.
+//! Weights stay in GGUF's 32-element blocks. A Q4_1 block holds 4-bit `q` with an f16 scale `d`
+//! and minimum `m` (`w = d·q + m`; byte `j` holds element `j` in its low nibble and `j + 16` in
+//! its high one); a Q8_0 block holds 8-bit `q` and an f16 `d` (`w = d·q`). Activations are
+//! quantized per block to 8 bits (`x ≈ d8·q8`, with `s8 = d8·Σq8`), so a block's dot product is
+//! `d·d8·Σ q·q8 + m·s8`: integer multiply-adds, then one float FMA.
 //!
-//! Every output element is one dot product over its row's blocks in a fixed order, whatever the
-//! number of rows or tokens: results do not depend on the tensor-parallel split or the batch.
-//! Rows are spread over candle's CPU thread pool, so no second pool competes for the cores.
+//! Every output element is one dot product over its row's blocks in a fixed order (two
+//! accumulators, even and odd blocks), whatever the number of rows or tokens: results do not
+//! depend on the tensor-parallel split or the batch. Rows are spread over candle's CPU thread
+//! pool, so no second pool competes for the cores. candle has no SIMD Q4_1 kernel and its Q8_0
+//! one takes a row at a time, which is why these exist.
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use half::f16;
 
 pub const BLOCK: usize = 32;
-/// Bytes of one Q4_1 block: f16 d, f16 m, 16 bytes of nibbles.
-pub const BLOCK_BYTES: usize = 20;
 
-/// A `[rows, cols]` Q4_1 matrix in GGUF's byte layout.
-pub struct Q41Matrix {
+/// A weight block format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Q4_1,
+    Q8_0,
+}
+
+impl Format {
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Format::Q4_1 => Q41::BYTES,
+            Format::Q8_0 => Q80::BYTES,
+        }
+    }
+}
+
+/// A `[rows, cols]` quantized matrix in GGUF's byte layout.
+pub struct QuantMatrix {
+    format: Format,
     data: Vec<u8>,
     rows: usize,
     cols: usize,
@@ -26,37 +44,45 @@ pub struct Q41Matrix {
 
 /// One activation block: `x ≈ d·q`, `s = d·Σq`.
 #[derive(Clone, Copy)]
-struct Q8Block {
+pub struct Q8Block {
     d: f32,
     s: f32,
     q: [i8; BLOCK],
 }
 
-impl Q41Matrix {
-    pub fn new(data: Vec<u8>, rows: usize, cols: usize) -> Result<Self> {
-        if !cols.is_multiple_of(BLOCK) || data.len() != rows * cols / BLOCK * BLOCK_BYTES {
+impl QuantMatrix {
+    pub fn new(format: Format, data: Vec<u8>, rows: usize, cols: usize) -> Result<Self> {
+        let need = rows * cols / BLOCK * format.block_bytes();
+        if !cols.is_multiple_of(BLOCK) || data.len() != need {
             bail!(
-                "Q4_1 matrix [{rows}, {cols}] needs {} bytes, got {}",
-                rows * cols / BLOCK * BLOCK_BYTES,
+                "{format:?} matrix [{rows}, {cols}] needs {need} bytes, got {}",
                 data.len()
             );
         }
-        Ok(Self { data, rows, cols })
+        Ok(Self {
+            format,
+            data,
+            rows,
+            cols,
+        })
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
+    pub fn format(&self) -> Format {
+        self.format
     }
 
-    /// Stacks matrices of equal width along the rows (fusing q/k/v or gate/up into one call).
-    pub fn concat_rows(parts: Vec<Q41Matrix>) -> Result<Self> {
-        let cols = parts.first().map_or(0, |p| p.cols);
-        if parts.iter().any(|p| p.cols != cols) {
-            bail!("Q4_1 matrices of different widths cannot be stacked");
+    /// Stacks matrices of one format and width along the rows (fusing q/k/v or gate/up).
+    pub fn concat_rows(parts: Vec<QuantMatrix>) -> Result<Self> {
+        let (format, cols) = match parts.first() {
+            Some(p) => (p.format, p.cols),
+            None => bail!("nothing to stack"),
+        };
+        if parts.iter().any(|p| p.cols != cols || p.format != format) {
+            bail!("matrices of different formats or widths cannot be stacked");
         }
         let rows = parts.iter().map(|p| p.rows).sum();
         let data = parts.into_iter().flat_map(|p| p.data).collect();
-        Self::new(data, rows, cols)
+        Self::new(format, data, rows, cols)
     }
 
     /// `x`: f32 `[T, cols]` → `[T, rows]`.
@@ -67,10 +93,17 @@ impl Q41Matrix {
     /// The products of `segments` equal column ranges separately: `[segments, T, rows]`, each
     /// exactly what a matrix holding only that column range would give.
     pub fn forward_segments(&self, x: &Tensor, segments: usize) -> Result<Tensor> {
+        match self.format {
+            Format::Q4_1 => self.forward_as::<Q41>(x, segments),
+            Format::Q8_0 => self.forward_as::<Q80>(x, segments),
+        }
+    }
+
+    fn forward_as<F: BlockFormat>(&self, x: &Tensor, segments: usize) -> Result<Tensor> {
         let (t, cols) = x.dims2()?;
         if cols != self.cols {
             bail!(
-                "Q4_1 matmul: input has {cols} columns, weight {}",
+                "quantized matmul: input has {cols} columns, weight {}",
                 self.cols
             );
         }
@@ -79,12 +112,13 @@ impl Q41Matrix {
             bail!("{nb} blocks per row do not split into {segments} segments");
         }
         let nbs = nb / segments;
+        let seg_bytes = nbs * F::BYTES;
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let acts: Vec<Q8Block> = xs.chunks_exact(BLOCK).map(quantize_block).collect();
         let rows = self.rows;
         let mut out = vec![0f32; segments * t * rows];
         let out_ptr = SyncPtr(out.as_mut_ptr());
-        let row_bytes = nb * BLOCK_BYTES;
+        let row_bytes = nb * F::BYTES;
         let simd = has_avx2();
         candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
             let out_ptr = &out_ptr;
@@ -96,11 +130,11 @@ impl Q41Matrix {
                     let r = range.start;
                     for p in 0..segments {
                         let seg = |j: usize| {
-                            let start = (r + j) * row_bytes + p * nbs * BLOCK_BYTES;
-                            &self.data[start..start + nbs * BLOCK_BYTES]
+                            let start = (r + j) * row_bytes + p * seg_bytes;
+                            &self.data[start..start + seg_bytes]
                         };
                         let dots =
-                            dot_rows::<DECODE_ROWS>(std::array::from_fn(seg), &acts[p * nbs..]);
+                            dot_rows::<F, DECODE_ROWS>(std::array::from_fn(seg), &acts[p * nbs..]);
                         for (j, v) in dots.iter().enumerate() {
                             // SAFETY: as below.
                             unsafe { *out_ptr.0.add(p * rows + r + j) = *v };
@@ -111,12 +145,12 @@ impl Q41Matrix {
             }
             for r in range {
                 let row = &self.data[r * row_bytes..(r + 1) * row_bytes];
-                for (p, seg) in row.chunks_exact(nbs * BLOCK_BYTES).enumerate() {
-                    // A few tokens per pass over the row: its nibbles are unpacked once for all.
+                for (p, seg) in row.chunks_exact(seg_bytes).enumerate() {
+                    // A few tokens per pass over the row: its blocks are unpacked once for all.
                     for t0 in (0..t).step_by(TOKENS_PER_PASS) {
                         let n = TOKENS_PER_PASS.min(t - t0);
                         let acts = &acts[t0 * nb + p * nbs..];
-                        dot_row_tokens(simd, seg, acts, nb, &mut dots[..n]);
+                        dot_row_tokens::<F>(simd, seg, acts, nb, &mut dots[..n]);
                         for (k, v) in dots[..n].iter().enumerate() {
                             // SAFETY: each (segment, token, row) is written by exactly one
                             // thread (rows are split into disjoint ranges), and `out`
@@ -132,7 +166,7 @@ impl Q41Matrix {
 }
 
 struct SyncPtr(*mut f32);
-// SAFETY: used only for disjoint writes from the pool's threads (see `forward`).
+// SAFETY: used only for disjoint writes from the pool's threads (see `forward_as`).
 unsafe impl Sync for SyncPtr {}
 
 fn quantize_block(x: &[f32]) -> Q8Block {
@@ -172,23 +206,115 @@ fn has_avx2() -> bool {
     false
 }
 
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+}
+
+/// How one weight block multiplies one activation block.
+trait BlockFormat {
+    const BYTES: usize;
+    /// `(Σ w_q·x_q, d, m)`.
+    fn block_scalar(b: &[u8], a: &Q8Block) -> (i32, f32, f32);
+    /// The same with AVX2: eight lanes of partial integer sums, `d` and `m`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn block_avx2(
+        p: *const u8,
+        xq: std::arch::x86_64::__m256i,
+    ) -> (std::arch::x86_64::__m256i, f32, f32);
+}
+
+struct Q41;
+struct Q80;
+
+impl BlockFormat for Q41 {
+    /// f16 d, f16 m, 16 bytes of nibbles.
+    const BYTES: usize = 20;
+
+    fn block_scalar(b: &[u8], a: &Q8Block) -> (i32, f32, f32) {
+        let mut isum = 0i32;
+        for j in 0..16 {
+            isum += (b[4 + j] & 0x0F) as i32 * a.q[j] as i32;
+            isum += (b[4 + j] >> 4) as i32 * a.q[j + 16] as i32;
+        }
+        (isum, f16_at(b, 0), f16_at(b, 2))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block_avx2(
+        p: *const u8,
+        xq: std::arch::x86_64::__m256i,
+    ) -> (std::arch::x86_64::__m256i, f32, f32) {
+        use std::arch::x86_64::*;
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
+        let low = _mm_set1_epi8(0x0F);
+        let qs = _mm_loadu_si128(p.add(4) as *const __m128i);
+        let wq = _mm256_set_m128i(
+            _mm_and_si128(_mm_srli_epi16(qs, 4), low),
+            _mm_and_si128(qs, low),
+        );
+        let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), _mm256_set1_epi16(1));
+        (
+            p32,
+            _mm_cvtss_f32(dm),
+            _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)),
+        )
+    }
+}
+
+impl BlockFormat for Q80 {
+    /// f16 d, 32 signed bytes.
+    const BYTES: usize = 34;
+
+    fn block_scalar(b: &[u8], a: &Q8Block) -> (i32, f32, f32) {
+        let isum = (0..BLOCK)
+            .map(|j| b[2 + j] as i8 as i32 * a.q[j] as i32)
+            .sum();
+        (isum, f16_at(b, 0), 0.0)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block_avx2(
+        p: *const u8,
+        xq: std::arch::x86_64::__m256i,
+    ) -> (std::arch::x86_64::__m256i, f32, f32) {
+        use std::arch::x86_64::*;
+        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            (p as *const u16).read_unaligned() as i32,
+        )));
+        let w = _mm256_loadu_si256(p.add(2) as *const __m256i);
+        // maddubs wants an unsigned operand: |w| times x carrying w's sign.
+        let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xq, w));
+        (_mm256_madd_epi16(p16, _mm256_set1_epi16(1)), d, 0.0)
+    }
+}
+
 /// `out[k]` = row · token `k`, whose activation blocks start at `acts[k * nb]`. Each token's
 /// sum runs over the row's blocks in order, exactly as it would alone.
-fn dot_row_tokens(simd: bool, row: &[u8], acts: &[Q8Block], nb: usize, out: &mut [f32]) {
+fn dot_row_tokens<F: BlockFormat>(
+    simd: bool,
+    row: &[u8],
+    acts: &[Q8Block],
+    nb: usize,
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if simd {
             // SAFETY: `simd` is true only when the CPU has the features the function uses.
             unsafe {
                 match out.len() {
-                    1 => dot_row_tokens_avx2::<1>(row, acts, nb, out),
-                    2 => dot_row_tokens_avx2::<2>(row, acts, nb, out),
-                    3 => dot_row_tokens_avx2::<3>(row, acts, nb, out),
-                    4 => dot_row_tokens_avx2::<4>(row, acts, nb, out),
-                    5 => dot_row_tokens_avx2::<5>(row, acts, nb, out),
-                    6 => dot_row_tokens_avx2::<6>(row, acts, nb, out),
-                    7 => dot_row_tokens_avx2::<7>(row, acts, nb, out),
-                    _ => dot_row_tokens_avx2::<8>(row, acts, nb, out),
+                    1 => dot_row_tokens_avx2::<F, 1>(row, acts, nb, out),
+                    2 => dot_row_tokens_avx2::<F, 2>(row, acts, nb, out),
+                    3 => dot_row_tokens_avx2::<F, 3>(row, acts, nb, out),
+                    4 => dot_row_tokens_avx2::<F, 4>(row, acts, nb, out),
+                    5 => dot_row_tokens_avx2::<F, 5>(row, acts, nb, out),
+                    6 => dot_row_tokens_avx2::<F, 6>(row, acts, nb, out),
+                    7 => dot_row_tokens_avx2::<F, 7>(row, acts, nb, out),
+                    _ => dot_row_tokens_avx2::<F, 8>(row, acts, nb, out),
                 }
             }
             return;
@@ -196,69 +322,49 @@ fn dot_row_tokens(simd: bool, row: &[u8], acts: &[Q8Block], nb: usize, out: &mut
     }
     let _ = simd;
     for (k, o) in out.iter_mut().enumerate() {
-        *o = dot_row_scalar(row, &acts[k * nb..]);
+        *o = dot_row_scalar::<F>(row, &acts[k * nb..]);
     }
 }
 
-fn block_dm(b: &[u8]) -> (f32, f32) {
-    (
-        f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
-        f16::from_bits(u16::from_le_bytes([b[2], b[3]])).to_f32(),
-    )
-}
-
-fn dot_row_scalar(row: &[u8], acts: &[Q8Block]) -> f32 {
+fn dot_row_scalar<F: BlockFormat>(row: &[u8], acts: &[Q8Block]) -> f32 {
     let mut sum = 0f32;
-    for (b, a) in row.chunks_exact(BLOCK_BYTES).zip(acts) {
-        let (d, m) = block_dm(b);
-        let mut isum = 0i32;
-        for j in 0..16 {
-            isum += (b[4 + j] & 0x0F) as i32 * a.q[j] as i32;
-            isum += (b[4 + j] >> 4) as i32 * a.q[j + 16] as i32;
-        }
+    for (b, a) in row.chunks_exact(F::BYTES).zip(acts) {
+        let (isum, d, m) = F::block_scalar(b, a);
         sum += d * a.d * isum as f32 + m * a.s;
     }
     sum
 }
 
-/// `R` rows against one token, each computed exactly as `dot_row_tokens_avx2::<1>` would.
-fn dot_rows<const R: usize>(rows: [&[u8]; R], acts: &[Q8Block]) -> [f32; R] {
+/// `R` rows against one token, each computed exactly as `dot_row_tokens_avx2::<F, 1>` would.
+fn dot_rows<F: BlockFormat, const R: usize>(rows: [&[u8]; R], acts: &[Q8Block]) -> [f32; R] {
     #[cfg(target_arch = "x86_64")]
     {
         // SAFETY: only called when `has_avx2()` holds.
-        unsafe { dot_rows_avx2(rows, acts) }
+        unsafe { dot_rows_avx2::<F, R>(rows, acts) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        rows.map(|r| dot_row_scalar(r, acts))
+        rows.map(|r| dot_row_scalar::<F>(r, acts))
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_rows_avx2<const R: usize>(rows: [&[u8]; R], acts: &[Q8Block]) -> [f32; R] {
+unsafe fn dot_rows_avx2<F: BlockFormat, const R: usize>(
+    rows: [&[u8]; R],
+    acts: &[Q8Block],
+) -> [f32; R] {
     use std::arch::x86_64::*;
-    let low = _mm_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
     // [row][even/odd block]
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
     let mut mins = [[0f32; 2]; R];
-    let nb = rows[0].len() / BLOCK_BYTES;
+    let nb = rows[0].len() / F::BYTES;
     for i in 0..nb {
         let act = acts.get_unchecked(i);
         let xq = _mm256_loadu_si256(act.q.as_ptr() as *const __m256i);
         for j in 0..R {
-            let p = rows[j].as_ptr().add(i * BLOCK_BYTES);
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
-            let d = _mm_cvtss_f32(dm);
-            let m = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1));
-            let qs = _mm_loadu_si128(p.add(4) as *const __m128i);
-            let wq = _mm256_set_m128i(
-                _mm_and_si128(_mm_srli_epi16(qs, 4), low),
-                _mm_and_si128(qs, low),
-            );
+            let (p32, d, m) = F::block_avx2(rows[j].as_ptr().add(i * F::BYTES), xq);
             mins[j][i & 1] += m * act.s;
-            let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
             acc[j][i & 1] = _mm256_fmadd_ps(
                 _mm256_set1_ps(d * act.d),
                 _mm256_cvtepi32_ps(p32),
@@ -288,7 +394,7 @@ unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
 /// so consecutive blocks do not wait on each other's adds; the order is the same for every `N`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_row_tokens_avx2<const N: usize>(
+unsafe fn dot_row_tokens_avx2<F: BlockFormat, const N: usize>(
     row: &[u8],
     acts: &[Q8Block],
     nb: usize,
@@ -297,24 +403,14 @@ unsafe fn dot_row_tokens_avx2<const N: usize>(
     use std::arch::x86_64::*;
     let mut acc = [[_mm256_setzero_ps(); N]; 2];
     let mut summs = [[0f32; N]; 2];
-    let low = _mm_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    for (i, b) in row.chunks_exact(BLOCK_BYTES).enumerate() {
-        let p = b.as_ptr();
-        // d and m: two f16 at the start of the block.
-        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()));
-        let d = _mm_cvtss_f32(dm);
-        let m = _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1));
-        let qs = _mm_loadu_si128(p.add(4) as *const __m128i);
-        let lo = _mm_and_si128(qs, low);
-        let hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low);
-        let wq = _mm256_set_m128i(hi, lo);
+    for i in 0..row.len() / F::BYTES {
+        let p = row.as_ptr().add(i * F::BYTES);
         let (lane, mins) = (&mut acc[i & 1], &mut summs[i & 1]);
         for k in 0..N {
             let a = acts.get_unchecked(k * nb + i);
-            mins[k] += m * a.s;
             let xq = _mm256_loadu_si256(a.q.as_ptr() as *const __m256i);
-            let p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), ones);
+            let (p32, d, m) = F::block_avx2(p, xq);
+            mins[k] += m * a.s;
             lane[k] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(p32), lane[k]);
         }
     }
@@ -362,7 +458,7 @@ mod tests {
         let x: Vec<f32> = (0..t * cols)
             .map(|i| ((i * 7 % 23) as f32 - 11.0) / 7.0)
             .collect();
-        let m = Q41Matrix::new(bytes, rows, cols).unwrap();
+        let m = QuantMatrix::new(Format::Q4_1, bytes, rows, cols).unwrap();
         let got = m
             .forward(&Tensor::from_vec(x.clone(), (t, cols), &Device::Cpu).unwrap())
             .unwrap()
@@ -388,7 +484,7 @@ mod tests {
         let x: Vec<f32> = (0..3 * cols)
             .map(|i| ((i * 13 % 31) as f32 - 15.0) / 9.0)
             .collect();
-        let m = Q41Matrix::new(bytes.clone(), rows, cols).unwrap();
+        let m = QuantMatrix::new(Format::Q4_1, bytes.clone(), rows, cols).unwrap();
         let all = m
             .forward(&Tensor::from_vec(x.clone(), (3, cols), &Device::Cpu).unwrap())
             .unwrap()
@@ -405,13 +501,13 @@ mod tests {
         assert_eq!(all[1], one[0], "a row's result depends on the batch");
         let nb = cols / BLOCK;
         let acts: Vec<Q8Block> = x.chunks_exact(BLOCK).map(quantize_block).collect();
-        let row_bytes = nb * BLOCK_BYTES;
+        let row_bytes = nb * Q41::BYTES;
         for r in 0..rows {
             let row = &bytes[r * row_bytes..(r + 1) * row_bytes];
             let mut simd = [0f32; 3];
-            dot_row_tokens(has_avx2(), row, &acts, nb, &mut simd);
+            dot_row_tokens::<Q41>(has_avx2(), row, &acts, nb, &mut simd);
             for (k, a) in simd.iter().enumerate() {
-                let b = dot_row_scalar(row, &acts[k * nb..(k + 1) * nb]);
+                let b = dot_row_scalar::<Q41>(row, &acts[k * nb..(k + 1) * nb]);
                 assert!(
                     (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
                     "row {r}: {a} vs {b}"
@@ -428,13 +524,13 @@ mod tests {
             .map(|i| ((i * 17 % 29) as f32 - 14.0) / 5.0)
             .collect();
         let xt = Tensor::from_vec(x.clone(), (t, cols), &Device::Cpu).unwrap();
-        let whole = Q41Matrix::new(bytes.clone(), rows, cols).unwrap();
+        let whole = QuantMatrix::new(Format::Q4_1, bytes.clone(), rows, cols).unwrap();
         let segs = whole
             .forward_segments(&xt, 3)
             .unwrap()
             .to_vec3::<f32>()
             .unwrap();
-        let row_bytes = cols / BLOCK * BLOCK_BYTES;
+        let row_bytes = cols / BLOCK * Q41::BYTES;
         for p in 0..3 {
             // The matrix holding only columns p*64 .. (p+1)*64.
             let part: Vec<u8> = (0..rows)
@@ -442,30 +538,94 @@ mod tests {
                     bytes[r * row_bytes..][p * row_bytes / 3..(p + 1) * row_bytes / 3].to_vec()
                 })
                 .collect();
-            let m = Q41Matrix::new(part, rows, cols / 3).unwrap();
+            let m = QuantMatrix::new(Format::Q4_1, part, rows, cols / 3).unwrap();
             let xp = xt.narrow(1, p * 64, 64).unwrap().contiguous().unwrap();
             let alone = m.forward(&xp).unwrap().to_vec2::<f32>().unwrap();
             assert_eq!(segs[p], alone, "segment {p}");
         }
         let (b2, _) = random_q41(4, cols, 4);
-        let other = Q41Matrix::new(b2.clone(), 4, cols).unwrap();
+        let other = QuantMatrix::new(Format::Q4_1, b2.clone(), 4, cols).unwrap();
         let a = whole.forward(&xt).unwrap().to_vec2::<f32>().unwrap();
         let b = other.forward(&xt).unwrap().to_vec2::<f32>().unwrap();
-        let stacked =
-            Q41Matrix::concat_rows(vec![Q41Matrix::new(bytes, rows, cols).unwrap(), other])
-                .unwrap()
-                .forward(&xt)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
+        let stacked = QuantMatrix::concat_rows(vec![
+            QuantMatrix::new(Format::Q4_1, bytes, rows, cols).unwrap(),
+            other,
+        ])
+        .unwrap()
+        .forward(&xt)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
         for i in 0..t {
             assert_eq!(stacked[i], [a[i].clone(), b[i].clone()].concat());
         }
     }
 
+    /// Random Q8_0 bytes and the f32 weights they stand for.
+    fn random_q80(rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+        let mut state = seed;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        let (mut bytes, mut dense) = (Vec::new(), Vec::new());
+        for _ in 0..rows * cols / BLOCK {
+            let d = f16::from_f32((next() % 1000) as f32 / 50000.0);
+            bytes.extend_from_slice(&d.to_bits().to_le_bytes());
+            for _ in 0..BLOCK {
+                let q = (next() % 255) as i32 - 127;
+                bytes.push(q as i8 as u8);
+                dense.push(q as f32 * d.to_f32());
+            }
+        }
+        (bytes, dense)
+    }
+
+    #[test]
+    fn q8_0_matches_the_dense_product_and_its_scalar_path() {
+        let (rows, cols, t) = (9, 128, 3);
+        let (bytes, w) = random_q80(rows, cols, 5);
+        let x: Vec<f32> = (0..t * cols)
+            .map(|i| ((i * 11 % 19) as f32 - 9.0) / 4.0)
+            .collect();
+        let m = QuantMatrix::new(Format::Q8_0, bytes.clone(), rows, cols).unwrap();
+        let xt = Tensor::from_vec(x.clone(), (t, cols), &Device::Cpu).unwrap();
+        let got = m.forward(&xt).unwrap().to_vec2::<f32>().unwrap();
+        let nb = cols / BLOCK;
+        let acts: Vec<Q8Block> = x.chunks_exact(BLOCK).map(quantize_block).collect();
+        for ti in 0..t {
+            for r in 0..rows {
+                let exact: f32 = (0..cols).map(|c| w[r * cols + c] * x[ti * cols + c]).sum();
+                // Activation rounding is at most half a step of 1/127 of each block's max.
+                let mag: f32 = (0..cols)
+                    .map(|c| (w[r * cols + c] * x[ti * cols + c]).abs())
+                    .sum();
+                let err = (got[ti][r] - exact).abs();
+                assert!(
+                    err < 0.01 * mag + 1e-3,
+                    "({ti},{r}): {} vs {exact}",
+                    got[ti][r]
+                );
+                let row = &bytes[r * nb * Q80::BYTES..(r + 1) * nb * Q80::BYTES];
+                let scalar = dot_row_scalar::<Q80>(row, &acts[ti * nb..]);
+                assert!((got[ti][r] - scalar).abs() <= 1e-4 * (1.0 + scalar.abs()));
+            }
+        }
+        // One token (the four-row decode kernel) gives what a batch gives.
+        let one = m
+            .forward(&xt.narrow(0, 2, 1).unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(one[0], got[2]);
+    }
+
     #[test]
     fn wrong_sizes_are_errors() {
-        assert!(Q41Matrix::new(vec![0; 19], 1, 32).is_err());
-        assert!(Q41Matrix::new(vec![0; 20], 1, 31).is_err());
+        assert!(QuantMatrix::new(Format::Q4_1, vec![0; 19], 1, 32).is_err());
+        assert!(QuantMatrix::new(Format::Q4_1, vec![0; 20], 1, 31).is_err());
+        assert!(QuantMatrix::new(Format::Q8_0, vec![0; 33], 1, 32).is_err());
     }
 }
