@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use helios_coordinator::block_manager::BlockAllocator;
-use helios_coordinator::driver::{Driver, Request};
+use helios_coordinator::driver::{Control, Driver, Request};
 use helios_coordinator::local_workers::{worker_binary, LocalWorkers};
 use helios_coordinator::sharded_client::{InitOptions, ShardedClient};
 use helios_proto::v1::SamplingParams;
@@ -151,6 +151,7 @@ async fn engine(a: EngineArgs) -> Result<()> {
                         after_first += 1;
                     }
                     last = now;
+                    Control::Continue
                 })
                 .await?;
             let all_started = firsts.iter().flatten().max().copied().unwrap_or_default();

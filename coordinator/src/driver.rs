@@ -26,6 +26,15 @@ pub struct Request {
 pub enum FinishReason {
     Length,
     Eos,
+    /// The caller stopped it (a stop string).
+    Stop,
+}
+
+/// What the caller wants after seeing a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    Stop,
 }
 
 #[derive(Debug, Clone)]
@@ -77,11 +86,12 @@ impl<'a> Driver<'a> {
         &self.blocks
     }
 
-    /// Runs `reqs` together; `on_token(request index, token)` sees each token as it is sampled.
+    /// Runs `reqs` together; `on_token(request index, token)` sees each token as it is sampled
+    /// and may stop that request.
     pub async fn run(
         &mut self,
         reqs: Vec<Request>,
-        mut on_token: impl FnMut(usize, u32),
+        mut on_token: impl FnMut(usize, u32) -> Control,
     ) -> Result<Vec<Output>> {
         let mut seqs: Vec<Seq> = Vec::with_capacity(reqs.len());
         for req in reqs {
@@ -116,7 +126,7 @@ impl<'a> Driver<'a> {
     async fn run_seqs(
         &mut self,
         seqs: &mut [Seq],
-        on_token: &mut impl FnMut(usize, u32),
+        on_token: &mut impl FnMut(usize, u32) -> Control,
     ) -> Result<()> {
         loop {
             let (plan, members) = self.plan(seqs, false)?;
@@ -132,9 +142,11 @@ impl<'a> Driver<'a> {
                 let s = &mut seqs[i];
                 s.tokens.push(t.token_id);
                 s.logprobs.push(t.logprob);
-                on_token(i, t.token_id);
+                let control = on_token(i, t.token_id);
                 if s.req.stop_token_ids.contains(&t.token_id) {
                     s.finished = Some(FinishReason::Eos);
+                } else if control == Control::Stop {
+                    s.finished = Some(FinishReason::Stop);
                 } else if s.generated().len() >= s.req.max_new_tokens {
                     s.finished = Some(FinishReason::Length);
                 }

@@ -9,9 +9,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use helios_coordinator::block_manager::BlockAllocator;
-use helios_coordinator::driver::{Driver, Request};
+use helios_coordinator::detokenizer::Detokenizer;
+use helios_coordinator::driver::{Control, Driver, Request};
 use helios_coordinator::local_workers::{worker_binary, LocalWorkers};
 use helios_coordinator::sharded_client::{InitOptions, ReplicaInfo, ShardedClient};
+use helios_coordinator::stop::StopMatcher;
 use helios_coordinator::tokenizer::{ChatMessage, TextTokenizer};
 use helios_proto::v1::SamplingParams;
 
@@ -85,6 +87,9 @@ struct GenerateArgs {
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// Stop when the text contains this string (repeatable); the string is not printed.
+    #[arg(long)]
+    stop: Vec<String>,
     /// Print one JSON object (prompt_ids, generated_ids, logprobs, text, finish_reason).
     #[arg(long)]
     json: bool,
@@ -206,17 +211,38 @@ async fn generate(a: GenerateArgs) -> Result<()> {
             tokenizer.eos_token_ids().to_vec()
         },
     };
-    let mut printer = TextPrinter::default();
-    let stream = !a.json;
+    let mut detok = Detokenizer::new(&prompt_ids);
+    let mut stops = StopMatcher::new(a.stop.clone());
+    let mut text = String::new();
+    let mut failure = None;
     let outputs = driver
         .run(vec![request], |_, token| {
-            if stream {
-                printer.push(&tokenizer, token);
+            let delta = match detok.push(&tokenizer, token) {
+                Ok(d) => d,
+                Err(e) => {
+                    failure = Some(e);
+                    return Control::Stop;
+                }
+            };
+            let m = stops.push(&delta);
+            text.push_str(&m.emit);
+            if !a.json {
+                print!("{}", m.emit);
+                let _ = std::io::stdout().flush();
+            }
+            if m.stopped {
+                Control::Stop
+            } else {
+                Control::Continue
             }
         })
         .await?;
+    if let Some(e) = failure {
+        return Err(e.context("detokenizing"));
+    }
     let out = outputs.into_iter().next().context("no output")?;
-    let text = tokenizer.decode(&out.generated_ids)?;
+    let tail = stops.finish();
+    text.push_str(&tail);
     if a.json {
         let obj = serde_json::json!({
             "prompt_ids": prompt_ids,
@@ -227,40 +253,9 @@ async fn generate(a: GenerateArgs) -> Result<()> {
         });
         println!("{obj}");
     } else {
-        printer.finish(&tokenizer);
-        println!();
+        println!("{tail}");
     }
     Ok(())
-}
-
-/// Prints text as tokens arrive, holding back an incomplete UTF-8 character.
-#[derive(Default)]
-struct TextPrinter {
-    ids: Vec<u32>,
-    printed: usize,
-}
-
-impl TextPrinter {
-    fn push(&mut self, tok: &TextTokenizer, id: u32) {
-        self.ids.push(id);
-        if let Ok(text) = tok.decode(&self.ids) {
-            if !text.ends_with('\u{FFFD}') && text.len() >= self.printed {
-                if let Some(new) = text.get(self.printed..) {
-                    print!("{new}");
-                    let _ = std::io::stdout().flush();
-                    self.printed = text.len();
-                }
-            }
-        }
-    }
-
-    fn finish(&mut self, tok: &TextTokenizer) {
-        if let Ok(text) = tok.decode(&self.ids) {
-            if let Some(rest) = text.get(self.printed..) {
-                print!("{rest}");
-            }
-        }
-    }
 }
 
 async fn logits(a: LogitsArgs) -> Result<()> {

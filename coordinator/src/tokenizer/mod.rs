@@ -386,7 +386,7 @@ fn template_from_json(v: &Json) -> Result<Option<String>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::OnceLock;
 
@@ -405,7 +405,7 @@ mod tests {
         path
     }
 
-    fn smollm2() -> &'static TextTokenizer {
+    pub(crate) fn smollm2() -> &'static TextTokenizer {
         static TOKENIZER: OnceLock<TextTokenizer> = OnceLock::new();
         TOKENIZER.get_or_init(|| {
             TextTokenizer::from_model_path(&smollm2_path()).expect("loading the SmolLM2 tokenizer")

@@ -1,0 +1,48 @@
+//! `helios generate` end to end: stop strings and finish reasons.
+
+use helios_tests::{default_model, helios_json};
+
+fn generate(max_new_tokens: &str, extra: &[&str]) -> serde_json::Value {
+    let model = default_model();
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--tp",
+        "1",
+        "--chat",
+        "--dequantize",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        max_new_tokens,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    helios_json(&args)
+}
+
+#[test]
+fn a_stop_string_ends_the_text_before_it() {
+    let plain = generate("24", &[]);
+    assert_eq!(plain["text"], "The capital of France is Paris.");
+    assert_eq!(plain["finish_reason"], "eos");
+    // "s Par" starts inside the token " is" and ends inside " Paris": matched across token
+    // boundaries, cut, never sent.
+    let stopped = generate("24", &["--stop", "s Par"]);
+    assert_eq!(stopped["text"], "The capital of France i");
+    assert_eq!(stopped["finish_reason"], "stop");
+    let n = stopped["generated_ids"].as_array().unwrap().len();
+    assert!(
+        n < plain["generated_ids"].as_array().unwrap().len(),
+        "generation went on"
+    );
+}
+
+#[test]
+fn max_new_tokens_gives_length() {
+    let out = generate("3", &[]);
+    assert_eq!(out["finish_reason"], "length");
+    assert_eq!(out["generated_ids"].as_array().unwrap().len(), 3);
+    assert_eq!(out["logprobs"].as_array().unwrap().len(), 3);
+}
