@@ -69,7 +69,7 @@ mod tests {
             let mut d = Detokenizer::new(&prompt);
             let mut out = String::new();
             for &id in &ids {
-                let delta = d.push(&tok, id).unwrap();
+                let delta = d.push(tok, id).unwrap();
                 assert!(!delta.contains('\u{FFFD}'), "split character in {delta:?}");
                 out.push_str(&delta);
             }
