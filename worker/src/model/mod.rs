@@ -11,6 +11,7 @@ mod mlp;
 mod rope;
 
 use anyhow::{Context, Result};
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Tensor};
 
 use self::attention::Attention;
@@ -55,23 +56,40 @@ impl Model {
         let parts = cfg.reduce_parts(world);
         let per_rank = parts / world;
         let row_parallel = |name: &str, shape: [usize; 2]| -> Result<RowParallel> {
-            if per_rank > 1 {
-                // The rank's columns as one quantized matrix when its segments are whole blocks.
+            if per_rank == 1 {
                 let cols = Split::Cols { rank, parts: world };
-                if let Linear::Quant(matrix) = w.linear(name, shape, cols, opts)? {
-                    let seg_cols = shape[1] / parts;
-                    if seg_cols.is_multiple_of(crate::kernels::quant_matmul::BLOCK) {
-                        return Ok(RowParallel::QuantSegments {
-                            matrix,
-                            segments: per_rank,
-                        });
-                    }
-                }
+                return Ok(RowParallel::Slices(
+                    vec![w.linear(name, shape, cols, opts)?],
+                ));
             }
-            let slices = (rank * per_rank..(rank + 1) * per_rank)
-                .map(|j| w.linear(name, shape, Split::Cols { rank: j, parts }, opts))
-                .collect::<Result<Vec<_>>>()?;
-            Ok(RowParallel::Slices(slices))
+            // The rank's columns in one read, then split into its `per_rank` slices.
+            let seg_cols = shape[1] / parts;
+            let cols = Split::Cols { rank, parts: world };
+            match w.linear(name, shape, cols, opts)? {
+                // Quantized, segments of whole blocks: one matrix, computed per segment.
+                Linear::Quant(matrix)
+                    if seg_cols.is_multiple_of(crate::kernels::quant_matmul::BLOCK) =>
+                {
+                    Ok(RowParallel::QuantSegments {
+                        matrix,
+                        segments: per_rank,
+                    })
+                }
+                Linear::Candle(QMatMul::Tensor(t)) => Ok(RowParallel::Slices(
+                    (0..per_rank)
+                        .map(|j| {
+                            let slice = t.narrow(1, j * seg_cols, seg_cols)?.contiguous()?;
+                            Ok(Linear::Candle(QMatMul::Tensor(slice)))
+                        })
+                        .collect::<Result<Vec<_>>>()?,
+                )),
+                // Anything else: read each slice on its own.
+                _ => Ok(RowParallel::Slices(
+                    (rank * per_rank..(rank + 1) * per_rank)
+                        .map(|j| w.linear(name, shape, Split::Cols { rank: j, parts }, opts))
+                        .collect::<Result<Vec<_>>>()?,
+                )),
+            }
         };
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
