@@ -46,3 +46,27 @@ fn max_new_tokens_gives_length() {
     assert_eq!(out["generated_ids"].as_array().unwrap().len(), 3);
     assert_eq!(out["logprobs"].as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn an_hf_directory_generates_what_the_reference_generates() {
+    let dir = tempfile::tempdir().unwrap();
+    helios_tests::make_tiny_model(dir.path(), 21, &[]).unwrap();
+    let out = helios_json(&[
+        "generate",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--tp",
+        "2",
+        "--prompt",
+        "hello world",
+        "--max-new-tokens",
+        "8",
+        "--ignore-eos",
+        "--json",
+    ]);
+    let prompt: Vec<u32> = serde_json::from_value(out["prompt_ids"].clone()).unwrap();
+    let got: Vec<u32> = serde_json::from_value(out["generated_ids"].clone()).unwrap();
+    assert!(!prompt.is_empty());
+    let (want, _) = helios_tests::reference_generate(dir.path(), &prompt, 8).unwrap();
+    assert_eq!(got, want);
+}
