@@ -423,15 +423,36 @@ unsafe fn dot_row_tokens_avx2<F: BlockFormat, const N: usize>(
 mod tests {
     use super::*;
 
-    /// Random Q4_1 bytes and the f32 weights they stand for.
-    fn random_q41(rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+    /// A small deterministic generator for test data.
+    fn lcg(seed: u64) -> impl FnMut() -> u32 {
         let mut state = seed;
-        let mut next = || {
+        move || {
             state = state
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             (state >> 33) as u32
-        };
+        }
+    }
+
+    /// `got` (`[T][rows]`) is `x · wᵀ` up to activation rounding: at most half a step of
+    /// 1/127 of each block's largest |x|, so relative to Σ|w·x|.
+    fn assert_close_to_dense(got: &[Vec<f32>], w: &[f32], x: &[f32], cols: usize) {
+        for (ti, row_out) in got.iter().enumerate() {
+            for (r, &g) in row_out.iter().enumerate() {
+                let terms = (0..cols).map(|c| w[r * cols + c] * x[ti * cols + c]);
+                let exact: f32 = terms.clone().sum();
+                let mag: f32 = terms.map(f32::abs).sum();
+                assert!(
+                    (g - exact).abs() < 0.01 * mag + 1e-3,
+                    "({ti},{r}): {g} vs {exact}"
+                );
+            }
+        }
+    }
+
+    /// Random Q4_1 bytes and the f32 weights they stand for.
+    fn random_q41(rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+        let mut next = lcg(seed);
         let mut bytes = Vec::new();
         let mut dense = Vec::new();
         for _ in 0..rows * cols / BLOCK {
@@ -464,17 +485,7 @@ mod tests {
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
-        for ti in 0..t {
-            for r in 0..rows {
-                let exact: f32 = (0..cols).map(|c| w[r * cols + c] * x[ti * cols + c]).sum();
-                let err = (got[ti][r] - exact).abs();
-                assert!(
-                    err < 0.02 * (1.0 + exact.abs()),
-                    "({ti},{r}): {} vs {exact}",
-                    got[ti][r]
-                );
-            }
-        }
+        assert_close_to_dense(&got, &w, &x, cols);
     }
 
     #[test]
@@ -563,13 +574,7 @@ mod tests {
 
     /// Random Q8_0 bytes and the f32 weights they stand for.
     fn random_q80(rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
-        let mut state = seed;
-        let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 33) as u32
-        };
+        let mut next = lcg(seed);
         let (mut bytes, mut dense) = (Vec::new(), Vec::new());
         for _ in 0..rows * cols / BLOCK {
             let d = f16::from_f32((next() % 1000) as f32 / 50000.0);
@@ -595,19 +600,9 @@ mod tests {
         let got = m.forward(&xt).unwrap().to_vec2::<f32>().unwrap();
         let nb = cols / BLOCK;
         let acts: Vec<Q8Block> = x.chunks_exact(BLOCK).map(quantize_block).collect();
+        assert_close_to_dense(&got, &w, &x, cols);
         for ti in 0..t {
             for r in 0..rows {
-                let exact: f32 = (0..cols).map(|c| w[r * cols + c] * x[ti * cols + c]).sum();
-                // Activation rounding is at most half a step of 1/127 of each block's max.
-                let mag: f32 = (0..cols)
-                    .map(|c| (w[r * cols + c] * x[ti * cols + c]).abs())
-                    .sum();
-                let err = (got[ti][r] - exact).abs();
-                assert!(
-                    err < 0.01 * mag + 1e-3,
-                    "({ti},{r}): {} vs {exact}",
-                    got[ti][r]
-                );
                 let row = &bytes[r * nb * Q80::BYTES..(r + 1) * nb * Q80::BYTES];
                 let scalar = dot_row_scalar::<Q80>(row, &acts[ti * nb..]);
                 assert!((got[ti][r] - scalar).abs() <= 1e-4 * (1.0 + scalar.abs()));
