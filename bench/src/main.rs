@@ -7,12 +7,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use helios_coordinator::block_manager::BlockAllocator;
-use helios_coordinator::driver::{Control, Driver, Request};
-use helios_coordinator::local_workers::{worker_binary, LocalWorkers};
-use helios_coordinator::sharded_client::{InitOptions, ShardedClient};
+use helios_coordinator::driver::{Control, Request};
+use helios_coordinator::local_workers::LocalReplica;
+use helios_coordinator::sharded_client::InitOptions;
 use helios_proto::v1::SamplingParams;
 
 #[derive(Parser)]
@@ -93,22 +92,21 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 async fn engine(a: EngineArgs) -> Result<()> {
-    let model = std::fs::canonicalize(&a.model)
-        .with_context(|| format!("model {} (run scripts/fetch-model.sh)", a.model.display()))?;
-    let workers = LocalWorkers::spawn(a.tp, &worker_binary()?, a.threads).await?;
-    let mut client = ShardedClient::connect(&workers.addrs).await?;
-    let info = client
-        .init(&InitOptions {
-            model_path: model.to_string_lossy().into_owned(),
+    let mut replica = LocalReplica::start(
+        a.tp,
+        a.threads,
+        InitOptions {
+            model_path: a.model.to_string_lossy().into_owned(),
             block_size: 16,
             num_kv_blocks: 0,
             kv_cache_memory_bytes: 512 << 20,
             dequantize: a.dequantize,
-        })
-        .await?;
+        },
+    )
+    .await?;
+    let info = replica.info.clone();
     let vocab = info.facts.vocab_size as usize;
-    let blocks = BlockAllocator::new(info.num_kv_blocks as usize, info.facts.block_size as usize);
-    let mut driver = Driver::new(&mut client, blocks, 4096);
+    let mut driver = replica.driver(4096);
 
     // Warm-up: first touches of the weights and allocator.
     driver

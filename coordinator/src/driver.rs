@@ -82,10 +82,6 @@ impl<'a> Driver<'a> {
         }
     }
 
-    pub fn blocks(&self) -> &BlockAllocator {
-        &self.blocks
-    }
-
     /// Runs `reqs` together; `on_token(request index, token)` sees each token as it is sampled
     /// and may stop that request.
     pub async fn run(

@@ -12,6 +12,10 @@ use anyhow::{bail, Context, Result};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+use crate::block_manager::BlockAllocator;
+use crate::driver::Driver;
+use crate::sharded_client::{InitOptions, ReplicaInfo, ShardedClient};
+
 pub struct LocalWorkers {
     /// Held only so that dropping the handle kills the children (`kill_on_drop`).
     _children: Vec<Child>,
@@ -78,5 +82,50 @@ impl LocalWorkers {
             _children: children,
             addrs,
         })
+    }
+}
+
+/// A replica on this host: its worker processes, initialised, and a client for them.
+pub struct LocalReplica {
+    _workers: LocalWorkers,
+    pub client: ShardedClient,
+    pub info: ReplicaInfo,
+}
+
+impl LocalReplica {
+    /// Spawns `tp` workers with `threads` compute threads each and loads `init.model_path`
+    /// (resolved to an absolute path, as the workers see it) on all of them.
+    pub async fn start(tp: usize, threads: usize, mut init: InitOptions) -> Result<Self> {
+        if tp == 0 {
+            bail!("tp must be at least 1");
+        }
+        let model = Path::new(&init.model_path);
+        if !model.exists() {
+            bail!(
+                "model {} not found (fetch the default model with scripts/fetch-model.sh)",
+                model.display()
+            );
+        }
+        init.model_path = std::fs::canonicalize(model)
+            .with_context(|| format!("resolving {}", model.display()))?
+            .to_string_lossy()
+            .into_owned();
+        let workers = LocalWorkers::spawn(tp, &worker_binary()?, threads).await?;
+        let mut client = ShardedClient::connect(&workers.addrs).await?;
+        let info = client.init(&init).await?;
+        Ok(Self {
+            _workers: workers,
+            client,
+            info,
+        })
+    }
+
+    /// A step loop over all of this replica's KV blocks.
+    pub fn driver(&mut self, max_batch_tokens: usize) -> Driver<'_> {
+        let blocks = BlockAllocator::new(
+            self.info.num_kv_blocks as usize,
+            self.info.facts.block_size as usize,
+        );
+        Driver::new(&mut self.client, blocks, max_batch_tokens)
     }
 }

@@ -8,11 +8,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use helios_coordinator::block_manager::BlockAllocator;
 use helios_coordinator::detokenizer::Detokenizer;
-use helios_coordinator::driver::{Control, Driver, Request};
-use helios_coordinator::local_workers::{worker_binary, LocalWorkers};
-use helios_coordinator::sharded_client::{InitOptions, ReplicaInfo, ShardedClient};
+use helios_coordinator::driver::{Control, Request};
+use helios_coordinator::local_workers::LocalReplica;
+use helios_coordinator::sharded_client::InitOptions;
 use helios_coordinator::stop::StopMatcher;
 use helios_coordinator::tokenizer::{ChatMessage, TextTokenizer};
 use helios_proto::v1::SamplingParams;
@@ -126,43 +125,21 @@ async fn main() {
     }
 }
 
-/// A running local replica: its worker processes and a client for them.
-struct Replica {
-    _workers: LocalWorkers,
-    client: ShardedClient,
-    info: ReplicaInfo,
-}
-
-async fn start_replica(a: &ReplicaArgs) -> Result<Replica> {
-    if a.tp == 0 {
-        bail!("--tp must be at least 1");
-    }
-    if !a.model.exists() {
-        bail!(
-            "model {} not found (fetch the default model with scripts/fetch-model.sh)",
-            a.model.display()
-        );
-    }
-    let model = std::fs::canonicalize(&a.model)
-        .with_context(|| format!("resolving {}", a.model.display()))?;
+async fn start_replica(a: &ReplicaArgs) -> Result<LocalReplica> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = a.threads_per_worker.unwrap_or((cores / a.tp).max(1));
-    let workers = LocalWorkers::spawn(a.tp, &worker_binary()?, threads).await?;
-    let mut client = ShardedClient::connect(&workers.addrs).await?;
-    let info = client
-        .init(&InitOptions {
-            model_path: model.to_string_lossy().into_owned(),
+    let threads = a.threads_per_worker.unwrap_or((cores / a.tp.max(1)).max(1));
+    LocalReplica::start(
+        a.tp,
+        threads,
+        InitOptions {
+            model_path: a.model.to_string_lossy().into_owned(),
             block_size: a.block_size,
             num_kv_blocks: a.num_kv_blocks,
             kv_cache_memory_bytes: a.kv_cache_memory << 20,
             dequantize: a.dequantize,
-        })
-        .await?;
-    Ok(Replica {
-        _workers: workers,
-        client,
-        info,
-    })
+        },
+    )
+    .await
 }
 
 async fn generate(a: GenerateArgs) -> Result<()> {
@@ -189,11 +166,7 @@ async fn generate(a: GenerateArgs) -> Result<()> {
             a.max_new_tokens
         );
     }
-    let blocks = BlockAllocator::new(
-        replica.info.num_kv_blocks as usize,
-        replica.info.facts.block_size as usize,
-    );
-    let mut driver = Driver::new(&mut replica.client, blocks, a.replica.max_batch_tokens);
+    let mut driver = replica.driver(a.replica.max_batch_tokens);
     let request = Request {
         prompt_ids: prompt_ids.clone(),
         max_new_tokens: a.max_new_tokens,
@@ -263,11 +236,7 @@ async fn logits(a: LogitsArgs) -> Result<()> {
         bail!("--ids is empty");
     }
     let mut replica = start_replica(&a.replica).await?;
-    let blocks = BlockAllocator::new(
-        replica.info.num_kv_blocks as usize,
-        replica.info.facts.block_size as usize,
-    );
-    let mut driver = Driver::new(&mut replica.client, blocks, a.replica.max_batch_tokens);
+    let mut driver = replica.driver(a.replica.max_batch_tokens);
     let rows = driver
         .teacher_forced_logits(&a.ids, &a.continuation)
         .await?;

@@ -54,51 +54,77 @@ pub fn make_tiny_model(dir: &Path, seed: u64, extra: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn ids_arg(ids: &[u32]) -> String {
+pub fn ids_arg(ids: &[u32]) -> String {
     ids.iter()
         .map(|i| i.to_string())
         .collect::<Vec<_>>()
         .join(",")
 }
 
-/// The reference's last-position logits.
-pub fn reference_logits(model: &Path, ids: &[u32]) -> Result<Vec<f64>> {
+/// Runs `llama_ref.py COMMAND --model MODEL ARGS...` and parses its JSON.
+fn llama_ref(command: &str, model: &Path, args: &[&str]) -> Result<serde_json::Value> {
     let mut cmd = python();
     cmd.arg(repo_root().join("tests/reference/llama_ref.py"))
-        .args(["logits", "--model"])
+        .args([command, "--model"])
         .arg(model)
-        .args(["--ids", &ids_arg(ids)]);
-    let v = run_json(cmd)?;
-    serde_json::from_value(v["logits"].clone()).context("reference logits")
+        .args(args);
+    run_json(cmd)
+}
+
+fn field<T: serde::de::DeserializeOwned>(v: &serde_json::Value, key: &str) -> Result<T> {
+    serde_json::from_value(v[key].clone()).with_context(|| format!("reference field {key}"))
+}
+
+/// The reference's last-position logits.
+pub fn reference_logits(model: &Path, ids: &[u32]) -> Result<Vec<f64>> {
+    field(
+        &llama_ref("logits", model, &["--ids", &ids_arg(ids)])?,
+        "logits",
+    )
 }
 
 /// The reference's greedy continuation: (generated ids, top-1/top-2 logit gap at each step).
 pub fn reference_generate(model: &Path, ids: &[u32], n: usize) -> Result<(Vec<u32>, Vec<f64>)> {
-    let mut cmd = python();
-    cmd.arg(repo_root().join("tests/reference/llama_ref.py"))
-        .args(["generate", "--model"])
-        .arg(model)
-        .args(["--ids", &ids_arg(ids), "--max-new-tokens", &n.to_string()]);
-    let v = run_json(cmd)?;
-    Ok((
-        serde_json::from_value(v["generated_ids"].clone())?,
-        serde_json::from_value(v["top2_gaps"].clone())?,
-    ))
+    let n = n.to_string();
+    let v = llama_ref(
+        "generate",
+        model,
+        &["--ids", &ids_arg(ids), "--max-new-tokens", &n],
+    )?;
+    Ok((field(&v, "generated_ids")?, field(&v, "top2_gaps")?))
 }
 
 /// Teacher-forced reference: per continuation token, (argmax, top-2 gap) of the distribution
 /// that predicts it.
 pub fn reference_score(model: &Path, prompt: &[u32], cont: &[u32]) -> Result<(Vec<u32>, Vec<f64>)> {
-    let mut cmd = python();
-    cmd.arg(repo_root().join("tests/reference/llama_ref.py"))
-        .args(["score", "--model"])
-        .arg(model)
-        .args(["--ids", &ids_arg(prompt), "--continuation", &ids_arg(cont)]);
-    let v = run_json(cmd)?;
-    Ok((
-        serde_json::from_value(v["argmax"].clone())?,
-        serde_json::from_value(v["top2_gaps"].clone())?,
-    ))
+    let args = ["--ids", &ids_arg(prompt), "--continuation", &ids_arg(cont)];
+    let v = llama_ref("score", model, &args)?;
+    Ok((field(&v, "argmax")?, field(&v, "top2_gaps")?))
+}
+
+/// `helios generate --json` on the default model with the question every test asks, as one
+/// chat message; `extra` adds or sets flags.
+pub fn generate_capital_of_france(
+    tp: &str,
+    max_new_tokens: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let model = default_model();
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().expect("utf-8 path"),
+        "--tp",
+        tp,
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-new-tokens",
+        max_new_tokens,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    helios_json(&args)
 }
 
 /// The default model; fails (never skips) when it is missing.

@@ -1,25 +1,11 @@
 //! `helios generate` end to end: stop strings and finish reasons.
 
-use helios_tests::{default_model, helios_json};
+use helios_tests::{generate_capital_of_france, helios_json};
 
 fn generate(max_new_tokens: &str, extra: &[&str]) -> serde_json::Value {
-    let model = default_model();
-    let mut args = vec![
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--tp",
-        "1",
-        "--chat",
-        "--dequantize",
-        "--prompt",
-        "What is the capital of France?",
-        "--max-new-tokens",
-        max_new_tokens,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    helios_json(&args)
+    let mut flags = vec!["--dequantize"];
+    flags.extend_from_slice(extra);
+    generate_capital_of_france("1", max_new_tokens, &flags)
 }
 
 #[test]

@@ -2,16 +2,9 @@
 //! independent NumPy reference (`tests/reference/llama_ref.py`).
 
 use helios_tests::{
-    default_model, helios_json, make_tiny_model, max_rel_err, reference_generate, reference_logits,
-    reference_score,
+    default_model, generate_capital_of_france, helios_json, ids_arg, make_tiny_model, max_rel_err,
+    reference_generate, reference_logits, reference_score,
 };
-
-fn ids_arg(ids: &[u32]) -> String {
-    ids.iter()
-        .map(|i| i.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
-}
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
     serde_json::from_value(v.clone()).expect("token ids")
@@ -65,26 +58,11 @@ fn tied_embeddings_match_the_reference_at_tp_2() {
     assert!(err < 1e-4, "relative error {err}");
 }
 
-const QUESTION: &str = "What is the capital of France?";
-
+/// 32 greedy tokens past end-of-sequence, so every run compares the same length.
 fn generate(tp: &str, extra: &[&str]) -> serde_json::Value {
-    let model = default_model();
-    let mut args = vec![
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--tp",
-        tp,
-        "--chat",
-        "--prompt",
-        QUESTION,
-        "--max-new-tokens",
-        "32",
-        "--ignore-eos",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    helios_json(&args)
+    let mut flags = vec!["--ignore-eos"];
+    flags.extend_from_slice(extra);
+    generate_capital_of_france(tp, "32", &flags)
 }
 
 #[test]

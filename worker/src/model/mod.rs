@@ -34,7 +34,6 @@ struct Block {
 pub struct Model {
     pub config: ModelConfig,
     pub dtype: DType,
-    rank: usize,
     embed_tokens: Tensor,
     blocks: Vec<Block>,
     norm: Tensor,
@@ -144,7 +143,6 @@ impl Model {
             eps: cfg.rms_norm_eps,
             dtype: opts.dtype,
             config: cfg,
-            rank,
             blocks,
             lm_head,
         })
@@ -183,7 +181,6 @@ impl Model {
         let Some(lm_head) = &self.lm_head else {
             return Ok(None);
         };
-        debug_assert_eq!(self.rank, 0);
         if batch.output_seqs.is_empty() {
             return Ok(None);
         }

@@ -138,58 +138,54 @@ impl GgufWeights {
         let ctx = || format!("{}: tensor {gname}", self.path.display());
         let row_bytes = cols / bs * dtype.type_size();
         let blocks_ok = c.start % bs == 0 && c.end % bs == 0;
-        let qtensor = if blocks_ok {
-            let per_block = dtype.type_size();
-            let bytes = slice_rows(
-                data,
-                row_bytes,
-                self.hf_rows(name, r.clone()).into_iter(),
-                c.start / bs * per_block..c.end / bs * per_block,
-            );
-            qtensor(&bytes, dtype, &[r.len(), c.len()], &Device::Cpu).with_context(ctx)?
-        } else {
+        let dense = |t: Tensor| -> Result<Linear> {
+            Ok(Linear::Candle(QMatMul::Tensor(
+                t.to_dtype(opts.dtype)?.to_device(&opts.device)?,
+            )))
+        };
+        if !blocks_ok {
             // A column share that cuts through quant blocks: dequantize, then slice dense.
             let full = qtensor(data, dtype, &dims, &Device::Cpu).with_context(ctx)?;
-            let dense = full.dequantize(&Device::Cpu)?;
             let idx: Vec<u32> = self
                 .hf_rows(name, r.clone())
                 .iter()
                 .map(|&x| x as u32)
                 .collect();
             let idx = Tensor::new(idx.as_slice(), &Device::Cpu)?;
-            let dense = dense
+            let t = full
+                .dequantize(&Device::Cpu)?
                 .index_select(&idx, 0)?
                 .narrow(1, c.start, c.len())?
                 .contiguous()?;
-            return Ok(Linear::Candle(QMatMul::Tensor(
-                dense.to_dtype(opts.dtype)?.to_device(&opts.device)?,
-            )));
-        };
+            return dense(t);
+        }
+        let per_block = dtype.type_size();
+        let bytes = slice_rows(
+            data,
+            row_bytes,
+            self.hf_rows(name, r.clone()).into_iter(),
+            c.start / bs * per_block..c.end / bs * per_block,
+        );
+        let local = [r.len(), c.len()];
         let float = matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         if opts.dequantize || float {
-            let dense = qtensor.dequantize(&Device::Cpu)?;
-            return Ok(Linear::Candle(QMatMul::Tensor(
-                dense.to_dtype(opts.dtype)?.to_device(&opts.device)?,
-            )));
+            let q = qtensor(&bytes, dtype, &local, &Device::Cpu).with_context(ctx)?;
+            return dense(q.dequantize(&Device::Cpu)?);
         }
         let ours = match dtype {
             GgmlDType::Q4_1 => Some(Format::Q4_1),
             GgmlDType::Q8_0 => Some(Format::Q8_0),
             _ => None,
         };
-        if let (Some(format), true) = (ours, opts.device.is_cpu()) {
-            let bytes = qtensor.data()?.into_owned();
-            return Ok(Linear::Quant(
+        match ours {
+            Some(format) if opts.device.is_cpu() => Ok(Linear::Quant(
                 QuantMatrix::new(format, bytes, r.len(), c.len()).with_context(ctx)?,
-            ));
+            )),
+            _ => {
+                let q = qtensor(&bytes, dtype, &local, &opts.device).with_context(ctx)?;
+                Ok(Linear::Candle(QMatMul::from_qtensor(q)?))
+            }
         }
-        let qtensor = if opts.device.is_cpu() {
-            qtensor
-        } else {
-            let bytes = qtensor.data()?.into_owned();
-            self::qtensor(&bytes, dtype, &[r.len(), c.len()], &opts.device).with_context(ctx)?
-        };
-        Ok(Linear::Candle(QMatMul::from_qtensor(qtensor)?))
     }
 
     pub fn dense(&self, name: &str, shape: &[usize], opts: &LoadOptions) -> Result<Tensor> {
