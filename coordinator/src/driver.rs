@@ -185,6 +185,7 @@ impl<'a> Driver<'a> {
                         block_table: table.clone(),
                         sample: false,
                         sampling: None,
+                        context_token_ids: Vec::new(),
                     }],
                     return_logits: true,
                 };
@@ -234,6 +235,7 @@ impl<'a> Driver<'a> {
                 block_table: s.table.clone(),
                 sample: s.computed + n == s.tokens.len(),
                 sampling: Some(sampling),
+                context_token_ids: Vec::new(),
             });
             members.push(i);
         }

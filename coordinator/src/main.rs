@@ -176,7 +176,7 @@ async fn generate(a: GenerateArgs) -> Result<()> {
             top_p: a.top_p,
             min_p: 0.0,
             seed: a.seed,
-            output_index: 0,
+            ..Default::default()
         },
         stop_token_ids: if a.ignore_eos {
             Vec::new()

@@ -146,6 +146,7 @@ impl Engine {
                     seq_id: s.seq_id,
                     token_id,
                     logprob,
+                    top_logprobs: Vec::new(),
                 });
             }
             if plan.return_logits {

@@ -101,6 +101,7 @@ mod tests {
             min_p: 0.0,
             seed: Some(seed),
             output_index: idx,
+            ..Default::default()
         }
     }
 

@@ -43,6 +43,7 @@ impl Feed {
             block_table: self.table.clone(),
             sample: self.done + n == self.tokens.len(),
             sampling: None,
+            ..Default::default()
         };
         self.done += n;
         s
@@ -179,6 +180,7 @@ fn invalid_plans_are_refused_and_the_engine_stays_usable() {
             block_table,
             sample: true,
             sampling: None,
+            ..Default::default()
         }],
         return_logits: false,
     };
