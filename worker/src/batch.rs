@@ -8,7 +8,9 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use helios_proto::v1::StepPlan;
+use helios_proto::v1::{SamplingParams, StepPlan};
+
+use crate::sampling;
 
 /// What a plan is checked against.
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +60,48 @@ fn invalid(msg: String) -> anyhow::Error {
     InvalidPlan(msg).into()
 }
 
+/// The penalty fields and the context they read. Rank 0 would survive a bad value (the sampler
+/// ignores what it cannot use), but a NaN penalty or a context too short to hold the output
+/// would silently sample from the wrong distribution; refusing says so instead. The context is
+/// only read when sampling, so a prefill chunk that does not sample is not held to it.
+fn check_sampling(
+    id: u64,
+    sample: bool,
+    p: &SamplingParams,
+    context: &[u32],
+    lim: &BatchLimits,
+) -> Result<()> {
+    for (name, v) in [
+        ("repetition_penalty", p.repetition_penalty),
+        ("frequency_penalty", p.frequency_penalty),
+        ("presence_penalty", p.presence_penalty),
+    ] {
+        if !v.is_finite() {
+            return Err(invalid(format!("sequence {id}: {name} {v} is not finite")));
+        }
+    }
+    if p.repetition_penalty < 0.0 {
+        return Err(invalid(format!(
+            "sequence {id}: repetition_penalty {} is negative",
+            p.repetition_penalty
+        )));
+    }
+    if let Some(t) = context.iter().find(|&&t| t as usize >= lim.vocab_size) {
+        return Err(invalid(format!(
+            "sequence {id}: context token {t} is outside the vocabulary of {}",
+            lim.vocab_size
+        )));
+    }
+    if sample && sampling::penalties_active(p) && context.len() < p.output_index as usize {
+        return Err(invalid(format!(
+            "sequence {id} has a penalty and {} output tokens, but a context of {}",
+            p.output_index,
+            context.len()
+        )));
+    }
+    Ok(())
+}
+
 impl StepBatch {
     pub fn build(
         plan: &StepPlan,
@@ -94,6 +138,9 @@ impl StepBatch {
                     "sequence {id}: token {t} is outside the vocabulary of {}",
                     lim.vocab_size
                 )));
+            }
+            if let Some(p) = &s.sampling {
+                check_sampling(id, s.sample, p, &s.context_token_ids, lim)?;
             }
             let needed = ctx.div_ceil(bs);
             if s.block_table.len() < needed {
@@ -162,5 +209,73 @@ impl StepBatch {
             output_rows: Tensor::new(output_rows.as_slice(), device)?,
             output_seqs,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use helios_proto::v1::SequenceStep;
+
+    const LIM: BatchLimits = BatchLimits {
+        vocab_size: 10,
+        max_positions: 64,
+        num_blocks: 4,
+        block_size: 4,
+        kv_row_width: 2,
+    };
+
+    /// A one-token decode step at position 2 with `p` and `context`.
+    fn build(p: SamplingParams, context: &[u32], sample: bool) -> Result<StepBatch> {
+        let plan = StepPlan {
+            seqs: vec![SequenceStep {
+                seq_id: 5,
+                token_ids: vec![1],
+                start_pos: 2,
+                block_table: vec![0],
+                sample,
+                sampling: Some(p),
+                context_token_ids: context.to_vec(),
+            }],
+            ..Default::default()
+        };
+        StepBatch::build(&plan, &LIM, DType::F32, &Device::Cpu)
+    }
+
+    fn refused(r: Result<StepBatch>) -> bool {
+        r.is_err_and(|e| e.downcast_ref::<InvalidPlan>().is_some())
+    }
+
+    #[test]
+    fn penalties_and_their_context_are_validated() {
+        let pen = |r: f32, f: f32, pr: f32, out: u32| SamplingParams {
+            repetition_penalty: r,
+            frequency_penalty: f,
+            presence_penalty: pr,
+            output_index: out,
+            ..Default::default()
+        };
+        assert!(build(pen(1.2, 0.5, 0.5, 1), &[3, 4, 1], true).is_ok());
+        assert!(
+            build(pen(0.0, 0.0, 0.0, 3), &[], true).is_ok(),
+            "no penalty, no context"
+        );
+        assert!(refused(build(pen(f32::NAN, 0.0, 0.0, 0), &[3, 4, 1], true)));
+        assert!(refused(build(
+            pen(1.0, f32::INFINITY, 0.0, 0),
+            &[3, 4, 1],
+            true
+        )));
+        assert!(refused(build(
+            pen(1.0, 0.0, f32::NEG_INFINITY, 0),
+            &[3, 4, 1],
+            true
+        )));
+        assert!(refused(build(pen(-1.5, 0.0, 0.0, 0), &[3, 4, 1], true)));
+        assert!(refused(build(pen(1.2, 0.0, 0.0, 0), &[3, 10, 1], true)));
+        // Two output tokens claimed, one in the context.
+        assert!(refused(build(pen(1.0, 0.5, 0.0, 2), &[1], true)));
+        // A chunk that does not sample never reads the context.
+        assert!(build(pen(1.0, 0.5, 0.0, 2), &[], false).is_ok());
     }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use helios_proto::v1::{Logits, ModelFacts, SampledToken, StepPlan, StepResult};
+use helios_proto::v1::{Logits, ModelFacts, StepPlan, StepResult};
 
 use crate::batch::{BatchLimits, StepBatch};
 use crate::comm::Communicator;
@@ -141,13 +141,7 @@ impl Engine {
         for (row, &i) in rows.iter().zip(&batch.output_seqs) {
             let s = &plan.seqs[i];
             if s.sample {
-                let (token_id, logprob) = sampling::sample(row, s.sampling.as_ref(), s.seq_id);
-                result.tokens.push(SampledToken {
-                    seq_id: s.seq_id,
-                    token_id,
-                    logprob,
-                    top_logprobs: Vec::new(),
-                });
+                result.tokens.push(sampling::sample(row, s));
             }
             if plan.return_logits {
                 result.logits.push(Logits {

@@ -2,18 +2,97 @@
 //!
 //! Seeded sampling draws its uniform number from a counter-based generator keyed by
 //! `(seed, output_index)`, never from a stream that batch order could shift: a request gets the
-//! same tokens alone, in any batch, and after being recomputed.
+//! same tokens alone, in any batch, and after being recomputed. Penalties keep that property
+//! because they read only the sequence's own context, which the coordinator sends with the step.
+//!
+//! Penalties (repetition, then frequency and presence, in vLLM's order) are applied to a copy of
+//! the logits before any decoding rule, so greedy decoding is penalized too. The counts come from
+//! sorting the context (usually far shorter than the vocabulary) rather than from a vocab-sized
+//! table: only the tokens that occur are touched, and the one vocab-sized allocation per token
+//! is the penalized copy itself, which we need anyway because the raw logits must survive.
+//!
+//! They must survive because the reported log-probabilities, of the sampled token and of the
+//! `top_logprobs` alternatives, are those of the model's unmodified distribution (log_softmax of
+//! the raw logits), as vLLM reports by default: penalties, temperature and truncation are
+//! decoding choices, and a caller comparing log-probabilities across requests wants the model's
+//! belief, not one request's settings folded into it.
 
-use helios_proto::v1::SamplingParams;
+use helios_proto::v1::{SampledToken, SamplingParams, SequenceStep, TokenLogprob};
 
-/// The chosen token and its log-probability under the unmodified distribution.
-pub fn sample(logits: &[f32], params: Option<&SamplingParams>, seq_id: u64) -> (u32, f32) {
-    let greedy = params.is_none_or(|p| p.temperature <= 0.0);
-    let token = match params {
-        Some(p) if !greedy => sample_with(logits, p, seq_id),
-        _ => argmax(logits),
+/// Samples one sequence's next token from its last-position `logits`, using `seq.sampling`
+/// (greedy when absent) and, for penalties, `seq.context_token_ids`.
+///
+/// The returned `logprob` and `top_logprobs` are under the unmodified distribution (see the
+/// module docs). A context shorter than `output_index` or holding ids outside the vocabulary
+/// is refused by plan validation; here it is tolerated (the output is what the context holds,
+/// out-of-range ids are ignored) so that nothing a peer sends can panic the sampler.
+pub fn sample(logits: &[f32], seq: &SequenceStep) -> SampledToken {
+    let params = seq.sampling.as_ref();
+    let penalized = params.and_then(|p| penalize(logits, p, &seq.context_token_ids));
+    let scores = penalized.as_deref().unwrap_or(logits);
+    let token_id = match params {
+        Some(p) if p.temperature > 0.0 => sample_with(scores, p, seq.seq_id),
+        _ => argmax(scores),
     };
-    (token, log_softmax_at(logits, token as usize))
+    let norm = log_normalizer(logits);
+    let logprob = |i: usize| (logits[i] as f64 - norm) as f32;
+    let n = params.map_or(0, |p| p.top_logprobs as usize);
+    SampledToken {
+        seq_id: seq.seq_id,
+        token_id,
+        logprob: logprob(token_id as usize),
+        top_logprobs: top_n(logits, n)
+            .into_iter()
+            .map(|i| TokenLogprob {
+                token_id: i,
+                logprob: logprob(i as usize),
+            })
+            .collect(),
+    }
+}
+
+/// Whether `p` asks for any penalty, i.e. whether the step must carry `context_token_ids`.
+pub fn penalties_active(p: &SamplingParams) -> bool {
+    repetition_active(p) || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0
+}
+
+/// 0 and 1 both mean off: 0 is what an unset proto3 field reads as.
+fn repetition_active(p: &SamplingParams) -> bool {
+    p.repetition_penalty != 0.0 && p.repetition_penalty != 1.0
+}
+
+/// The penalized copy of `logits`, or `None` when `p` sets no penalty (no copy then).
+///
+/// Repetition (whole context): a positive logit is divided by the penalty, any other multiplied,
+/// so a penalty > 1 always lowers it. Then frequency and presence (the output only, the last
+/// `output_index` tokens of the context): `logit -= frequency * count + presence`.
+fn penalize(logits: &[f32], p: &SamplingParams, context: &[u32]) -> Option<Vec<f32>> {
+    if !penalties_active(p) {
+        return None;
+    }
+    let mut out = logits.to_vec();
+    if repetition_active(p) {
+        let r = p.repetition_penalty;
+        let mut seen = context.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        for t in seen {
+            if let Some(v) = out.get_mut(t as usize) {
+                *v = if *v > 0.0 { *v / r } else { *v * r };
+            }
+        }
+    }
+    if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+        let start = context.len().saturating_sub(p.output_index as usize);
+        let mut output = context[start..].to_vec();
+        output.sort_unstable();
+        for run in output.chunk_by(|a, b| a == b) {
+            if let Some(v) = out.get_mut(run[0] as usize) {
+                *v -= p.frequency_penalty * run.len() as f32 + p.presence_penalty;
+            }
+        }
+    }
+    Some(out)
 }
 
 fn argmax(logits: &[f32]) -> u32 {
@@ -26,10 +105,31 @@ fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
+/// `log(sum(exp(logits)))`, computed stably: `logits[i] - this` is log_softmax at `i`.
+fn log_normalizer(logits: &[f32]) -> f64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
-    (logits[i] as f64 - max - sum.ln()) as f32
+    max + sum.ln()
+}
+
+/// The ids of the `n` largest logits (at most the vocabulary), largest first, ties to the lower
+/// id. Partial selection keeps this O(vocab) however large the vocabulary; only the `n` chosen
+/// are sorted.
+fn top_n(logits: &[f32], n: usize) -> Vec<u32> {
+    let n = n.min(logits.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    let better = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    idx.select_nth_unstable_by(n - 1, better);
+    idx.truncate(n);
+    idx.sort_unstable_by(better);
+    idx
 }
 
 fn sample_with(logits: &[f32], p: &SamplingParams, seq_id: u64) -> u32 {
@@ -105,38 +205,242 @@ mod tests {
         }
     }
 
+    fn seq(sampling: Option<SamplingParams>, context: &[u32], seq_id: u64) -> SequenceStep {
+        SequenceStep {
+            seq_id,
+            sampling,
+            context_token_ids: context.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// Greedy with the given penalties; `output_index` = how many context tokens are output.
+    fn penalized_greedy(logits: &[f32], p: SamplingParams, context: &[u32]) -> u32 {
+        sample(logits, &seq(Some(p), context, 1)).token_id
+    }
+
+    fn repetition(r: f32, output_index: u32) -> SamplingParams {
+        SamplingParams {
+            repetition_penalty: r,
+            output_index,
+            ..Default::default()
+        }
+    }
+
+    fn freq_presence(f: f32, pr: f32, output_index: u32) -> SamplingParams {
+        SamplingParams {
+            frequency_penalty: f,
+            presence_penalty: pr,
+            output_index,
+            ..Default::default()
+        }
+    }
+
+    fn brute_log_softmax(logits: &[f32]) -> Vec<f64> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
+        logits.iter().map(|&v| v as f64 - max - sum.ln()).collect()
+    }
+
     #[test]
     fn greedy_takes_the_argmax_and_its_logprob() {
         let logits = [0.0f32, 2.0, 1.0];
-        let (t, lp) = sample(&logits, None, 7);
-        assert_eq!(t, 1);
+        let t = sample(&logits, &seq(None, &[], 7));
+        assert_eq!((t.seq_id, t.token_id), (7, 1));
         let expect = 2.0 - (1.0f64 + 2f64.exp() + 1f64.exp()).ln();
-        assert!((lp as f64 - expect).abs() < 1e-6);
+        assert!((t.logprob as f64 - expect).abs() < 1e-6);
+        assert!(t.top_logprobs.is_empty());
     }
 
     #[test]
     fn seeded_draws_depend_only_on_seed_and_index() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let a: Vec<u32> = (0..20)
-            .map(|i| sample(&logits, Some(&params(1.0, 0, 1.0, 42, i)), 1).0)
-            .collect();
-        let b: Vec<u32> = (0..20)
-            .map(|i| sample(&logits, Some(&params(1.0, 0, 1.0, 42, i)), 999).0)
-            .collect();
-        assert_eq!(a, b);
-        let c: Vec<u32> = (0..20)
-            .map(|i| sample(&logits, Some(&params(1.0, 0, 1.0, 43, i)), 1).0)
-            .collect();
-        assert_ne!(a, c);
+        let draw = |seed, seq_id| -> Vec<u32> {
+            (0..20)
+                .map(|i| {
+                    let p = params(1.0, 0, 1.0, seed, i);
+                    sample(&logits, &seq(Some(p), &[], seq_id)).token_id
+                })
+                .collect()
+        };
+        let a = draw(42, 1);
+        assert_eq!(a, draw(42, 999));
+        assert_ne!(a, draw(43, 1));
     }
 
     #[test]
     fn top_k_one_is_greedy() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         for i in 0..10 {
-            let (t, _) = sample(&logits, Some(&params(1.5, 1, 1.0, 5, i)), 1);
-            assert_eq!(t, argmax(&logits));
+            let p = params(1.5, 1, 1.0, 5, i);
+            assert_eq!(
+                sample(&logits, &seq(Some(p), &[], 1)).token_id,
+                argmax(&logits)
+            );
         }
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_logits() {
+        // Positive: 2.0 / 2 = 1.0 falls below 1.5, so the argmax moves to token 1.
+        let pos = [2.0f32, 1.5, 0.0];
+        assert_eq!(penalized_greedy(&pos, repetition(1.0, 0), &[0]), 0);
+        assert_eq!(penalized_greedy(&pos, repetition(2.0, 0), &[0]), 1);
+        // Negative: -1.0 * 2 = -2.0 falls below -1.5 (dividing would have raised it to -0.5).
+        let neg = [-1.0f32, -1.5, -3.0];
+        assert_eq!(penalized_greedy(&neg, repetition(2.0, 0), &[0]), 1);
+        // A repeated token is penalized once, not once per occurrence.
+        let out = penalize(
+            &[4.0, -4.0, 0.0, 4.0],
+            &repetition(2.0, 0),
+            &[0, 0, 1, 1, 2],
+        );
+        assert_eq!(out, Some(vec![2.0, -8.0, 0.0, 4.0]));
+        // 0 and 1 are off: no copy, nothing changes.
+        assert_eq!(penalize(&pos, &repetition(0.0, 0), &[0]), None);
+        assert_eq!(penalize(&pos, &repetition(1.0, 0), &[0]), None);
+    }
+
+    #[test]
+    fn frequency_penalty_scales_with_count_presence_does_not() {
+        let ctx = [1, 1, 1, 2];
+        let zeros = [0.0f32; 4];
+        let f = penalize(&zeros, &freq_presence(0.5, 0.0, 4), &ctx);
+        assert_eq!(f, Some(vec![0.0, -1.5, -0.5, 0.0]));
+        let p = penalize(&zeros, &freq_presence(0.0, 0.5, 4), &ctx);
+        assert_eq!(p, Some(vec![0.0, -0.5, -0.5, 0.0]));
+        let both = penalize(&zeros, &freq_presence(0.5, 0.25, 4), &ctx);
+        assert_eq!(both, Some(vec![0.0, -1.75, -0.75, 0.0]));
+        // Token 0 leads by 0.2 and occurred twice: 0.15 per occurrence flips the argmax,
+        // 0.15 once does not.
+        let logits = [1.0f32, 0.8];
+        assert_eq!(
+            penalized_greedy(&logits, freq_presence(0.15, 0.0, 2), &[0, 0]),
+            1
+        );
+        assert_eq!(
+            penalized_greedy(&logits, freq_presence(0.0, 0.15, 2), &[0, 0]),
+            0
+        );
+    }
+
+    #[test]
+    fn only_the_output_counts_for_frequency_and_presence_but_the_whole_context_for_repetition() {
+        // Prompt [0, 0, 3], output [1, 2]: the last `output_index` = 2 tokens.
+        let ctx = [0, 0, 3, 1, 2];
+        let logits = [2.0f32; 5];
+        let fp = penalize(&logits, &freq_presence(1.0, 0.5, 2), &ctx);
+        assert_eq!(fp, Some(vec![2.0, 0.5, 0.5, 2.0, 2.0]));
+        let rep = penalize(&logits, &repetition(2.0, 2), &ctx);
+        assert_eq!(rep, Some(vec![1.0, 1.0, 1.0, 1.0, 2.0]));
+        // A prompt token does not trip frequency: greedy keeps token 0 (it leads only by 0.1).
+        let lead = [2.1f32, 2.0];
+        assert_eq!(
+            penalized_greedy(&lead, freq_presence(5.0, 5.0, 1), &[0, 1]),
+            0
+        );
+        // A context shorter than output_index (refused by validation) must not panic.
+        let short = penalize(&logits, &freq_presence(1.0, 0.0, 9), &[4, 7]);
+        assert_eq!(short, Some(vec![2.0, 2.0, 2.0, 2.0, 1.0]));
+    }
+
+    #[test]
+    fn repetition_applies_before_frequency_and_presence() {
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            frequency_penalty: 1.0,
+            presence_penalty: 0.5,
+            output_index: 1,
+            ..Default::default()
+        };
+        // 4 / 2 - 1 - 0.5 = 0.5 (the other order would give (4 - 1.5) / 2 = 1.25);
+        // 1 / 2 = 0.5 for the prompt-only token 1.
+        assert_eq!(
+            penalize(&[4.0, 1.0, 1.0], &p, &[1, 0]),
+            Some(vec![0.5, 0.5, 1.0])
+        );
+    }
+
+    #[test]
+    fn logprobs_come_from_the_unpenalized_distribution() {
+        let logits: Vec<f32> = (0..40).map(|i| (i as f32 * 0.71).cos() * 3.0).collect();
+        let lsm = brute_log_softmax(&logits);
+        let top = argmax(&logits);
+        let p = SamplingParams {
+            repetition_penalty: 10.0,
+            frequency_penalty: 2.0,
+            output_index: 1,
+            top_logprobs: 3,
+            ..Default::default()
+        };
+        let plain = sample(&logits, &seq(Some(p), &[], 1));
+        let pen = sample(&logits, &seq(Some(p), &[top], 1));
+        assert_eq!(plain.token_id, top);
+        assert_ne!(pen.token_id, top, "the penalty moves greedy off the argmax");
+        let lp = pen.logprob as f64;
+        assert!((lp - lsm[pen.token_id as usize]).abs() < 1e-5);
+        assert_eq!(plain.top_logprobs, pen.top_logprobs);
+        assert_eq!(pen.top_logprobs[0].token_id, top);
+    }
+
+    #[test]
+    fn top_logprobs_are_the_true_top_n_of_log_softmax() {
+        // 1000 tokens with many exact ties (97 distinct values).
+        let logits: Vec<f32> = (0..1000u32)
+            .map(|i| ((i * 7919) % 97) as f32 * 0.1 - 4.0)
+            .collect();
+        let lsm = brute_log_softmax(&logits);
+        let mut order: Vec<u32> = (0..1000).collect();
+        order.sort_by(|&a, &b| lsm[b as usize].total_cmp(&lsm[a as usize]).then(a.cmp(&b)));
+        for n in [1u32, 2, 5, 20] {
+            let p = SamplingParams {
+                top_logprobs: n,
+                ..Default::default()
+            };
+            let got = sample(&logits, &seq(Some(p), &[], 1)).top_logprobs;
+            let ids: Vec<u32> = got.iter().map(|t| t.token_id).collect();
+            assert_eq!(ids, order[..n as usize], "n = {n}");
+            for t in &got {
+                assert!((t.logprob as f64 - lsm[t.token_id as usize]).abs() < 1e-5);
+            }
+        }
+        // More than the vocabulary clamps to all of it: a permutation whose mass is 1.
+        let p = SamplingParams {
+            top_logprobs: 5000,
+            ..Default::default()
+        };
+        let all = sample(&logits, &seq(Some(p), &[], 1)).top_logprobs;
+        let ids: Vec<u32> = all.iter().map(|t| t.token_id).collect();
+        assert_eq!(ids, order);
+        let mass: f64 = all.iter().map(|t| (t.logprob as f64).exp()).sum();
+        assert!((mass - 1.0).abs() < 1e-4, "{mass}");
+    }
+
+    #[test]
+    fn seeded_sampling_with_penalties_depends_only_on_seed_and_index() {
+        let mut logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        logits[7] = 12.0; // dominant: without penalties nearly every draw is 7
+        let ctx = [3u32, 7, 7, 9];
+        let draw = |seed, seq_id, penalized: bool| -> Vec<u32> {
+            (0..30)
+                .map(|i| {
+                    let mut p = params(1.0, 0, 1.0, seed, i);
+                    if penalized {
+                        p.repetition_penalty = 1.3;
+                        p.frequency_penalty = 8.0;
+                        p.presence_penalty = 0.5;
+                    }
+                    p.output_index = 2;
+                    sample(&logits, &seq(Some(p), &ctx, seq_id)).token_id
+                })
+                .collect()
+        };
+        let a = draw(42, 1, true);
+        assert_eq!(a, draw(42, 999, true));
+        assert_ne!(a, draw(43, 1, true));
+        // The penalties reached the temperature path: 7 (12 / 1.3 - 16.5 < -7) is now rare.
+        assert!(draw(42, 1, false).iter().filter(|&&t| t == 7).count() >= 28);
+        assert!(a.iter().filter(|&&t| t == 7).count() <= 3, "{a:?}");
     }
 
     #[test]
