@@ -1,15 +1,24 @@
 //! The Helios coordinator: everything about requests, nothing about weights.
 //!
-//! A request's way: text becomes tokens in [`tokenizer`] (with the model's chat template), the
-//! [`driver`] plans steps over the KV blocks that [`block_manager`] hands out, the
-//! [`sharded_client`] sends each step to every worker rank (spawned by [`local_workers`]) and
-//! brings back rank 0's sampled tokens, which the [`detokenizer`] turns back into text as they
-//! arrive, [`stop`] watching for stop strings.
+//! A request's way: the [`server`] (gRPC) or the CLI hands it to [`serving`], where
+//! [`admission`] turns text into tokens (with the model's chat template, [`tokenizer`]) and
+//! checks its parameters. It then waits in the [`scheduler`] until the KV cache can hold it;
+//! the [`step_loop`] plans each step over the blocks [`block_manager`] hands out, and the
+//! [`sharded_client`] sends it to every worker rank (spawned by [`local_workers`]) and brings
+//! back rank 0's sampled tokens. [`output`] turns them back into text as they arrive (the
+//! [`detokenizer`], with [`stop`] watching for stop strings) and streams it to the client.
+//! [`driver`] runs a fixed batch without a server, for benchmarks and tests.
 
+pub mod admission;
 pub mod block_manager;
 pub mod detokenizer;
 pub mod driver;
 pub mod local_workers;
+pub mod output;
+pub mod scheduler;
+pub mod server;
+pub mod serving;
 pub mod sharded_client;
+pub mod step_loop;
 pub mod stop;
 pub mod tokenizer;

@@ -12,7 +12,6 @@ use anyhow::{bail, Context, Result};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::block_manager::BlockAllocator;
 use crate::driver::Driver;
 use crate::sharded_client::{InitOptions, ReplicaInfo, ShardedClient};
 
@@ -87,7 +86,8 @@ impl LocalWorkers {
 
 /// A replica on this host: its worker processes, initialised, and a client for them.
 pub struct LocalReplica {
-    _workers: LocalWorkers,
+    /// Dropping this kills the workers.
+    pub workers: LocalWorkers,
     pub client: ShardedClient,
     pub info: ReplicaInfo,
 }
@@ -114,7 +114,7 @@ impl LocalReplica {
         let mut client = ShardedClient::connect(&workers.addrs).await?;
         let info = client.init(&init).await?;
         Ok(Self {
-            _workers: workers,
+            workers,
             client,
             info,
         })
@@ -122,10 +122,7 @@ impl LocalReplica {
 
     /// A step loop over all of this replica's KV blocks.
     pub fn driver(&mut self, max_batch_tokens: usize) -> Driver<'_> {
-        let blocks = BlockAllocator::new(
-            self.info.num_kv_blocks as usize,
-            self.info.facts.block_size as usize,
-        );
-        Driver::new(&mut self.client, blocks, max_batch_tokens)
+        let scheduler = self.info.scheduler(max_batch_tokens, usize::MAX);
+        Driver::new(&mut self.client, scheduler)
     }
 }

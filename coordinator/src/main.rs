@@ -1,20 +1,29 @@
 //! `helios`: the coordinator's command line.
 //!
-//! `helios generate` runs a prompt through a tensor-parallel replica of worker processes that it
-//! spawns itself, streaming the answer to the terminal (or printing one JSON object).
+//! - `helios serve` spawns a tensor-parallel replica of worker processes and serves the gRPC API.
+//! - `helios coordinator` serves the same API over workers started separately (static addresses).
+//! - `helios generate` streams one answer to the terminal: from a running server with `--addr`,
+//!   or from a replica it spawns for the occasion.
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use helios_coordinator::detokenizer::Detokenizer;
-use helios_coordinator::driver::{Control, Request};
-use helios_coordinator::local_workers::LocalReplica;
-use helios_coordinator::sharded_client::InitOptions;
-use helios_coordinator::stop::StopMatcher;
-use helios_coordinator::tokenizer::{ChatMessage, TextTokenizer};
-use helios_proto::v1::SamplingParams;
+use futures::{Stream, StreamExt};
+use helios_coordinator::local_workers::{LocalReplica, LocalWorkers};
+use helios_coordinator::server;
+use helios_coordinator::serving::{Serving, ServingOptions};
+use helios_coordinator::sharded_client::{InitOptions, ShardedClient};
+use helios_coordinator::tokenizer::TextTokenizer;
+use helios_proto::v1::generation_client::GenerationClient;
+use helios_proto::v1::{
+    ChatMessage, FinishReason, GenerateRequest, GenerateResponse, GenerationParameters,
+    TokenizeRequest,
+};
+use tonic::Status;
 
 /// The default model, as `scripts/fetch-model.sh` places it.
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -28,7 +37,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate a completion for one prompt on a local tensor-parallel replica.
+    /// Serve the gRPC API from a tensor-parallel replica of worker processes spawned here.
+    Serve(ServeArgs),
+    /// Serve the gRPC API from `helios-worker` processes started separately.
+    Coordinator(CoordinatorArgs),
+    /// Stream the answer to one prompt: from a server (`--addr`) or a replica spawned here.
     Generate(GenerateArgs),
     /// Print the last-position logits of a token sequence as JSON; with `--continuation`, the
     /// argmax of every teacher-forced position instead (tests, debugging).
@@ -41,9 +54,6 @@ struct ReplicaArgs {
     /// A GGUF file or an HF model directory.
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: PathBuf,
-    /// Tensor-parallel degree: worker processes to spawn.
-    #[arg(long, default_value_t = 1)]
-    tp: usize,
     /// Load quantized GGUF weights as f32 (exact arithmetic; slower).
     #[arg(long)]
     dequantize: bool,
@@ -58,19 +68,84 @@ struct ReplicaArgs {
     /// Token budget of one step (chunked prefill reads prompts in pieces of at most this).
     #[arg(long, default_value_t = 512)]
     max_batch_tokens: usize,
+    /// Most sequences in one step.
+    #[arg(long, default_value_t = 256)]
+    max_running: usize,
+}
+
+impl ReplicaArgs {
+    fn init_options(&self) -> InitOptions {
+        InitOptions {
+            model_path: self.model.to_string_lossy().into_owned(),
+            block_size: self.block_size,
+            num_kv_blocks: self.num_kv_blocks,
+            kv_cache_memory_bytes: self.kv_cache_memory << 20,
+            dequantize: self.dequantize,
+        }
+    }
+
+    fn serving_options(&self) -> ServingOptions {
+        ServingOptions {
+            model_name: self.model.to_string_lossy().into_owned(),
+            max_batch_tokens: self.max_batch_tokens,
+            max_running: self.max_running,
+        }
+    }
+}
+
+/// Worker processes spawned on this host.
+#[derive(Args, Clone)]
+struct SpawnArgs {
+    #[command(flatten)]
+    replica: ReplicaArgs,
+    /// Tensor-parallel degree: worker processes to spawn.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
     /// Compute threads per worker (default: the cores divided among the workers).
     #[arg(long)]
     threads_per_worker: Option<usize>,
 }
 
 #[derive(Args)]
-struct GenerateArgs {
+struct ListenArgs {
+    #[arg(long, default_value = "0.0.0.0")]
+    host: std::net::IpAddr,
+    /// gRPC port (0 picks a free one; the bound address is printed).
+    #[arg(long, default_value_t = 50051)]
+    port: u16,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    spawn: SpawnArgs,
+    #[command(flatten)]
+    listen: ListenArgs,
+}
+
+#[derive(Args)]
+struct CoordinatorArgs {
+    /// The model, as this process reads it for its tokenizer and as the workers read it.
     #[command(flatten)]
     replica: ReplicaArgs,
+    /// gRPC addresses of the workers, in rank order (`host:port,host:port,...`).
+    #[arg(long, value_delimiter = ',', required = true)]
+    workers: Vec<String>,
+    #[command(flatten)]
+    listen: ListenArgs,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A running server (`host:port`); without it, a replica is spawned for this prompt.
+    #[arg(long)]
+    addr: Option<String>,
+    #[command(flatten)]
+    spawn: SpawnArgs,
     #[arg(long)]
     prompt: String,
     #[arg(long, default_value_t = 64)]
-    max_new_tokens: usize,
+    max_new_tokens: u32,
     /// Wrap the prompt in the model's chat template as one user message.
     #[arg(long)]
     chat: bool,
@@ -78,9 +153,17 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
     #[arg(long, default_value_t = 0)]
-    top_k: u32,
+    top_k: i32,
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
     #[arg(long)]
     seed: Option<u64>,
     /// Keep generating past end-of-sequence tokens.
@@ -89,7 +172,7 @@ struct GenerateArgs {
     /// Stop when the text contains this string (repeatable); the string is not printed.
     #[arg(long)]
     stop: Vec<String>,
-    /// Print one JSON object (prompt_ids, generated_ids, logprobs, text, finish_reason).
+    /// Print one JSON object (prompt_ids, generated_ids, logprobs, text, finish_reason, usage).
     #[arg(long)]
     json: bool,
 }
@@ -97,7 +180,7 @@ struct GenerateArgs {
 #[derive(Args)]
 struct LogitsArgs {
     #[command(flatten)]
-    replica: ReplicaArgs,
+    spawn: SpawnArgs,
     /// Comma-separated token ids.
     #[arg(long, value_delimiter = ',')]
     ids: Vec<u32>,
@@ -116,6 +199,8 @@ async fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve(a) => serve(a).await,
+        Command::Coordinator(a) => coordinator(a).await,
         Command::Generate(a) => generate(a).await,
         Command::Logits(a) => logits(a).await,
     };
@@ -125,118 +210,209 @@ async fn main() {
     }
 }
 
-async fn start_replica(a: &ReplicaArgs) -> Result<LocalReplica> {
+async fn start_replica(a: &SpawnArgs) -> Result<LocalReplica> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = a.threads_per_worker.unwrap_or((cores / a.tp.max(1)).max(1));
-    LocalReplica::start(
-        a.tp,
-        threads,
-        InitOptions {
-            model_path: a.model.to_string_lossy().into_owned(),
-            block_size: a.block_size,
-            num_kv_blocks: a.num_kv_blocks,
-            kv_cache_memory_bytes: a.kv_cache_memory << 20,
-            dequantize: a.dequantize,
-        },
-    )
-    .await
+    LocalReplica::start(a.tp, threads, a.replica.init_options()).await
+}
+
+/// Spawns the workers and starts the step loop; the workers live as long as the handle.
+async fn start_serving(a: &SpawnArgs) -> Result<(Serving, LocalWorkers)> {
+    let tokenizer = TextTokenizer::from_model_path(&a.replica.model)?;
+    let LocalReplica {
+        workers,
+        client,
+        info,
+    } = start_replica(a).await?;
+    let serving = Serving::start(client, &info, tokenizer, &a.replica.serving_options());
+    Ok((serving, workers))
+}
+
+async fn listen_and_serve(listen: &ListenArgs, serving: Serving, what: &str) -> Result<()> {
+    let listener = server::bind(SocketAddr::new(listen.host, listen.port)).await?;
+    let addr = listener.local_addr()?;
+    eprintln!("helios: serving {what} on {addr} (gRPC helios.v1.Generation; Ctrl-C stops)");
+    // The machine-readable ready line (tests and scripts wait for it).
+    println!("HELIOS_READY grpc={addr}");
+    std::io::stdout().flush()?;
+    server::serve(listener, serving).await
+}
+
+async fn serve(a: ServeArgs) -> Result<()> {
+    let (serving, _workers) = start_serving(&a.spawn).await?;
+    let what = format!("{} at tp {}", a.spawn.replica.model.display(), a.spawn.tp);
+    listen_and_serve(&a.listen, serving, &what).await
+}
+
+async fn coordinator(a: CoordinatorArgs) -> Result<()> {
+    let tokenizer = TextTokenizer::from_model_path(&a.replica.model)?;
+    let addrs: Vec<String> = a
+        .workers
+        .iter()
+        .map(|w| {
+            if w.contains("://") {
+                w.clone()
+            } else {
+                format!("http://{w}")
+            }
+        })
+        .collect();
+    let mut client = ShardedClient::connect(&addrs).await?;
+    let info = client.init(&a.replica.init_options()).await?;
+    let serving = Serving::start(client, &info, tokenizer, &a.replica.serving_options());
+    let what = format!("{} over {} workers", a.replica.model.display(), addrs.len());
+    listen_and_serve(&a.listen, serving, &what).await
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+/// Where `helios generate` sends its request.
+enum Backend {
+    Remote(GenerationClient<tonic::transport::Channel>),
+    /// The workers are held so they live as long as the request.
+    Local(Serving, #[allow(dead_code)] LocalWorkers),
+}
+
+impl Backend {
+    async fn tokenize(&mut self, req: TokenizeRequest) -> Result<Vec<u32>, Status> {
+        Ok(match self {
+            Backend::Remote(c) => c.tokenize(req).await?.into_inner().token_ids,
+            Backend::Local(s, _) => s.tokenize(req).await?.token_ids,
+        })
+    }
+
+    async fn generate(&mut self, req: GenerateRequest) -> Result<ResponseStream, Status> {
+        Ok(match self {
+            Backend::Remote(c) => Box::pin(c.generate_stream(req).await?.into_inner()),
+            Backend::Local(s, _) => Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(
+                s.generate(req).await?,
+            )),
+        })
+    }
+}
+
+fn status_error(s: Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
 async fn generate(a: GenerateArgs) -> Result<()> {
-    let tokenizer = TextTokenizer::from_model_path(&a.replica.model)?;
-    let text = if a.chat {
-        let messages = [ChatMessage {
+    let mut backend = match &a.addr {
+        Some(addr) => {
+            let url = if addr.contains("://") {
+                addr.clone()
+            } else {
+                format!("http://{addr}")
+            };
+            let client = GenerationClient::connect(url.clone())
+                .await
+                .with_context(|| format!("connecting to {url}"))?;
+            Backend::Remote(client)
+        }
+        None => {
+            let (serving, workers) = start_serving(&a.spawn).await?;
+            Backend::Local(serving, workers)
+        }
+    };
+    let (prompt, messages) = if a.chat {
+        let user = ChatMessage {
             role: "user".into(),
             content: a.prompt.clone(),
-        }];
-        tokenizer.apply_chat_template(&messages, true)?
+        };
+        (String::new(), vec![user])
     } else {
-        a.prompt.clone()
+        (a.prompt.clone(), Vec::new())
     };
-    let prompt_ids = tokenizer.encode(&text)?;
-    if prompt_ids.is_empty() {
-        bail!("the prompt encodes to no tokens");
-    }
-    let mut replica = start_replica(&a.replica).await?;
-    let max_len = replica.info.facts.max_position_embeddings as usize;
-    if prompt_ids.len() + a.max_new_tokens > max_len {
-        bail!(
-            "prompt ({} tokens) + max_new_tokens ({}) exceeds the model's length of {max_len}",
-            prompt_ids.len(),
-            a.max_new_tokens
-        );
-    }
-    let mut driver = replica.driver(a.replica.max_batch_tokens);
-    let request = Request {
-        prompt_ids: prompt_ids.clone(),
-        max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams {
+    let prompt_ids = if a.json {
+        backend
+            .tokenize(TokenizeRequest {
+                prompt: prompt.clone(),
+                messages: messages.clone(),
+            })
+            .await
+            .map_err(status_error)?
+    } else {
+        Vec::new()
+    };
+    let req = GenerateRequest {
+        prompt,
+        messages,
+        parameters: Some(GenerationParameters {
+            max_new_tokens: Some(a.max_new_tokens),
             temperature: a.temperature,
             top_k: a.top_k,
-            top_p: a.top_p,
-            min_p: 0.0,
+            top_p: Some(a.top_p),
+            min_p: a.min_p,
+            repetition_penalty: Some(a.repetition_penalty),
+            frequency_penalty: a.frequency_penalty,
+            presence_penalty: a.presence_penalty,
             seed: a.seed,
+            stop: a.stop.clone(),
+            ignore_eos: a.ignore_eos,
+            logprobs: a.json.then_some(0),
             ..Default::default()
-        },
-        stop_token_ids: if a.ignore_eos {
-            Vec::new()
-        } else {
-            tokenizer.eos_token_ids().to_vec()
-        },
+        }),
+        ..Default::default()
     };
-    let mut detok = Detokenizer::new(&prompt_ids);
-    let mut stops = StopMatcher::new(a.stop.clone());
-    let mut text = String::new();
-    let mut failure = None;
-    let outputs = driver
-        .run(vec![request], |_, token| {
-            let delta = match detok.push(&tokenizer, token) {
-                Ok(d) => d,
-                Err(e) => {
-                    failure = Some(e);
-                    return Control::Stop;
-                }
-            };
-            let m = stops.push(&delta);
-            text.push_str(&m.emit);
-            if !a.json {
-                print!("{}", m.emit);
-                let _ = std::io::stdout().flush();
-            }
-            if m.stopped {
-                Control::Stop
-            } else {
-                Control::Continue
-            }
-        })
-        .await?;
-    if let Some(e) = failure {
-        return Err(e.context("detokenizing"));
+    let mut stream = backend.generate(req).await.map_err(status_error)?;
+    let (mut text, mut ids, mut logprobs) = (String::new(), Vec::new(), Vec::new());
+    let mut last = None;
+    while let Some(resp) = stream.next().await {
+        let resp = resp.map_err(status_error)?;
+        if !a.json {
+            print!("{}", resp.text);
+            std::io::stdout().flush()?;
+        }
+        text.push_str(&resp.text);
+        ids.extend_from_slice(&resp.token_ids);
+        logprobs.extend(
+            resp.logprobs
+                .iter()
+                .filter_map(|l| l.sampled.as_ref().map(|s| s.logprob)),
+        );
+        if resp.finish_reason != FinishReason::Unspecified as i32 {
+            last = Some(resp);
+            break;
+        }
     }
-    let out = outputs.into_iter().next().context("no output")?;
-    let tail = stops.finish();
-    text.push_str(&tail);
+    let last = last.context("the stream ended without a finish reason")?;
+    let usage = last.usage.unwrap_or_default();
     if a.json {
+        let reason =
+            FinishReason::try_from(last.finish_reason).unwrap_or(FinishReason::Unspecified);
         let obj = serde_json::json!({
             "prompt_ids": prompt_ids,
-            "generated_ids": out.generated_ids,
-            "logprobs": out.logprobs,
+            "generated_ids": ids,
+            "logprobs": logprobs,
             "text": text,
-            "finish_reason": out.finish_reason,
+            "finish_reason": finish_reason_name(reason),
+            "usage": {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+            },
         });
         println!("{obj}");
     } else {
-        println!("{tail}");
+        println!();
     }
     Ok(())
+}
+
+fn finish_reason_name(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Length => "length",
+        FinishReason::Stop => "stop",
+        FinishReason::Eos => "eos",
+        FinishReason::Cancelled => "cancelled",
+        FinishReason::Unspecified => "unspecified",
+    }
 }
 
 async fn logits(a: LogitsArgs) -> Result<()> {
     if a.ids.is_empty() {
         bail!("--ids is empty");
     }
-    let mut replica = start_replica(&a.replica).await?;
-    let mut driver = replica.driver(a.replica.max_batch_tokens);
+    let mut replica = start_replica(&a.spawn).await?;
+    let mut driver = replica.driver(a.spawn.replica.max_batch_tokens);
     let rows = driver
         .teacher_forced_logits(&a.ids, &a.continuation)
         .await?;

@@ -8,10 +8,15 @@ use anyhow::{bail, Context, Result};
 use futures::future::join_all;
 use helios_proto::v1::worker_client::WorkerClient;
 use helios_proto::v1::{HealthRequest, InitRequest, ModelFacts, StepPlan, StepResult};
-use tokio::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
-use tonic::Streaming;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::block_manager::BlockAllocator;
+use crate::scheduler::Scheduler;
 
 /// How every rank is initialised.
 #[derive(Debug, Clone)]
@@ -31,14 +36,27 @@ pub struct ReplicaInfo {
     pub num_kv_blocks: u32,
 }
 
+impl ReplicaInfo {
+    /// A scheduler over all of this replica's KV blocks.
+    pub fn scheduler(&self, max_batch_tokens: usize, max_running: usize) -> Scheduler {
+        let blocks =
+            BlockAllocator::new(self.num_kv_blocks as usize, self.facts.block_size as usize);
+        Scheduler::new(blocks, max_batch_tokens, max_running)
+    }
+}
+
 struct Shard {
     rank: usize,
     client: WorkerClient<Channel>,
-    stream: Option<(mpsc::Sender<StepPlan>, Streaming<StepResult>)>,
+    /// Plans go out on `plans`; a reader task forwards the rank's answers to `results`.
+    stream: Option<(mpsc::Sender<StepPlan>, mpsc::Receiver<StepResult>)>,
 }
 
+/// Every rank of one replica, addressed as one.
 pub struct ShardedClient {
     shards: Vec<Shard>,
+    /// The first failure of any rank's step stream (it ended or broke: the rank is gone).
+    failure: Arc<watch::Sender<Option<String>>>,
 }
 
 const MAX_MESSAGE: usize = 256 << 20;
@@ -48,9 +66,17 @@ impl ShardedClient {
     pub async fn connect(addrs: &[String]) -> Result<Self> {
         let mut shards = Vec::with_capacity(addrs.len());
         for (rank, addr) in addrs.iter().enumerate() {
-            let client = WorkerClient::connect(addr.clone())
+            let channel = Endpoint::from_shared(addr.clone())
+                .with_context(|| format!("rank {rank}: bad address {addr:?}"))?
+                // A peer that vanishes without closing its socket (a lost node) is noticed
+                // within seconds, not at the next TCP timeout.
+                .http2_keep_alive_interval(Duration::from_secs(2))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true)
+                .connect()
                 .await
-                .with_context(|| format!("connecting to rank {rank} at {addr}"))?
+                .with_context(|| format!("connecting to rank {rank} at {addr}"))?;
+            let client = WorkerClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE);
             shards.push(Shard {
@@ -59,11 +85,20 @@ impl ShardedClient {
                 stream: None,
             });
         }
-        Ok(Self { shards })
+        let (failure, _) = watch::channel(None);
+        Ok(Self {
+            shards,
+            failure: Arc::new(failure),
+        })
     }
 
     pub fn world_size(&self) -> usize {
         self.shards.len()
+    }
+
+    /// Watches for the first rank failure; the value is `Some(why)` once a rank is gone.
+    pub fn failure(&self) -> watch::Receiver<Option<String>> {
+        self.failure.subscribe()
     }
 
     /// Hands every rank its place and its peers, loads the model everywhere, opens the step
@@ -117,14 +152,31 @@ impl ShardedClient {
             .and_then(|r| r.model)
             .context("rank 0 reported no model facts")?;
         for s in &mut self.shards {
-            let (tx, rx) = mpsc::channel(2);
-            let results = s
+            let (plans_tx, plans_rx) = mpsc::channel(2);
+            let mut answers = s
                 .client
-                .step(ReceiverStream::new(rx))
+                .step(ReceiverStream::new(plans_rx))
                 .await
                 .with_context(|| format!("opening the step stream of rank {}", s.rank))?
                 .into_inner();
-            s.stream = Some((tx, results));
+            let (results_tx, results_rx) = mpsc::channel(2);
+            let (rank, failure) = (s.rank, self.failure.clone());
+            tokio::spawn(async move {
+                let why = loop {
+                    match answers.message().await {
+                        Ok(Some(r)) => {
+                            if results_tx.send(r).await.is_err() {
+                                return; // the client is gone
+                            }
+                        }
+                        Ok(None) => break format!("rank {rank}: step stream ended"),
+                        Err(st) => break format!("rank {rank}: {}", st.message()),
+                    }
+                };
+                tracing::error!("{why}");
+                failure.send_if_modified(|f| f.is_none() && f.replace(why).is_none());
+            });
+            s.stream = Some((plans_tx, results_rx));
         }
         Ok(ReplicaInfo {
             facts,
@@ -132,39 +184,46 @@ impl ShardedClient {
         })
     }
 
-    /// Runs one step on every rank; returns rank 0's result.
+    /// Runs one step on every rank; returns rank 0's result. Fails as soon as any rank is
+    /// gone, even while other ranks are still waiting on it.
     #[tracing::instrument(skip_all, fields(step = plan.step_id, seqs = plan.seqs.len()))]
-    pub async fn step(&mut self, plan: StepPlan) -> Result<StepResult> {
-        let results = join_all(self.shards.iter_mut().map(|s| {
-            let plan = plan.clone();
-            async move {
-                let (tx, results) = s
-                    .stream
-                    .as_mut()
-                    .with_context(|| format!("rank {} is not initialized", s.rank))?;
-                tx.send(plan)
-                    .await
-                    .map_err(|_| anyhow::anyhow!("rank {}: step stream closed", s.rank))?;
-                match results.message().await {
-                    Ok(Some(r)) => Ok(r),
-                    Ok(None) => bail!("rank {}: step stream ended", s.rank),
-                    Err(st) => bail!("rank {}: {}", s.rank, st.message()),
-                }
+    pub async fn step(&mut self, plan: &StepPlan) -> Result<StepResult> {
+        let mut failure = self.failure.subscribe();
+        let step_id = plan.step_id;
+        let all = join_all(self.shards.iter_mut().map(|s| async move {
+            let (tx, results) = s
+                .stream
+                .as_mut()
+                .with_context(|| format!("rank {} is not initialized", s.rank))?;
+            tx.send(plan.clone())
+                .await
+                .map_err(|_| anyhow::anyhow!("rank {}: step stream closed", s.rank))?;
+            results
+                .recv()
+                .await
+                .with_context(|| format!("rank {}: step stream ended", s.rank))
+        }));
+        let results = tokio::select! {
+            r = all => r,
+            _ = failure.wait_for(Option::is_some) => {
+                bail!("{}", self.failure.borrow().clone().unwrap_or_default());
             }
-        }))
-        .await;
+        };
         let mut rank0 = None;
         for (rank, r) in results.into_iter().enumerate() {
-            let r = r?;
+            let r = match r {
+                Ok(r) => r,
+                // A closed stream's reason is in `failure` (set by its reader).
+                Err(e) => bail!(
+                    "{}",
+                    self.failure.borrow().clone().unwrap_or(format!("{e:#}"))
+                ),
+            };
             if !r.error.is_empty() {
                 bail!("{}", r.error);
             }
-            if r.step_id != plan.step_id {
-                bail!(
-                    "rank {rank} answered step {} to step {}",
-                    r.step_id,
-                    plan.step_id
-                );
+            if r.step_id != step_id {
+                bail!("rank {rank} answered step {} to step {step_id}", r.step_id);
             }
             if rank == 0 {
                 rank0 = Some(r);

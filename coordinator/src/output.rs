@@ -1,0 +1,153 @@
+//! Sampled tokens become what the client reads: text deltas (never a split UTF-8 character,
+//! never a stop string), logprobs when asked, and on the last response the finish reason, usage
+//! and timings.
+//!
+//! One [`RequestOutput`] per request lives in the step loop. Its channel is unbounded so that a
+//! slow client never stalls the step loop and with it everyone else; what a client can queue is
+//! bounded by its max_new_tokens.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use helios_proto::v1::{
+    FinishReason as WireFinish, GenerateResponse, SampledLogprobs, Timings, TokenLogprob, Usage,
+};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::admission::Admitted;
+use crate::detokenizer::Detokenizer;
+use crate::scheduler::{FinishReason, Sampled};
+use crate::stop::StopMatcher;
+use crate::tokenizer::TextTokenizer;
+
+pub type ResponseSender = mpsc::UnboundedSender<Result<GenerateResponse, Status>>;
+pub type ResponseReceiver = mpsc::UnboundedReceiver<Result<GenerateResponse, Status>>;
+
+pub struct RequestOutput {
+    request_id: String,
+    tx: ResponseSender,
+    detok: Detokenizer,
+    stops: StopMatcher,
+    logprobs: Option<u32>,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    arrival: Instant,
+    scheduled: Option<Instant>,
+    first_token: Option<Instant>,
+}
+
+impl RequestOutput {
+    pub fn new(request_id: String, tx: ResponseSender, req: &Admitted, arrival: Instant) -> Self {
+        Self {
+            request_id,
+            tx,
+            detok: Detokenizer::new(&req.prompt_ids),
+            stops: StopMatcher::new(req.stop.clone()),
+            logprobs: req.logprobs,
+            prompt_tokens: req.prompt_ids.len() as u32,
+            completion_tokens: 0,
+            arrival,
+            scheduled: None,
+            first_token: None,
+        }
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// The client went away (cancelled, disconnected, or its deadline passed).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// The request's first step was planned: its queueing ends.
+    pub fn mark_scheduled(&mut self, now: Instant) {
+        self.scheduled.get_or_insert(now);
+    }
+
+    /// Streams one sampled token; returns how the request ended, if it did (the scheduler's
+    /// reason, or a stop string found in the text).
+    pub fn push(&mut self, tokenizer: &TextTokenizer, s: &Sampled) -> Result<Option<FinishReason>> {
+        let now = Instant::now();
+        self.first_token.get_or_insert(now);
+        self.completion_tokens += 1;
+        let delta = self.detok.push(tokenizer, s.token.token_id)?;
+        let matched = self.stops.push(&delta);
+        let mut text = matched.emit;
+        let finish = if matched.stopped {
+            Some(FinishReason::Stop)
+        } else {
+            s.finish
+        };
+        if finish.is_some() && !matched.stopped {
+            text.push_str(&self.stops.finish());
+        }
+        let logprobs = self.logprobs.map(|_| SampledLogprobs {
+            sampled: Some(TokenLogprob {
+                token_id: s.token.token_id,
+                logprob: s.token.logprob,
+            }),
+            top: s.token.top_logprobs.clone(),
+        });
+        let mut resp = GenerateResponse {
+            request_id: self.request_id.clone(),
+            text,
+            token_ids: vec![s.token.token_id],
+            logprobs: logprobs.into_iter().collect(),
+            ..Default::default()
+        };
+        if let Some(reason) = finish {
+            resp.finish_reason = wire_finish(reason) as i32;
+            resp.usage = Some(Usage {
+                prompt_tokens: self.prompt_tokens,
+                completion_tokens: self.completion_tokens,
+                total_tokens: self.prompt_tokens + self.completion_tokens,
+            });
+            let secs = |t: Option<Instant>| t.unwrap_or(now).duration_since(self.arrival);
+            resp.timings = Some(Timings {
+                queue_seconds: secs(self.scheduled).as_secs_f64(),
+                time_to_first_token_seconds: secs(self.first_token).as_secs_f64(),
+                total_seconds: secs(Some(now)).as_secs_f64(),
+            });
+        }
+        // A client that left is noticed before the next step; nothing to do here.
+        let _ = self.tx.send(Ok(resp));
+        Ok(finish)
+    }
+
+    /// Ends the request with an error status.
+    pub fn fail(self, status: Status) {
+        let _ = self.tx.send(Err(status));
+    }
+}
+
+pub fn wire_finish(reason: FinishReason) -> WireFinish {
+    match reason {
+        FinishReason::Length => WireFinish::Length,
+        FinishReason::Eos => WireFinish::Eos,
+        FinishReason::Stop => WireFinish::Stop,
+    }
+}
+
+/// Folds a stream's responses into the one answer of the unary `Generate`.
+pub async fn collect(mut rx: ResponseReceiver) -> Result<GenerateResponse, Status> {
+    let mut whole = GenerateResponse::default();
+    while let Some(resp) = rx.recv().await {
+        let resp = resp?;
+        whole.request_id = resp.request_id;
+        whole.text.push_str(&resp.text);
+        whole.token_ids.extend(resp.token_ids);
+        whole.logprobs.extend(resp.logprobs);
+        if resp.finish_reason != WireFinish::Unspecified as i32 {
+            whole.finish_reason = resp.finish_reason;
+            whole.usage = resp.usage;
+            whole.timings = resp.timings;
+            return Ok(whole);
+        }
+    }
+    Err(Status::internal(
+        "the request ended without a finish reason",
+    ))
+}

@@ -1,0 +1,137 @@
+//! The coordinator's gRPC server: `helios.v1.Generation`, `grpc.health.v1` and server reflection
+//! (v1 and v1alpha), so grpcurl and stock gRPC clients work without our .proto files.
+//!
+//! Health is SERVING from the moment the server listens (every rank is initialised by then)
+//! until the replica goes down, then NOT_SERVING. SIGINT or SIGTERM stops accepting calls; the
+//! server drains in-flight ones before it returns (tonic's graceful shutdown).
+
+use std::net::SocketAddr;
+
+use helios_proto::v1::generation_server::{Generation, GenerationServer};
+use helios_proto::v1::{
+    DetokenizeRequest, DetokenizeResponse, GenerateRequest, GenerateResponse, ModelInfoRequest,
+    ModelInfoResponse, TokenizeRequest, TokenizeResponse,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+
+use crate::output::collect;
+use crate::serving::Serving;
+use crate::step_loop::ReplicaState;
+
+/// The largest request message, as gRPC's default: a bigger one is refused by the transport.
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+
+pub struct GenerationService {
+    serving: Serving,
+}
+
+#[tonic::async_trait]
+impl Generation for GenerationService {
+    #[tracing::instrument(skip_all, fields(request_id = %req.get_ref().request_id))]
+    async fn generate(
+        &self,
+        req: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateResponse>, Status> {
+        let rx = self.serving.generate(req.into_inner()).await?;
+        Ok(Response::new(collect(rx).await?))
+    }
+
+    type GenerateStreamStream = UnboundedReceiverStream<Result<GenerateResponse, Status>>;
+
+    #[tracing::instrument(skip_all, fields(request_id = %req.get_ref().request_id))]
+    async fn generate_stream(
+        &self,
+        req: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let rx = self.serving.generate(req.into_inner()).await?;
+        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+    }
+
+    async fn tokenize(
+        &self,
+        req: Request<TokenizeRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
+        Ok(Response::new(
+            self.serving.tokenize(req.into_inner()).await?,
+        ))
+    }
+
+    async fn detokenize(
+        &self,
+        req: Request<DetokenizeRequest>,
+    ) -> Result<Response<DetokenizeResponse>, Status> {
+        Ok(Response::new(self.serving.detokenize(req.into_inner())?))
+    }
+
+    async fn model_info(
+        &self,
+        _: Request<ModelInfoRequest>,
+    ) -> Result<Response<ModelInfoResponse>, Status> {
+        Ok(Response::new(self.serving.model_info()))
+    }
+}
+
+/// Serves `serving` on `listener` until SIGINT or SIGTERM.
+pub async fn serve(listener: TcpListener, serving: Serving) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let mut state = serving.state();
+    tokio::spawn(async move {
+        loop {
+            let status = match &*state.borrow_and_update() {
+                ReplicaState::Serving => ServingStatus::Serving,
+                ReplicaState::Down(_) => ServingStatus::NotServing,
+            };
+            for name in ["", "helios.v1.Generation"] {
+                health.set_service_status(name, status).await;
+            }
+            if state.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(helios_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("helios.v1.Generation")
+            .with_service_name("grpc.health.v1.Health")
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let generation = GenerationServer::new(GenerationService { serving })
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(generation)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+/// Binds `addr` (port 0 picks a free port; the bound address is on the listener).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    Ok(TcpListener::bind(addr).await?)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,173 @@
+//! The front door of a replica, used by the gRPC server and by `helios generate` alike:
+//! admission in the caller's task, then a hand-off to the [`StepLoop`].
+//!
+//! Tokenizing and rendering the chat template run on the blocking pool: a long prompt costs its
+//! own request time, never the runtime's other tasks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use helios_proto::v1::{
+    DetokenizeRequest, DetokenizeResponse, GenerateRequest, ModelInfoResponse, TokenizeRequest,
+    TokenizeResponse,
+};
+use tokio::sync::{mpsc, watch};
+use tonic::Status;
+
+use crate::admission::{self, Limits};
+use crate::output::{RequestOutput, ResponseReceiver};
+use crate::sharded_client::{ReplicaInfo, ShardedClient};
+use crate::step_loop::{LoopStats, NewRequest, ReplicaState, StepLoop};
+use crate::tokenizer::TextTokenizer;
+
+/// How the replica is scheduled.
+#[derive(Debug, Clone)]
+pub struct ServingOptions {
+    /// Shown in ModelInfo.
+    pub model_name: String,
+    pub max_batch_tokens: usize,
+    pub max_running: usize,
+}
+
+#[derive(Clone)]
+pub struct Serving {
+    tokenizer: Arc<TextTokenizer>,
+    limits: Limits,
+    info: Arc<ModelInfoResponse>,
+    requests: mpsc::UnboundedSender<NewRequest>,
+    stats: Arc<LoopStats>,
+    state: watch::Receiver<ReplicaState>,
+    next_request: Arc<AtomicU64>,
+}
+
+impl Serving {
+    /// Starts the step loop over an initialised replica.
+    pub fn start(
+        client: ShardedClient,
+        replica: &ReplicaInfo,
+        tokenizer: TextTokenizer,
+        opts: &ServingOptions,
+    ) -> Self {
+        let facts = &replica.facts;
+        let scheduler = replica.scheduler(opts.max_batch_tokens, opts.max_running);
+        let info = ModelInfoResponse {
+            model: opts.model_name.clone(),
+            architecture: facts.architecture.clone(),
+            tensor_parallel_size: client.world_size() as u32,
+            max_model_len: facts.max_position_embeddings,
+            vocab_size: facts.vocab_size,
+            dtype: facts.dtype.clone(),
+            kv_block_size: facts.block_size,
+            kv_blocks_total: replica.num_kv_blocks,
+            ..Default::default()
+        };
+        let limits = Limits {
+            max_model_len: facts.max_position_embeddings as usize,
+            vocab_size: facts.vocab_size as usize,
+            kv_capacity: replica.num_kv_blocks as usize * facts.block_size as usize,
+        };
+        let tokenizer = Arc::new(tokenizer);
+        let stats = Arc::new(LoopStats::default());
+        stats
+            .kv_blocks_free
+            .store(replica.num_kv_blocks, Ordering::Relaxed);
+        let (state_tx, state) = watch::channel(ReplicaState::Serving);
+        let (requests, rx) = mpsc::unbounded_channel();
+        let step_loop = StepLoop::new(
+            client,
+            scheduler,
+            tokenizer.clone(),
+            rx,
+            stats.clone(),
+            state_tx,
+        );
+        tokio::spawn(step_loop.run());
+        Self {
+            tokenizer,
+            limits,
+            info: Arc::new(info),
+            requests,
+            stats,
+            state,
+            next_request: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn state(&self) -> watch::Receiver<ReplicaState> {
+        self.state.clone()
+    }
+
+    fn check_up(&self) -> Result<(), Status> {
+        match &*self.state.borrow() {
+            ReplicaState::Serving => Ok(()),
+            ReplicaState::Down(why) => {
+                Err(Status::unavailable(format!("the replica is down: {why}")))
+            }
+        }
+    }
+
+    /// Admits a request and returns its stream of responses.
+    pub async fn generate(&self, req: GenerateRequest) -> Result<ResponseReceiver, Status> {
+        let arrival = Instant::now();
+        self.check_up()?;
+        let (tokenizer, limits) = (self.tokenizer.clone(), self.limits);
+        let (req, admitted) = tokio::task::spawn_blocking(move || {
+            let admitted = admission::admit(&tokenizer, &req, &limits);
+            (req, admitted)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("admission task: {e}")))?;
+        let admitted = admitted?;
+        let request_id = if req.request_id.is_empty() {
+            format!("req-{}", self.next_request.fetch_add(1, Ordering::Relaxed))
+        } else {
+            req.request_id
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let output = RequestOutput::new(request_id, tx, &admitted, arrival);
+        self.requests
+            .send(NewRequest { admitted, output })
+            .map_err(|_| Status::unavailable("the step loop has stopped"))?;
+        Ok(rx)
+    }
+
+    pub async fn tokenize(&self, req: TokenizeRequest) -> Result<TokenizeResponse, Status> {
+        let tokenizer = self.tokenizer.clone();
+        let token_ids = tokio::task::spawn_blocking(move || {
+            admission::prompt_ids(&tokenizer, &req.prompt, &req.messages, &[])
+        })
+        .await
+        .map_err(|e| Status::internal(format!("tokenize task: {e}")))??;
+        Ok(TokenizeResponse { token_ids })
+    }
+
+    pub fn detokenize(&self, req: DetokenizeRequest) -> Result<DetokenizeResponse, Status> {
+        if let Some(bad) = req
+            .token_ids
+            .iter()
+            .find(|&&t| t as usize >= self.limits.vocab_size)
+        {
+            return Err(Status::invalid_argument(format!(
+                "token_ids: {bad} is outside the vocabulary (size {})",
+                self.limits.vocab_size
+            )));
+        }
+        let text = self
+            .tokenizer
+            .decode(&req.token_ids)
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        Ok(DetokenizeResponse { text })
+    }
+
+    pub fn model_info(&self) -> ModelInfoResponse {
+        let s = &self.stats;
+        ModelInfoResponse {
+            kv_blocks_free: s.kv_blocks_free.load(Ordering::Relaxed),
+            requests_running: s.running.load(Ordering::Relaxed),
+            requests_waiting: s.waiting.load(Ordering::Relaxed),
+            ready: *self.state.borrow() == ReplicaState::Serving,
+            ..(*self.info).clone()
+        }
+    }
+}
