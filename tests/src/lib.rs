@@ -11,6 +11,8 @@ use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 
+pub mod server;
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

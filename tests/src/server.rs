@@ -1,0 +1,186 @@
+//! Running servers for tests: a `helios serve` / `helios coordinator` / `helios-worker` process
+//! that announces its address on stdout, and gRPC helpers to talk to it.
+//!
+//! A process is killed when its handle drops; workers spawned by `helios serve` follow their
+//! coordinator (their stdin pipe closes).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use helios_proto::v1::generation_client::GenerationClient;
+use helios_proto::v1::{
+    ChatMessage, FinishReason, GenerateRequest, GenerationParameters, ModelInfoRequest,
+    ModelInfoResponse, Usage,
+};
+use tonic::transport::Channel;
+use tonic::Status;
+
+use crate::binary;
+
+pub struct Process {
+    child: Child,
+    /// What the process announced, e.g. `127.0.0.1:40000` for `grpc=127.0.0.1:40000`.
+    pub addr: String,
+    /// The whole ready line.
+    pub ready_line: String,
+}
+
+impl Process {
+    /// Starts `cmd` and waits (up to 3 minutes) for its first stdout line to start with
+    /// `ready_prefix`; `addr` is the `grpc=` value of that line.
+    pub fn start(mut cmd: Command, ready_prefix: &str) -> Process {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let first = lines.next().and_then(Result::ok);
+            let _ = tx.send(first);
+            // Keep draining so the process never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(180)) {
+            Ok(Some(line)) => line,
+            other => {
+                let _ = child.kill();
+                panic!("{cmd:?} did not become ready: {other:?}");
+            }
+        };
+        assert!(
+            line.starts_with(ready_prefix),
+            "unexpected ready line {line:?}"
+        );
+        let addr = line
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("grpc="))
+            .expect("grpc= in the ready line")
+            .to_string();
+        Process {
+            child,
+            addr,
+            ready_line: line,
+        }
+    }
+
+    /// `helios serve --host 127.0.0.1 --port 0 ARGS`.
+    pub fn serve(args: &[&str]) -> Process {
+        let mut cmd = Command::new(binary("helios"));
+        cmd.args(["serve", "--host", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .env("HELIOS_WORKER_BIN", binary("helios-worker"));
+        Process::start(cmd, "HELIOS_READY ")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Child processes (a `helios serve`'s workers, in spawn order, i.e. by rank).
+    pub fn children(&self) -> Vec<u32> {
+        let path = format!("/proc/{0}/task/{0}/children", self.pid());
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        text.split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub async fn client(&self) -> GenerationClient<Channel> {
+        GenerationClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connecting to the server")
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("url")
+            .connect()
+            .await
+            .expect("connecting to the server")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A prompt request with `params`.
+pub fn prompt_request(prompt: &str, params: GenerationParameters) -> GenerateRequest {
+    GenerateRequest {
+        prompt: prompt.into(),
+        parameters: Some(params),
+        ..Default::default()
+    }
+}
+
+/// One user message, rendered with the chat template.
+pub fn chat_request(content: &str, params: GenerationParameters) -> GenerateRequest {
+    GenerateRequest {
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: content.into(),
+        }],
+        parameters: Some(params),
+        ..Default::default()
+    }
+}
+
+/// Everything a stream said.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Streamed {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub finish_reason: Option<FinishReason>,
+    pub usage: Option<Usage>,
+    pub responses: usize,
+}
+
+/// Reads a whole `GenerateStream`, checking that only the last response has a finish reason.
+pub async fn stream_all(
+    client: &mut GenerationClient<Channel>,
+    req: GenerateRequest,
+) -> Result<Streamed, Status> {
+    let mut stream = client.generate_stream(req).await?.into_inner();
+    let mut out = Streamed::default();
+    while let Some(resp) = stream.next().await {
+        let resp = resp?;
+        assert!(out.finish_reason.is_none(), "a response after the last one");
+        out.responses += 1;
+        out.text.push_str(&resp.text);
+        out.token_ids.extend(&resp.token_ids);
+        out.logprobs.extend(
+            resp.logprobs
+                .iter()
+                .filter_map(|l| l.sampled.as_ref().map(|s| s.logprob)),
+        );
+        if resp.finish_reason != FinishReason::Unspecified as i32 {
+            out.finish_reason = FinishReason::try_from(resp.finish_reason).ok();
+            out.usage = resp.usage;
+        }
+    }
+    Ok(out)
+}
+
+pub async fn model_info(client: &mut GenerationClient<Channel>) -> ModelInfoResponse {
+    client
+        .model_info(ModelInfoRequest {})
+        .await
+        .expect("ModelInfo")
+        .into_inner()
+}

@@ -1,0 +1,127 @@
+//! A worker that dies takes its replica down, not the coordinator: requests in flight and new
+//! ones are answered UNAVAILABLE, health turns NOT_SERVING, everything else keeps answering.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use helios_proto::v1::{GenerationParameters, TokenizeRequest};
+use helios_tests::default_model;
+use helios_tests::server::{model_info, prompt_request, Process};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_is_noticed_and_answered_unavailable() {
+    let model = default_model();
+    let mut server = Process::serve(&["--model", model.to_str().expect("utf-8"), "--tp", "3"]);
+    let workers = server.children();
+    assert_eq!(workers.len(), 3, "expected 3 worker processes: {workers:?}");
+    let mut client = server.client().await;
+    let long = prompt_request(
+        "Count from one to one thousand.",
+        GenerationParameters {
+            max_new_tokens: Some(2000),
+            ignore_eos: true,
+            ..Default::default()
+        },
+    );
+    let mut stream = client
+        .generate_stream(long.clone())
+        .await
+        .expect("stream")
+        .into_inner();
+    for _ in 0..2 {
+        stream.next().await.expect("a token").expect("ok");
+    }
+
+    let killed = Instant::now();
+    let status = Command::new("kill")
+        .args(["-KILL", &workers[1].to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+
+    // The request in flight ends with UNAVAILABLE within seconds.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Some(e),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the in-flight request was not answered within 10 s");
+    let e = ended.expect("the stream ended without an error");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("rank"), "{:?}", e.message());
+    eprintln!(
+        "in-flight request answered {:?} after the kill",
+        killed.elapsed()
+    );
+
+    // New requests: UNAVAILABLE at once.
+    let e = client.generate(long).await.expect_err("a new request");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+
+    let mut health = HealthClient::new(server.channel().await);
+    let status = health
+        .check(HealthCheckRequest {
+            service: "helios.v1.Generation".into(),
+        })
+        .await
+        .expect("health")
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::NotServing as i32);
+
+    // The coordinator itself is up and answers what needs no workers.
+    assert!(server.is_running());
+    assert!(!model_info(&mut client).await.ready);
+    let ids = client
+        .tokenize(TokenizeRequest {
+            prompt: "still here".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("tokenize after the failure")
+        .into_inner()
+        .token_ids;
+    assert!(!ids.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_dies_while_idle_is_noticed_too() {
+    let model = default_model();
+    let server = Process::serve(&["--model", model.to_str().expect("utf-8"), "--tp", "3"]);
+    let workers = server.children();
+    assert_eq!(workers.len(), 3);
+    let status = Command::new("kill")
+        .args(["-KILL", &workers[2].to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let mut health = HealthClient::new(server.channel().await);
+    let down = async {
+        loop {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .expect("health")
+                .into_inner()
+                .status;
+            if status == ServingStatus::NotServing as i32 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), down)
+        .await
+        .expect("health still SERVING 5 s after a worker died");
+}
