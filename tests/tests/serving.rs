@@ -43,8 +43,8 @@ fn mixed_request(i: usize) -> GenerateRequest {
         repetition_penalty: (i % 8 == 2).then_some(1.3),
         presence_penalty: if i % 8 == 6 { 0.5 } else { 0.0 },
         frequency_penalty: if i % 8 == 7 { 0.4 } else { 0.0 },
-        logprobs: (i % 3 == 0).then_some(2),
-        ignore_eos: i % 5 == 0,
+        logprobs: i.is_multiple_of(3).then_some(2),
+        ignore_eos: i.is_multiple_of(5),
         ..Default::default()
     };
     let prompt = PROMPTS[i % PROMPTS.len()];
