@@ -113,6 +113,9 @@ struct ListenArgs {
     /// gRPC port (0 picks a free one; the bound address is printed).
     #[arg(long, default_value_t = 50051)]
     port: u16,
+    /// Seconds requests in flight get to finish after SIGTERM/SIGINT before they are cancelled.
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_grace: f64,
 }
 
 #[derive(Args)]
@@ -235,7 +238,8 @@ async fn listen_and_serve(listen: &ListenArgs, serving: Serving, what: &str) -> 
     // The machine-readable ready line (tests and scripts wait for it).
     println!("HELIOS_READY grpc={addr}");
     std::io::stdout().flush()?;
-    server::serve(listener, serving).await
+    let grace = std::time::Duration::from_secs_f64(listen.shutdown_grace.max(0.0));
+    server::serve(listener, serving, grace).await
 }
 
 async fn serve(a: ServeArgs) -> Result<()> {

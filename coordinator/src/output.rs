@@ -6,6 +6,8 @@
 //! slow client never stalls the step loop and with it everyone else; what a client can queue is
 //! bounded by its max_new_tokens.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -24,7 +26,31 @@ use crate::tokenizer::TextTokenizer;
 pub type ResponseSender = mpsc::UnboundedSender<Result<GenerateResponse, Status>>;
 pub type ResponseReceiver = mpsc::UnboundedReceiver<Result<GenerateResponse, Status>>;
 
+/// Counts requests that have not ended; a request counts until its output is dropped.
+#[derive(Debug, Clone, Default)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn enter(&self) -> InFlightGuard {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(self.0.clone())
+    }
+}
+
+struct InFlightGuard(Arc<AtomicUsize>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 pub struct RequestOutput {
+    _in_flight: InFlightGuard,
     request_id: String,
     tx: ResponseSender,
     detok: Detokenizer,
@@ -38,8 +64,15 @@ pub struct RequestOutput {
 }
 
 impl RequestOutput {
-    pub fn new(request_id: String, tx: ResponseSender, req: &Admitted, arrival: Instant) -> Self {
+    pub fn new(
+        request_id: String,
+        tx: ResponseSender,
+        req: &Admitted,
+        arrival: Instant,
+        in_flight: &InFlight,
+    ) -> Self {
         Self {
+            _in_flight: in_flight.enter(),
             request_id,
             tx,
             detok: Detokenizer::new(&req.prompt_ids),
@@ -99,22 +132,38 @@ impl RequestOutput {
             ..Default::default()
         };
         if let Some(reason) = finish {
-            resp.finish_reason = wire_finish(reason) as i32;
-            resp.usage = Some(Usage {
-                prompt_tokens: self.prompt_tokens,
-                completion_tokens: self.completion_tokens,
-                total_tokens: self.prompt_tokens + self.completion_tokens,
-            });
-            let secs = |t: Option<Instant>| t.unwrap_or(now).duration_since(self.arrival);
-            resp.timings = Some(Timings {
-                queue_seconds: secs(self.scheduled).as_secs_f64(),
-                time_to_first_token_seconds: secs(self.first_token).as_secs_f64(),
-                total_seconds: secs(Some(now)).as_secs_f64(),
-            });
+            self.close(&mut resp, wire_finish(reason), now);
         }
         // A client that left is noticed before the next step; nothing to do here.
         let _ = self.tx.send(Ok(resp));
         Ok(finish)
+    }
+
+    /// Makes `resp` the last response: finish reason, usage, timings.
+    fn close(&self, resp: &mut GenerateResponse, reason: WireFinish, now: Instant) {
+        resp.finish_reason = reason as i32;
+        resp.usage = Some(Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.prompt_tokens + self.completion_tokens,
+        });
+        let secs = |t: Option<Instant>| t.unwrap_or(now).duration_since(self.arrival);
+        resp.timings = Some(Timings {
+            queue_seconds: secs(self.scheduled).as_secs_f64(),
+            time_to_first_token_seconds: secs(self.first_token).as_secs_f64(),
+            total_seconds: secs(Some(now)).as_secs_f64(),
+        });
+    }
+
+    /// Ends the request early (server shutdown): the held-back text, then CANCELLED.
+    pub fn cancel(mut self) {
+        let mut resp = GenerateResponse {
+            request_id: self.request_id.clone(),
+            text: self.stops.finish(),
+            ..Default::default()
+        };
+        self.close(&mut resp, WireFinish::Cancelled, Instant::now());
+        let _ = self.tx.send(Ok(resp));
     }
 
     /// Ends the request with an error status.

@@ -2,10 +2,12 @@
 //! (v1 and v1alpha), so grpcurl and stock gRPC clients work without our .proto files.
 //!
 //! Health is SERVING from the moment the server listens (every rank is initialised by then)
-//! until the replica goes down, then NOT_SERVING. SIGINT or SIGTERM stops accepting calls; the
-//! server drains in-flight ones before it returns (tonic's graceful shutdown).
+//! until the replica goes down or the server drains, then NOT_SERVING. On SIGINT or SIGTERM new
+//! requests are refused (UNAVAILABLE), those in flight get a grace period to finish and are then
+//! ended with finish reason CANCELLED, and the server returns once every stream is closed.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use helios_proto::v1::generation_server::{Generation, GenerationServer};
 use helios_proto::v1::{
@@ -74,15 +76,16 @@ impl Generation for GenerationService {
     }
 }
 
-/// Serves `serving` on `listener` until SIGINT or SIGTERM.
-pub async fn serve(listener: TcpListener, serving: Serving) -> anyhow::Result<()> {
+/// Serves `serving` on `listener` until SIGINT or SIGTERM, then drains: health turns
+/// NOT_SERVING, new requests are refused, requests in flight get up to `grace` to finish.
+pub async fn serve(listener: TcpListener, serving: Serving, grace: Duration) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let mut state = serving.state();
     tokio::spawn(async move {
         loop {
             let status = match &*state.borrow_and_update() {
                 ReplicaState::Serving => ServingStatus::Serving,
-                ReplicaState::Down(_) => ServingStatus::NotServing,
+                ReplicaState::Draining | ReplicaState::Down(_) => ServingStatus::NotServing,
             };
             for name in ["", "helios.v1.Generation"] {
                 health.set_service_status(name, status).await;
@@ -101,6 +104,12 @@ pub async fn serve(listener: TcpListener, serving: Serving) -> anyhow::Result<()
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
+    let drain = serving.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        eprintln!("helios: shutting down; waiting up to {grace:?} for requests in flight");
+        drain.drain(grace).await;
+    };
     let generation = GenerationServer::new(GenerationService { serving })
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     tonic::transport::Server::builder()
@@ -108,7 +117,7 @@ pub async fn serve(listener: TcpListener, serving: Serving) -> anyhow::Result<()
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(generation)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())
 }

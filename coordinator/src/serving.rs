@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use helios_proto::v1::{
     DetokenizeRequest, DetokenizeResponse, GenerateRequest, ModelInfoResponse, TokenizeRequest,
@@ -16,9 +16,9 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::admission::{self, Limits};
-use crate::output::{RequestOutput, ResponseReceiver};
+use crate::output::{InFlight, RequestOutput, ResponseReceiver};
 use crate::sharded_client::{ReplicaInfo, ShardedClient};
-use crate::step_loop::{LoopStats, NewRequest, ReplicaState, StepLoop};
+use crate::step_loop::{LoopMessage, LoopStats, NewRequest, ReplicaState, StepLoop};
 use crate::tokenizer::TextTokenizer;
 
 /// How the replica is scheduled.
@@ -35,9 +35,10 @@ pub struct Serving {
     tokenizer: Arc<TextTokenizer>,
     limits: Limits,
     info: Arc<ModelInfoResponse>,
-    requests: mpsc::UnboundedSender<NewRequest>,
+    requests: mpsc::UnboundedSender<LoopMessage>,
     stats: Arc<LoopStats>,
-    state: watch::Receiver<ReplicaState>,
+    state: Arc<watch::Sender<ReplicaState>>,
+    in_flight: InFlight,
     next_request: Arc<AtomicU64>,
 }
 
@@ -72,7 +73,7 @@ impl Serving {
         stats
             .kv_blocks_free
             .store(replica.num_kv_blocks, Ordering::Relaxed);
-        let (state_tx, state) = watch::channel(ReplicaState::Serving);
+        let state = Arc::new(watch::Sender::new(ReplicaState::Serving));
         let (requests, rx) = mpsc::unbounded_channel();
         let step_loop = StepLoop::new(
             client,
@@ -80,7 +81,7 @@ impl Serving {
             tokenizer.clone(),
             rx,
             stats.clone(),
-            state_tx,
+            state.clone(),
         );
         tokio::spawn(step_loop.run());
         Self {
@@ -90,17 +91,44 @@ impl Serving {
             requests,
             stats,
             state,
+            in_flight: InFlight::default(),
             next_request: Arc::new(AtomicU64::new(0)),
         }
     }
 
     pub fn state(&self) -> watch::Receiver<ReplicaState> {
-        self.state.clone()
+        self.state.subscribe()
+    }
+
+    /// Stops admitting, lets requests in flight finish for up to `grace`, then ends the rest
+    /// with finish reason CANCELLED.
+    pub async fn drain(&self, grace: Duration) {
+        self.state.send_if_modified(|s| {
+            let serving = *s == ReplicaState::Serving;
+            if serving {
+                *s = ReplicaState::Draining;
+            }
+            serving
+        });
+        let idle = || async {
+            while self.in_flight.count() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        if tokio::time::timeout(grace, idle()).await.is_err() {
+            tracing::warn!(
+                "{} requests still running after {grace:?}; cancelling them",
+                self.in_flight.count()
+            );
+            let _ = self.requests.send(LoopMessage::CancelAll);
+            let _ = tokio::time::timeout(Duration::from_secs(2), idle()).await;
+        }
     }
 
     fn check_up(&self) -> Result<(), Status> {
         match &*self.state.borrow() {
             ReplicaState::Serving => Ok(()),
+            ReplicaState::Draining => Err(Status::unavailable("the server is shutting down")),
             ReplicaState::Down(why) => {
                 Err(Status::unavailable(format!("the replica is down: {why}")))
             }
@@ -125,9 +153,9 @@ impl Serving {
             req.request_id
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        let output = RequestOutput::new(request_id, tx, &admitted, arrival);
+        let output = RequestOutput::new(request_id, tx, &admitted, arrival, &self.in_flight);
         self.requests
-            .send(NewRequest { admitted, output })
+            .send(LoopMessage::Request(NewRequest { admitted, output }))
             .map_err(|_| Status::unavailable("the step loop has stopped"))?;
         Ok(rx)
     }

@@ -30,10 +30,19 @@ pub struct NewRequest {
     pub output: RequestOutput,
 }
 
+/// What the step loop is told.
+pub enum LoopMessage {
+    Request(NewRequest),
+    /// End every request now with finish reason CANCELLED (shutdown after its grace period).
+    CancelAll,
+}
+
 /// Whether the replica can take requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplicaState {
     Serving,
+    /// Shutting down: requests in flight finish, new ones are refused.
+    Draining,
     /// A rank failed; the reason.
     Down(String),
 }
@@ -50,11 +59,11 @@ pub struct StepLoop {
     client: ShardedClient,
     scheduler: Scheduler,
     tokenizer: Arc<TextTokenizer>,
-    requests: mpsc::UnboundedReceiver<NewRequest>,
+    requests: mpsc::UnboundedReceiver<LoopMessage>,
     outputs: HashMap<u64, RequestOutput>,
     next_seq: u64,
     stats: Arc<LoopStats>,
-    state: watch::Sender<ReplicaState>,
+    state: Arc<watch::Sender<ReplicaState>>,
 }
 
 impl StepLoop {
@@ -62,9 +71,9 @@ impl StepLoop {
         client: ShardedClient,
         scheduler: Scheduler,
         tokenizer: Arc<TextTokenizer>,
-        requests: mpsc::UnboundedReceiver<NewRequest>,
+        requests: mpsc::UnboundedReceiver<LoopMessage>,
         stats: Arc<LoopStats>,
-        state: watch::Sender<ReplicaState>,
+        state: Arc<watch::Sender<ReplicaState>>,
     ) -> Self {
         Self {
             client,
@@ -82,8 +91,8 @@ impl StepLoop {
     pub async fn run(mut self) {
         let mut failure = self.client.failure();
         loop {
-            while let Ok(r) = self.requests.try_recv() {
-                self.add(r);
+            while let Ok(m) = self.requests.try_recv() {
+                self.take(m);
             }
             self.drop_cancelled();
             let plan = match self.scheduler.schedule() {
@@ -96,8 +105,8 @@ impl StepLoop {
             self.publish_stats();
             let Some(plan) = plan else {
                 tokio::select! {
-                    r = self.requests.recv() => match r {
-                        Some(r) => self.add(r),
+                    m = self.requests.recv() => match m {
+                        Some(m) => self.take(m),
                         None => return,
                     },
                     _ = failure.wait_for(Option::is_some) => break,
@@ -124,6 +133,18 @@ impl StepLoop {
         }
         let why = failure.borrow().clone().unwrap_or_default();
         self.down(why).await;
+    }
+
+    fn take(&mut self, m: LoopMessage) {
+        match m {
+            LoopMessage::Request(r) => self.add(r),
+            LoopMessage::CancelAll => {
+                self.scheduler.abort_all();
+                for (_, out) in self.outputs.drain() {
+                    out.cancel();
+                }
+            }
+        }
     }
 
     fn add(&mut self, r: NewRequest) {
@@ -216,8 +237,10 @@ impl StepLoop {
         let status = Status::unavailable(format!("the replica is down: {why}"));
         self.fail_all(status.clone());
         self.publish_stats();
-        while let Some(r) = self.requests.recv().await {
-            r.output.fail(status.clone());
+        while let Some(m) = self.requests.recv().await {
+            if let LoopMessage::Request(r) = m {
+                r.output.fail(status.clone());
+            }
         }
     }
 }
