@@ -155,7 +155,10 @@ impl Serving {
         let (tx, rx) = mpsc::unbounded_channel();
         let output = RequestOutput::new(request_id, tx, &admitted, arrival, &self.in_flight);
         self.requests
-            .send(LoopMessage::Request(NewRequest { admitted, output }))
+            .send(LoopMessage::Request(Box::new(NewRequest {
+                admitted,
+                output,
+            })))
             .map_err(|_| Status::unavailable("the step loop has stopped"))?;
         Ok(rx)
     }

@@ -32,7 +32,7 @@ pub struct NewRequest {
 
 /// What the step loop is told.
 pub enum LoopMessage {
-    Request(NewRequest),
+    Request(Box<NewRequest>),
     /// End every request now with finish reason CANCELLED (shutdown after its grace period).
     CancelAll,
 }
@@ -137,7 +137,7 @@ impl StepLoop {
 
     fn take(&mut self, m: LoopMessage) {
         match m {
-            LoopMessage::Request(r) => self.add(r),
+            LoopMessage::Request(r) => self.add(*r),
             LoopMessage::CancelAll => {
                 self.scheduler.abort_all();
                 for (_, out) in self.outputs.drain() {
