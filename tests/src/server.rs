@@ -152,6 +152,18 @@ pub fn chat_request(content: &str, params: GenerationParameters) -> GenerateRequ
     }
 }
 
+/// A request that runs for seconds unless stopped: `max_new_tokens` past EOS.
+pub fn long_request(max_new_tokens: u32) -> GenerateRequest {
+    prompt_request(
+        "Count from one to one thousand.",
+        GenerationParameters {
+            max_new_tokens: Some(max_new_tokens),
+            ignore_eos: true,
+            ..Default::default()
+        },
+    )
+}
+
 /// Everything a stream said.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Streamed {

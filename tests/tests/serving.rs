@@ -9,7 +9,9 @@ use helios_proto::v1::{
     DetokenizeRequest, FinishReason, GenerateRequest, GenerationParameters, TokenizeRequest,
 };
 use helios_tests::default_model;
-use helios_tests::server::{chat_request, model_info, prompt_request, stream_all, Process};
+use helios_tests::server::{
+    chat_request, long_request, model_info, prompt_request, stream_all, Process,
+};
 
 fn serve(extra: &[&str]) -> Process {
     let model = default_model();
@@ -130,14 +132,7 @@ async fn a_cancelled_stream_frees_its_blocks_and_spares_the_others() {
     let short_alone = stream_all(&mut client, short.clone()).await.expect("alone");
 
     // A long request: if it were not freed on cancel, it would hold its blocks for seconds.
-    let long = prompt_request(
-        "Count from one to one thousand.",
-        GenerationParameters {
-            max_new_tokens: Some(1500),
-            ignore_eos: true,
-            ..Default::default()
-        },
-    );
+    let long = long_request(1500);
     let mut stream = client
         .generate_stream(long)
         .await
@@ -393,72 +388,50 @@ async fn health_reflection_tokenize_and_model_info() {
         assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
     }
 
-    let services_v1 = {
-        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-        use tonic_reflection::pb::v1::ServerReflectionRequest;
-        let req = ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        };
-        let mut c = ServerReflectionClient::new(channel.clone());
-        let mut answers = c
-            .server_reflection_info(tokio_stream::iter([req]))
-            .await
-            .expect("reflection v1")
-            .into_inner();
-        match answers
-            .next()
-            .await
-            .expect("an answer")
-            .expect("ok")
-            .message_response
-        {
-            Some(MessageResponse::ListServicesResponse(l)) => {
-                l.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
+    // The same questions to both reflection versions (grpcurl and grpcio use either).
+    macro_rules! ask_reflection {
+        ($v:ident) => {{
+            use tonic_reflection::pb::$v::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$v::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$v::server_reflection_response::MessageResponse;
+            use tonic_reflection::pb::$v::ServerReflectionRequest;
+            let ask = |m: MessageRequest| ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(m),
+            };
+            let reqs = [
+                ask(MessageRequest::ListServices(String::new())),
+                ask(MessageRequest::FileContainingSymbol(
+                    "helios.v1.Generation".into(),
+                )),
+            ];
+            let mut c = ServerReflectionClient::new(channel.clone());
+            let answers: Vec<_> = c
+                .server_reflection_info(tokio_stream::iter(reqs))
+                .await
+                .expect(stringify!($v))
+                .into_inner()
+                .map(|a| a.expect("ok").message_response)
+                .collect()
+                .await;
+            match &answers[..] {
+                [Some(MessageResponse::ListServicesResponse(l)), Some(MessageResponse::FileDescriptorResponse(f))] => (
+                    l.service.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+                    f.file_descriptor_proto.len(),
+                ),
+                other => panic!("unexpected reflection answers {other:?}"),
             }
-            other => panic!("unexpected reflection answer {other:?}"),
-        }
-    };
-    let services_v1alpha = {
-        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-        let req = ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::FileContainingSymbol(
-                "helios.v1.Generation".into(),
-            )),
-        };
-        let mut c = ServerReflectionClient::new(channel.clone());
-        let mut answers = c
-            .server_reflection_info(tokio_stream::iter([req]))
-            .await
-            .expect("reflection v1alpha")
-            .into_inner();
-        match answers
-            .next()
-            .await
-            .expect("an answer")
-            .expect("ok")
-            .message_response
-        {
-            Some(MessageResponse::FileDescriptorResponse(f)) => f.file_descriptor_proto.len(),
-            other => panic!("unexpected reflection answer {other:?}"),
-        }
-    };
-    for name in ["helios.v1.Generation", "grpc.health.v1.Health"] {
-        assert!(
-            services_v1.iter().any(|s| s == name),
-            "{name} not in {services_v1:?}"
-        );
+        }};
     }
-    assert!(
-        services_v1alpha >= 1,
-        "no descriptor for helios.v1.Generation"
-    );
+    for (services, descriptors) in [ask_reflection!(v1), ask_reflection!(v1alpha)] {
+        for name in ["helios.v1.Generation", "grpc.health.v1.Health"] {
+            assert!(
+                services.iter().any(|s| s == name),
+                "{name} not in {services:?}"
+            );
+        }
+        assert!(descriptors >= 1, "no descriptor for helios.v1.Generation");
+    }
 
     let mut client = server.client().await;
     let ids = client

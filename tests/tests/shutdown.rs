@@ -5,9 +5,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use futures::StreamExt;
-use helios_proto::v1::{FinishReason, GenerationParameters};
+use helios_proto::v1::FinishReason;
 use helios_tests::default_model;
-use helios_tests::server::{prompt_request, Process};
+use helios_tests::server::{long_request, Process};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_cancels_what_outlives_the_grace_period_and_exits() {
@@ -19,14 +19,7 @@ async fn sigterm_cancels_what_outlives_the_grace_period_and_exits() {
         "1",
     ]);
     let mut client = server.client().await;
-    let long = prompt_request(
-        "Count from one to one thousand.",
-        GenerationParameters {
-            max_new_tokens: Some(3000),
-            ignore_eos: true,
-            ..Default::default()
-        },
-    );
+    let long = long_request(3000);
     let mut stream = client
         .generate_stream(long.clone())
         .await

@@ -5,9 +5,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use helios_proto::v1::{GenerationParameters, TokenizeRequest};
+use helios_proto::v1::TokenizeRequest;
 use helios_tests::default_model;
-use helios_tests::server::{model_info, prompt_request, Process};
+use helios_tests::server::{long_request, model_info, Process};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -19,14 +19,7 @@ async fn a_killed_worker_is_noticed_and_answered_unavailable() {
     let workers = server.children();
     assert_eq!(workers.len(), 3, "expected 3 worker processes: {workers:?}");
     let mut client = server.client().await;
-    let long = prompt_request(
-        "Count from one to one thousand.",
-        GenerationParameters {
-            max_new_tokens: Some(2000),
-            ignore_eos: true,
-            ..Default::default()
-        },
-    );
+    let long = long_request(2000);
     let mut stream = client
         .generate_stream(long.clone())
         .await
