@@ -470,3 +470,25 @@ async fn health_reflection_tokenize_and_model_info() {
     assert!(info.ready);
     assert!(info.model.ends_with("SmolLM2-135M-Instruct.Q4_1.gguf"));
 }
+
+#[test]
+fn a_stock_grpcio_client_finds_and_calls_the_api_by_reflection() {
+    let server = serve(&[]);
+    let out = helios_tests::python()
+        .arg(helios_tests::repo_root().join("tests/reference/reflection_client.py"))
+        .args([server.addr.as_str(), "The capital of France is", "8"])
+        .output()
+        .expect("running reflection_client.py");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let services = v["services"].as_array().expect("services");
+    assert!(services.iter().any(|s| s == "helios.v1.Generation"), "{v}");
+    assert_eq!(v["token_ids"].as_array().map(Vec::len), Some(8), "{v}");
+    assert_eq!(v["finish_reason"], "FINISH_REASON_LENGTH");
+    assert!(!v["text"].as_str().unwrap_or("").is_empty(), "{v}");
+    assert_eq!(v["text"], v["stream_text"]);
+}
