@@ -107,9 +107,14 @@ pub fn admit(
         )));
     }
     let limit = limits.max_model_len.min(limits.kv_capacity);
+    let what = if limits.kv_capacity < limits.max_model_len {
+        "this replica's KV cache holds"
+    } else {
+        "this model's length allows"
+    };
     if ids.len() >= limit {
         return Err(invalid(format!(
-            "the prompt is {} tokens; this model takes at most {} (the prompt plus at least one new token)",
+            "the prompt is {} tokens; {what} at most {} (the prompt plus at least one new token)",
             ids.len(),
             limit - 1
         )));
@@ -121,7 +126,7 @@ pub fn admit(
         Some(0) => return Err(invalid("max_new_tokens must be at least 1")),
         Some(n) if n as usize > room => {
             return Err(invalid(format!(
-                "max_new_tokens is {n}, but the prompt ({} tokens) leaves room for {room} (max length {limit})",
+                "max_new_tokens is {n}, but the prompt ({} tokens) leaves room for {room} ({what} {limit} tokens)",
                 ids.len()
             )))
         }
@@ -372,5 +377,7 @@ mod tests {
         };
         let a = admit(tok, &req("Hi", Default::default()), &small).unwrap();
         assert_eq!(a.prompt_ids.len() + a.params.max_new_tokens, 16);
+        let e = admit(tok, &req(&"word ".repeat(40), Default::default()), &small).unwrap_err();
+        assert!(e.message().contains("KV cache holds at most 15"), "{}", e.message());
     }
 }
