@@ -1,8 +1,19 @@
 //! `helios-bench`: Helios benchmarks.
 //!
-//! `helios-bench engine` measures the engine through real worker processes, as `helios generate`
-//! runs it: prefill tokens/s for one prompt, and decode tokens/s at several batch sizes
-//! (greedy, end-of-sequence ignored). Results go to stdout as a table, or as JSON with `--json`.
+//! - `helios-bench engine` measures the engine through real worker processes, as `helios
+//!   generate` runs it: prefill tokens/s for one prompt, and decode tokens/s at several batch
+//!   sizes (greedy, end-of-sequence ignored).
+//! - `helios-bench kernel`: the Q4_1 CPU matmul alone.
+//! - `helios-bench overhead`: the coordinator's cost per step over zero-cost fake workers
+//!   ([`overhead`], [`fake_worker`]).
+//! - `helios-bench serve`: end-to-end output tokens/s, TTFT and TPOT of a running server
+//!   ([`serve_load`]).
+//!
+//! Results go to stdout as a table, or as JSON with `--json`.
+
+mod fake_worker;
+mod overhead;
+mod serve_load;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -27,6 +38,10 @@ enum Command {
     Engine(EngineArgs),
     /// The Q4_1 CPU matmul kernel alone: weight bytes streamed per second.
     Kernel(KernelArgs),
+    /// The coordinator's own cost per decode step, over fake workers that answer at once.
+    Overhead(overhead::OverheadArgs),
+    /// End-to-end output tokens/s, TTFT and TPOT of a running `helios serve` (closed loop).
+    Serve(serve_load::ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -71,11 +86,18 @@ struct EngineArgs {
     json: bool,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
     match Cli::parse().command {
-        Command::Engine(a) => engine(a).await,
+        Command::Engine(a) => runtime()?.block_on(engine(a)),
         Command::Kernel(a) => kernel(a),
+        // Builds a runtime per configuration.
+        Command::Overhead(a) => overhead::run(a),
+        Command::Serve(a) => runtime()?.block_on(serve_load::run(a)),
     }
 }
 

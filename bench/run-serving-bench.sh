@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The serving benchmarks of bench/RESULTS.md ("Serving (issue 3)"), in one run on one machine:
+#   1. the coordinator's own cost per decode step, over zero-cost fake workers
+#      (helios-bench overhead, 1/64/256 sequences, 1 and 3 fake ranks);
+#   2. end-to-end output tokens/s of `helios serve` with SmolLM2-135M-Instruct Q4_1 at tp 1
+#      and tp 3, concurrency 1 and 16, 64 tokens in and 64 out (helios-bench serve).
+# Prints the overhead tables, then one table of the end-to-end runs.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scripts/fetch-model.sh >/dev/null
+cargo build --release --bins -q
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u '+%F %H:%M UTC'), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+
+target/release/helios-bench overhead --seqs 1,64,256 --workers 1,3 --steps 1000
+echo
+
+work=$(mktemp -d)
+server=""
+stop_server() {
+  if [[ -n "$server" ]]; then
+    kill "$server" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+    server=""
+  fi
+}
+trap 'stop_server; rm -rf "$work"' EXIT
+
+IN=64
+OUT=64
+for tp in 1 3; do
+  target/release/helios serve --tp "$tp" --port 0 --host 127.0.0.1 >"$work/serve.out" 2>"$work/serve.err" &
+  server=$!
+  addr=""
+  for _ in $(seq 600); do
+    addr=$(sed -n 's/^HELIOS_READY grpc=//p' "$work/serve.out")
+    [[ -n "$addr" ]] && break
+    if ! kill -0 "$server" 2>/dev/null; then
+      cat "$work/serve.err" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+  if [[ -z "$addr" ]]; then
+    echo "helios serve --tp $tp did not get ready" >&2
+    cat "$work/serve.err" >&2
+    exit 1
+  fi
+  for c in 1 16; do
+    # Requests: 4 at concurrency 1, 2 per client at 16; a warm-up of one request per client.
+    requests=$((c == 1 ? 4 : 2 * c))
+    target/release/helios-bench serve --addr "$addr" --concurrency "$c" --requests "$requests" \
+      --input-len "$IN" --output-len "$OUT" --warmup "$c" --json >>"$work/serve.jsonl"
+  done
+  stop_server
+done
+
+python3 - "$work/serve.jsonl" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print("End-to-end, helios serve (SmolLM2-135M-Instruct Q4_1), closed loop over gRPC")
+print("| tp | concurrency | requests | in/out tokens | output tokens | duration (s) | output tok/s | mean TTFT (ms) | mean TPOT (ms) |")
+print("|---|---|---|---|---|---|---|---|---|")
+for r in rows:
+    print(f"| {r['tensor_parallel_size']} | {r['concurrency']} | {r['requests']} | {r['input_len']}/{r['output_len']} "
+          f"| {r['total_output_tokens']} | {r['duration_s']:.2f} | {r['output_tokens_per_s']:.1f} "
+          f"| {r['mean_ttft_ms']:.1f} | {r['mean_tpot_ms']:.1f} |")
+EOF
