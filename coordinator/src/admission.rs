@@ -378,6 +378,10 @@ mod tests {
         let a = admit(tok, &req("Hi", Default::default()), &small).unwrap();
         assert_eq!(a.prompt_ids.len() + a.params.max_new_tokens, 16);
         let e = admit(tok, &req(&"word ".repeat(40), Default::default()), &small).unwrap_err();
-        assert!(e.message().contains("KV cache holds at most 15"), "{}", e.message());
+        assert!(
+            e.message().contains("KV cache holds at most 15"),
+            "{}",
+            e.message()
+        );
     }
 }

@@ -142,6 +142,7 @@ impl<'a> Driver<'a> {
                         ..Default::default()
                     }],
                     return_logits: true,
+                    ..Default::default()
                 };
                 let mut r = self.client.step(&plan).await?;
                 done += n;

@@ -54,6 +54,8 @@ pub struct Sequence {
     /// Tokens whose KV is in the cache.
     computed: usize,
     table: Vec<u32>,
+    /// Entries of `table` the ranks were sent (they keep them; a step sends only the rest).
+    sent_blocks: usize,
     params: SequenceParams,
 }
 
@@ -65,6 +67,7 @@ impl Sequence {
             tokens: prompt,
             computed: 0,
             table: Vec::new(),
+            sent_blocks: 0,
             params,
         }
     }
@@ -97,6 +100,8 @@ pub struct Scheduler {
     next_step: u64,
     /// Indices into `running` of the last plan's sequences, in plan order.
     planned: Vec<usize>,
+    /// Sequences the ranks hold block tables for that ended since the last plan.
+    forgotten: Vec<u64>,
 }
 
 impl Scheduler {
@@ -110,6 +115,7 @@ impl Scheduler {
             max_running: max_running.max(1),
             next_step: 0,
             planned: Vec::new(),
+            forgotten: Vec::new(),
         }
     }
 
@@ -200,6 +206,9 @@ impl Scheduler {
     }
 
     fn release(&mut self, s: &mut Sequence) {
+        if s.sent_blocks > 0 {
+            self.forgotten.push(s.id);
+        }
         self.blocks.release(&mut s.table);
         self.reserved -= self.blocks_for(s.final_len());
     }
@@ -242,7 +251,8 @@ impl Scheduler {
                 seq_id: s.id,
                 token_ids: s.tokens[s.computed..end].to_vec(),
                 start_pos: s.computed as u32,
-                block_table: s.table.clone(),
+                block_table: s.table[s.sent_blocks..].to_vec(),
+                append_blocks: s.sent_blocks > 0,
                 sample,
                 sampling: Some(sampling),
                 context_token_ids: if sample && s.params.penalized() {
@@ -251,6 +261,7 @@ impl Scheduler {
                     Vec::new()
                 },
             });
+            s.sent_blocks = s.table.len();
             self.planned.push(i);
         }
         if seqs.is_empty() {
@@ -260,6 +271,7 @@ impl Scheduler {
             step_id: self.next_step_id(),
             seqs,
             return_logits: false,
+            finished_seq_ids: std::mem::take(&mut self.forgotten),
         }))
     }
 
@@ -401,6 +413,32 @@ mod tests {
         let plan = s.schedule().unwrap().unwrap();
         assert_eq!(plan.seqs[0].seq_id, 2);
         assert!(s.add(Sequence::new(3, vec![1; 16], params(1))).is_err());
+    }
+
+    #[test]
+    fn block_tables_go_out_once_then_only_what_they_gain() {
+        let mut s = Scheduler::new(BlockAllocator::new(16, 4), 64, 16);
+        s.add(Sequence::new(1, vec![1; 6], params(8))).unwrap();
+        let sent = |s: &mut Scheduler| {
+            let plan = s.schedule().unwrap().unwrap();
+            let q = &plan.seqs[0];
+            let out = (
+                q.block_table.clone(),
+                q.append_blocks,
+                plan.finished_seq_ids.clone(),
+            );
+            s.apply(&plan, answer(&plan)).unwrap();
+            out
+        };
+        // Prompt of 6: two blocks, whole. Then positions 6, 7 stay in block 2; 8 needs a third.
+        assert_eq!(sent(&mut s), (vec![0, 1], false, vec![]));
+        assert_eq!(sent(&mut s), (vec![], true, vec![]));
+        assert_eq!(sent(&mut s), (vec![], true, vec![]));
+        assert_eq!(sent(&mut s), (vec![2], true, vec![]));
+        // Once it ends, the next plan tells the ranks to forget it.
+        assert!(s.abort(1));
+        s.add(Sequence::new(2, vec![1; 2], params(2))).unwrap();
+        assert_eq!(sent(&mut s), (vec![0], false, vec![1]));
     }
 
     #[test]

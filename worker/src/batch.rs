@@ -56,7 +56,7 @@ pub struct StepBatch {
 #[error("invalid step plan: {0}")]
 pub struct InvalidPlan(pub String);
 
-fn invalid(msg: String) -> anyhow::Error {
+pub(crate) fn invalid(msg: String) -> anyhow::Error {
     InvalidPlan(msg).into()
 }
 
@@ -103,14 +103,20 @@ fn check_sampling(
 }
 
 impl StepBatch {
+    /// Lays out `plan`; `tables[i]` is the whole block table of `plan.seqs[i]` (see
+    /// [`crate::block_tables`]).
     pub fn build(
         plan: &StepPlan,
+        tables: &[Vec<u32>],
         lim: &BatchLimits,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         if plan.seqs.is_empty() {
             return Err(invalid("no sequences".into()));
+        }
+        if tables.len() != plan.seqs.len() {
+            return Err(invalid("a block table per sequence is needed".into()));
         }
         let bs = lim.block_size;
         let mut tokens = Vec::new();
@@ -119,7 +125,7 @@ impl StepBatch {
         let mut seqs = Vec::with_capacity(plan.seqs.len());
         let mut output_rows = Vec::new();
         let mut output_seqs = Vec::new();
-        for (i, s) in plan.seqs.iter().enumerate() {
+        for (i, (s, table)) in plan.seqs.iter().zip(tables).enumerate() {
             let id = s.seq_id;
             let q_len = s.token_ids.len();
             let start = s.start_pos as usize;
@@ -143,23 +149,19 @@ impl StepBatch {
                 check_sampling(id, s.sample, p, &s.context_token_ids, lim)?;
             }
             let needed = ctx.div_ceil(bs);
-            if s.block_table.len() < needed {
+            if table.len() < needed {
                 return Err(invalid(format!(
                     "sequence {id} needs {needed} blocks for {ctx} positions, the plan gives {}",
-                    s.block_table.len()
+                    table.len()
                 )));
             }
-            if let Some(b) = s
-                .block_table
-                .iter()
-                .find(|&&b| b as usize >= lim.num_blocks)
-            {
+            if let Some(b) = table.iter().find(|&&b| b as usize >= lim.num_blocks) {
                 return Err(invalid(format!(
                     "sequence {id}: block {b} is beyond the cache's {} blocks",
                     lim.num_blocks
                 )));
             }
-            let slot = |p: usize| s.block_table[p / bs] * bs as u32 + (p % bs) as u32;
+            let slot = |p: usize| table[p / bs] * bs as u32 + (p % bs) as u32;
             let q_start = tokens.len();
             for (j, &t) in s.token_ids.iter().enumerate() {
                 let p = start + j;
@@ -236,10 +238,11 @@ mod tests {
                 sample,
                 sampling: Some(p),
                 context_token_ids: context.to_vec(),
+                ..Default::default()
             }],
             ..Default::default()
         };
-        StepBatch::build(&plan, &LIM, DType::F32, &Device::Cpu)
+        StepBatch::build(&plan, &[vec![0]], &LIM, DType::F32, &Device::Cpu)
     }
 
     fn refused(r: Result<StepBatch>) -> bool {

@@ -7,6 +7,7 @@ use candle_core::{DType, Device};
 use helios_proto::v1::{Logits, ModelFacts, StepPlan, StepResult};
 
 use crate::batch::{BatchLimits, StepBatch};
+use crate::block_tables::BlockTables;
 use crate::comm::Communicator;
 use crate::kv_cache::KvCache;
 use crate::model::Model;
@@ -43,6 +44,8 @@ pub struct Engine {
     comm: Box<dyn Communicator>,
     limits: BatchLimits,
     dtype_name: String,
+    /// Running sequences' block tables, as the coordinator sent them.
+    tables: BlockTables,
 }
 
 impl Engine {
@@ -100,6 +103,7 @@ impl Engine {
             comm,
             limits,
             dtype_name,
+            tables: BlockTables::default(),
         })
     }
 
@@ -126,7 +130,10 @@ impl Engine {
     /// error means this rank may have left its peers mid-collective.
     pub fn step(&mut self, plan: &StepPlan) -> Result<StepResult> {
         let device = self.model.embed_device();
-        let batch = StepBatch::build(plan, &self.limits, self.model.dtype, &device)?;
+        let tables = self.tables.resolve(plan)?;
+        let batch = StepBatch::build(plan, &tables, &self.limits, self.model.dtype, &device)?;
+        // Valid: from here the plan runs, so this rank's tables move on with it.
+        self.tables.commit(plan, tables);
         let logits = self
             .model
             .forward(&batch, &self.cache, self.comm.as_mut())?;

@@ -7,6 +7,7 @@
 //! [`weights`] loads this rank's slices of an HF or GGUF model, [`config`] its hyper-parameters.
 
 pub mod batch;
+pub mod block_tables;
 pub mod comm;
 pub mod config;
 pub mod engine;

@@ -14,12 +14,15 @@ fn engine(model: &std::path::Path, block_size: usize, num_blocks: usize) -> Engi
     Engine::load(&opts, Box::new(SingleRank)).expect("engine loads")
 }
 
-/// A sequence being fed: its tokens, how many are in the cache, its blocks.
+/// A sequence being fed: its tokens, how many are in the cache, its blocks (and how many of
+/// them the engine was told: each step sends only the blocks it adds, as the coordinator does).
 struct Feed {
     id: u64,
     tokens: Vec<u32>,
     done: usize,
     table: Vec<u32>,
+    block_size: usize,
+    sent: usize,
 }
 
 impl Feed {
@@ -30,22 +33,27 @@ impl Feed {
             tokens,
             done: 0,
             table: (first_block..first_block + n).collect(),
+            block_size,
+            sent: 0,
         }
     }
 
     /// The next `n` tokens (or what is left) as one sequence's share of a step.
     fn next(&mut self, n: usize) -> SequenceStep {
         let n = n.min(self.tokens.len() - self.done);
+        let needed = (self.done + n).div_ceil(self.block_size);
         let s = SequenceStep {
             seq_id: self.id,
             token_ids: self.tokens[self.done..self.done + n].to_vec(),
             start_pos: self.done as u32,
-            block_table: self.table.clone(),
+            block_table: self.table[self.sent..needed].to_vec(),
+            append_blocks: self.sent > 0,
             sample: self.done + n == self.tokens.len(),
             sampling: None,
             ..Default::default()
         };
         self.done += n;
+        self.sent = needed;
         s
     }
 }
@@ -56,6 +64,7 @@ fn step(e: &mut Engine, id: u64, seqs: Vec<SequenceStep>) -> Vec<(u64, Vec<f32>)
             step_id: id,
             seqs,
             return_logits: true,
+            ..Default::default()
         })
         .expect("step runs");
     r.logits.into_iter().map(|l| (l.seq_id, l.values)).collect()
@@ -183,6 +192,7 @@ fn invalid_plans_are_refused_and_the_engine_stays_usable() {
             ..Default::default()
         }],
         return_logits: false,
+        ..Default::default()
     };
     for (plan, words) in [
         (bad(vec![5000], 0, vec![0]), "outside the vocabulary"),
