@@ -482,7 +482,7 @@ fn breakdown(seqs: usize, context: usize, text: &[u32]) -> Result<Breakdown> {
         sched.add(Sequence::new(i as u64, prompt, params))?;
     }
     let prefill = sched.schedule()?.context("nothing to prefill")?;
-    sched.apply(&prefill, sample_all(&prefill, text))?;
+    sched.apply(sample_all(&prefill, text))?;
     let decode = |sched: &mut Scheduler| -> Result<StepPlan> {
         let plan = sched.schedule()?.context("nothing to decode")?;
         if plan.seqs.len() != seqs || plan.seqs.iter().any(|s| !s.sample) {
@@ -501,7 +501,7 @@ fn breakdown(seqs: usize, context: usize, text: &[u32]) -> Result<Breakdown> {
         std::hint::black_box(StepPlan::decode(bytes.as_slice())?);
         codec += t.elapsed();
         let t = Instant::now();
-        sched.apply(&plan, answer)?;
+        sched.apply(answer)?;
         plan = decode(&mut sched)?;
         scheduling += t.elapsed();
     }

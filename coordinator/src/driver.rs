@@ -86,8 +86,8 @@ impl<'a> Driver<'a> {
         on_token: &mut impl FnMut(usize, u32) -> Control,
     ) -> Result<()> {
         while let Some(plan) = self.scheduler.schedule()? {
-            let result = self.client.step(&plan).await?;
-            for s in self.scheduler.apply(&plan, result)? {
+            let result = self.client.step(plan).await?;
+            for s in self.scheduler.apply(result)? {
                 let i = s.token.seq_id as usize;
                 let out = &mut outputs[i];
                 out.generated_ids.push(s.token.token_id);
@@ -144,7 +144,7 @@ impl<'a> Driver<'a> {
                     return_logits: true,
                     ..Default::default()
                 };
-                let mut r = self.client.step(&plan).await?;
+                let mut r = self.client.step(plan).await?;
                 done += n;
                 if done >= prompt.len() {
                     rows.push(r.logits.pop().context("rank 0 returned no logits")?.values);

@@ -89,6 +89,14 @@ pub struct Sampled {
     pub finish: Option<FinishReason>,
 }
 
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    index: usize,
+    id: u64,
+    tokens: usize,
+    sample: bool,
+}
+
 pub struct Scheduler {
     blocks: BlockAllocator,
     waiting: VecDeque<Sequence>,
@@ -98,8 +106,9 @@ pub struct Scheduler {
     max_batch_tokens: usize,
     max_running: usize,
     next_step: u64,
-    /// Indices into `running` of the last plan's sequences, in plan order.
-    planned: Vec<usize>,
+    /// The last plan, in plan order: each sequence's index in `running`, its id, how many
+    /// tokens it feeds, and whether it samples.
+    planned: Vec<Planned>,
     /// Sequences the ranks hold block tables for that ended since the last plan.
     forgotten: Vec<u64>,
 }
@@ -262,7 +271,12 @@ impl Scheduler {
                 },
             });
             s.sent_blocks = s.table.len();
-            self.planned.push(i);
+            self.planned.push(Planned {
+                index: i,
+                id: s.id,
+                tokens: n,
+                sample,
+            });
         }
         if seqs.is_empty() {
             return Ok(None);
@@ -275,19 +289,24 @@ impl Scheduler {
         }))
     }
 
+    /// Ids of the last plan's sequences.
+    pub fn planned_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.planned.iter().map(|p| p.id)
+    }
+
     /// Applies rank 0's answer to the last planned step: advances every planned sequence,
     /// appends the sampled tokens, and retires sequences that reached EOS or their length.
-    pub fn apply(&mut self, plan: &StepPlan, result: StepResult) -> Result<Vec<Sampled>> {
+    pub fn apply(&mut self, result: StepResult) -> Result<Vec<Sampled>> {
         let mut tokens = result.tokens.into_iter();
         let mut out = Vec::new();
         let mut finished = false;
-        for (step, &i) in plan.seqs.iter().zip(&self.planned) {
-            let s = &mut self.running[i];
-            if s.id != step.seq_id {
+        for p in std::mem::take(&mut self.planned) {
+            let s = &mut self.running[p.index];
+            if s.id != p.id {
                 bail!("the plan no longer matches the running sequences");
             }
-            s.computed += step.token_ids.len();
-            if !step.sample {
+            s.computed += p.tokens;
+            if !p.sample {
                 continue;
             }
             let t = tokens
@@ -307,7 +326,6 @@ impl Scheduler {
             finished |= finish.is_some();
             out.push(Sampled { token: t, finish });
         }
-        self.planned.clear();
         if finished {
             for s in &out {
                 if s.finish.is_some() {
@@ -356,7 +374,7 @@ mod tests {
         let plan = s.schedule().unwrap().unwrap();
         assert_eq!(plan.seqs.len(), 1);
         assert!(plan.seqs[0].sample);
-        s.apply(&plan, answer(&plan)).unwrap();
+        s.apply(answer(&plan)).unwrap();
         s.add(Sequence::new(2, vec![5; 20], params(4))).unwrap();
         let plan = s.schedule().unwrap().unwrap();
         let lens: Vec<(u64, usize, bool)> = plan
@@ -366,7 +384,7 @@ mod tests {
             .collect();
         assert_eq!(lens, vec![(1, 1, true), (2, 7, false)]);
         assert_eq!(plan.seqs[1].start_pos, 0);
-        s.apply(&plan, answer(&plan)).unwrap();
+        s.apply(answer(&plan)).unwrap();
         let plan = s.schedule().unwrap().unwrap();
         assert_eq!(plan.seqs[1].start_pos, 7);
     }
@@ -377,7 +395,7 @@ mod tests {
         s.add(Sequence::new(7, vec![1; 5], params(3))).unwrap();
         let mut generated = Vec::new();
         while let Some(plan) = s.schedule().unwrap() {
-            for t in s.apply(&plan, answer(&plan)).unwrap() {
+            for t in s.apply(answer(&plan)).unwrap() {
                 generated.push((t.token.token_id, t.finish));
             }
         }
@@ -392,7 +410,7 @@ mod tests {
         p.stop_token_ids = vec![8];
         s.add(Sequence::new(7, vec![1; 5], p)).unwrap();
         let plan = s.schedule().unwrap().unwrap();
-        let out = s.apply(&plan, answer(&plan)).unwrap();
+        let out = s.apply(answer(&plan)).unwrap();
         assert_eq!(out[0].finish, Some(FinishReason::Eos));
         assert_eq!(s.num_free_blocks(), 16);
     }
@@ -406,7 +424,7 @@ mod tests {
         let plan = s.schedule().unwrap().unwrap();
         assert_eq!(plan.seqs.len(), 1, "the second must wait");
         assert_eq!((s.num_running(), s.num_waiting()), (1, 1));
-        s.apply(&plan, answer(&plan)).unwrap();
+        s.apply(answer(&plan)).unwrap();
         assert_eq!(s.num_free_blocks(), 2, "blocks are taken as positions fill");
         assert!(s.abort(1));
         assert_eq!(s.num_free_blocks(), 4);
@@ -427,7 +445,7 @@ mod tests {
                 q.append_blocks,
                 plan.finished_seq_ids.clone(),
             );
-            s.apply(&plan, answer(&plan)).unwrap();
+            s.apply(answer(&plan)).unwrap();
             out
         };
         // Prompt of 6: two blocks, whole. Then positions 6, 7 stay in block 2; 8 needs a third.
@@ -449,10 +467,10 @@ mod tests {
         s.add(Sequence::new(1, vec![3, 4, 5, 6, 7, 8], p)).unwrap();
         let plan = s.schedule().unwrap().unwrap();
         assert!(plan.seqs[0].context_token_ids.is_empty());
-        s.apply(&plan, answer(&plan)).unwrap();
+        s.apply(answer(&plan)).unwrap();
         let plan = s.schedule().unwrap().unwrap();
         assert_eq!(plan.seqs[0].context_token_ids, vec![3, 4, 5, 6, 7, 8]);
-        s.apply(&plan, answer(&plan)).unwrap();
+        s.apply(answer(&plan)).unwrap();
         let plan = s.schedule().unwrap().unwrap();
         assert_eq!(plan.seqs[0].context_token_ids, vec![3, 4, 5, 6, 7, 8, 2]);
         assert_eq!(plan.seqs[0].sampling.unwrap().output_index, 1);

@@ -15,7 +15,8 @@ use helios_proto::v1::{
     ModelInfoResponse, TokenizeRequest, TokenizeResponse,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
@@ -117,7 +118,11 @@ pub async fn serve(listener: TcpListener, serving: Serving, grace: Duration) -> 
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(generation)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        // Small messages (one token) must not wait for Nagle's algorithm.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await?;
     Ok(())
 }

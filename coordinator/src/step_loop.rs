@@ -114,19 +114,21 @@ impl StepLoop {
                 continue;
             };
             self.mark_scheduled(&plan);
-            let result = self.client.step(&plan).await;
+            let step_id = plan.step_id;
+            let result = self.client.step(plan).await;
             if failure.borrow().is_some() {
                 break;
             }
-            let sampled = result.and_then(|r| self.scheduler.apply(&plan, r));
+            let sampled = result.and_then(|r| self.scheduler.apply(r));
             match sampled {
                 Ok(sampled) => self.stream(sampled),
                 // Not a lost rank: a refused plan or a malformed answer. Only this step's
                 // sequences are failed; the replica goes on.
                 Err(e) => {
-                    tracing::error!("step {} failed: {e:#}", plan.step_id);
-                    for s in &plan.seqs {
-                        self.finish_with(s.seq_id, Status::internal(format!("{e:#}")));
+                    tracing::error!("step {step_id} failed: {e:#}");
+                    let ids: Vec<u64> = self.scheduler.planned_ids().collect();
+                    for id in ids {
+                        self.finish_with(id, Status::internal(format!("{e:#}")));
                     }
                 }
             }

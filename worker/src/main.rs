@@ -12,7 +12,7 @@ use clap::Parser;
 use helios_proto::v1::worker_server::WorkerServer;
 use helios_worker::comm::TcpListenerSlot;
 use helios_worker::service::WorkerService;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -77,9 +77,12 @@ async fn main() -> Result<()> {
                 .max_decoding_message_size(256 << 20)
                 .max_encoding_message_size(256 << 20),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                let _ = tokio::signal::ctrl_c().await;
+            },
+        )
         .await?;
     Ok(())
 }
