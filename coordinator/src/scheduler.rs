@@ -300,8 +300,11 @@ impl Scheduler {
         let mut tokens = result.tokens.into_iter();
         let mut out = Vec::new();
         let mut finished = false;
-        for p in std::mem::take(&mut self.planned) {
-            let s = &mut self.running[p.index];
+        // `planned` stays until the whole answer is applied: on an error the caller fails
+        // exactly these sequences.
+        for k in 0..self.planned.len() {
+            let p = self.planned[k];
+            let s = self.running.get_mut(p.index).context("planned sequence is gone")?;
             if s.id != p.id {
                 bail!("the plan no longer matches the running sequences");
             }
@@ -326,6 +329,10 @@ impl Scheduler {
             finished |= finish.is_some();
             out.push(Sampled { token: t, finish });
         }
+        if let Some(t) = tokens.next() {
+            bail!("rank 0 sampled for sequence {}, which did not ask", t.seq_id);
+        }
+        self.planned.clear();
         if finished {
             for s in &out {
                 if s.finish.is_some() {
@@ -431,6 +438,22 @@ mod tests {
         let plan = s.schedule().unwrap().unwrap();
         assert_eq!(plan.seqs[0].seq_id, 2);
         assert!(s.add(Sequence::new(3, vec![1; 16], params(1))).is_err());
+    }
+
+    #[test]
+    fn a_malformed_answer_is_an_error_naming_the_planned_sequences() {
+        let mut s = Scheduler::new(BlockAllocator::new(16, 4), 64, 16);
+        s.add(Sequence::new(3, vec![1; 2], params(4))).unwrap();
+        s.add(Sequence::new(4, vec![1; 2], params(4))).unwrap();
+        let plan = s.schedule().unwrap().unwrap();
+        let mut short = answer(&plan);
+        short.tokens.pop();
+        assert!(s.apply(short).is_err());
+        assert_eq!(s.planned_ids().collect::<Vec<_>>(), vec![3, 4]);
+        let plan = s.schedule().unwrap().unwrap();
+        let mut long = answer(&plan);
+        long.tokens.push(long.tokens[0].clone());
+        assert!(s.apply(long).is_err());
     }
 
     #[test]
