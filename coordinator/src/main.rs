@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use futures::{Stream, StreamExt};
 use helios_coordinator::local_workers::{LocalReplica, LocalWorkers};
+use helios_coordinator::output::ResponseStream;
 use helios_coordinator::server;
 use helios_coordinator::serving::{Serving, ServingOptions};
 use helios_coordinator::sharded_client::{InitOptions, ShardedClient};
@@ -268,7 +269,7 @@ async fn coordinator(a: CoordinatorArgs) -> Result<()> {
     listen_and_serve(&a.listen, serving, &what).await
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+type AnyResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
 
 /// Where `helios generate` sends its request.
 enum Backend {
@@ -285,12 +286,10 @@ impl Backend {
         })
     }
 
-    async fn generate(&mut self, req: GenerateRequest) -> Result<ResponseStream, Status> {
+    async fn generate(&mut self, req: GenerateRequest) -> Result<AnyResponseStream, Status> {
         Ok(match self {
             Backend::Remote(c) => Box::pin(c.generate_stream(req).await?.into_inner()),
-            Backend::Local(s, _) => Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(
-                s.generate(req).await?,
-            )),
+            Backend::Local(s, _) => Box::pin(ResponseStream::new(s.generate(req).await?)),
         })
     }
 }

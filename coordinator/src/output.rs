@@ -180,6 +180,51 @@ pub fn wire_finish(reason: FinishReason) -> WireFinish {
     }
 }
 
+/// A request's responses as a stream that always ends with a finish reason or an error: if
+/// the sending side vanished without either (a bug in the step loop), the client is told so
+/// instead of seeing a stream that simply stops.
+pub struct ResponseStream {
+    rx: ResponseReceiver,
+    ended: bool,
+}
+
+impl ResponseStream {
+    pub fn new(rx: ResponseReceiver) -> Self {
+        Self { rx, ended: false }
+    }
+}
+
+impl futures::Stream for ResponseStream {
+    type Item = Result<GenerateResponse, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(item)) => {
+                let last = match &item {
+                    Ok(r) => r.finish_reason != WireFinish::Unspecified as i32,
+                    Err(_) => true,
+                };
+                self.ended = last;
+                Poll::Ready(Some(item))
+            }
+            Poll::Ready(None) => {
+                self.ended = true;
+                Poll::Ready(Some(Err(Status::internal(
+                    "the request ended without a finish reason (the server lost it)",
+                ))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 /// Folds a stream's responses into the one answer of the unary `Generate`.
 pub async fn collect(mut rx: ResponseReceiver) -> Result<GenerateResponse, Status> {
     let mut whole = GenerateResponse::default();
@@ -199,4 +244,37 @@ pub async fn collect(mut rx: ResponseReceiver) -> Result<GenerateResponse, Statu
     Err(Status::internal(
         "the request ended without a finish reason",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    fn response(finish: WireFinish) -> Result<GenerateResponse, Status> {
+        Ok(GenerateResponse {
+            finish_reason: finish as i32,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn a_stream_that_stops_without_a_finish_reason_ends_in_an_error() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(response(WireFinish::Unspecified)).unwrap();
+        drop(tx);
+        let items: Vec<_> = futures::executor::block_on(ResponseStream::new(rx).collect());
+        assert_eq!(items.len(), 2);
+        assert!(items[0].is_ok());
+        let e = items[1].as_ref().unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Internal);
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(response(WireFinish::Unspecified)).unwrap();
+        tx.send(response(WireFinish::Eos)).unwrap();
+        drop(tx);
+        let items: Vec<_> = futures::executor::block_on(ResponseStream::new(rx).collect());
+        assert_eq!(items.len(), 2);
+        assert!(items.iter().all(Result::is_ok));
+    }
 }

@@ -304,7 +304,10 @@ impl Scheduler {
         // exactly these sequences.
         for k in 0..self.planned.len() {
             let p = self.planned[k];
-            let s = self.running.get_mut(p.index).context("planned sequence is gone")?;
+            let s = self
+                .running
+                .get_mut(p.index)
+                .context("planned sequence is gone")?;
             if s.id != p.id {
                 bail!("the plan no longer matches the running sequences");
             }
@@ -330,7 +333,10 @@ impl Scheduler {
             out.push(Sampled { token: t, finish });
         }
         if let Some(t) = tokens.next() {
-            bail!("rank 0 sampled for sequence {}, which did not ask", t.seq_id);
+            bail!(
+                "rank 0 sampled for sequence {}, which did not ask",
+                t.seq_id
+            );
         }
         self.planned.clear();
         if finished {

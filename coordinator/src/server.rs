@@ -15,12 +15,11 @@ use helios_proto::v1::{
     ModelInfoResponse, TokenizeRequest, TokenizeResponse,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
-use crate::output::collect;
+use crate::output::{collect, ResponseStream};
 use crate::serving::Serving;
 use crate::step_loop::ReplicaState;
 
@@ -42,7 +41,7 @@ impl Generation for GenerationService {
         Ok(Response::new(collect(rx).await?))
     }
 
-    type GenerateStreamStream = UnboundedReceiverStream<Result<GenerateResponse, Status>>;
+    type GenerateStreamStream = ResponseStream;
 
     #[tracing::instrument(skip_all, fields(request_id = %req.get_ref().request_id))]
     async fn generate_stream(
@@ -50,7 +49,7 @@ impl Generation for GenerationService {
         req: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let rx = self.serving.generate(req.into_inner()).await?;
-        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+        Ok(Response::new(ResponseStream::new(rx)))
     }
 
     async fn tokenize(

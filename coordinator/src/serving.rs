@@ -83,7 +83,16 @@ impl Serving {
             stats.clone(),
             state.clone(),
         );
-        tokio::spawn(step_loop.run());
+        let task = tokio::spawn(step_loop.run());
+        // A step loop that panics (a bug) takes the replica down visibly: health, ModelInfo
+        // and new requests say so, and streams in flight end with an error (ResponseStream).
+        let supervised = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = task.await {
+                tracing::error!("the step loop failed: {e}");
+                supervised.send_replace(ReplicaState::Down(format!("the step loop failed: {e}")));
+            }
+        });
         Self {
             tokenizer,
             limits,
