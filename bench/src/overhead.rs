@@ -444,20 +444,7 @@ impl Breakdown {
 
 /// Rank 0's answer to a plan, as a fake rank gives it.
 fn sample_all(plan: &StepPlan, text: &[u32]) -> StepResult {
-    StepResult {
-        step_id: plan.step_id,
-        tokens: plan
-            .seqs
-            .iter()
-            .filter(|s| s.sample)
-            .map(|s| SampledToken {
-                seq_id: s.seq_id,
-                token_id: text[s.seq_id as usize % text.len()],
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    }
+    helios_coordinator::scheduler::answer_with(plan, |s| text[s.seq_id as usize % text.len()])
 }
 
 /// `seqs` sequences at `context` positions each (prefilled by the real scheduler in one step),

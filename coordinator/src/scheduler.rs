@@ -350,6 +350,25 @@ impl Scheduler {
     }
 }
 
+/// Rank 0's answer to `plan` with `token(seq)` for every sequence that samples: the shape of a
+/// real answer, for fake engines (benchmarks, tests).
+pub fn answer_with(plan: &StepPlan, token: impl Fn(&SequenceStep) -> u32) -> StepResult {
+    StepResult {
+        step_id: plan.step_id,
+        tokens: plan
+            .seqs
+            .iter()
+            .filter(|s| s.sample)
+            .map(|s| SampledToken {
+                seq_id: s.seq_id,
+                token_id: token(s),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,20 +383,7 @@ mod tests {
 
     /// A fake rank 0: samples `seq_id + 1` for every sequence that asks.
     fn answer(plan: &StepPlan) -> StepResult {
-        StepResult {
-            step_id: plan.step_id,
-            tokens: plan
-                .seqs
-                .iter()
-                .filter(|s| s.sample)
-                .map(|s| SampledToken {
-                    seq_id: s.seq_id,
-                    token_id: s.seq_id as u32 + 1,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        }
+        answer_with(plan, |s| s.seq_id as u32 + 1)
     }
 
     #[test]
