@@ -18,8 +18,9 @@
 //!
 //! A second table takes the step apart in-process at fixed context lengths: the scheduler's
 //! schedule + apply, encoding and decoding the plan (what each side of the gRPC call does), and
-//! the encoded plan size, which grows with the context because every step carries each
-//! sequence's whole block table. A third: streaming one token (detokenize, stop check, response).
+//! the encoded plan size (a sequence's block table travels once, then only the blocks it gains,
+//! so a decode step's size does not grow with the context). A third: streaming one token
+//! (detokenize, stop check, response).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
