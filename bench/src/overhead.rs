@@ -532,7 +532,7 @@ fn push_cost(model: &std::path::Path, text: &[u32]) -> Result<f64> {
             },
             finish: None,
         };
-        out.push(&tokenizer, &s)?;
+        out.push(&tokenizer, s)?;
         if i % 256 == 255 {
             while rx.try_recv().is_ok() {}
         }

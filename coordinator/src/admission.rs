@@ -209,6 +209,7 @@ pub fn admit(
                 frequency_penalty: p.frequency_penalty,
                 presence_penalty: p.presence_penalty,
                 top_logprobs: p.logprobs.unwrap_or(0),
+                logprobs: p.logprobs.is_some(),
             },
             stop_token_ids,
         },

@@ -29,7 +29,6 @@ pub enum Control {
 #[derive(Debug, Clone)]
 pub struct Output {
     pub generated_ids: Vec<u32>,
-    pub logprobs: Vec<f32>,
     pub finish_reason: FinishReason,
 }
 
@@ -54,7 +53,6 @@ impl<'a> Driver<'a> {
             .iter()
             .map(|_| Output {
                 generated_ids: Vec::new(),
-                logprobs: Vec::new(),
                 finish_reason: FinishReason::Length,
             })
             .collect();
@@ -91,7 +89,6 @@ impl<'a> Driver<'a> {
                 let i = s.token.seq_id as usize;
                 let out = &mut outputs[i];
                 out.generated_ids.push(s.token.token_id);
-                out.logprobs.push(s.token.logprob);
                 let control = on_token(i, s.token.token_id);
                 match s.finish {
                     Some(reason) => out.finish_reason = reason,

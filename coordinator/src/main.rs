@@ -400,14 +400,11 @@ async fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn finish_reason_name(r: FinishReason) -> &'static str {
-    match r {
-        FinishReason::Length => "length",
-        FinishReason::Stop => "stop",
-        FinishReason::Eos => "eos",
-        FinishReason::Cancelled => "cancelled",
-        FinishReason::Unspecified => "unspecified",
-    }
+/// `length`, `stop`, `eos`, `cancelled`: the proto name without its prefix.
+fn finish_reason_name(r: FinishReason) -> String {
+    r.as_str_name()
+        .trim_start_matches("FINISH_REASON_")
+        .to_ascii_lowercase()
 }
 
 async fn logits(a: LogitsArgs) -> Result<()> {

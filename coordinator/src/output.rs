@@ -102,7 +102,7 @@ impl RequestOutput {
 
     /// Streams one sampled token; returns how the request ended, if it did (the scheduler's
     /// reason, or a stop string found in the text).
-    pub fn push(&mut self, tokenizer: &TextTokenizer, s: &Sampled) -> Result<Option<FinishReason>> {
+    pub fn push(&mut self, tokenizer: &TextTokenizer, s: Sampled) -> Result<Option<FinishReason>> {
         let now = Instant::now();
         self.first_token.get_or_insert(now);
         self.completion_tokens += 1;
@@ -122,7 +122,7 @@ impl RequestOutput {
                 token_id: s.token.token_id,
                 logprob: s.token.logprob,
             }),
-            top: s.token.top_logprobs.clone(),
+            top: s.token.top_logprobs,
         });
         let mut resp = GenerateResponse {
             request_id: self.request_id.clone(),

@@ -36,16 +36,6 @@ pub struct SequenceParams {
     pub stop_token_ids: Vec<u32>,
 }
 
-impl SequenceParams {
-    /// Penalties need the sequence's tokens on rank 0.
-    fn penalized(&self) -> bool {
-        let s = &self.sampling;
-        (s.repetition_penalty != 0.0 && s.repetition_penalty != 1.0)
-            || s.frequency_penalty != 0.0
-            || s.presence_penalty != 0.0
-    }
-}
-
 pub struct Sequence {
     pub id: u64,
     /// Prompt then generated tokens.
@@ -72,7 +62,7 @@ impl Sequence {
         }
     }
 
-    pub fn generated(&self) -> &[u32] {
+    fn generated(&self) -> &[u32] {
         &self.tokens[self.prompt_len..]
     }
 
@@ -129,16 +119,12 @@ impl Scheduler {
     }
 
     /// Blocks a sequence of `tokens` positions needs.
-    pub fn blocks_for(&self, tokens: usize) -> usize {
+    fn blocks_for(&self, tokens: usize) -> usize {
         tokens.div_ceil(self.blocks.block_size())
     }
 
     pub fn max_batch_tokens(&self) -> usize {
         self.max_batch_tokens
-    }
-
-    pub fn num_total_blocks(&self) -> usize {
-        self.blocks.num_total()
     }
 
     pub fn num_free_blocks(&self) -> usize {
@@ -188,18 +174,12 @@ impl Scheduler {
         }
     }
 
-    /// Drops every sequence (the replica failed); returns their ids.
-    pub fn abort_all(&mut self) -> Vec<u64> {
-        let ids: Vec<u64> = self
-            .running
-            .iter()
-            .chain(&self.waiting)
-            .map(|s| s.id)
-            .collect();
-        for id in &ids {
-            self.abort(*id);
+    /// Drops every sequence and frees their blocks.
+    pub fn abort_all(&mut self) {
+        self.waiting.clear();
+        for mut s in std::mem::take(&mut self.running) {
+            self.release(&mut s);
         }
-        ids
     }
 
     /// The allocator, for callers that plan their own steps (teacher forcing) on an idle
@@ -264,7 +244,7 @@ impl Scheduler {
                 append_blocks: s.sent_blocks > 0,
                 sample,
                 sampling: Some(sampling),
-                context_token_ids: if sample && s.params.penalized() {
+                context_token_ids: if sample && s.params.sampling.penalized() {
                     s.tokens.clone()
                 } else {
                     Vec::new()

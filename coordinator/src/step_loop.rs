@@ -193,11 +193,12 @@ impl StepLoop {
                 self.scheduler.abort(id);
                 continue;
             };
-            match out.push(&self.tokenizer, &s) {
+            let retired = s.finish.is_some();
+            match out.push(&self.tokenizer, s) {
                 Ok(None) => {}
                 Ok(Some(_)) => {
                     // The scheduler already retired sequences at EOS or length.
-                    if s.finish.is_none() {
+                    if !retired {
                         self.scheduler.abort(id);
                     }
                     self.outputs.remove(&id);

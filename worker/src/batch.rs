@@ -10,7 +10,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use helios_proto::v1::{SamplingParams, StepPlan};
 
-use crate::sampling;
+use crate::block_tables::TableView;
 
 /// What a plan is checked against.
 #[derive(Debug, Clone, Copy)]
@@ -92,7 +92,7 @@ fn check_sampling(
             lim.vocab_size
         )));
     }
-    if sample && sampling::penalties_active(p) && context.len() < p.output_index as usize {
+    if sample && p.penalized() && context.len() < p.output_index as usize {
         return Err(invalid(format!(
             "sequence {id} has a penalty and {} output tokens, but a context of {}",
             p.output_index,
@@ -103,11 +103,11 @@ fn check_sampling(
 }
 
 impl StepBatch {
-    /// Lays out `plan`; `tables[i]` is the whole block table of `plan.seqs[i]` (see
+    /// Lays out `plan`; `tables[i]` is the block table of `plan.seqs[i]` (see
     /// [`crate::block_tables`]).
     pub fn build(
         plan: &StepPlan,
-        tables: &[Vec<u32>],
+        tables: &[TableView<'_>],
         lim: &BatchLimits,
         dtype: DType,
         device: &Device,
@@ -155,13 +155,14 @@ impl StepBatch {
                     table.len()
                 )));
             }
-            if let Some(b) = table.iter().find(|&&b| b as usize >= lim.num_blocks) {
+            // Kept blocks were checked when they arrived.
+            if let Some(b) = table.added.iter().find(|&&b| b as usize >= lim.num_blocks) {
                 return Err(invalid(format!(
                     "sequence {id}: block {b} is beyond the cache's {} blocks",
                     lim.num_blocks
                 )));
             }
-            let slot = |p: usize| table[p / bs] * bs as u32 + (p % bs) as u32;
+            let slot = |p: usize| table.get(p / bs) * bs as u32 + (p % bs) as u32;
             let q_start = tokens.len();
             for (j, &t) in s.token_ids.iter().enumerate() {
                 let p = start + j;
@@ -242,7 +243,11 @@ mod tests {
             }],
             ..Default::default()
         };
-        StepBatch::build(&plan, &[vec![0]], &LIM, DType::F32, &Device::Cpu)
+        let table = TableView {
+            kept: &[],
+            added: &[0],
+        };
+        StepBatch::build(&plan, &[table], &LIM, DType::F32, &Device::Cpu)
     }
 
     fn refused(r: Result<StepBatch>) -> bool {

@@ -19,45 +19,76 @@ pub struct BlockTables {
     tables: HashMap<u64, Vec<u32>>,
 }
 
+/// One sequence's whole block table for a step, without copying it: the blocks this rank
+/// kept, then those the step adds.
+#[derive(Debug, Clone, Copy)]
+pub struct TableView<'a> {
+    pub kept: &'a [u32],
+    pub added: &'a [u32],
+}
+
+impl TableView<'_> {
+    pub fn len(&self) -> usize {
+        self.kept.len() + self.added.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The physical block of logical block `i` (`i < len()`).
+    pub fn get(&self, i: usize) -> u32 {
+        match self.kept.get(i) {
+            Some(&b) => b,
+            None => self.added[i - self.kept.len()],
+        }
+    }
+}
+
 impl BlockTables {
-    /// Each sequence's whole table for `plan`, in plan order (nothing is changed yet).
-    pub fn resolve(&self, plan: &StepPlan) -> Result<Vec<Vec<u32>>> {
+    /// Each sequence's table for `plan`, in plan order; nothing changes until [`Self::commit`].
+    pub fn resolve<'a>(&'a self, plan: &'a StepPlan) -> Result<Vec<TableView<'a>>> {
         plan.seqs
             .iter()
             .map(|s| {
-                if !s.append_blocks {
-                    return Ok(s.block_table.clone());
-                }
-                let kept = self.tables.get(&s.seq_id).ok_or_else(|| {
-                    invalid(format!(
-                        "sequence {} appends blocks to a table this rank does not have",
-                        s.seq_id
-                    ))
-                })?;
-                let mut t = Vec::with_capacity(kept.len() + s.block_table.len());
-                t.extend_from_slice(kept);
-                t.extend_from_slice(&s.block_table);
-                Ok(t)
+                let kept: &[u32] = if s.append_blocks {
+                    self.tables.get(&s.seq_id).ok_or_else(|| {
+                        invalid(format!(
+                            "sequence {} appends blocks to a table this rank does not have",
+                            s.seq_id
+                        ))
+                    })?
+                } else {
+                    &[]
+                };
+                Ok(TableView {
+                    kept,
+                    added: &s.block_table,
+                })
             })
             .collect()
     }
 
-    /// Keeps `tables` (from [`Self::resolve`]) and forgets the plan's finished sequences.
-    pub fn commit(&mut self, plan: &StepPlan, tables: Vec<Vec<u32>>) {
+    /// Takes in a plan that [`Self::resolve`] accepted: extends or replaces its sequences'
+    /// tables and forgets its finished ones.
+    pub fn commit(&mut self, plan: &StepPlan) {
         for id in &plan.finished_seq_ids {
             self.tables.remove(id);
         }
-        for (s, t) in plan.seqs.iter().zip(tables) {
-            self.tables.insert(s.seq_id, t);
+        for s in &plan.seqs {
+            if s.append_blocks {
+                if let Some(t) = self.tables.get_mut(&s.seq_id) {
+                    t.extend_from_slice(&s.block_table);
+                }
+            } else {
+                self.tables.insert(s.seq_id, s.block_table.clone());
+            }
         }
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.tables.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tables.is_empty()
     }
 }
 
@@ -75,6 +106,15 @@ mod tests {
         }
     }
 
+    /// Every sequence's whole table, through the views.
+    fn whole(t: &BlockTables, plan: &StepPlan) -> Vec<Vec<u32>> {
+        t.resolve(plan)
+            .unwrap()
+            .iter()
+            .map(|v| (0..v.len()).map(|i| v.get(i)).collect())
+            .collect()
+    }
+
     #[test]
     fn tables_are_sent_once_then_extended_then_forgotten() {
         let mut t = BlockTables::default();
@@ -82,16 +122,14 @@ mod tests {
             seqs: vec![step(1, vec![4, 5], false), step(2, vec![9], false)],
             ..Default::default()
         };
-        let r = t.resolve(&first).unwrap();
-        assert_eq!(r, vec![vec![4, 5], vec![9]]);
-        t.commit(&first, r);
+        assert_eq!(whole(&t, &first), vec![vec![4, 5], vec![9]]);
+        t.commit(&first);
         let next = StepPlan {
             seqs: vec![step(1, vec![], true), step(2, vec![3], true)],
             ..Default::default()
         };
-        let r = t.resolve(&next).unwrap();
-        assert_eq!(r, vec![vec![4, 5], vec![9, 3]]);
-        t.commit(&next, r);
+        assert_eq!(whole(&t, &next), vec![vec![4, 5], vec![9, 3]]);
+        t.commit(&next);
         let unknown = StepPlan {
             seqs: vec![step(7, vec![1], true)],
             ..Default::default()
@@ -103,21 +141,18 @@ mod tests {
             finished_seq_ids: vec![2],
             ..Default::default()
         };
-        let r = t.resolve(&after).unwrap();
-        t.commit(&after, r);
+        t.resolve(&after).unwrap();
+        t.commit(&after);
         assert_eq!(t.len(), 1);
         let again = StepPlan {
             seqs: vec![step(2, vec![], true)],
             ..Default::default()
         };
         assert!(t.resolve(&again).is_err(), "a finished table must be gone");
-        assert_eq!(
-            t.resolve(&StepPlan {
-                seqs: vec![step(1, vec![], true)],
-                ..Default::default()
-            })
-            .unwrap(),
-            vec![vec![4, 5, 6]]
-        );
+        let last = StepPlan {
+            seqs: vec![step(1, vec![], true)],
+            ..Default::default()
+        };
+        assert_eq!(whole(&t, &last), vec![vec![4, 5, 6]]);
     }
 }

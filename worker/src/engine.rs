@@ -132,8 +132,9 @@ impl Engine {
         let device = self.model.embed_device();
         let tables = self.tables.resolve(plan)?;
         let batch = StepBatch::build(plan, &tables, &self.limits, self.model.dtype, &device)?;
+        drop(tables);
         // Valid: from here the plan runs, so this rank's tables move on with it.
-        self.tables.commit(plan, tables);
+        self.tables.commit(plan);
         let logits = self
             .model
             .forward(&batch, &self.cache, self.comm.as_mut())?;

@@ -451,6 +451,19 @@ mod tests {
     }
 
     /// Random Q4_1 bytes and the f32 weights they stand for.
+    /// `n` activations: `i * step % modulus`, centred, divided by `div`.
+    fn activations(n: usize, step: usize, modulus: usize, div: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * step % modulus) as f32 - (modulus / 2) as f32) / div)
+            .collect()
+    }
+
+    /// `m` applied to the tokens of `x` (`cols` values each), as rows.
+    fn apply(m: &QuantMatrix, x: &[f32], cols: usize) -> Vec<Vec<f32>> {
+        let xt = Tensor::from_vec(x.to_vec(), (x.len() / cols, cols), &Device::Cpu).unwrap();
+        m.forward(&xt).unwrap().to_vec2::<f32>().unwrap()
+    }
+
     fn random_q41(rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
         let mut next = lcg(seed);
         let mut bytes = Vec::new();
@@ -476,15 +489,9 @@ mod tests {
     fn matches_the_dense_product_within_activation_rounding() {
         let (rows, cols, t) = (37, 256, 5);
         let (bytes, w) = random_q41(rows, cols, 1);
-        let x: Vec<f32> = (0..t * cols)
-            .map(|i| ((i * 7 % 23) as f32 - 11.0) / 7.0)
-            .collect();
+        let x = activations(t * cols, 7, 23, 7.0);
         let m = QuantMatrix::new(Format::Q4_1, bytes, rows, cols).unwrap();
-        let got = m
-            .forward(&Tensor::from_vec(x.clone(), (t, cols), &Device::Cpu).unwrap())
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
+        let got = apply(&m, &x, cols);
         assert_close_to_dense(&got, &w, &x, cols);
     }
 
@@ -492,22 +499,10 @@ mod tests {
     fn simd_and_scalar_agree_and_rows_do_not_depend_on_the_batch() {
         let (rows, cols) = (8, 128);
         let (bytes, _) = random_q41(rows, cols, 2);
-        let x: Vec<f32> = (0..3 * cols)
-            .map(|i| ((i * 13 % 31) as f32 - 15.0) / 9.0)
-            .collect();
+        let x = activations(3 * cols, 13, 31, 9.0);
         let m = QuantMatrix::new(Format::Q4_1, bytes.clone(), rows, cols).unwrap();
-        let all = m
-            .forward(&Tensor::from_vec(x.clone(), (3, cols), &Device::Cpu).unwrap())
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let one = m
-            .forward(
-                &Tensor::from_vec(x[cols..2 * cols].to_vec(), (1, cols), &Device::Cpu).unwrap(),
-            )
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
+        let all = apply(&m, &x, cols);
+        let one = apply(&m, &x[cols..2 * cols], cols);
         // One token goes through the two-row decode kernel, three through the token-group one.
         assert_eq!(all[1], one[0], "a row's result depends on the batch");
         let nb = cols / BLOCK;
@@ -531,9 +526,7 @@ mod tests {
     fn segments_equal_separate_matrices_and_stacking_equals_separate_calls() {
         let (rows, cols, t) = (5, 192, 3);
         let (bytes, _) = random_q41(rows, cols, 3);
-        let x: Vec<f32> = (0..t * cols)
-            .map(|i| ((i * 17 % 29) as f32 - 14.0) / 5.0)
-            .collect();
+        let x = activations(t * cols, 17, 29, 5.0);
         let xt = Tensor::from_vec(x.clone(), (t, cols), &Device::Cpu).unwrap();
         let whole = QuantMatrix::new(Format::Q4_1, bytes.clone(), rows, cols).unwrap();
         let segs = whole
@@ -592,9 +585,7 @@ mod tests {
     fn q8_0_matches_the_dense_product_and_its_scalar_path() {
         let (rows, cols, t) = (9, 128, 3);
         let (bytes, w) = random_q80(rows, cols, 5);
-        let x: Vec<f32> = (0..t * cols)
-            .map(|i| ((i * 11 % 19) as f32 - 9.0) / 4.0)
-            .collect();
+        let x = activations(t * cols, 11, 19, 4.0);
         let m = QuantMatrix::new(Format::Q8_0, bytes.clone(), rows, cols).unwrap();
         let xt = Tensor::from_vec(x.clone(), (t, cols), &Device::Cpu).unwrap();
         let got = m.forward(&xt).unwrap().to_vec2::<f32>().unwrap();
