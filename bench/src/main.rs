@@ -13,6 +13,7 @@
 
 mod fake_worker;
 mod overhead;
+mod sampling;
 mod serve_load;
 
 use std::path::PathBuf;
@@ -42,6 +43,8 @@ enum Command {
     Overhead(overhead::OverheadArgs),
     /// End-to-end output tokens/s, TTFT and TPOT of a running `helios serve` (closed loop).
     Serve(serve_load::ServeArgs),
+    /// Rank 0's cost of choosing one token, on the default model's real logits.
+    Sampling(sampling::SamplingArgs),
 }
 
 #[derive(clap::Args)]
@@ -95,6 +98,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Engine(a) => runtime()?.block_on(engine(a)),
         Command::Kernel(a) => kernel(a),
+        Command::Sampling(a) => sampling::run(a),
         // Builds a runtime per configuration.
         Command::Overhead(a) => overhead::run(a),
         Command::Serve(a) => runtime()?.block_on(serve_load::run(a)),
@@ -102,7 +106,7 @@ fn main() -> Result<()> {
 }
 
 /// Deterministic pseudo-random token ids below `vocab`.
-fn prompt(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
+pub(crate) fn prompt(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
     (0..n)
         .map(|i| ((i * 7919 + salt * 104_729 + 17) % (vocab - 1000) + 500) as u32)
         .collect()
