@@ -142,7 +142,7 @@ fn record(recorder: &Recorder, plan: &StepPlan) {
         all_decode: plan
             .seqs
             .iter()
-            .all(|s| s.sample && s.token_ids.len() == 1 && s.start_pos > 0),
+            .all(|s| s.sample && (s.token_ids.len() == 1 || s.feed_sampled) && s.start_pos > 0),
         plan_bytes: plan.encoded_len(),
         context_positions: plan.seqs.iter().map(|s| u64::from(s.start_pos)).sum(),
         probe: recorder.probe.load(Ordering::Relaxed),

@@ -29,9 +29,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use helios_coordinator::admission::Admitted;
-use helios_coordinator::block_manager::BlockAllocator;
+use helios_coordinator::block_manager::BlockManager;
 use helios_coordinator::output::RequestOutput;
-use helios_coordinator::scheduler::{Sampled, Scheduler, Sequence, SequenceParams};
+use helios_coordinator::scheduler::{
+    Sampled, Scheduler, SchedulerConfig, Sequence, SequenceParams,
+};
 use helios_coordinator::server;
 use helios_coordinator::serving::{Serving, ServingOptions};
 use helios_coordinator::sharded_client::{InitOptions, ShardedClient};
@@ -288,8 +290,12 @@ async fn measure(
     // `helios serve`'s defaults, raised only where a configuration needs more.
     let opts = ServingOptions {
         model_name: "fake".into(),
-        max_batch_tokens: 512.max(seqs),
-        max_running: 256.max(seqs),
+        scheduler: SchedulerConfig {
+            max_batch_tokens: 512.max(seqs),
+            max_running: 256.max(seqs),
+            ..Default::default()
+        },
+        overlap: true,
     };
     let serving = Serving::start(client, &info, tokenizer, &opts);
 
@@ -309,7 +315,7 @@ async fn measure(
         ClientKind::Channel => {
             for i in 0..seqs {
                 let mut rx = serving
-                    .generate(request(i))
+                    .generate(request(i), None)
                     .await
                     .map_err(|s| anyhow::anyhow!("generate: {}", s.message()))?;
                 let recorder = recorder.clone();
@@ -456,9 +462,12 @@ fn breakdown(seqs: usize, context: usize, text: &[u32]) -> Result<Breakdown> {
     let final_len = context + STEPS + 8;
     let blocks = seqs * final_len.div_ceil(block_size);
     let mut sched = Scheduler::new(
-        BlockAllocator::new(blocks, block_size),
-        seqs * context,
-        seqs,
+        BlockManager::new(blocks, block_size),
+        SchedulerConfig {
+            max_batch_tokens: seqs * context,
+            max_running: seqs,
+            ..Default::default()
+        },
     );
     for i in 0..seqs {
         let prompt: Vec<u32> = (0..context).map(|j| text[(i + j) % text.len()]).collect();
@@ -466,6 +475,7 @@ fn breakdown(seqs: usize, context: usize, text: &[u32]) -> Result<Breakdown> {
             max_new_tokens: STEPS + 8,
             sampling: SamplingParams::default(),
             stop_token_ids: Vec::new(),
+            ..Default::default()
         };
         sched.add(Sequence::new(i as u64, prompt, params))?;
     }

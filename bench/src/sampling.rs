@@ -38,12 +38,7 @@ pub fn run(a: SamplingArgs) -> Result<()> {
         return_logits: true,
         ..Default::default()
     };
-    let logits = engine
-        .step(&plan)?
-        .logits
-        .pop()
-        .context("no logits")?
-        .values;
+    let logits = engine.step(plan)?.logits.pop().context("no logits")?.values;
     let p = |temperature: f32| SamplingParams {
         temperature,
         seed: Some(1),

@@ -212,6 +212,8 @@ pub fn admit(
                 logprobs: p.logprobs.is_some(),
             },
             stop_token_ids,
+            priority: req.priority,
+            deadline: None,
         },
         stop: p.stop,
         logprobs: p.logprobs,

@@ -64,13 +64,14 @@ impl<'a> Driver<'a> {
                 max_new_tokens: req.max_new_tokens,
                 sampling: req.sampling,
                 stop_token_ids: req.stop_token_ids,
+                ..Default::default()
             };
             if let Err(e) = self
                 .scheduler
                 .add(Sequence::new(i as u64, req.prompt_ids, params))
             {
                 self.scheduler.abort_all();
-                return Err(e);
+                return Err(e.into());
             }
         }
         let result = self.run_all(&mut outputs, &mut on_token).await;

@@ -13,6 +13,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::driver::Driver;
+use crate::scheduler::SchedulerConfig;
 use crate::sharded_client::{InitOptions, ReplicaInfo, ShardedClient};
 
 pub struct LocalWorkers {
@@ -122,7 +123,13 @@ impl LocalReplica {
 
     /// A step loop over all of this replica's KV blocks.
     pub fn driver(&mut self, max_batch_tokens: usize) -> Driver<'_> {
-        let scheduler = self.info.scheduler(max_batch_tokens, usize::MAX);
+        let scheduler = self.info.scheduler(SchedulerConfig {
+            max_batch_tokens,
+            max_running: usize::MAX,
+            max_waiting: usize::MAX,
+            // Logits and benchmarks measure the model, never the cache.
+            prefix_caching: false,
+        });
         Driver::new(&mut self.client, scheduler)
     }
 }

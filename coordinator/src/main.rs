@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 use futures::{Stream, StreamExt};
 use helios_coordinator::local_workers::{LocalReplica, LocalWorkers};
 use helios_coordinator::output::ResponseStream;
+use helios_coordinator::scheduler::SchedulerConfig;
 use helios_coordinator::server;
 use helios_coordinator::serving::{Serving, ServingOptions};
 use helios_coordinator::sharded_client::{InitOptions, ShardedClient};
@@ -72,6 +73,16 @@ struct ReplicaArgs {
     /// Most sequences in one step.
     #[arg(long, default_value_t = 256)]
     max_running: usize,
+    /// Most requests waiting for a place; beyond it new requests get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024)]
+    max_waiting: usize,
+    /// Recompute every prompt instead of reusing the KV of cached prefixes.
+    #[arg(long)]
+    no_prefix_caching: bool,
+    /// Plan each step only after the previous one is answered (the ranks idle meanwhile);
+    /// for comparison with the default overlap.
+    #[arg(long)]
+    no_overlap: bool,
 }
 
 impl ReplicaArgs {
@@ -88,8 +99,13 @@ impl ReplicaArgs {
     fn serving_options(&self) -> ServingOptions {
         ServingOptions {
             model_name: self.model.to_string_lossy().into_owned(),
-            max_batch_tokens: self.max_batch_tokens,
-            max_running: self.max_running,
+            scheduler: SchedulerConfig {
+                max_batch_tokens: self.max_batch_tokens,
+                max_running: self.max_running,
+                max_waiting: self.max_waiting,
+                prefix_caching: !self.no_prefix_caching,
+            },
+            overlap: !self.no_overlap,
         }
     }
 }
@@ -289,7 +305,7 @@ impl Backend {
     async fn generate(&mut self, req: GenerateRequest) -> Result<AnyResponseStream, Status> {
         Ok(match self {
             Backend::Remote(c) => Box::pin(c.generate_stream(req).await?.into_inner()),
-            Backend::Local(s, _) => Box::pin(ResponseStream::new(s.generate(req).await?)),
+            Backend::Local(s, _) => Box::pin(ResponseStream::new(s.generate(req, None).await?)),
         })
     }
 }

@@ -1,20 +1,30 @@
 //! Where a request waits, and what each step computes: iteration-level scheduling over the paged
 //! KV cache (vLLM V1's shape).
 //!
-//! A sequence waits in `waiting` (FCFS) until the KV cache can promise it every block it may
-//! need (prompt + max_new_tokens), then runs. Each step fills a token budget: one token for every
-//! running sequence whose prompt is done (decode), then chunks of prompts still being read
-//! (chunked prefill). Reserving a sequence's final size at admission means a running sequence
-//! never runs out of blocks mid-generation; blocks themselves are taken only as positions are
-//! written, so `free` blocks in ModelInfo are the truth. Preemption, which would let the cache
-//! be overcommitted, comes with the scheduler issue.
+//! - **Waiting**: ordered by (priority, arrival); lower priority values run first, FCFS within a
+//!   priority. The head is admitted when its next prompt chunk fits in the free blocks; it
+//!   first takes whatever full blocks of its tokens the prefix cache holds.
+//! - **Each step** fills a token budget: one token for every running sequence that is decoding,
+//!   in priority order, then chunks of prompts still being read (chunked prefill), then new
+//!   sequences from the waiting queue.
+//! - **Preemption by recompute**: a decode that needs a block when none is free takes one from
+//!   the lowest-priority, newest running sequence, which gives back all its blocks and returns
+//!   to the waiting queue with its generated tokens kept. When it runs again it recomputes
+//!   prompt and output (most of it from the prefix cache) and goes on sampling at the same
+//!   output index, so a seeded or greedy request gets the same tokens, only later.
+//! - **One step may be in flight while the next is planned** (overlap). A sequence's
+//!   `computed` counts positions scheduled, not answered, as vLLM V1 does; a token sampled in a
+//!   step whose answer has not come back is `pending`, and the next step feeds it by reference
+//!   (`SequenceStep.feed_sampled`: rank 0 has it). Full blocks enter the prefix cache only once
+//!   the step that wrote them is answered (`confirmed`).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use helios_proto::v1::{SampledToken, SamplingParams, SequenceStep, StepPlan, StepResult};
 
-use crate::block_manager::BlockAllocator;
+use crate::block_manager::BlockManager;
 
 /// Why a sequence stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -34,18 +44,33 @@ pub struct SequenceParams {
     pub sampling: SamplingParams,
     /// The sequence ends after emitting one of these (EOS unless ignored, plus the request's).
     pub stop_token_ids: Vec<u32>,
+    /// Lower runs first (vLLM's convention).
+    pub priority: i32,
+    /// When the client stops waiting: past it the sequence is dropped, wherever it is.
+    pub deadline: Option<Instant>,
 }
 
 pub struct Sequence {
     pub id: u64,
-    /// Prompt then generated tokens.
+    /// Prompt then generated tokens (those whose answer has come back).
     tokens: Vec<u32>,
     prompt_len: usize,
-    /// Tokens whose KV is in the cache.
+    /// Positions whose KV is computed or being computed by a planned step.
     computed: usize,
+    /// Positions whose KV an answered step wrote.
+    confirmed: usize,
+    /// Tokens sampled by planned steps whose answer has not come back (0 to 2).
+    pending: usize,
     table: Vec<u32>,
+    /// Chained hashes of the first `hashes.len()` blocks of `table` (cached or taken from the
+    /// cache).
+    hashes: Vec<u64>,
     /// Entries of `table` the ranks were sent (they keep them; a step sends only the rest).
     sent_blocks: usize,
+    /// Preemptions so far: an answer to a step planned before the last one no longer matches
+    /// the sequence's blocks.
+    epoch: u32,
+    running: bool,
     params: SequenceParams,
 }
 
@@ -56,19 +81,34 @@ impl Sequence {
             prompt_len: prompt.len(),
             tokens: prompt,
             computed: 0,
+            confirmed: 0,
+            pending: 0,
             table: Vec::new(),
+            hashes: Vec::new(),
             sent_blocks: 0,
+            epoch: 0,
+            running: false,
             params,
         }
-    }
-
-    fn generated(&self) -> &[u32] {
-        &self.tokens[self.prompt_len..]
     }
 
     /// Positions this sequence may fill: prompt + max_new_tokens.
     fn final_len(&self) -> usize {
         self.prompt_len + self.params.max_new_tokens
+    }
+
+    /// Tokens it can feed now, counting a pending one.
+    fn feedable(&self) -> usize {
+        (self.tokens.len() + self.pending).saturating_sub(self.computed)
+    }
+
+    /// Whether its last sampled token is its last: nothing more to plan, its answer ends it.
+    fn at_length(&self) -> bool {
+        self.tokens.len() + self.pending - self.prompt_len >= self.params.max_new_tokens
+    }
+
+    fn key(&self) -> (i32, u64) {
+        (self.params.priority, self.id)
     }
 }
 
@@ -79,52 +119,107 @@ pub struct Sampled {
     pub finish: Option<FinishReason>,
 }
 
+/// Why a sequence was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    #[error("the request needs {need} KV blocks (prompt + max_new_tokens = {len} positions); the whole cache has {total}")]
+    NeverFits {
+        need: usize,
+        len: usize,
+        total: usize,
+    },
+    #[error("the waiting queue is full ({0} requests)")]
+    QueueFull(usize),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+}
+
+/// A step that did not come back right; its sequences are lost.
+#[derive(Debug, thiserror::Error)]
+#[error("{error:#}")]
+pub struct StepFailed {
+    pub seq_ids: Vec<u64>,
+    pub error: anyhow::Error,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    pub max_batch_tokens: usize,
+    pub max_running: usize,
+    /// New requests beyond this many waiting are refused (preempted ones always return).
+    pub max_waiting: usize,
+    pub prefix_caching: bool,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_tokens: 2048,
+            max_running: 256,
+            max_waiting: 4096,
+            prefix_caching: true,
+        }
+    }
+}
+
+/// Counters since start.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SchedulerStats {
+    pub preemptions: u64,
+    /// Tokens of sequences looked up in the prefix cache when (re)admitted, and those found.
+    pub prefix_query_tokens: u64,
+    pub prefix_hit_tokens: u64,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Planned {
-    index: usize,
     id: u64,
+    epoch: u32,
     tokens: usize,
     sample: bool,
 }
 
+struct PlannedStep {
+    step_id: u64,
+    seqs: Vec<Planned>,
+}
+
 pub struct Scheduler {
-    blocks: BlockAllocator,
-    waiting: VecDeque<Sequence>,
-    running: Vec<Sequence>,
-    /// Blocks promised to running sequences at their final size.
-    reserved: usize,
-    max_batch_tokens: usize,
-    max_running: usize,
-    next_step: u64,
-    /// The last plan, in plan order: each sequence's index in `running`, its id, how many
-    /// tokens it feeds, and whether it samples.
-    planned: Vec<Planned>,
+    blocks: BlockManager,
+    config: SchedulerConfig,
+    seqs: HashMap<u64, Sequence>,
+    waiting: BTreeSet<(i32, u64)>,
+    /// Running sequence ids in (priority, arrival) order: the preemption victim is the last.
+    running: Vec<u64>,
+    /// Planned steps not yet answered, oldest first (at most two: one running, one next).
+    planned: VecDeque<PlannedStep>,
     /// Sequences the ranks hold block tables for that ended since the last plan.
     forgotten: Vec<u64>,
+    next_step: u64,
+    stats: SchedulerStats,
 }
 
 impl Scheduler {
-    pub fn new(blocks: BlockAllocator, max_batch_tokens: usize, max_running: usize) -> Self {
+    pub fn new(blocks: BlockManager, config: SchedulerConfig) -> Self {
         Self {
             blocks,
-            waiting: VecDeque::new(),
+            config: SchedulerConfig {
+                max_batch_tokens: config.max_batch_tokens.max(1),
+                max_running: config.max_running.max(1),
+                ..config
+            },
+            seqs: HashMap::new(),
+            waiting: BTreeSet::new(),
             running: Vec::new(),
-            reserved: 0,
-            max_batch_tokens: max_batch_tokens.max(1),
-            max_running: max_running.max(1),
-            next_step: 0,
-            planned: Vec::new(),
+            planned: VecDeque::new(),
             forgotten: Vec::new(),
+            next_step: 0,
+            stats: SchedulerStats::default(),
         }
     }
 
-    /// Blocks a sequence of `tokens` positions needs.
-    fn blocks_for(&self, tokens: usize) -> usize {
-        tokens.div_ceil(self.blocks.block_size())
-    }
-
     pub fn max_batch_tokens(&self) -> usize {
-        self.max_batch_tokens
+        self.config.max_batch_tokens
     }
 
     pub fn num_free_blocks(&self) -> usize {
@@ -139,52 +234,77 @@ impl Scheduler {
         self.waiting.len()
     }
 
-    pub fn is_idle(&self) -> bool {
-        self.running.is_empty() && self.waiting.is_empty()
+    pub fn stats(&self) -> SchedulerStats {
+        self.stats
     }
 
-    /// Queues a sequence. One that could never be admitted (more blocks than the cache has) is
-    /// refused; admission control checks this first so clients get a clear message.
-    pub fn add(&mut self, seq: Sequence) -> Result<()> {
-        let need = self.blocks_for(seq.final_len());
-        if seq.prompt_len == 0 || need > self.blocks.num_total() {
-            bail!(
-                "sequence {} needs {need} KV blocks; the cache has {}",
-                seq.id,
-                self.blocks.num_total()
-            );
+    pub fn is_idle(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    /// Queues a sequence; refused if it could never fit in the whole cache or the queue is
+    /// full. Admission control checks the first so clients get a clear message early.
+    pub fn add(&mut self, seq: Sequence) -> Result<(), AddError> {
+        let need = seq.final_len().div_ceil(self.blocks.block_size());
+        if seq.prompt_len == 0 {
+            return Err(AddError::EmptyPrompt);
         }
-        self.waiting.push_back(seq);
+        if need > self.blocks.num_total() {
+            return Err(AddError::NeverFits {
+                need,
+                len: seq.final_len(),
+                total: self.blocks.num_total(),
+            });
+        }
+        if self.waiting.len() >= self.config.max_waiting {
+            return Err(AddError::QueueFull(self.waiting.len()));
+        }
+        self.waiting.insert(seq.key());
+        self.seqs.insert(seq.id, seq);
         Ok(())
     }
 
     /// Drops a sequence wherever it is and frees its blocks; false if it is not here.
     pub fn abort(&mut self, id: u64) -> bool {
-        if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
-            self.waiting.remove(i);
-            return true;
-        }
-        match self.running.iter().position(|s| s.id == id) {
-            Some(i) => {
-                let mut s = self.running.remove(i);
-                self.release(&mut s);
-                true
+        let Some(mut s) = self.seqs.remove(&id) else {
+            return false;
+        };
+        if s.running {
+            if let Some(i) = self.running.iter().position(|&r| r == id) {
+                self.running.remove(i);
             }
-            None => false,
+            self.free_blocks(&mut s);
+        } else {
+            self.waiting.remove(&s.key());
         }
+        true
     }
 
     /// Drops every sequence and frees their blocks.
     pub fn abort_all(&mut self) {
-        self.waiting.clear();
-        for mut s in std::mem::take(&mut self.running) {
-            self.release(&mut s);
+        let ids: Vec<u64> = self.seqs.keys().copied().collect();
+        for id in ids {
+            self.abort(id);
         }
     }
 
-    /// The allocator, for callers that plan their own steps (teacher forcing) on an idle
+    /// Drops every sequence whose deadline is before `now`; returns their ids.
+    pub fn expire(&mut self, now: Instant) -> Vec<u64> {
+        let late: Vec<u64> = self
+            .seqs
+            .values()
+            .filter(|s| s.params.deadline.is_some_and(|d| d <= now))
+            .map(|s| s.id)
+            .collect();
+        for &id in &late {
+            self.abort(id);
+        }
+        late
+    }
+
+    /// The block manager, for callers that plan their own steps (teacher forcing) on an idle
     /// scheduler.
-    pub fn blocks_mut(&mut self) -> Option<&mut BlockAllocator> {
+    pub fn blocks_mut(&mut self) -> Option<&mut BlockManager> {
         self.is_idle().then_some(&mut self.blocks)
     }
 
@@ -194,123 +314,307 @@ impl Scheduler {
         self.next_step - 1
     }
 
-    fn release(&mut self, s: &mut Sequence) {
+    fn free_blocks(&mut self, s: &mut Sequence) {
         if s.sent_blocks > 0 {
             self.forgotten.push(s.id);
         }
         self.blocks.release(&mut s.table);
-        self.reserved -= self.blocks_for(s.final_len());
+        s.hashes.clear();
+        s.sent_blocks = 0;
+        s.computed = 0;
+        s.confirmed = 0;
+        s.running = false;
     }
 
-    /// The next step, or None when nothing can run.
+    /// Sends the newest, lowest-priority running sequence back to the waiting queue.
+    fn preempt_last(&mut self) -> Option<u64> {
+        let id = self.running.pop()?;
+        let mut s = self.seqs.remove(&id)?;
+        self.free_blocks(&mut s);
+        s.epoch += 1;
+        self.waiting.insert(s.key());
+        self.seqs.insert(id, s);
+        self.stats.preemptions += 1;
+        tracing::debug!(seq = id, "preempted");
+        Some(id)
+    }
+
+    /// The next step, or None when nothing can run. At most one earlier step may still be
+    /// unanswered.
     pub fn schedule(&mut self) -> Result<Option<StepPlan>> {
-        while self.running.len() < self.max_running {
-            let Some(next) = self.waiting.front() else {
-                break;
-            };
-            let need = self.blocks_for(next.final_len());
-            if self.reserved + need > self.blocks.num_total() {
-                break;
-            }
-            self.reserved += need;
-            let seq = self.waiting.pop_front().context("waiting queue is empty")?;
-            self.running.push(seq);
+        if self.planned.len() >= 2 {
+            bail!("two planned steps are still unanswered");
         }
-        self.planned.clear();
-        let decoding = |s: &Sequence| s.computed >= s.prompt_len;
-        let order: Vec<usize> = (0..self.running.len())
-            .filter(|&i| decoding(&self.running[i]))
-            .chain((0..self.running.len()).filter(|&i| !decoding(&self.running[i])))
-            .collect();
-        let mut budget = self.max_batch_tokens;
-        let mut seqs = Vec::new();
-        for i in order {
+        let mut budget = self.config.max_batch_tokens;
+        let mut steps = Vec::new();
+        let mut planned = Vec::new();
+        let mut prefilling = Vec::new();
+        let mut preempted = false;
+        // Decodes, in priority order, preempting from the back when blocks run out.
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let s = &self.seqs[&id];
+            let n = s.feedable();
+            if n > 1 {
+                prefilling.push(id);
+            }
+            if n != 1 || s.pending > 1 || s.at_length() {
+                i += 1;
+                continue;
+            }
+            let want = s.computed + 1;
+            let mut ok = true;
+            while self.blocks.needed(self.seqs[&id].table.len(), want) > self.blocks.num_free() {
+                preempted = true;
+                if self.preempt_last() == Some(id) {
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                self.plan_one(id, 1, &mut steps, &mut planned)?;
+                budget -= 1;
+            }
+            i += 1;
+        }
+        // Prompt chunks of running sequences, within the blocks there are.
+        for id in prefilling {
             if budget == 0 {
                 break;
             }
-            let s = &mut self.running[i];
-            let n = (s.tokens.len() - s.computed).min(budget);
-            self.blocks.ensure(&mut s.table, s.computed + n)?;
-            budget -= n;
-            let end = s.computed + n;
-            let sample = end == s.tokens.len();
-            let mut sampling = s.params.sampling;
-            sampling.output_index = (s.tokens.len() - s.prompt_len) as u32;
-            seqs.push(SequenceStep {
-                seq_id: s.id,
-                token_ids: s.tokens[s.computed..end].to_vec(),
-                start_pos: s.computed as u32,
-                block_table: s.table[s.sent_blocks..].to_vec(),
-                append_blocks: s.sent_blocks > 0,
-                sample,
-                sampling: Some(sampling),
-                context_token_ids: if sample && s.params.sampling.penalized() {
-                    s.tokens.clone()
-                } else {
-                    Vec::new()
-                },
-            });
-            s.sent_blocks = s.table.len();
-            self.planned.push(Planned {
-                index: i,
-                id: s.id,
-                tokens: n,
-                sample,
-            });
+            let Some(s) = self.seqs.get(&id).filter(|s| s.running) else {
+                continue;
+            };
+            let reach = self.blocks.reachable(s.table.len());
+            let n = s
+                .feedable()
+                .min(budget)
+                .min(reach.saturating_sub(s.computed));
+            if n > 0 {
+                self.plan_one(id, n, &mut steps, &mut planned)?;
+                budget -= n;
+            }
         }
-        if seqs.is_empty() {
+        // New sequences, unless this step had to preempt (they would only be preempted next).
+        while !preempted && budget > 0 && self.running.len() < self.config.max_running {
+            let Some(&(_, id)) = self.waiting.first() else {
+                break;
+            };
+            let Some(n) = self.admit(id, budget) else {
+                break;
+            };
+            self.plan_one(id, n, &mut steps, &mut planned)?;
+            budget -= n;
+        }
+        if steps.is_empty() {
             return Ok(None);
         }
+        let step_id = self.next_step_id();
+        self.planned.push_back(PlannedStep {
+            step_id,
+            seqs: planned,
+        });
         Ok(Some(StepPlan {
-            step_id: self.next_step_id(),
-            seqs,
+            step_id,
+            seqs: steps,
             return_logits: false,
             finished_seq_ids: std::mem::take(&mut self.forgotten),
         }))
     }
 
-    /// Ids of the last plan's sequences.
-    pub fn planned_ids(&self) -> impl Iterator<Item = u64> + '_ {
-        self.planned.iter().map(|p| p.id)
+    /// Moves the head of the waiting queue to running if its next chunk fits, after taking
+    /// what the prefix cache holds of it; returns the chunk's length.
+    fn admit(&mut self, id: u64, budget: usize) -> Option<usize> {
+        let bs = self.blocks.block_size();
+        let mut s = self.seqs.remove(&id)?;
+        // Its last sampled token is still on its way back (preempted while in flight).
+        if s.pending > 0 {
+            self.seqs.insert(id, s);
+            return None;
+        }
+        let mut hits = 0;
+        if self.config.prefix_caching {
+            // Leave at least one token to compute: its logits give the next token.
+            let max = (s.tokens.len() - 1) / bs;
+            hits = self
+                .blocks
+                .take_cached(&s.tokens, max, &mut s.table, &mut s.hashes);
+        }
+        s.computed = hits * bs;
+        s.confirmed = s.computed;
+        let reach = self.blocks.reachable(s.table.len());
+        let n = s
+            .feedable()
+            .min(budget)
+            .min(reach.saturating_sub(s.computed));
+        if n == 0 {
+            self.blocks.release(&mut s.table);
+            s.hashes.clear();
+            s.computed = 0;
+            s.confirmed = 0;
+            self.seqs.insert(id, s);
+            return None;
+        }
+        if self.config.prefix_caching {
+            self.stats.prefix_query_tokens += s.tokens.len() as u64;
+            self.stats.prefix_hit_tokens += s.computed as u64;
+        }
+        self.waiting.remove(&s.key());
+        let at = self
+            .running
+            .partition_point(|r| self.seqs[r].key() < s.key());
+        self.running.insert(at, id);
+        s.running = true;
+        self.seqs.insert(id, s);
+        Some(n)
     }
 
-    /// Applies rank 0's answer to the last planned step: advances every planned sequence,
-    /// appends the sampled tokens, and retires sequences that reached EOS or their length.
-    pub fn apply(&mut self, result: StepResult) -> Result<Vec<Sampled>> {
+    /// Adds `n` tokens of running sequence `id` to the step being planned.
+    fn plan_one(
+        &mut self,
+        id: u64,
+        n: usize,
+        steps: &mut Vec<SequenceStep>,
+        planned: &mut Vec<Planned>,
+    ) -> Result<()> {
+        let s = self.seqs.get_mut(&id).context("planned sequence is gone")?;
+        self.blocks.ensure(&mut s.table, s.computed + n)?;
+        let end = s.computed + n;
+        let feed_sampled = s.computed == s.tokens.len();
+        let sample = end == s.tokens.len() + s.pending;
+        let mut sampling = s.params.sampling;
+        sampling.output_index = end.saturating_sub(s.prompt_len) as u32;
+        steps.push(SequenceStep {
+            seq_id: id,
+            token_ids: if feed_sampled {
+                Vec::new()
+            } else {
+                s.tokens[s.computed..end].to_vec()
+            },
+            start_pos: s.computed as u32,
+            block_table: s.table[s.sent_blocks..].to_vec(),
+            append_blocks: s.sent_blocks > 0,
+            sample,
+            sampling: Some(sampling),
+            context_token_ids: if sample && s.params.sampling.penalized() {
+                s.tokens.clone()
+            } else {
+                Vec::new()
+            },
+            feed_sampled,
+        });
+        s.sent_blocks = s.table.len();
+        s.computed = end;
+        s.pending += usize::from(sample);
+        planned.push(Planned {
+            id,
+            epoch: s.epoch,
+            tokens: n,
+            sample,
+        });
+        Ok(())
+    }
+
+    /// Ids of the oldest unanswered step's sequences.
+    pub fn planned_ids(&self) -> Vec<u64> {
+        self.planned
+            .front()
+            .map(|p| p.seqs.iter().map(|s| s.id).collect())
+            .unwrap_or_default()
+    }
+
+    /// Gives up on the oldest unanswered step (it failed on the ranks) and on every
+    /// sequence in it, and on the newer step if one was planned; returns the sequences.
+    pub fn fail_planned(&mut self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .planned
+            .drain(..)
+            .flat_map(|p| p.seqs.into_iter().map(|s| s.id))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for &id in &ids {
+            self.abort(id);
+        }
+        ids
+    }
+
+    /// Returns a plan that will not be sent (a step before it failed): its sequences are
+    /// failed by the caller (see [`Self::fail_planned`]); the sequences it told the ranks to
+    /// forget are told again with the next plan.
+    pub fn unsend(&mut self, plan: StepPlan) {
+        self.forgotten.extend(plan.finished_seq_ids);
+    }
+
+    /// Applies rank 0's answer to the oldest unanswered step: advances its sequences, appends
+    /// the sampled tokens, caches blocks it filled, and retires sequences that reached EOS or
+    /// their length. On a malformed answer the step's sequences (and those of the step
+    /// planned after it) are dropped and named in the error.
+    pub fn apply(&mut self, result: StepResult) -> Result<Vec<Sampled>, StepFailed> {
+        if let Err(error) = self.check_answer(&result) {
+            let seq_ids = self.fail_planned();
+            return Err(StepFailed { seq_ids, error });
+        }
+        let step = self.planned.pop_front().unwrap_or(PlannedStep {
+            step_id: result.step_id,
+            seqs: Vec::new(),
+        });
         let mut tokens = result.tokens.into_iter();
         let mut out = Vec::new();
-        let mut finished = false;
-        // `planned` stays until the whole answer is applied: on an error the caller fails
-        // exactly these sequences.
-        for k in 0..self.planned.len() {
-            let p = self.planned[k];
-            let s = self
-                .running
-                .get_mut(p.index)
-                .context("planned sequence is gone")?;
-            if s.id != p.id {
-                bail!("the plan no longer matches the running sequences");
+        for p in step.seqs {
+            let t = if p.sample { tokens.next() } else { None };
+            let Some(s) = self.seqs.get_mut(&p.id) else {
+                continue; // aborted since: its token is dropped
+            };
+            if s.running && s.epoch == p.epoch {
+                s.confirmed += p.tokens;
+                if self.config.prefix_caching {
+                    cache_full_blocks(&mut self.blocks, s);
+                }
             }
-            s.computed += p.tokens;
-            if !p.sample {
-                continue;
-            }
-            let t = tokens
-                .next()
-                .with_context(|| format!("rank 0 sampled nothing for sequence {}", s.id))?;
-            if t.seq_id != s.id {
-                bail!("rank 0 answered sequence {} for {}", t.seq_id, s.id);
-            }
+            let Some(t) = t else { continue };
+            s.pending = s.pending.saturating_sub(1);
             s.tokens.push(t.token_id);
             let finish = if s.params.stop_token_ids.contains(&t.token_id) {
                 Some(FinishReason::Eos)
-            } else if s.generated().len() >= s.params.max_new_tokens {
+            } else if s.tokens.len() - s.prompt_len >= s.params.max_new_tokens {
                 Some(FinishReason::Length)
             } else {
                 None
             };
-            finished |= finish.is_some();
             out.push(Sampled { token: t, finish });
+        }
+        for s in &out {
+            if s.finish.is_some() {
+                self.abort(s.token.seq_id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// An answer must be for the oldest unanswered step and sample exactly the sequences
+    /// that asked, in plan order.
+    fn check_answer(&self, result: &StepResult) -> Result<()> {
+        let step = self
+            .planned
+            .front()
+            .context("an answer to no planned step")?;
+        if result.step_id != step.step_id {
+            bail!(
+                "answer to step {} when step {} was next",
+                result.step_id,
+                step.step_id
+            );
+        }
+        let mut tokens = result.tokens.iter();
+        for p in step.seqs.iter().filter(|p| p.sample) {
+            let t = tokens
+                .next()
+                .with_context(|| format!("rank 0 sampled nothing for sequence {}", p.id))?;
+            if t.seq_id != p.id {
+                bail!("rank 0 answered sequence {} for {}", t.seq_id, p.id);
+            }
         }
         if let Some(t) = tokens.next() {
             bail!(
@@ -318,15 +622,46 @@ impl Scheduler {
                 t.seq_id
             );
         }
-        self.planned.clear();
-        if finished {
-            for s in &out {
-                if s.finish.is_some() {
-                    self.abort(s.token.seq_id);
-                }
+        Ok(())
+    }
+
+    /// Checks the block manager against every sequence's table, and the scheduler's own
+    /// bookkeeping (tests).
+    pub fn audit(&self) -> Result<()> {
+        self.blocks
+            .audit(self.seqs.values().map(|s| s.table.as_slice()))?;
+        for s in self.seqs.values() {
+            let listed = if s.running {
+                self.running.contains(&s.id)
+            } else {
+                self.waiting.contains(&s.key())
+            };
+            if !listed {
+                bail!("sequence {} is in neither queue it claims", s.id);
+            }
+            if !s.running && !s.table.is_empty() {
+                bail!("waiting sequence {} holds blocks", s.id);
+            }
+            if s.table.len() * self.blocks.block_size() < s.computed {
+                bail!("sequence {} computed past its blocks", s.id);
             }
         }
-        Ok(out)
+        if self.running.len() + self.waiting.len() != self.seqs.len() {
+            bail!("queues and sequences disagree");
+        }
+        Ok(())
+    }
+}
+
+/// Puts the sequence's full, answered blocks into the prefix cache.
+fn cache_full_blocks(blocks: &mut BlockManager, s: &mut Sequence) {
+    let bs = blocks.block_size();
+    let full = s.confirmed.min(s.tokens.len()) / bs;
+    while s.hashes.len() < full {
+        let i = s.hashes.len();
+        let parent = s.hashes.last().copied();
+        let hash = blocks.register(s.table[i], parent, &s.tokens[i * bs..(i + 1) * bs]);
+        s.hashes.push(hash);
     }
 }
 
@@ -350,144 +685,4 @@ pub fn answer_with(plan: &StepPlan, token: impl Fn(&SequenceStep) -> u32) -> Ste
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn params(max_new_tokens: usize) -> SequenceParams {
-        SequenceParams {
-            max_new_tokens,
-            stop_token_ids: vec![0],
-            ..Default::default()
-        }
-    }
-
-    /// A fake rank 0: samples `seq_id + 1` for every sequence that asks.
-    fn answer(plan: &StepPlan) -> StepResult {
-        answer_with(plan, |s| s.seq_id as u32 + 1)
-    }
-
-    #[test]
-    fn decodes_go_first_then_prompt_chunks_within_the_budget() {
-        let mut s = Scheduler::new(BlockAllocator::new(64, 4), 8, 16);
-        s.add(Sequence::new(1, vec![5; 3], params(4))).unwrap();
-        let plan = s.schedule().unwrap().unwrap();
-        assert_eq!(plan.seqs.len(), 1);
-        assert!(plan.seqs[0].sample);
-        s.apply(answer(&plan)).unwrap();
-        s.add(Sequence::new(2, vec![5; 20], params(4))).unwrap();
-        let plan = s.schedule().unwrap().unwrap();
-        let lens: Vec<(u64, usize, bool)> = plan
-            .seqs
-            .iter()
-            .map(|q| (q.seq_id, q.token_ids.len(), q.sample))
-            .collect();
-        assert_eq!(lens, vec![(1, 1, true), (2, 7, false)]);
-        assert_eq!(plan.seqs[1].start_pos, 0);
-        s.apply(answer(&plan)).unwrap();
-        let plan = s.schedule().unwrap().unwrap();
-        assert_eq!(plan.seqs[1].start_pos, 7);
-    }
-
-    #[test]
-    fn finished_sequences_give_back_their_blocks() {
-        let mut s = Scheduler::new(BlockAllocator::new(16, 4), 64, 16);
-        s.add(Sequence::new(7, vec![1; 5], params(3))).unwrap();
-        let mut generated = Vec::new();
-        while let Some(plan) = s.schedule().unwrap() {
-            for t in s.apply(answer(&plan)).unwrap() {
-                generated.push((t.token.token_id, t.finish));
-            }
-        }
-        assert_eq!(
-            generated,
-            vec![(8, None), (8, None), (8, Some(FinishReason::Length))]
-        );
-        assert!(s.is_idle());
-        assert_eq!(s.num_free_blocks(), 16);
-        // With its first token as a stop token, a sequence ends at the first sample.
-        let mut p = params(10);
-        p.stop_token_ids = vec![8];
-        s.add(Sequence::new(7, vec![1; 5], p)).unwrap();
-        let plan = s.schedule().unwrap().unwrap();
-        let out = s.apply(answer(&plan)).unwrap();
-        assert_eq!(out[0].finish, Some(FinishReason::Eos));
-        assert_eq!(s.num_free_blocks(), 16);
-    }
-
-    #[test]
-    fn admission_waits_for_the_reservation_and_abort_frees() {
-        // 4 blocks of 4: one sequence of 8 + 8 positions takes all of them.
-        let mut s = Scheduler::new(BlockAllocator::new(4, 4), 64, 16);
-        s.add(Sequence::new(1, vec![1; 8], params(8))).unwrap();
-        s.add(Sequence::new(2, vec![1; 4], params(4))).unwrap();
-        let plan = s.schedule().unwrap().unwrap();
-        assert_eq!(plan.seqs.len(), 1, "the second must wait");
-        assert_eq!((s.num_running(), s.num_waiting()), (1, 1));
-        s.apply(answer(&plan)).unwrap();
-        assert_eq!(s.num_free_blocks(), 2, "blocks are taken as positions fill");
-        assert!(s.abort(1));
-        assert_eq!(s.num_free_blocks(), 4);
-        let plan = s.schedule().unwrap().unwrap();
-        assert_eq!(plan.seqs[0].seq_id, 2);
-        assert!(s.add(Sequence::new(3, vec![1; 16], params(1))).is_err());
-    }
-
-    #[test]
-    fn a_malformed_answer_is_an_error_naming_the_planned_sequences() {
-        let mut s = Scheduler::new(BlockAllocator::new(16, 4), 64, 16);
-        s.add(Sequence::new(3, vec![1; 2], params(4))).unwrap();
-        s.add(Sequence::new(4, vec![1; 2], params(4))).unwrap();
-        let plan = s.schedule().unwrap().unwrap();
-        let mut short = answer(&plan);
-        short.tokens.pop();
-        assert!(s.apply(short).is_err());
-        assert_eq!(s.planned_ids().collect::<Vec<_>>(), vec![3, 4]);
-        let plan = s.schedule().unwrap().unwrap();
-        let mut long = answer(&plan);
-        long.tokens.push(long.tokens[0].clone());
-        assert!(s.apply(long).is_err());
-    }
-
-    #[test]
-    fn block_tables_go_out_once_then_only_what_they_gain() {
-        let mut s = Scheduler::new(BlockAllocator::new(16, 4), 64, 16);
-        s.add(Sequence::new(1, vec![1; 6], params(8))).unwrap();
-        let sent = |s: &mut Scheduler| {
-            let plan = s.schedule().unwrap().unwrap();
-            let q = &plan.seqs[0];
-            let out = (
-                q.block_table.clone(),
-                q.append_blocks,
-                plan.finished_seq_ids.clone(),
-            );
-            s.apply(answer(&plan)).unwrap();
-            out
-        };
-        // Prompt of 6: two blocks, whole. Then positions 6, 7 stay in block 2; 8 needs a third.
-        assert_eq!(sent(&mut s), (vec![0, 1], false, vec![]));
-        assert_eq!(sent(&mut s), (vec![], true, vec![]));
-        assert_eq!(sent(&mut s), (vec![], true, vec![]));
-        assert_eq!(sent(&mut s), (vec![2], true, vec![]));
-        // Once it ends, the next plan tells the ranks to forget it.
-        assert!(s.abort(1));
-        s.add(Sequence::new(2, vec![1; 2], params(2))).unwrap();
-        assert_eq!(sent(&mut s), (vec![0], false, vec![1]));
-    }
-
-    #[test]
-    fn penalties_carry_the_context_only_when_sampling() {
-        let mut s = Scheduler::new(BlockAllocator::new(16, 4), 4, 16);
-        let mut p = params(4);
-        p.sampling.presence_penalty = 0.5;
-        s.add(Sequence::new(1, vec![3, 4, 5, 6, 7, 8], p)).unwrap();
-        let plan = s.schedule().unwrap().unwrap();
-        assert!(plan.seqs[0].context_token_ids.is_empty());
-        s.apply(answer(&plan)).unwrap();
-        let plan = s.schedule().unwrap().unwrap();
-        assert_eq!(plan.seqs[0].context_token_ids, vec![3, 4, 5, 6, 7, 8]);
-        s.apply(answer(&plan)).unwrap();
-        let plan = s.schedule().unwrap().unwrap();
-        assert_eq!(plan.seqs[0].context_token_ids, vec![3, 4, 5, 6, 7, 8, 2]);
-        assert_eq!(plan.seqs[0].sampling.unwrap().output_index, 1);
-    }
-}
+mod tests;

@@ -7,7 +7,7 @@
 //! ended with finish reason CANCELLED, and the server returns once every stream is closed.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use helios_proto::v1::generation_server::{Generation, GenerationServer};
 use helios_proto::v1::{
@@ -26,6 +26,34 @@ use crate::step_loop::ReplicaState;
 /// The largest request message, as gRPC's default: a bigger one is refused by the transport.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 
+/// How much before a unary call's deadline it is answered (see `generate`).
+const UNARY_DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+
+/// The request's deadline from its `grpc-timeout` header (gRPC over HTTP/2: up to 8 digits and
+/// a unit, H M S m u n), measured from now.
+fn deadline_of<T>(req: &Request<T>) -> Result<Option<Instant>, Status> {
+    let Some(v) = req.metadata().get("grpc-timeout") else {
+        return Ok(None);
+    };
+    let bad = || Status::invalid_argument(format!("grpc-timeout: {v:?} is not a timeout"));
+    let v = v.to_str().map_err(|_| bad())?;
+    let (digits, unit) = v.split_at(v.len().saturating_sub(1));
+    if digits.is_empty() || digits.len() > 8 {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return Err(bad()),
+    };
+    Ok(Instant::now().checked_add(timeout))
+}
+
 pub struct GenerationService {
     serving: Serving,
 }
@@ -37,8 +65,22 @@ impl Generation for GenerationService {
         &self,
         req: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let rx = self.serving.generate(req.into_inner()).await?;
-        Ok(Response::new(collect(rx).await?))
+        let deadline = deadline_of(&req)?;
+        let rx = self.serving.generate(req.into_inner(), deadline).await?;
+        let Some(deadline) = deadline else {
+            return Ok(Response::new(collect(rx).await?));
+        };
+        // tonic's own timer cancels a unary call at its deadline (CANCELLED, "Timeout
+        // expired"); answer DEADLINE_EXCEEDED just before it. Dropping `rx` frees the blocks.
+        let early = deadline
+            .checked_sub(UNARY_DEADLINE_MARGIN)
+            .unwrap_or(deadline);
+        tokio::select! {
+            r = collect(rx) => Ok(Response::new(r?)),
+            _ = tokio::time::sleep_until(early.into()) => Err(Status::deadline_exceeded(
+                "the request's deadline passed before it finished",
+            )),
+        }
     }
 
     type GenerateStreamStream = ResponseStream;
@@ -48,7 +90,8 @@ impl Generation for GenerationService {
         &self,
         req: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let rx = self.serving.generate(req.into_inner()).await?;
+        let deadline = deadline_of(&req)?;
+        let rx = self.serving.generate(req.into_inner(), deadline).await?;
         Ok(Response::new(ResponseStream::new(rx)))
     }
 

@@ -17,6 +17,7 @@ use tonic::Status;
 
 use crate::admission::{self, Limits};
 use crate::output::{InFlight, RequestOutput, ResponseReceiver};
+use crate::scheduler::SchedulerConfig;
 use crate::sharded_client::{ReplicaInfo, ShardedClient};
 use crate::step_loop::{LoopMessage, LoopStats, NewRequest, ReplicaState, StepLoop};
 use crate::tokenizer::TextTokenizer;
@@ -26,8 +27,9 @@ use crate::tokenizer::TextTokenizer;
 pub struct ServingOptions {
     /// Shown in ModelInfo.
     pub model_name: String,
-    pub max_batch_tokens: usize,
-    pub max_running: usize,
+    pub scheduler: SchedulerConfig,
+    /// Plan step N+1 while the ranks run step N (see `step_loop`).
+    pub overlap: bool,
 }
 
 #[derive(Clone)]
@@ -51,7 +53,7 @@ impl Serving {
         opts: &ServingOptions,
     ) -> Self {
         let facts = &replica.facts;
-        let scheduler = replica.scheduler(opts.max_batch_tokens, opts.max_running);
+        let scheduler = replica.scheduler(opts.scheduler);
         let info = ModelInfoResponse {
             model: opts.model_name.clone(),
             architecture: facts.architecture.clone(),
@@ -82,6 +84,7 @@ impl Serving {
             rx,
             stats.clone(),
             state.clone(),
+            opts.overlap,
         );
         let task = tokio::spawn(step_loop.run());
         // A step loop that panics (a bug) takes the replica down visibly: health, ModelInfo
@@ -144,8 +147,13 @@ impl Serving {
         }
     }
 
-    /// Admits a request and returns its stream of responses.
-    pub async fn generate(&self, req: GenerateRequest) -> Result<ResponseReceiver, Status> {
+    /// Admits a request and returns its stream of responses. Past `deadline` it is dropped
+    /// wherever it is (waiting or running) and answered DEADLINE_EXCEEDED.
+    pub async fn generate(
+        &self,
+        req: GenerateRequest,
+        deadline: Option<Instant>,
+    ) -> Result<ResponseReceiver, Status> {
         let arrival = Instant::now();
         self.check_up()?;
         let (tokenizer, limits) = (self.tokenizer.clone(), self.limits);
@@ -155,7 +163,8 @@ impl Serving {
         })
         .await
         .map_err(|e| Status::internal(format!("admission task: {e}")))?;
-        let admitted = admitted?;
+        let mut admitted = admitted?;
+        admitted.params.deadline = deadline;
         let request_id = if req.request_id.is_empty() {
             format!("req-{}", self.next_request.fetch_add(1, Ordering::Relaxed))
         } else {
@@ -202,11 +211,20 @@ impl Serving {
 
     pub fn model_info(&self) -> ModelInfoResponse {
         let s = &self.stats;
+        let load = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         ModelInfoResponse {
             kv_blocks_free: s.kv_blocks_free.load(Ordering::Relaxed),
             requests_running: s.running.load(Ordering::Relaxed),
             requests_waiting: s.waiting.load(Ordering::Relaxed),
             ready: *self.state.borrow() == ReplicaState::Serving,
+            prefix_cache_query_tokens: load(&s.prefix_query_tokens),
+            prefix_cache_hit_tokens: load(&s.prefix_hit_tokens),
+            prefix_cache_hit_ratio: ratio(load(&s.prefix_hit_tokens), load(&s.prefix_query_tokens)),
+            preemptions_total: load(&s.preemptions),
+            steps_total: load(&s.steps),
+            step_compute_seconds_total: load(&s.step_compute_us) as f64 / 1e6,
+            step_gap_seconds_total: load(&s.step_gap_us) as f64 / 1e6,
             ..(*self.info).clone()
         }
     }

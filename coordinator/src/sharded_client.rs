@@ -15,8 +15,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::block_manager::BlockAllocator;
-use crate::scheduler::Scheduler;
+use crate::block_manager::BlockManager;
+use crate::scheduler::{Scheduler, SchedulerConfig};
 
 /// How every rank is initialised.
 #[derive(Debug, Clone)]
@@ -38,10 +38,9 @@ pub struct ReplicaInfo {
 
 impl ReplicaInfo {
     /// A scheduler over all of this replica's KV blocks.
-    pub fn scheduler(&self, max_batch_tokens: usize, max_running: usize) -> Scheduler {
-        let blocks =
-            BlockAllocator::new(self.num_kv_blocks as usize, self.facts.block_size as usize);
-        Scheduler::new(blocks, max_batch_tokens, max_running)
+    pub fn scheduler(&self, config: SchedulerConfig) -> Scheduler {
+        let blocks = BlockManager::new(self.num_kv_blocks as usize, self.facts.block_size as usize);
+        Scheduler::new(blocks, config)
     }
 }
 
@@ -186,32 +185,52 @@ impl ShardedClient {
 
     /// Runs one step on every rank; returns rank 0's result. Fails as soon as any rank is
     /// gone, even while other ranks are still waiting on it.
-    #[tracing::instrument(skip_all, fields(step = plan.step_id, seqs = plan.seqs.len()))]
     pub async fn step(&mut self, plan: StepPlan) -> Result<StepResult> {
-        let mut failure = self.failure.subscribe();
         let step_id = plan.step_id;
+        self.send(plan).await?;
+        self.receive(step_id).await
+    }
+
+    /// Hands a plan to every rank without waiting for the answers: the coordinator plans the
+    /// next step meanwhile. Answers come back in order through [`Self::receive`].
+    #[tracing::instrument(skip_all, fields(step = plan.step_id, seqs = plan.seqs.len()))]
+    pub async fn send(&mut self, plan: StepPlan) -> Result<()> {
         let n = self.shards.len();
         let mut plan = Some(plan);
-        let all = join_all(self.shards.iter_mut().enumerate().map(|(rank, s)| {
+        for (rank, s) in self.shards.iter_mut().enumerate() {
             // The last rank takes the plan itself: one deep copy fewer per step.
             let plan = if rank + 1 == n {
                 plan.take()
             } else {
                 plan.clone()
             };
-            async move {
-                let (tx, results) = s
-                    .stream
-                    .as_mut()
-                    .with_context(|| format!("rank {} is not initialized", s.rank))?;
-                tx.send(plan.context("no plan")?)
-                    .await
-                    .map_err(|_| anyhow::anyhow!("rank {}: step stream closed", s.rank))?;
-                results
-                    .recv()
-                    .await
-                    .with_context(|| format!("rank {}: step stream ended", s.rank))
-            }
+            let (tx, _) = s
+                .stream
+                .as_mut()
+                .with_context(|| format!("rank {} is not initialized", s.rank))?;
+            // The reader's queue holds two plans: one running, one next.
+            tx.send(plan.context("no plan")?)
+                .await
+                .map_err(|_| anyhow::anyhow!("rank {}: step stream closed", s.rank))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every rank's answer to step `step_id` (the oldest one sent); returns rank 0's,
+    /// with `wait_us` and `compute_us` those of the slowest rank. Fails as soon as any rank is
+    /// gone, even while other ranks are still waiting on it.
+    #[tracing::instrument(skip_all, fields(step = step_id))]
+    pub async fn receive(&mut self, step_id: u64) -> Result<StepResult> {
+        let mut failure = self.failure.subscribe();
+        let all = join_all(self.shards.iter_mut().map(|s| async move {
+            let (_, results) = s
+                .stream
+                .as_mut()
+                .with_context(|| format!("rank {} is not initialized", s.rank))?;
+            results
+                .recv()
+                .await
+                .with_context(|| format!("rank {}: step stream ended", s.rank))
         }));
         let results = tokio::select! {
             r = all => r,
@@ -219,7 +238,8 @@ impl ShardedClient {
                 bail!("{}", self.failure.borrow().clone().unwrap_or_default());
             }
         };
-        let mut rank0 = None;
+        let mut rank0: Option<StepResult> = None;
+        let (mut wait_us, mut compute_us) = (0, 0);
         for (rank, r) in results.into_iter().enumerate() {
             let r = match r {
                 Ok(r) => r,
@@ -235,10 +255,15 @@ impl ShardedClient {
             if r.step_id != step_id {
                 bail!("rank {rank} answered step {} to step {step_id}", r.step_id);
             }
+            wait_us = wait_us.max(r.wait_us);
+            compute_us = compute_us.max(r.compute_us);
             if rank == 0 {
                 rank0 = Some(r);
             }
         }
-        rank0.context("no ranks")
+        let mut r = rank0.context("no ranks")?;
+        r.wait_us = wait_us;
+        r.compute_us = compute_us;
+        Ok(r)
     }
 }

@@ -1,8 +1,17 @@
 //! The step loop: the one task that owns the scheduler and the replica's workers.
 //!
-//! Each turn it takes in new requests, drops those whose client left (their blocks are free
-//! before the next plan), plans a step, runs it on every rank, and streams the sampled tokens
-//! back. When nothing can run it sleeps until a request arrives or a rank fails.
+//! Each turn it takes in new requests, drops those whose client left or whose deadline passed
+//! (their blocks are free before the next plan), plans a step, hands it to every rank, and
+//! streams the sampled tokens back. When nothing can run it sleeps until a request arrives or
+//! a rank fails.
+//!
+//! **Overlap** (the default, as in SGLang and vLLM V1): step N+1 is planned while the ranks run
+//! step N, and sent the moment N's answer is applied; N's tokens are streamed to clients while
+//! the ranks run N+1. The ranks wait between steps only for the answer's round trip and the
+//! apply, not for scheduling or detokenizing. Tokens sampled in step N that N+1 feeds are fed by
+//! reference (rank 0 has them). The cost: a sequence that ends in step N (EOS, a stop string)
+//! is computed once more in N+1 and that token is dropped. `--no-overlap` runs the steps back to
+//! back instead (answer, stream, plan, send), for comparison.
 //!
 //! A rank that fails (its step stream ends: the process died, the connection broke) takes the
 //! replica down: every accepted request is answered UNAVAILABLE, health turns NOT_SERVING, and
@@ -10,7 +19,7 @@
 //! requests is a later issue; the coordinator itself keeps serving everything else.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,7 +29,7 @@ use tonic::Status;
 
 use crate::admission::Admitted;
 use crate::output::RequestOutput;
-use crate::scheduler::{Scheduler, Sequence};
+use crate::scheduler::{AddError, Sampled, Scheduler, Sequence};
 use crate::sharded_client::ShardedClient;
 use crate::tokenizer::TextTokenizer;
 
@@ -53,6 +62,22 @@ pub struct LoopStats {
     pub kv_blocks_free: AtomicU32,
     pub running: AtomicU32,
     pub waiting: AtomicU32,
+    pub preemptions: AtomicU64,
+    pub prefix_query_tokens: AtomicU64,
+    pub prefix_hit_tokens: AtomicU64,
+    pub steps: AtomicU64,
+    /// Microseconds the slowest rank spent computing steps, and waiting between back-to-back
+    /// steps.
+    pub step_compute_us: AtomicU64,
+    pub step_gap_us: AtomicU64,
+}
+
+/// A step the ranks are running.
+struct InFlight {
+    step_id: u64,
+    /// Sent right after the previous step's answer (not after an idle wait): the ranks' wait
+    /// for it is the coordinator's overhead.
+    back_to_back: bool,
 }
 
 pub struct StepLoop {
@@ -64,7 +89,11 @@ pub struct StepLoop {
     next_seq: u64,
     stats: Arc<LoopStats>,
     state: Arc<watch::Sender<ReplicaState>>,
+    overlap: bool,
 }
+
+/// The ranks are gone: the loop ends and the replica goes down.
+struct Lost;
 
 impl StepLoop {
     pub fn new(
@@ -74,6 +103,7 @@ impl StepLoop {
         requests: mpsc::UnboundedReceiver<LoopMessage>,
         stats: Arc<LoopStats>,
         state: Arc<watch::Sender<ReplicaState>>,
+        overlap: bool,
     ) -> Self {
         Self {
             client,
@@ -84,17 +114,27 @@ impl StepLoop {
             next_seq: 0,
             stats,
             state,
+            overlap,
         }
     }
 
     /// Runs until every request sender is gone.
     pub async fn run(mut self) {
         let mut failure = self.client.failure();
+        let mut in_flight: Option<InFlight> = None;
+        let mut idled = true;
         loop {
             while let Ok(m) = self.requests.try_recv() {
                 self.take(m);
             }
-            self.drop_cancelled();
+            self.drop_gone();
+            let mut sampled = Vec::new();
+            if !self.overlap {
+                match self.collect(in_flight.take()).await {
+                    Ok(s) => self.stream(s),
+                    Err(Lost) => break,
+                }
+            }
             let plan = match self.scheduler.schedule() {
                 Ok(plan) => plan,
                 Err(e) => {
@@ -102,39 +142,97 @@ impl StepLoop {
                     continue;
                 }
             };
-            self.publish_stats();
-            let Some(plan) = plan else {
-                tokio::select! {
-                    m = self.requests.recv() => match m {
-                        Some(m) => self.take(m),
-                        None => return,
-                    },
-                    _ = failure.wait_for(Option::is_some) => break,
+            // Planned while a step was running: once it is answered, plan again before idling.
+            let planned_early = in_flight.is_some();
+            if self.overlap && planned_early {
+                let planned_behind = plan.is_some();
+                match self.collect(in_flight.take()).await {
+                    Ok(s) => sampled = s,
+                    Err(Lost) => break,
                 }
-                continue;
-            };
-            self.mark_scheduled(&plan);
-            let step_id = plan.step_id;
-            let result = self.client.step(plan).await;
-            if failure.borrow().is_some() {
-                break;
+                // The step before failed and took the planned one's sequences with it.
+                if planned_behind && self.scheduler.planned_ids().is_empty() {
+                    if let Some(plan) = plan {
+                        self.scheduler.unsend(plan);
+                    }
+                    continue;
+                }
             }
-            let sampled = result.and_then(|r| self.scheduler.apply(r));
-            match sampled {
-                Ok(sampled) => self.stream(sampled),
-                // Not a lost rank: a refused plan or a malformed answer. Only this step's
-                // sequences are failed; the replica goes on.
-                Err(e) => {
-                    tracing::error!("step {step_id} failed: {e:#}");
-                    let ids: Vec<u64> = self.scheduler.planned_ids().collect();
-                    for id in ids {
-                        self.finish_with(id, Status::internal(format!("{e:#}")));
+            self.publish_stats();
+            match plan {
+                Some(plan) => {
+                    self.mark_scheduled(&plan);
+                    let step_id = plan.step_id;
+                    if let Err(e) = self.client.send(plan).await {
+                        tracing::error!("sending step {step_id}: {e:#}");
+                        break;
+                    }
+                    in_flight = Some(InFlight {
+                        step_id,
+                        back_to_back: !idled,
+                    });
+                    idled = false;
+                }
+                None if !planned_early => {
+                    idled = true;
+                    tokio::select! {
+                        m = self.requests.recv() => match m {
+                            Some(m) => self.take(m),
+                            None => return,
+                        },
+                        _ = failure.wait_for(Option::is_some) => break,
                     }
                 }
+                None => {}
+            }
+            self.stream(sampled);
+        }
+        let why = failure
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| "a rank stopped taking steps".into());
+        self.down(why).await;
+    }
+
+    /// Waits for the answer to the step in flight and applies it. A refused plan or a
+    /// malformed answer fails that step's sequences (and the one planned behind it); the
+    /// replica goes on.
+    async fn collect(&mut self, step: Option<InFlight>) -> Result<Vec<Sampled>, Lost> {
+        let Some(step) = step else {
+            return Ok(Vec::new());
+        };
+        let result = self.client.receive(step.step_id).await;
+        if self.client.failure().borrow().is_some() {
+            return Err(Lost);
+        }
+        let result = match result {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("step {} failed: {e:#}", step.step_id);
+                for id in self.scheduler.fail_planned() {
+                    self.finish_with(id, Status::internal(format!("{e:#}")));
+                }
+                return Ok(Vec::new());
+            }
+        };
+        let s = &self.stats;
+        s.steps.fetch_add(1, Ordering::Relaxed);
+        s.step_compute_us
+            .fetch_add(result.compute_us, Ordering::Relaxed);
+        if step.back_to_back {
+            s.step_gap_us.fetch_add(result.wait_us, Ordering::Relaxed);
+        }
+        match self.scheduler.apply(result) {
+            Ok(sampled) => Ok(sampled),
+            Err(failed) => {
+                let why = failed.to_string();
+                tracing::error!("step {} failed: {why}", step.step_id);
+                for id in failed.seq_ids {
+                    self.finish_with(id, Status::internal(why.clone()));
+                }
+                Ok(Vec::new())
             }
         }
-        let why = failure.borrow().clone().unwrap_or_default();
-        self.down(why).await;
     }
 
     fn take(&mut self, m: LoopMessage) {
@@ -158,12 +256,15 @@ impl StepLoop {
                 tracing::debug!(request_id = r.output.request_id(), seq = id, "queued");
                 self.outputs.insert(id, r.output);
             }
-            Err(e) => r.output.fail(Status::invalid_argument(format!("{e:#}"))),
+            Err(e @ AddError::QueueFull(_)) => r
+                .output
+                .fail(Status::resource_exhausted(format!("{e}; retry later"))),
+            Err(e) => r.output.fail(Status::invalid_argument(e.to_string())),
         }
     }
 
-    /// Frees the blocks of every request whose client is gone.
-    fn drop_cancelled(&mut self) {
+    /// Frees the blocks of every request whose client is gone or whose deadline passed.
+    fn drop_gone(&mut self) {
         let gone: Vec<u64> = self
             .outputs
             .iter()
@@ -175,18 +276,28 @@ impl StepLoop {
             self.scheduler.abort(id);
             self.outputs.remove(&id);
         }
+        for id in self.scheduler.expire(Instant::now()) {
+            tracing::debug!(seq = id, "deadline passed; freeing its blocks");
+            if let Some(out) = self.outputs.remove(&id) {
+                out.fail(Status::deadline_exceeded(
+                    "the request's deadline passed before it finished",
+                ));
+            }
+        }
     }
 
     fn mark_scheduled(&mut self, plan: &StepPlan) {
         let now = Instant::now();
-        for s in plan.seqs.iter().filter(|s| s.start_pos == 0) {
+        // A table sent whole: the sequence's first step (or its first after a preemption,
+        // which does not move its queue time). Its start may be past 0: a prefix-cache hit.
+        for s in plan.seqs.iter().filter(|s| !s.append_blocks) {
             if let Some(o) = self.outputs.get_mut(&s.seq_id) {
                 o.mark_scheduled(now);
             }
         }
     }
 
-    fn stream(&mut self, sampled: Vec<crate::scheduler::Sampled>) {
+    fn stream(&mut self, sampled: Vec<Sampled>) {
         for s in sampled {
             let id = s.token.seq_id;
             let Some(out) = self.outputs.get_mut(&id) else {
@@ -231,6 +342,12 @@ impl StepLoop {
             .store(n(self.scheduler.num_running()), Ordering::Relaxed);
         s.waiting
             .store(n(self.scheduler.num_waiting()), Ordering::Relaxed);
+        let st = self.scheduler.stats();
+        s.preemptions.store(st.preemptions, Ordering::Relaxed);
+        s.prefix_query_tokens
+            .store(st.prefix_query_tokens, Ordering::Relaxed);
+        s.prefix_hit_tokens
+            .store(st.prefix_hit_tokens, Ordering::Relaxed);
     }
 
     /// The replica is down: answer everyone, now and from now on.

@@ -1,14 +1,24 @@
 //! One rank's engine: its model shard, its KV memory and its communicator, stepping plans.
+//!
+//! Overlap: the coordinator may plan step N+1 while the ranks still run step N, before it has
+//! seen the tokens rank 0 samples in step N. Such a plan marks a sequence `feed_sampled` and
+//! leaves its input token to the ranks: rank 0 keeps the tokens of the latest step it ran, and
+//! hands those the plan asks for to every rank before the batch is built. Every rank must then
+//! take the same path, or some wait in a collective that others never enter: whether to
+//! broadcast depends only on the plan, what is refused before the broadcast only on the plan and
+//! the kept block tables, and a token rank 0 does not have travels as a sentinel that every rank
+//! refuses alike after it.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use helios_proto::v1::{Logits, ModelFacts, StepPlan, StepResult};
 
-use crate::batch::{BatchLimits, StepBatch};
+use crate::batch::{invalid, BatchLimits, StepBatch};
 use crate::block_tables::BlockTables;
-use crate::comm::Communicator;
+use crate::comm::{Communicator, BROADCAST_LIMIT};
 use crate::kv_cache::KvCache;
 use crate::model::Model;
 use crate::sampling;
@@ -46,7 +56,16 @@ pub struct Engine {
     dtype_name: String,
     /// Running sequences' block tables, as the coordinator sent them.
     tables: BlockTables,
+    /// Rank 0: the token sampled for each sequence in the latest step that ran (always empty on
+    /// the other ranks), for the next plan to feed (`feed_sampled`). Replaced by every step that
+    /// runs, so only the step just before can be fed from; a refused plan leaves it as it was.
+    sampled: HashMap<u64, u32>,
 }
+
+/// What rank 0 broadcasts for a sequence it sampled no token for in its latest step: no token
+/// id (a plan that feeds sampled tokens of a larger vocabulary is refused) and, being below
+/// [`BROADCAST_LIMIT`], carried exactly, so every rank sees it and refuses the plan alike.
+const NOT_SAMPLED: u32 = BROADCAST_LIMIT - 1;
 
 impl Engine {
     pub fn load(opts: &EngineOptions, comm: Box<dyn Communicator>) -> Result<Self> {
@@ -104,6 +123,7 @@ impl Engine {
             limits,
             dtype_name,
             tables: BlockTables::default(),
+            sampled: HashMap::new(),
         })
     }
 
@@ -126,15 +146,23 @@ impl Engine {
         }
     }
 
-    /// Runs one plan. An [`crate::batch::InvalidPlan`] error leaves the engine usable; any other
-    /// error means this rank may have left its peers mid-collective.
-    pub fn step(&mut self, plan: &StepPlan) -> Result<StepResult> {
+    /// Runs one plan. An [`crate::batch::InvalidPlan`] error leaves the engine usable and
+    /// unchanged; any other error means this rank may have left its peers mid-collective.
+    ///
+    /// The plan is taken by value so that the sequences it feeds their sampled token
+    /// (`feed_sampled`) get it in place, without a copy of the plan.
+    pub fn step(&mut self, mut plan: StepPlan) -> Result<StepResult> {
+        if plan.seqs.iter().any(|s| s.feed_sampled) {
+            self.feed_sampled(&mut plan)?;
+        }
         let device = self.model.embed_device();
-        let tables = self.tables.resolve(plan)?;
-        let batch = StepBatch::build(plan, &tables, &self.limits, self.model.dtype, &device)?;
+        let tables = self.tables.resolve(&plan)?;
+        let batch = StepBatch::build(&plan, &tables, &self.limits, self.model.dtype, &device)?;
         drop(tables);
-        // Valid: from here the plan runs, so this rank's tables move on with it.
-        self.tables.commit(plan);
+        // Valid: from here the plan runs, so this rank's tables move on with it, and what rank
+        // 0 sampled before is no longer the latest step's.
+        self.tables.commit(&plan);
+        self.sampled.clear();
         let logits = self
             .model
             .forward(&batch, &self.cache, self.comm.as_mut())?;
@@ -149,7 +177,9 @@ impl Engine {
         for (row, &i) in rows.iter().zip(&batch.output_seqs) {
             let s = &plan.seqs[i];
             if s.sample {
-                result.tokens.push(sampling::sample(row, s));
+                let t = sampling::sample(row, s);
+                self.sampled.insert(t.seq_id, t.token_id);
+                result.tokens.push(t);
             }
             if plan.return_logits {
                 result.logits.push(Logits {
@@ -159,5 +189,58 @@ impl Engine {
             }
         }
         Ok(result)
+    }
+
+    /// Gives every `feed_sampled` sequence of `plan` the token rank 0 sampled for it in the
+    /// latest step as its input, on every rank, and appends it to the sequence's penalty
+    /// context when one is sent (the coordinator's lacks it). The context grows on every rank,
+    /// not only on rank 0 that reads it, because batch validation reads its length and must
+    /// judge alike everywhere.
+    ///
+    /// What this refuses, and an unknown block table, is refused before the broadcast (a bad
+    /// plan costs no collective), except a token rank 0 does not have: every rank learns of
+    /// that from the broadcast and refuses it after. The rest of the checks follow in
+    /// [`StepBatch::build`], alike on every rank too.
+    fn feed_sampled(&mut self, plan: &mut StepPlan) -> Result<()> {
+        if let Some(s) = plan
+            .seqs
+            .iter()
+            .find(|s| s.feed_sampled && !s.token_ids.is_empty())
+        {
+            return Err(invalid(format!(
+                "sequence {} feeds its sampled token but also sends {} tokens",
+                s.seq_id,
+                s.token_ids.len()
+            )));
+        }
+        if self.limits.vocab_size > NOT_SAMPLED as usize {
+            return Err(invalid(format!(
+                "feed_sampled carries token ids below {NOT_SAMPLED}, the vocabulary has {}",
+                self.limits.vocab_size
+            )));
+        }
+        self.tables.resolve(plan)?;
+        let mut fed: Vec<u32> = plan
+            .seqs
+            .iter()
+            .filter(|s| s.feed_sampled)
+            .map(|s| self.sampled.get(&s.seq_id).copied().unwrap_or(NOT_SAMPLED))
+            .collect();
+        self.comm
+            .broadcast_from_rank0(&mut fed, &self.model.embed_device())?;
+        for (s, t) in plan.seqs.iter_mut().filter(|s| s.feed_sampled).zip(fed) {
+            if t == NOT_SAMPLED {
+                return Err(invalid(format!(
+                    "sequence {} feeds the token sampled for it in the previous step, \
+                     but rank 0 sampled none for it there",
+                    s.seq_id
+                )));
+            }
+            s.token_ids.push(t);
+            if !s.context_token_ids.is_empty() {
+                s.context_token_ids.push(t);
+            }
+        }
+        Ok(())
     }
 }

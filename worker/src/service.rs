@@ -4,8 +4,13 @@
 //! the engine sits behind a mutex that only one step holds at a time. A refused plan is answered
 //! in-band (`StepResult.error`); any other failure leaves this rank out of step with its peers,
 //! so the process exits: peers see the connection drop and the coordinator sees the rank go.
+//!
+//! Every result says how long this rank waited for its plan since it sent the previous result
+//! (`wait_us`) and how long the step took (`compute_us`), so the coordinator can tell its own
+//! share of the time between steps from the ranks'.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use helios_proto::v1::worker_server::Worker;
@@ -14,6 +19,7 @@ use helios_proto::v1::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::batch::InvalidPlan;
@@ -113,49 +119,66 @@ impl Worker for WorkerService {
         &self,
         req: Request<Streaming<StepPlan>>,
     ) -> Result<Response<Self::StepStream>, Status> {
-        let mut plans = req.into_inner();
-        let engine = self.engine.clone();
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            while let Some(plan) = plans.message().await.transpose() {
-                let plan = match plan {
-                    Ok(p) => p,
-                    Err(status) => {
-                        tracing::info!("step stream closed: {status}");
-                        return;
-                    }
-                };
-                let engine = engine.clone();
-                let result = tokio::task::spawn_blocking(move || {
-                    let mut guard = engine.lock().map_err(|e| anyhow::anyhow!("{e}"))?;
-                    let engine = guard
-                        .as_mut()
-                        .ok_or_else(|| anyhow::anyhow!("step before init"))?;
-                    engine
-                        .step(&plan)
-                        .map_err(|e| (plan.step_id, e))
-                        .or_else(|(id, e)| match e.downcast_ref::<InvalidPlan>() {
-                            Some(inv) => Ok(StepResult {
-                                step_id: id,
-                                error: inv.to_string(),
-                                ..Default::default()
-                            }),
-                            None => Err(e),
-                        })
-                })
-                .await;
-                match result {
-                    Ok(Ok(r)) => {
-                        if tx.send(Ok(r)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Err(e)) => fatal(&tx, format!("{e:#}")).await,
-                    Err(e) => fatal(&tx, format!("step task failed: {e}")).await,
-                }
-            }
-        });
+        tokio::spawn(step_loop(req.into_inner(), self.engine.clone(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Steps the plans of one stream in order, answering each on `tx`, timed (see the module docs).
+async fn step_loop(
+    mut plans: impl Stream<Item = Result<StepPlan, Status>> + Unpin,
+    engine: Arc<Mutex<Option<Engine>>>,
+    tx: mpsc::Sender<Result<StepResult, Status>>,
+) {
+    // When the previous result was handed to the stream; `None` before the first plan.
+    let mut sent_at: Option<Instant> = None;
+    while let Some(plan) = plans.next().await {
+        let plan = match plan {
+            Ok(p) => p,
+            Err(status) => {
+                tracing::info!("step stream closed: {status}");
+                return;
+            }
+        };
+        let wait_us = sent_at.map_or(0, |t| micros(t.elapsed()));
+        let engine = engine.clone();
+        let started = Instant::now();
+        // The blocking step, with its hop to the blocking pool and the engine lock.
+        let result = tokio::task::spawn_blocking(move || {
+            let mut guard = engine.lock().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let engine = guard
+                .as_mut()
+                .ok_or_else(|| anyhow::anyhow!("step before init"))?;
+            let step_id = plan.step_id;
+            engine
+                .step(plan)
+                .or_else(|e| match e.downcast_ref::<InvalidPlan>() {
+                    Some(inv) => Ok(StepResult {
+                        step_id,
+                        error: inv.to_string(),
+                        ..Default::default()
+                    }),
+                    None => Err(e),
+                })
+        })
+        .await;
+        let compute_us = micros(started.elapsed());
+        match result {
+            Ok(Ok(r)) => {
+                let r = StepResult {
+                    wait_us,
+                    compute_us,
+                    ..r
+                };
+                if tx.send(Ok(r)).await.is_err() {
+                    return;
+                }
+                sent_at = Some(Instant::now());
+            }
+            Ok(Err(e)) => fatal(&tx, format!("{e:#}")).await,
+            Err(e) => fatal(&tx, format!("step task failed: {e}")).await,
+        }
     }
 }
 
@@ -190,10 +213,76 @@ fn nccl_id_for(device: &Device) -> anyhow::Result<Vec<u8>> {
     Ok(Vec::new())
 }
 
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 /// This rank can no longer keep in step with its peers: say why, then exit.
 async fn fatal(tx: &mpsc::Sender<Result<StepResult, Status>>, msg: String) -> ! {
     tracing::error!("fatal step error, exiting: {msg}");
     let _ = tx.send(Err(Status::internal(msg))).await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     std::process::exit(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use helios_proto::v1::SequenceStep;
+
+    use crate::comm::SingleRank;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn results_say_how_long_the_rank_waited_and_computed() {
+        let dir = tempfile::tempdir().unwrap();
+        helios_tests::make_tiny_model(dir.path(), 6, &[]).unwrap();
+        let engine = Engine::load(&EngineOptions::cpu(dir.path()), Box::new(SingleRank)).unwrap();
+        let (plan_tx, plan_rx) = mpsc::channel(4);
+        let (tx, mut results) = mpsc::channel(4);
+        tokio::spawn(step_loop(
+            ReceiverStream::new(plan_rx),
+            Arc::new(Mutex::new(Some(engine))),
+            tx,
+        ));
+        let plan = |step_id: u64, token_ids: Vec<u32>| StepPlan {
+            step_id,
+            seqs: vec![SequenceStep {
+                seq_id: 1,
+                token_ids,
+                block_table: vec![0],
+                sample: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut next = async |p: StepPlan| {
+            plan_tx.send(Ok(p)).await.unwrap();
+            results.recv().await.unwrap().unwrap()
+        };
+        let first = next(plan(0, vec![1, 2, 3])).await;
+        assert_eq!(first.error, "");
+        assert_eq!(
+            first.wait_us, 0,
+            "the first plan of a stream waited for nothing"
+        );
+        assert!(first.compute_us > 0, "a forward pass took no time");
+        // The coordinator takes its time; then a refused plan, timed all the same.
+        let pause = Duration::from_millis(200);
+        tokio::time::sleep(pause).await;
+        let refused = next(plan(1, vec![])).await;
+        assert_ne!(refused.error, "");
+        assert!(
+            refused.wait_us >= pause.as_micros() as u64,
+            "waited {} µs",
+            refused.wait_us
+        );
+        assert!(
+            refused.wait_us < 60_000_000,
+            "waited {} µs",
+            refused.wait_us
+        );
+        let third = next(plan(2, vec![4])).await;
+        assert!(third.wait_us < refused.wait_us, "the gap was not reset");
+        assert!(third.compute_us > 0);
+    }
 }

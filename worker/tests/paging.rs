@@ -60,7 +60,7 @@ impl Feed {
 
 fn step(e: &mut Engine, id: u64, seqs: Vec<SequenceStep>) -> Vec<(u64, Vec<f32>)> {
     let r = e
-        .step(&StepPlan {
+        .step(StepPlan {
             step_id: id,
             seqs,
             return_logits: true,
@@ -201,9 +201,9 @@ fn invalid_plans_are_refused_and_the_engine_stays_usable() {
         (bad(vec![], 0, vec![0]), "no tokens"),
         (bad(vec![1], 600, vec![0; 40]), "beyond the model"),
     ] {
-        let err = e.step(&plan).unwrap_err().to_string();
+        let err = e.step(plan).unwrap_err().to_string();
         assert!(err.contains(words), "{err:?} should mention {words:?}");
     }
-    let ok = e.step(&bad(vec![1, 2, 3], 0, vec![0])).unwrap();
+    let ok = e.step(bad(vec![1, 2, 3], 0, vec![0])).unwrap();
     assert_eq!(ok.tokens.len(), 1);
 }

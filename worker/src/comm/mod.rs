@@ -8,13 +8,19 @@
 //! The lm_head is kept whole on rank 0 (which alone samples), so no gather is needed; that
 //! departs from DESIGN.md's vocab-parallel lm_head, which pays off only on GPUs where rank 0's
 //! memory is the limit.
+//!
+//! Because rank 0 alone samples, it alone knows the tokens it sampled in the previous step; when
+//! the coordinator plans ahead of those tokens (`SequenceStep.feed_sampled`), rank 0 hands them
+//! to the other ranks with [`Communicator::broadcast_from_rank0`]. That is built on the sum
+//! all-reduce every implementation already has, so it needs no transport of its own: a few ids
+//! per step are not worth a second collective to implement and test on every backend.
 
 #[cfg(feature = "cuda")]
 mod nccl;
 mod tcp;
 
-use anyhow::Result;
-use candle_core::Tensor;
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
 
 #[cfg(feature = "cuda")]
 pub use self::nccl::NcclCommunicator;
@@ -35,7 +41,57 @@ pub trait Communicator: Send {
     }
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<()>;
+    /// Gives every rank rank 0's `values` (the other ranks' `values` are overwritten; every rank
+    /// passes the same number of them). Each value must be below [`BROADCAST_LIMIT`].
+    ///
+    /// The default sums an f32 tensor on `device` (the device this communicator's
+    /// `all_reduce_sum` works on: NCCL's is the rank's GPU) to which rank 0 contributes its
+    /// values and every other rank zeros; adding zeros is exact in any order, and integers below
+    /// 2^24 are exact in f32. A value of rank 0's at or above the limit goes out as NaN, so that
+    /// every rank fails here together instead of rank 0 alone leaving its peers in the
+    /// collective. World size 1 returns at once.
+    fn broadcast_from_rank0(&mut self, values: &mut [u32], device: &Device) -> Result<()> {
+        if self.world_size() == 1 || values.is_empty() {
+            return Ok(());
+        }
+        let mine: Vec<f32> = if self.rank() == 0 {
+            values
+                .iter()
+                .map(|&v| {
+                    if v < BROADCAST_LIMIT {
+                        v as f32
+                    } else {
+                        f32::NAN
+                    }
+                })
+                .collect()
+        } else {
+            vec![0.0; values.len()]
+        };
+        let n = values.len();
+        let sum = self
+            .all_reduce_sum(&Tensor::from_vec(mine, n, device)?)?
+            .to_vec1::<f32>()?;
+        if sum.len() != n {
+            bail!("broadcast of {n} values came back with {}", sum.len());
+        }
+        for (v, s) in values.iter_mut().zip(sum) {
+            // `s` is what rank 0 sent; check it rather than trust a cast to round it.
+            if !(s >= 0.0 && s < BROADCAST_LIMIT as f32 && s.fract() == 0.0) {
+                bail!(
+                    "rank {}: rank 0 broadcast {s}, not an integer below {BROADCAST_LIMIT}",
+                    self.rank()
+                );
+            }
+            *v = s as u32;
+        }
+        Ok(())
+    }
 }
+
+/// Values [`Communicator::broadcast_from_rank0`] can carry are below this: 2^24, the first
+/// integer from which f32 (the sum all-reduce's type) no longer holds every integer.
+pub const BROADCAST_LIMIT: u32 = 1 << 24;
 
 /// `parts[0] + parts[1] + ...`, added strictly in that order.
 pub fn sum_in_order(parts: &Tensor) -> Result<Tensor> {
@@ -61,5 +117,20 @@ impl Communicator for SingleRank {
     }
     fn barrier(&mut self) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_rank_broadcasts_nothing() {
+        // No collective, no conversion: even a value f32 could not carry comes back as it was.
+        let mut v = vec![3, BROADCAST_LIMIT + 1];
+        SingleRank
+            .broadcast_from_rank0(&mut v, &Device::Cpu)
+            .unwrap();
+        assert_eq!(v, vec![3, BROADCAST_LIMIT + 1]);
     }
 }

@@ -291,6 +291,33 @@ mod tests {
     }
 
     #[test]
+    fn broadcast_from_rank0_gives_every_rank_rank_0s_values() {
+        let results = on_ranks(3, |rank, mut c| {
+            let cpu = Device::Cpu;
+            let limit = crate::comm::BROADCAST_LIMIT;
+            // Other ranks pass values of their own; only rank 0's count.
+            let mut v = if rank == 0 {
+                vec![0, 7, 151_935, limit - 1]
+            } else {
+                vec![rank as u32 * 1000 + 1; 4]
+            };
+            c.broadcast_from_rank0(&mut v, &cpu).unwrap();
+            // A value f32 cannot hold exactly fails on every rank alike, not on rank 0 alone,
+            // and leaves the mesh in step for the next collective.
+            let mut big = vec![if rank == 0 { limit + 1 } else { 0 }, 3];
+            let refused = c.broadcast_from_rank0(&mut big, &cpu).is_err();
+            let mut after = vec![if rank == 0 { 42 } else { 0 }];
+            c.broadcast_from_rank0(&mut after, &cpu).unwrap();
+            (v, refused, after)
+        });
+        for (rank, (v, refused, after)) in results.into_iter().enumerate() {
+            assert_eq!(v, vec![0, 7, 151_935, (1 << 24) - 1], "rank {rank}");
+            assert!(refused, "rank {rank} took a value of 2^24 + 1");
+            assert_eq!(after, vec![42], "rank {rank}");
+        }
+    }
+
+    #[test]
     fn parts_are_added_in_global_order_like_one_rank_would() {
         // Four slices whose float sum depends on the order of addition.
         let slice = |j: usize| -> Vec<f32> {

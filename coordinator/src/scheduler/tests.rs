@@ -1,0 +1,356 @@
+use super::*;
+
+fn params(max_new_tokens: usize) -> SequenceParams {
+    SequenceParams {
+        max_new_tokens,
+        stop_token_ids: vec![0],
+        ..Default::default()
+    }
+}
+
+fn config(max_batch_tokens: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        max_batch_tokens,
+        max_running: 16,
+        max_waiting: 64,
+        prefix_caching: true,
+    }
+}
+
+fn sched(blocks: usize, block_size: usize, max_batch_tokens: usize) -> Scheduler {
+    Scheduler::new(
+        BlockManager::new(blocks, block_size),
+        config(max_batch_tokens),
+    )
+}
+
+/// A fake rank 0: samples `seq_id + 1` for every sequence that asks.
+fn answer(plan: &StepPlan) -> StepResult {
+    answer_with(plan, |s| s.seq_id as u32 + 1)
+}
+
+fn step(s: &mut Scheduler) -> (StepPlan, Vec<Sampled>) {
+    let plan = s.schedule().unwrap().unwrap();
+    let out = s.apply(answer(&plan)).unwrap();
+    s.audit().unwrap();
+    (plan, out)
+}
+
+#[test]
+fn decodes_go_first_then_prompt_chunks_within_the_budget() {
+    let mut s = sched(64, 4, 8);
+    s.add(Sequence::new(1, vec![5; 3], params(4))).unwrap();
+    let (plan, _) = step(&mut s);
+    assert_eq!(plan.seqs.len(), 1);
+    assert!(plan.seqs[0].sample);
+    s.add(Sequence::new(2, vec![6; 20], params(4))).unwrap();
+    let (plan, _) = step(&mut s);
+    let lens: Vec<(u64, usize, bool)> = plan
+        .seqs
+        .iter()
+        .map(|q| (q.seq_id, q.token_ids.len(), q.sample))
+        .collect();
+    assert_eq!(lens, vec![(1, 1, true), (2, 7, false)]);
+    assert_eq!(plan.seqs[1].start_pos, 0);
+    let (plan, _) = step(&mut s);
+    assert_eq!(plan.seqs[1].start_pos, 7);
+}
+
+#[test]
+fn finished_sequences_give_back_their_blocks() {
+    let mut s = sched(16, 4, 64);
+    s.add(Sequence::new(7, vec![1; 5], params(3))).unwrap();
+    let mut generated = Vec::new();
+    while let Some(plan) = s.schedule().unwrap() {
+        for t in s.apply(answer(&plan)).unwrap() {
+            generated.push((t.token.token_id, t.finish));
+        }
+    }
+    assert_eq!(
+        generated,
+        vec![(8, None), (8, None), (8, Some(FinishReason::Length))]
+    );
+    assert!(s.is_idle());
+    assert_eq!(s.num_free_blocks(), 16);
+    // With its first token as a stop token, a sequence ends at the first sample.
+    let mut p = params(10);
+    p.stop_token_ids = vec![9];
+    s.add(Sequence::new(8, vec![2; 5], p)).unwrap();
+    let (_, out) = step(&mut s);
+    assert_eq!(out[0].finish, Some(FinishReason::Eos));
+    assert_eq!(s.num_free_blocks(), 16);
+}
+
+#[test]
+fn refusals_name_the_reason() {
+    let mut s = Scheduler::new(
+        BlockManager::new(4, 4),
+        SchedulerConfig {
+            max_waiting: 2,
+            ..config(64)
+        },
+    );
+    assert!(matches!(
+        s.add(Sequence::new(1, vec![1; 16], params(1))),
+        Err(AddError::NeverFits { need: 5, .. })
+    ));
+    assert!(matches!(
+        s.add(Sequence::new(2, vec![], params(1))),
+        Err(AddError::EmptyPrompt)
+    ));
+    s.add(Sequence::new(3, vec![1; 4], params(1))).unwrap();
+    s.add(Sequence::new(4, vec![1; 4], params(1))).unwrap();
+    assert!(matches!(
+        s.add(Sequence::new(5, vec![1; 4], params(1))),
+        Err(AddError::QueueFull(2))
+    ));
+}
+
+#[test]
+fn a_malformed_answer_fails_exactly_the_planned_sequences() {
+    let mut s = sched(16, 4, 64);
+    s.add(Sequence::new(3, vec![1; 2], params(4))).unwrap();
+    s.add(Sequence::new(4, vec![1; 2], params(4))).unwrap();
+    let plan = s.schedule().unwrap().unwrap();
+    let mut short = answer(&plan);
+    short.tokens.pop();
+    let failed = s.apply(short).unwrap_err();
+    assert_eq!(failed.seq_ids, vec![3, 4]);
+    assert!(s.is_idle());
+    assert_eq!(s.num_free_blocks(), 16);
+    s.audit().unwrap();
+    s.add(Sequence::new(5, vec![1; 2], params(4))).unwrap();
+    let plan = s.schedule().unwrap().unwrap();
+    assert_eq!(plan.finished_seq_ids, vec![3, 4], "the ranks forget them");
+    let mut long = answer(&plan);
+    long.tokens.push(long.tokens[0].clone());
+    assert!(s.apply(long).is_err());
+}
+
+#[test]
+fn block_tables_go_out_once_then_only_what_they_gain() {
+    let mut s = sched(16, 4, 64);
+    s.add(Sequence::new(1, vec![1; 6], params(8))).unwrap();
+    let sent = |s: &mut Scheduler| {
+        let (plan, _) = step(s);
+        let q = &plan.seqs[0];
+        (
+            q.block_table.clone(),
+            q.append_blocks,
+            plan.finished_seq_ids.clone(),
+        )
+    };
+    // Prompt of 6: two blocks, whole. Then positions 6, 7 stay in block 2; 8 needs a third.
+    assert_eq!(sent(&mut s), (vec![0, 1], false, vec![]));
+    assert_eq!(sent(&mut s), (vec![], true, vec![]));
+    assert_eq!(sent(&mut s), (vec![], true, vec![]));
+    assert_eq!(sent(&mut s), (vec![2], true, vec![]));
+    // Once it ends, the next plan tells the ranks to forget it.
+    assert!(s.abort(1));
+    s.add(Sequence::new(2, vec![2; 2], params(2))).unwrap();
+    let (plan, _) = step(&mut s);
+    assert_eq!(plan.finished_seq_ids, vec![1]);
+    assert!(!plan.seqs[0].append_blocks);
+}
+
+#[test]
+fn penalties_carry_the_context_only_when_sampling() {
+    let mut s = sched(16, 4, 4);
+    let mut p = params(4);
+    p.sampling.presence_penalty = 0.5;
+    s.add(Sequence::new(1, vec![3, 4, 5, 6, 7, 8], p)).unwrap();
+    let (plan, _) = step(&mut s);
+    assert!(plan.seqs[0].context_token_ids.is_empty());
+    let (plan, _) = step(&mut s);
+    assert_eq!(plan.seqs[0].context_token_ids, vec![3, 4, 5, 6, 7, 8]);
+    let (plan, _) = step(&mut s);
+    assert_eq!(plan.seqs[0].context_token_ids, vec![3, 4, 5, 6, 7, 8, 2]);
+    assert_eq!(plan.seqs[0].sampling.unwrap().output_index, 1);
+}
+
+#[test]
+fn priorities_order_the_queue_and_fcfs_holds_within_one() {
+    // Room for one sequence at a time.
+    let mut s = Scheduler::new(
+        BlockManager::new(2, 4),
+        SchedulerConfig {
+            max_running: 1,
+            ..config(64)
+        },
+    );
+    for (id, priority) in [(1, 5), (2, 0), (3, 5), (4, -1)] {
+        let p = SequenceParams {
+            priority,
+            ..params(1)
+        };
+        s.add(Sequence::new(id, vec![1; 3], p)).unwrap();
+    }
+    let mut order = Vec::new();
+    while let Some(plan) = s.schedule().unwrap() {
+        order.push(plan.seqs[0].seq_id);
+        s.apply(answer(&plan)).unwrap();
+    }
+    assert_eq!(order, vec![4, 2, 1, 3]);
+}
+
+#[test]
+fn out_of_blocks_the_newest_is_preempted_and_recomputes_with_its_tokens() {
+    // 3 blocks of 4: two sequences of 4 + 4 positions cannot both finish.
+    let mut s = sched(3, 4, 64);
+    s.add(Sequence::new(1, vec![1, 2, 3], params(5))).unwrap();
+    s.add(Sequence::new(2, vec![4, 5, 6], params(5))).unwrap();
+    let mut tokens: HashMap<u64, Vec<u32>> = HashMap::new();
+    let mut preempted_plan = None;
+    while let Some(plan) = s.schedule().unwrap() {
+        if s.stats().preemptions > 0 && preempted_plan.is_none() {
+            preempted_plan = Some(plan.clone());
+        }
+        for t in s.apply(answer(&plan)).unwrap() {
+            tokens
+                .entry(t.token.seq_id)
+                .or_default()
+                .push(t.token.token_id);
+        }
+        s.audit().unwrap();
+    }
+    assert!(s.stats().preemptions >= 1);
+    assert_eq!(tokens[&1], vec![2; 5]);
+    assert_eq!(
+        tokens[&2],
+        vec![3; 5],
+        "the preempted one still gets all its tokens"
+    );
+    assert_eq!(s.num_free_blocks(), 3);
+    // The older sequence kept running when the newer one was preempted.
+    let plan = preempted_plan.unwrap();
+    assert!(plan.seqs.iter().any(|q| q.seq_id == 1));
+    assert!(plan.seqs.iter().all(|q| q.seq_id != 2));
+}
+
+#[test]
+fn a_recomputed_sequence_resumes_at_its_output_index() {
+    // Without the prefix cache, which would give it back its first block.
+    let mut s = Scheduler::new(
+        BlockManager::new(3, 4),
+        SchedulerConfig {
+            prefix_caching: false,
+            ..config(64)
+        },
+    );
+    s.add(Sequence::new(1, vec![1, 2, 3], params(5))).unwrap();
+    s.add(Sequence::new(2, vec![4, 5, 6], params(5))).unwrap();
+    let mut resumed = None;
+    while let Some(plan) = s.schedule().unwrap() {
+        if let Some(q) = plan
+            .seqs
+            .iter()
+            .find(|q| q.seq_id == 2 && q.start_pos == 0 && s.stats().preemptions > 0)
+        {
+            resumed.get_or_insert(q.clone());
+        }
+        s.apply(answer(&plan)).unwrap();
+    }
+    let q = resumed.expect("sequence 2 ran again from position 0");
+    let generated = q.token_ids.len() - 3;
+    assert!(
+        generated >= 1,
+        "it recomputes its output too: {:?}",
+        q.token_ids
+    );
+    assert_eq!(&q.token_ids[..3], &[4, 5, 6]);
+    assert!(q.token_ids[3..].iter().all(|&t| t == 3));
+    assert_eq!(q.sampling.unwrap().output_index as usize, generated);
+}
+
+#[test]
+fn a_shared_prefix_is_computed_once() {
+    let mut s = sched(32, 4, 64);
+    let system: Vec<u32> = (10..30).collect();
+    let prompt = |tail: u32| -> Vec<u32> { system.iter().copied().chain([tail, tail]).collect() };
+    s.add(Sequence::new(1, prompt(1), params(2))).unwrap();
+    let (first, _) = step(&mut s);
+    assert_eq!(first.seqs[0].token_ids.len(), 22);
+    s.add(Sequence::new(2, prompt(2), params(2))).unwrap();
+    let (plan, _) = step(&mut s);
+    let q = plan.seqs.iter().find(|q| q.seq_id == 2).unwrap();
+    assert_eq!(q.start_pos, 20, "five full blocks came from the cache");
+    assert_eq!(q.token_ids, vec![2, 2]);
+    assert_eq!(&q.block_table[..5], &first.seqs[0].block_table[..5]);
+    assert_eq!(s.stats().prefix_hit_tokens, 20);
+    assert_eq!(s.stats().prefix_query_tokens, 44);
+    // The same prompt whole: every full block but the one holding the last token.
+    while s
+        .schedule()
+        .unwrap()
+        .is_some_and(|p| s.apply(answer(&p)).is_ok())
+    {}
+    s.add(Sequence::new(
+        3,
+        vec![10, 11, 12, 13, 14, 15, 16, 17],
+        params(1),
+    ))
+    .unwrap();
+    let (plan, _) = step(&mut s);
+    assert_eq!(plan.seqs[0].start_pos, 4);
+    assert_eq!(plan.seqs[0].token_ids, vec![14, 15, 16, 17]);
+}
+
+#[test]
+fn with_a_step_in_flight_the_next_feeds_its_tokens_by_reference() {
+    let mut s = sched(16, 4, 64);
+    s.add(Sequence::new(1, vec![1, 2, 3], params(3))).unwrap();
+    let first = s.schedule().unwrap().unwrap();
+    // Planned before the first is answered.
+    let second = s.schedule().unwrap().unwrap();
+    let q = &second.seqs[0];
+    assert!(q.feed_sampled && q.token_ids.is_empty());
+    assert_eq!((q.start_pos, q.sampling.unwrap().output_index), (3, 1));
+    assert!(s.schedule().is_err(), "at most two unanswered steps");
+    assert_eq!(s.apply(answer(&first)).unwrap()[0].finish, None);
+    // Max 3 tokens: two sampled or pending, so the third plan is the last.
+    let third = s.schedule().unwrap().unwrap();
+    assert!(third.seqs[0].feed_sampled);
+    s.apply(answer(&second)).unwrap();
+    assert!(
+        s.schedule().unwrap().is_none(),
+        "its last token is on its way"
+    );
+    let out = s.apply(answer(&third)).unwrap();
+    assert_eq!(out[0].finish, Some(FinishReason::Length));
+    assert!(s.is_idle());
+    s.audit().unwrap();
+}
+
+#[test]
+fn an_answer_for_an_aborted_sequence_is_dropped() {
+    let mut s = sched(16, 4, 64);
+    s.add(Sequence::new(1, vec![1, 2, 3], params(8))).unwrap();
+    s.add(Sequence::new(2, vec![1, 2, 3], params(8))).unwrap();
+    let plan = s.schedule().unwrap().unwrap();
+    assert!(s.abort(1));
+    let out = s.apply(answer(&plan)).unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].token.seq_id, 2);
+    s.audit().unwrap();
+}
+
+#[test]
+fn deadlines_drop_sequences_wherever_they_are() {
+    let mut s = sched(16, 4, 64);
+    let now = Instant::now();
+    let late = SequenceParams {
+        deadline: Some(now),
+        ..params(8)
+    };
+    s.add(Sequence::new(1, vec![1, 2, 3], late.clone()))
+        .unwrap();
+    step(&mut s);
+    s.add(Sequence::new(2, vec![1, 2, 3], late)).unwrap();
+    s.add(Sequence::new(3, vec![1, 2, 3], params(8))).unwrap();
+    let mut gone = s.expire(now);
+    gone.sort();
+    assert_eq!(gone, vec![1, 2]);
+    assert_eq!((s.num_running(), s.num_waiting()), (0, 1));
+    assert_eq!(s.num_free_blocks(), 16);
+    s.audit().unwrap();
+}
