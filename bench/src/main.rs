@@ -14,6 +14,7 @@
 mod fake_worker;
 mod overhead;
 mod sampling;
+mod scheduler;
 mod serve_load;
 
 use std::path::PathBuf;
@@ -45,6 +46,8 @@ enum Command {
     Serve(serve_load::ServeArgs),
     /// Rank 0's cost of choosing one token, on the default model's real logits.
     Sampling(sampling::SamplingArgs),
+    /// The scheduler's decision time per decode step (schedule + apply), in-process.
+    Scheduler(scheduler::SchedulerArgs),
 }
 
 #[derive(clap::Args)]
@@ -99,6 +102,7 @@ fn main() -> Result<()> {
         Command::Engine(a) => runtime()?.block_on(engine(a)),
         Command::Kernel(a) => kernel(a),
         Command::Sampling(a) => sampling::run(a),
+        Command::Scheduler(a) => scheduler::run(a),
         // Builds a runtime per configuration.
         Command::Overhead(a) => overhead::run(a),
         Command::Serve(a) => runtime()?.block_on(serve_load::run(a)),

@@ -91,9 +91,11 @@ pub async fn run(a: ServeArgs) -> Result<()> {
             .await
             .context("warm-up")?;
     }
+    let before = model_info(&mut clients[0]).await?;
     let start = Instant::now();
     let timed = phase(&a, &info, &clients, a.requests, 0).await?;
     let secs = start.elapsed().as_secs_f64();
+    let steps = StepCounters::between(&before, &model_info(&mut clients[0]).await?);
 
     let output_tokens: usize = timed.iter().map(|t| t.output_tokens).sum();
     let mean = |d: &mut dyn Iterator<Item = Duration>| {
@@ -118,6 +120,12 @@ pub async fn run(a: ServeArgs) -> Result<()> {
                 "output_tokens_per_s": tps,
                 "mean_ttft_ms": ttft_ms,
                 "mean_tpot_ms": tpot_ms,
+                "steps": steps.steps,
+                "mean_step_compute_ms": steps.mean_compute_ms(),
+                "mean_step_gap_us": steps.mean_gap_us(),
+                "gap_percent_of_step": steps.gap_percent(),
+                "preemptions": steps.preemptions,
+                "prefix_cache_hit_tokens": steps.prefix_hits,
             })
         );
     } else {
@@ -136,8 +144,62 @@ pub async fn run(a: ServeArgs) -> Result<()> {
             ms(ttft_ms),
             ms(tpot_ms)
         );
+        println!(
+            "{} steps: mean {:.2} ms computing, {:.0} µs waiting for the next plan ({:.2}% of a step); {} preemptions",
+            steps.steps,
+            steps.mean_compute_ms(),
+            steps.mean_gap_us(),
+            steps.gap_percent(),
+            steps.preemptions
+        );
     }
     Ok(())
+}
+
+async fn model_info(client: &mut GenerationClient<Channel>) -> Result<ModelInfoResponse> {
+    Ok(client
+        .model_info(ModelInfoRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("ModelInfo: {:?}: {}", s.code(), s.message()))?
+        .into_inner())
+}
+
+/// The server's step counters over the measured phase (ModelInfo before and after): how long
+/// the workers computed, and how long they waited between back-to-back steps.
+struct StepCounters {
+    steps: u64,
+    compute_s: f64,
+    gap_s: f64,
+    preemptions: u64,
+    prefix_hits: u64,
+}
+
+impl StepCounters {
+    fn between(a: &ModelInfoResponse, b: &ModelInfoResponse) -> Self {
+        Self {
+            steps: b.steps_total - a.steps_total,
+            compute_s: b.step_compute_seconds_total - a.step_compute_seconds_total,
+            gap_s: b.step_gap_seconds_total - a.step_gap_seconds_total,
+            preemptions: b.preemptions_total - a.preemptions_total,
+            prefix_hits: b.prefix_cache_hit_tokens - a.prefix_cache_hit_tokens,
+        }
+    }
+
+    fn mean_compute_ms(&self) -> f64 {
+        self.compute_s / self.steps.max(1) as f64 * 1e3
+    }
+
+    fn mean_gap_us(&self) -> f64 {
+        self.gap_s / self.steps.max(1) as f64 * 1e6
+    }
+
+    fn gap_percent(&self) -> f64 {
+        if self.compute_s > 0.0 {
+            self.gap_s / self.compute_s * 100.0
+        } else {
+            0.0
+        }
+    }
 }
 
 /// Runs `n` requests through the clients, one at a time per client.

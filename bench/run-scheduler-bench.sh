@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The scheduler benchmarks of bench/RESULTS.md ("Scheduler (issue 4)"), in one run on one machine:
+#   1. the scheduler's decision time per decode step at 256 and 1,024 running sequences, prefix
+#      caching on (helios-bench scheduler, in-process);
+#   2. the gap between steps as the workers see it (from sending a StepResult to receiving the
+#      next StepPlan, the slowest rank's, from ModelInfo's step counters), at batch 64 on
+#      SmolLM2-135M-Instruct Q4_1, tp 1 and tp 3, with overlap (the default) and --no-overlap.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scripts/fetch-model.sh >/dev/null
+cargo build --release --bins -q
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u '+%F %H:%M UTC'), commit $(git rev-parse --short HEAD), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+
+target/release/helios-bench scheduler --seqs 256,1024 --context 512 --steps 1000
+echo
+
+work=$(mktemp -d)
+server=""
+stop_server() {
+  if [[ -n "$server" ]]; then
+    kill "$server" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+    server=""
+  fi
+}
+trap 'stop_server; rm -rf "$work"' EXIT
+
+BATCH=64
+for tp in 1 3; do
+  for mode in overlap no-overlap; do
+    flags=()
+    [[ "$mode" == no-overlap ]] && flags=(--no-overlap)
+    target/release/helios serve --tp "$tp" --port 0 --host 127.0.0.1 --max-running "$BATCH" \
+      "${flags[@]}" >"$work/serve.out" 2>"$work/serve.err" &
+    server=$!
+    addr=""
+    for _ in $(seq 600); do
+      addr=$(sed -n 's/^HELIOS_READY grpc=//p' "$work/serve.out")
+      [[ -n "$addr" ]] && break
+      if ! kill -0 "$server" 2>/dev/null; then
+        cat "$work/serve.err" >&2
+        exit 1
+      fi
+      sleep 0.2
+    done
+    [[ -n "$addr" ]] || { echo "helios serve did not get ready" >&2; exit 1; }
+    target/release/helios-bench serve --addr "$addr" --concurrency "$BATCH" --requests $((2 * BATCH)) \
+      --input-len 64 --output-len 64 --warmup "$BATCH" --json |
+      python3 -c "import json,sys; r=json.load(sys.stdin); r['mode']='$mode'; print(json.dumps(r))" >>"$work/gap.jsonl"
+    stop_server
+  done
+done
+
+python3 - "$work/gap.jsonl" <<'EOF2'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+print("Gap between steps as the workers see it, batch 64 (closed loop, 64 in / 64 out), SmolLM2-135M-Instruct Q4_1")
+print("| tp | mode | steps | mean step compute (ms) | mean gap (µs) | gap / step | output tok/s | mean TPOT (ms) |")
+print("|---|---|---|---|---|---|---|---|")
+for r in rows:
+    print(f"| {r['tensor_parallel_size']} | {r['mode']} | {r['steps']} | {r['mean_step_compute_ms']:.1f} "
+          f"| {r['mean_step_gap_us']:.0f} | {r['gap_percent_of_step']:.2f}% | {r['output_tokens_per_s']:.1f} | {r['mean_tpot_ms']:.1f} |")
+EOF2
