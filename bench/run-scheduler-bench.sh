@@ -3,7 +3,8 @@
 #   1. the scheduler's decision time per decode step at 256 and 1,024 running sequences, prefix
 #      caching on (helios-bench scheduler, in-process);
 #   2. the gap between steps as the workers see it (from sending a StepResult to receiving the
-#      next StepPlan, the slowest rank's, from ModelInfo's step counters), at batch 64 on
+#      next StepPlan: rank 0's, the coordinator's turnaround, and the longest-waiting rank's,
+#      from ModelInfo's step counters), at batch 64 on
 #      SmolLM2-135M-Instruct Q4_1, tp 1 and tp 3, with overlap (the default) and --no-overlap.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -56,9 +57,10 @@ python3 - "$work/gap.jsonl" <<'EOF2'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 print("Gap between steps as the workers see it, batch 64 (closed loop, 64 in / 64 out), SmolLM2-135M-Instruct Q4_1")
-print("| tp | mode | steps | mean step compute (ms) | mean gap (µs) | gap / step | output tok/s | mean TPOT (ms) |")
-print("|---|---|---|---|---|---|---|---|")
+print("| tp | mode | steps | mean step compute (ms) | rank 0 gap (µs) | rank 0 gap / step | longest rank wait / step | output tok/s | mean TPOT (ms) |")
+print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     print(f"| {r['tensor_parallel_size']} | {r['mode']} | {r['steps']} | {r['mean_step_compute_ms']:.1f} "
-          f"| {r['mean_step_gap_us']:.0f} | {r['gap_percent_of_step']:.2f}% | {r['output_tokens_per_s']:.1f} | {r['mean_tpot_ms']:.1f} |")
+          f"| {r['mean_step_gap_us']:.0f} | {r['gap_percent_of_step']:.2f}% | {r['rank_wait_percent_of_step']:.2f}% "
+          f"| {r['output_tokens_per_s']:.1f} | {r['mean_tpot_ms']:.1f} |")
 EOF2

@@ -124,6 +124,7 @@ pub async fn run(a: ServeArgs) -> Result<()> {
                 "mean_step_compute_ms": steps.mean_compute_ms(),
                 "mean_step_gap_us": steps.mean_gap_us(),
                 "gap_percent_of_step": steps.gap_percent(),
+                "rank_wait_percent_of_step": steps.rank_wait_percent(),
                 "preemptions": steps.preemptions,
                 "prefix_cache_hit_tokens": steps.prefix_hits,
             })
@@ -145,11 +146,12 @@ pub async fn run(a: ServeArgs) -> Result<()> {
             ms(tpot_ms)
         );
         println!(
-            "{} steps: mean {:.2} ms computing, {:.0} µs waiting for the next plan ({:.2}% of a step); {} preemptions",
+            "{} steps: mean {:.2} ms computing; rank 0 waits {:.0} µs for the next plan ({:.2}% of a step), the longest-waiting rank {:.2}%; {} preemptions",
             steps.steps,
             steps.mean_compute_ms(),
             steps.mean_gap_us(),
             steps.gap_percent(),
+            steps.rank_wait_percent(),
             steps.preemptions
         );
     }
@@ -170,6 +172,7 @@ struct StepCounters {
     steps: u64,
     compute_s: f64,
     gap_s: f64,
+    rank_wait_s: f64,
     preemptions: u64,
     prefix_hits: u64,
 }
@@ -180,6 +183,7 @@ impl StepCounters {
             steps: b.steps_total - a.steps_total,
             compute_s: b.step_compute_seconds_total - a.step_compute_seconds_total,
             gap_s: b.step_gap_seconds_total - a.step_gap_seconds_total,
+            rank_wait_s: b.step_rank_wait_seconds_total - a.step_rank_wait_seconds_total,
             preemptions: b.preemptions_total - a.preemptions_total,
             prefix_hits: b.prefix_cache_hit_tokens - a.prefix_cache_hit_tokens,
         }
@@ -194,8 +198,16 @@ impl StepCounters {
     }
 
     fn gap_percent(&self) -> f64 {
+        self.percent(self.gap_s)
+    }
+
+    fn rank_wait_percent(&self) -> f64 {
+        self.percent(self.rank_wait_s)
+    }
+
+    fn percent(&self, s: f64) -> f64 {
         if self.compute_s > 0.0 {
-            self.gap_s / self.compute_s * 100.0
+            s / self.compute_s * 100.0
         } else {
             0.0
         }

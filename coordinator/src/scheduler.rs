@@ -516,6 +516,11 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Planned steps not yet answered (or failed).
+    pub fn num_unanswered(&self) -> usize {
+        self.planned.len()
+    }
+
     /// Ids of the oldest unanswered step's sequences.
     pub fn planned_ids(&self) -> Vec<u64> {
         self.planned
@@ -538,13 +543,6 @@ impl Scheduler {
             self.abort(id);
         }
         ids
-    }
-
-    /// Returns a plan that will not be sent (a step before it failed): its sequences are
-    /// failed by the caller (see [`Self::fail_planned`]); the sequences it told the ranks to
-    /// forget are told again with the next plan.
-    pub fn unsend(&mut self, plan: StepPlan) {
-        self.forgotten.extend(plan.finished_seq_ids);
     }
 
     /// Applies rank 0's answer to the oldest unanswered step: advances its sequences, appends

@@ -225,6 +225,7 @@ impl Serving {
             steps_total: load(&s.steps),
             step_compute_seconds_total: load(&s.step_compute_us) as f64 / 1e6,
             step_gap_seconds_total: load(&s.step_gap_us) as f64 / 1e6,
+            step_rank_wait_seconds_total: load(&s.step_rank_wait_us) as f64 / 1e6,
             ..(*self.info).clone()
         }
     }

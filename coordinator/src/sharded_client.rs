@@ -188,7 +188,7 @@ impl ShardedClient {
     pub async fn step(&mut self, plan: StepPlan) -> Result<StepResult> {
         let step_id = plan.step_id;
         self.send(plan).await?;
-        self.receive(step_id).await
+        Ok(self.receive(step_id).await?.0)
     }
 
     /// Hands a plan to every rank without waiting for the answers: the coordinator plans the
@@ -217,10 +217,10 @@ impl ShardedClient {
     }
 
     /// Waits for every rank's answer to step `step_id` (the oldest one sent); returns rank 0's,
-    /// with `wait_us` and `compute_us` those of the slowest rank. Fails as soon as any rank is
-    /// gone, even while other ranks are still waiting on it.
+    /// with `compute_us` that of the slowest rank, and the longest `wait_us` of any rank.
+    /// Fails as soon as any rank is gone, even while other ranks are still waiting on it.
     #[tracing::instrument(skip_all, fields(step = step_id))]
-    pub async fn receive(&mut self, step_id: u64) -> Result<StepResult> {
+    pub async fn receive(&mut self, step_id: u64) -> Result<(StepResult, u64)> {
         let mut failure = self.failure.subscribe();
         let all = join_all(self.shards.iter_mut().map(|s| async move {
             let (_, results) = s
@@ -262,8 +262,7 @@ impl ShardedClient {
             }
         }
         let mut r = rank0.context("no ranks")?;
-        r.wait_us = wait_us;
         r.compute_us = compute_us;
-        Ok(r)
+        Ok((r, wait_us))
     }
 }

@@ -5,20 +5,22 @@
 //! streams the sampled tokens back. When nothing can run it sleeps until a request arrives or
 //! a rank fails.
 //!
-//! **Overlap** (the default, as in SGLang and vLLM V1): step N+1 is planned while the ranks run
-//! step N, and sent the moment N's answer is applied; N's tokens are streamed to clients while
-//! the ranks run N+1. The ranks wait between steps only for the answer's round trip and the
-//! apply, not for scheduling or detokenizing. Tokens sampled in step N that N+1 feeds are fed by
-//! reference (rank 0 has them). The cost: a sequence that ends in step N (EOS, a stop string)
-//! is computed once more in N+1 and that token is dropped. `--no-overlap` runs the steps back to
-//! back instead (answer, stream, plan, send), for comparison.
+//! **Overlap** (the default, as in SGLang's overlap scheduler and vLLM V1's async scheduling):
+//! step N+1 is planned and sent while the ranks run step N, so it is waiting at every rank when
+//! N ends; the loop then applies N's answer, streams its tokens, and plans N+2 while the ranks
+//! run N+1. The ranks never wait for the coordinator: not for the answer's round trip, not for
+//! scheduling, not for detokenizing. Tokens sampled in step N that N+1 feeds are fed by
+//! reference (`feed_sampled`: rank 0 has them and shares them with the other ranks). The costs:
+//! a sequence that ends in step N (EOS, a stop string) is computed in N+1 as well and that
+//! token is dropped, and a new request joins one step later. `--no-overlap` runs one step at a
+//! time instead (answer, stream, plan, send), for comparison.
 //!
 //! A rank that fails (its step stream ends: the process died, the connection broke) takes the
 //! replica down: every accepted request is answered UNAVAILABLE, health turns NOT_SERVING, and
 //! every later request is answered UNAVAILABLE at once. Recovering a replica without losing
 //! requests is a later issue; the coordinator itself keeps serving everything else.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -66,10 +68,11 @@ pub struct LoopStats {
     pub prefix_query_tokens: AtomicU64,
     pub prefix_hit_tokens: AtomicU64,
     pub steps: AtomicU64,
-    /// Microseconds the slowest rank spent computing steps, and waiting between back-to-back
-    /// steps.
+    /// Microseconds the slowest rank spent computing steps; rank 0 waiting between
+    /// back-to-back steps (the coordinator's turnaround), and the longest wait of any rank.
     pub step_compute_us: AtomicU64,
     pub step_gap_us: AtomicU64,
+    pub step_rank_wait_us: AtomicU64,
 }
 
 /// A step the ranks are running.
@@ -121,71 +124,58 @@ impl StepLoop {
     /// Runs until every request sender is gone.
     pub async fn run(mut self) {
         let mut failure = self.client.failure();
-        let mut in_flight: Option<InFlight> = None;
+        // Steps the ranks hold, oldest first: with overlap the next one waits at the ranks
+        // while they run the current one.
+        let depth = if self.overlap { 2 } else { 1 };
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut idled = true;
         loop {
             while let Ok(m) = self.requests.try_recv() {
                 self.take(m);
             }
             self.drop_gone();
-            let mut sampled = Vec::new();
-            if !self.overlap {
-                match self.collect(in_flight.take()).await {
-                    Ok(s) => self.stream(s),
-                    Err(Lost) => break,
-                }
-            }
-            let plan = match self.scheduler.schedule() {
-                Ok(plan) => plan,
-                Err(e) => {
-                    self.fail_all(Status::internal(format!("scheduling failed: {e:#}")));
-                    continue;
-                }
-            };
-            // Planned while a step was running: once it is answered, plan again before idling.
-            let planned_early = in_flight.is_some();
-            if self.overlap && planned_early {
-                let planned_behind = plan.is_some();
-                match self.collect(in_flight.take()).await {
-                    Ok(s) => sampled = s,
-                    Err(Lost) => break,
-                }
-                // The step before failed and took the planned one's sequences with it.
-                if planned_behind && self.scheduler.planned_ids().is_empty() {
-                    if let Some(plan) = plan {
-                        self.scheduler.unsend(plan);
+            if in_flight.len() < depth {
+                let plan = match self.scheduler.schedule() {
+                    Ok(plan) => plan,
+                    Err(e) => {
+                        self.fail_all(Status::internal(format!("scheduling failed: {e:#}")));
+                        continue;
                     }
-                    continue;
-                }
-            }
-            self.publish_stats();
-            match plan {
-                Some(plan) => {
+                };
+                self.publish_stats();
+                if let Some(plan) = plan {
                     self.mark_scheduled(&plan);
                     let step_id = plan.step_id;
                     if let Err(e) = self.client.send(plan).await {
                         tracing::error!("sending step {step_id}: {e:#}");
                         break;
                     }
-                    in_flight = Some(InFlight {
+                    in_flight.push_back(InFlight {
                         step_id,
                         back_to_back: !idled,
                     });
                     idled = false;
+                    continue;
                 }
-                None if !planned_early => {
-                    idled = true;
-                    tokio::select! {
-                        m = self.requests.recv() => match m {
-                            Some(m) => self.take(m),
-                            None => return,
-                        },
-                        _ = failure.wait_for(Option::is_some) => break,
-                    }
-                }
-                None => {}
             }
-            self.stream(sampled);
+            let Some(step) = in_flight.pop_front() else {
+                idled = true;
+                tokio::select! {
+                    m = self.requests.recv() => match m {
+                        Some(m) => self.take(m),
+                        None => return,
+                    },
+                    _ = failure.wait_for(Option::is_some) => break,
+                }
+                continue;
+            };
+            // A step failed before this one was answered and took its sequences with it:
+            // this answer only keeps the stream in order.
+            let stale = self.scheduler.num_unanswered() <= in_flight.len();
+            match self.collect(step, stale).await {
+                Ok(sampled) => self.stream(sampled),
+                Err(Lost) => break,
+            }
         }
         let why = failure
             .borrow()
@@ -194,19 +184,17 @@ impl StepLoop {
         self.down(why).await;
     }
 
-    /// Waits for the answer to the step in flight and applies it. A refused plan or a
-    /// malformed answer fails that step's sequences (and the one planned behind it); the
-    /// replica goes on.
-    async fn collect(&mut self, step: Option<InFlight>) -> Result<Vec<Sampled>, Lost> {
-        let Some(step) = step else {
-            return Ok(Vec::new());
-        };
+    /// Waits for the answer to a step in flight and applies it. A refused plan or a malformed
+    /// answer fails that step's sequences (and those of the step sent after it); the replica
+    /// goes on.
+    async fn collect(&mut self, step: InFlight, stale: bool) -> Result<Vec<Sampled>, Lost> {
         let result = self.client.receive(step.step_id).await;
         if self.client.failure().borrow().is_some() {
             return Err(Lost);
         }
-        let result = match result {
+        let (result, longest_wait_us) = match result {
             Ok(r) => r,
+            Err(_) if stale => return Ok(Vec::new()),
             Err(e) => {
                 tracing::error!("step {} failed: {e:#}", step.step_id);
                 for id in self.scheduler.fail_planned() {
@@ -221,6 +209,11 @@ impl StepLoop {
             .fetch_add(result.compute_us, Ordering::Relaxed);
         if step.back_to_back {
             s.step_gap_us.fetch_add(result.wait_us, Ordering::Relaxed);
+            s.step_rank_wait_us
+                .fetch_add(longest_wait_us, Ordering::Relaxed);
+        }
+        if stale {
+            return Ok(Vec::new());
         }
         match self.scheduler.apply(result) {
             Ok(sampled) => Ok(sampled),
