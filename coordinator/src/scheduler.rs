@@ -408,6 +408,12 @@ impl Scheduler {
             budget -= n;
         }
         if steps.is_empty() {
+            // Running sequences, none of them able to take a block and nothing in flight to
+            // free one: give the newest one's blocks to the others rather than wait forever.
+            if self.planned.is_empty() && self.running.len() > 1 && !preempted {
+                self.preempt_last();
+                return self.schedule();
+            }
             return Ok(None);
         }
         let step_id = self.next_step_id();

@@ -191,3 +191,34 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(timeout: &str) -> Request<()> {
+        let mut r = Request::new(());
+        r.metadata_mut()
+            .insert("grpc-timeout", timeout.parse().expect("ascii"));
+        r
+    }
+
+    #[test]
+    fn grpc_timeouts_become_deadlines() {
+        let left = |t: &str| {
+            deadline_of(&with(t))
+                .expect("valid")
+                .expect("a deadline")
+                .saturating_duration_since(Instant::now())
+        };
+        assert!(left("2S") > Duration::from_millis(1900) && left("2S") <= Duration::from_secs(2));
+        assert!(left("1H") > Duration::from_secs(3599));
+        assert!(left("250m") <= Duration::from_millis(250));
+        assert!(left("99999999n") <= Duration::from_millis(100));
+        assert!(deadline_of(&Request::new(())).expect("none").is_none());
+        for bad in ["", "S", "12", "5x", "123456789S", "-1S", "1.5S"] {
+            let e = deadline_of(&with(bad)).expect_err(bad);
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}");
+        }
+    }
+}
