@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
 # Builds llama-cpp-python 0.3.36 (llama.cpp from source: about 25 minutes on 2 cores) into
-# bench/.llama-venv, once. Kept out of CI; only bench/run-engine-bench.sh needs it.
+# bench/.llama-venv, once, with its OpenAI-compatible server (python -m llama_cpp.server). Kept out
+# of CI; only the llama.cpp comparisons (bench/run-engine-bench.sh, bench/side-by-side.sh) need it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
+# The server's own dependencies (llama-cpp-python's "server" extra), pure Python: installed
+# beside an existing build without rebuilding llama.cpp.
+SERVER_DEPS=("uvicorn>=0.22.0" "fastapi>=0.100.0" "pydantic-settings>=2.0.1" "sse-starlette>=1.6.1"
+  "starlette-context>=0.3.6,<0.4" "PyYAML>=5.1")
 if [ -x .llama-venv/bin/python ] && .llama-venv/bin/python -c 'import llama_cpp' 2>/dev/null; then
+  if ! .llama-venv/bin/python -c 'import llama_cpp.server.app' 2>/dev/null; then
+    .llama-venv/bin/pip install --disable-pip-version-check -q "${SERVER_DEPS[@]}"
+  fi
   exit 0
 fi
 python3 -m venv .llama-venv
@@ -14,4 +22,4 @@ CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_
   -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON \
   -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
 CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .llama-venv/bin/pip install --disable-pip-version-check \
-  --no-cache-dir numpy llama-cpp-python==0.3.36
+  --no-cache-dir numpy llama-cpp-python==0.3.36 "${SERVER_DEPS[@]}"
