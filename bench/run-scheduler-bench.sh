@@ -32,12 +32,12 @@ for tp in 1 3; do
   for mode in overlap no-overlap; do
     flags=()
     [[ "$mode" == no-overlap ]] && flags=(--no-overlap)
-    target/release/helios serve --tp "$tp" --port 0 --host 127.0.0.1 --max-running "$BATCH" \
+    target/release/helios serve --tp "$tp" --port 0 --http-port 0 --host 127.0.0.1 --max-running "$BATCH" \
       "${flags[@]}" >"$work/serve.out" 2>"$work/serve.err" &
     server=$!
     addr=""
     for _ in $(seq 600); do
-      addr=$(sed -n 's/^HELIOS_READY grpc=//p' "$work/serve.out")
+      addr=$(sed -n 's/^HELIOS_READY grpc=\([^ ]*\).*/\1/p' "$work/serve.out")
       [[ -n "$addr" ]] && break
       if ! kill -0 "$server" 2>/dev/null; then
         cat "$work/serve.err" >&2
@@ -46,8 +46,8 @@ for tp in 1 3; do
       sleep 0.2
     done
     [[ -n "$addr" ]] || { echo "helios serve did not get ready" >&2; exit 1; }
-    target/release/helios-bench serve --addr "$addr" --concurrency "$BATCH" --requests $((2 * BATCH)) \
-      --input-len 64 --output-len 64 --warmup "$BATCH" --json |
+    target/release/helios-bench serve --url "$addr" --concurrency "$BATCH" --num-requests $((2 * BATCH)) \
+      --input-len 64 --output-len 64 --ignore-eos --warmup "$BATCH" --json |
       python3 -c "import json,sys; r=json.load(sys.stdin); r['mode']='$mode'; print(json.dumps(r))" >>"$work/gap.jsonl"
     stop_server
   done
@@ -56,11 +56,14 @@ done
 python3 - "$work/gap.jsonl" <<'EOF2'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+failed = [r for r in rows if r["failed"]]
+if failed:
+    sys.exit(f"failed requests: {[(r['tensor_parallel_size'], r['mode'], r['errors']) for r in failed]}")
 print("Gap between steps as the workers see it, batch 64 (closed loop, 64 in / 64 out), SmolLM2-135M-Instruct Q4_1")
 print("| tp | mode | steps | mean step compute (ms) | rank 0 gap (µs) | rank 0 gap / step | longest rank wait / step | output tok/s | mean TPOT (ms) |")
 print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     print(f"| {r['tensor_parallel_size']} | {r['mode']} | {r['steps']} | {r['mean_step_compute_ms']:.1f} "
           f"| {r['mean_step_gap_us']:.0f} | {r['gap_percent_of_step']:.2f}% | {r['rank_wait_percent_of_step']:.2f}% "
-          f"| {r['output_tokens_per_s']:.1f} | {r['mean_tpot_ms']:.1f} |")
+          f"| {r['output_throughput']:.1f} | {r['mean_tpot_ms']:.1f} |")
 EOF2

@@ -29,11 +29,11 @@ trap 'stop_server; rm -rf "$work"' EXIT
 IN=64
 OUT=64
 for tp in 1 3; do
-  target/release/helios serve --tp "$tp" --port 0 --host 127.0.0.1 >"$work/serve.out" 2>"$work/serve.err" &
+  target/release/helios serve --tp "$tp" --port 0 --http-port 0 --host 127.0.0.1 >"$work/serve.out" 2>"$work/serve.err" &
   server=$!
   addr=""
   for _ in $(seq 600); do
-    addr=$(sed -n 's/^HELIOS_READY grpc=//p' "$work/serve.out")
+    addr=$(sed -n 's/^HELIOS_READY grpc=\([^ ]*\).*/\1/p' "$work/serve.out")
     [[ -n "$addr" ]] && break
     if ! kill -0 "$server" 2>/dev/null; then
       cat "$work/serve.err" >&2
@@ -49,8 +49,8 @@ for tp in 1 3; do
   for c in 1 16; do
     # Requests: 4 at concurrency 1, 2 per client at 16; a warm-up of one request per client.
     requests=$((c == 1 ? 4 : 2 * c))
-    target/release/helios-bench serve --addr "$addr" --concurrency "$c" --requests "$requests" \
-      --input-len "$IN" --output-len "$OUT" --warmup "$c" --json >>"$work/serve.jsonl"
+    target/release/helios-bench serve --url "$addr" --concurrency "$c" --num-requests "$requests" \
+      --input-len "$IN" --output-len "$OUT" --ignore-eos --warmup "$c" --json >>"$work/serve.jsonl"
   done
   stop_server
 done
@@ -58,11 +58,14 @@ done
 python3 - "$work/serve.jsonl" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+failed = [r for r in rows if r["failed"]]
+if failed:
+    sys.exit(f"failed requests: {[(r['tensor_parallel_size'], r['concurrency'], r['errors']) for r in failed]}")
 print("End-to-end, helios serve (SmolLM2-135M-Instruct Q4_1), closed loop over gRPC")
 print("| tp | concurrency | requests | in/out tokens | output tokens | duration (s) | output tok/s | mean TTFT (ms) | mean TPOT (ms) |")
 print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
-    print(f"| {r['tensor_parallel_size']} | {r['concurrency']} | {r['requests']} | {r['input_len']}/{r['output_len']} "
-          f"| {r['total_output_tokens']} | {r['duration_s']:.2f} | {r['output_tokens_per_s']:.1f} "
+    print(f"| {r['tensor_parallel_size']} | {r['concurrency']} | {r['completed']} | {r['input_len']}/{r['output_len']} "
+          f"| {r['total_output_tokens']} | {r['duration']:.2f} | {r['output_throughput']:.1f} "
           f"| {r['mean_ttft_ms']:.1f} | {r['mean_tpot_ms']:.1f} |")
 EOF

@@ -5,19 +5,21 @@
 #   scripts/serve-and-ask.sh ["prompt"]          # stops the server afterwards
 #   KEEP_SERVING=1 scripts/serve-and-ask.sh      # leaves it running for other clients
 #
-# HELIOS_PORT (default 50051) and HELIOS_TP (default 3) change the port and the worker count.
+# HELIOS_PORT (default 50051), HELIOS_HTTP_PORT (default 8080: the OpenAI-compatible HTTP API
+# and /health) and HELIOS_TP (default 3) change the ports and the worker count.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 prompt=${1:-"What is the capital of France? Answer in one sentence."}
 port=${HELIOS_PORT:-50051}
+http_port=${HELIOS_HTTP_PORT:-8080}
 tp=${HELIOS_TP:-3}
 
 scripts/fetch-model.sh >/dev/null
 cargo build --release --bins
 
 log=$(mktemp -t helios-serve.XXXXXX)
-target/release/helios serve --tp "$tp" --host 127.0.0.1 --port "$port" >"$log" &
+target/release/helios serve --tp "$tp" --host 127.0.0.1 --port "$port" --http-port "$http_port" >"$log" &
 server=$!
 if [ -z "${KEEP_SERVING:-}" ]; then
   trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; rm -f "$log"' EXIT
@@ -37,5 +39,7 @@ grep -q '^HELIOS_READY ' "$log" || { echo "helios serve was not ready after 60 s
 target/release/helios generate --addr "127.0.0.1:$port" --chat --prompt "$prompt" --max-new-tokens 128
 
 if [ -n "${KEEP_SERVING:-}" ]; then
-  echo "helios serve (pid $server) keeps serving on 127.0.0.1:$port; stop it with: kill $server" >&2
+  http=$(sed -n 's/^HELIOS_READY .*http=\([^ ]*\).*/\1/p' "$log")
+  echo "helios serve (pid $server) keeps serving gRPC on 127.0.0.1:$port and the OpenAI-compatible" \
+    "HTTP API on http://$http/v1; stop it with: kill $server" >&2
 fi

@@ -6,16 +6,16 @@
 //! - `helios-bench kernel`: the Q4_1 CPU matmul alone.
 //! - `helios-bench overhead`: the coordinator's cost per step over zero-cost fake workers
 //!   ([`overhead`], [`fake_worker`]).
-//! - `helios-bench serve`: end-to-end output tokens/s, TTFT and TPOT of a running server
-//!   ([`serve_load`]).
+//! - `helios-bench serve`: a load generator for a running server, over gRPC or OpenAI HTTP,
+//!   closed or open loop, with a report like `vllm bench serve`'s ([`load`]).
 //!
 //! Results go to stdout as a table, or as JSON with `--json`.
 
 mod fake_worker;
+mod load;
 mod overhead;
 mod sampling;
 mod scheduler;
-mod serve_load;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -42,8 +42,9 @@ enum Command {
     Kernel(KernelArgs),
     /// The coordinator's own cost per decode step, over fake workers that answer at once.
     Overhead(overhead::OverheadArgs),
-    /// End-to-end output tokens/s, TTFT and TPOT of a running `helios serve` (closed loop).
-    Serve(serve_load::ServeArgs),
+    /// Load a running server (gRPC or OpenAI HTTP; closed or open loop): throughput, TTFT,
+    /// TPOT, ITL, end-to-end latency and goodput, like `vllm bench serve`.
+    Serve(load::LoadArgs),
     /// Rank 0's cost of choosing one token, on the default model's real logits.
     Sampling(sampling::SamplingArgs),
     /// The scheduler's decision time per decode step (schedule + apply), in-process.
@@ -105,7 +106,7 @@ fn main() -> Result<()> {
         Command::Scheduler(a) => scheduler::run(a),
         // Builds a runtime per configuration.
         Command::Overhead(a) => overhead::run(a),
-        Command::Serve(a) => runtime()?.block_on(serve_load::run(a)),
+        Command::Serve(a) => runtime()?.block_on(load::run(a)),
     }
 }
 

@@ -1,7 +1,9 @@
 //! `helios`: the coordinator's command line.
 //!
-//! - `helios serve` spawns a tensor-parallel replica of worker processes and serves the gRPC API.
-//! - `helios coordinator` serves the same API over workers started separately (static addresses).
+//! - `helios serve` spawns a tensor-parallel replica of worker processes and serves the gRPC API
+//!   and the OpenAI-compatible HTTP API.
+//! - `helios coordinator` serves the same APIs over workers started separately (static
+//!   addresses).
 //! - `helios generate` streams one answer to the terminal: from a running server with `--addr`,
 //!   or from a replica it spawns for the occasion.
 
@@ -14,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use futures::{Stream, StreamExt};
 use helios_coordinator::local_workers::{LocalReplica, LocalWorkers};
+use helios_coordinator::openai;
 use helios_coordinator::output::ResponseStream;
 use helios_coordinator::scheduler::SchedulerConfig;
 use helios_coordinator::server;
@@ -39,9 +42,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the gRPC API from a tensor-parallel replica of worker processes spawned here.
+    /// Serve the gRPC and HTTP APIs from a tensor-parallel replica of worker processes spawned
+    /// here.
     Serve(ServeArgs),
-    /// Serve the gRPC API from `helios-worker` processes started separately.
+    /// Serve the gRPC and HTTP APIs from `helios-worker` processes started separately.
     Coordinator(CoordinatorArgs),
     /// Stream the answer to one prompt: from a server (`--addr`) or a replica spawned here.
     Generate(GenerateArgs),
@@ -130,6 +134,10 @@ struct ListenArgs {
     /// gRPC port (0 picks a free one; the bound address is printed).
     #[arg(long, default_value_t = 50051)]
     port: u16,
+    /// Port of the OpenAI-compatible HTTP API and /health, on the same host (0 picks a free
+    /// one; the bound address is printed).
+    #[arg(long, default_value_t = 8080)]
+    http_port: u16,
     /// Seconds requests in flight get to finish after SIGTERM/SIGINT before they are cancelled.
     #[arg(long, default_value_t = 30.0)]
     shutdown_grace: f64,
@@ -249,14 +257,26 @@ async fn start_serving(a: &SpawnArgs) -> Result<(Serving, LocalWorkers)> {
 }
 
 async fn listen_and_serve(listen: &ListenArgs, serving: Serving, what: &str) -> Result<()> {
-    let listener = server::bind(SocketAddr::new(listen.host, listen.port)).await?;
-    let addr = listener.local_addr()?;
-    eprintln!("helios: serving {what} on {addr} (gRPC helios.v1.Generation; Ctrl-C stops)");
-    // The machine-readable ready line (tests and scripts wait for it).
-    println!("HELIOS_READY grpc={addr}");
-    std::io::stdout().flush()?;
+    let grpc = server::bind(SocketAddr::new(listen.host, listen.port)).await?;
+    let http = server::bind(SocketAddr::new(listen.host, listen.http_port))
+        .await
+        .with_context(|| format!("binding the HTTP port {}", listen.http_port))?;
+    let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
     let grace = std::time::Duration::from_secs_f64(listen.shutdown_grace.max(0.0));
-    server::serve(listener, serving, grace).await
+    // Before the ready line, so that a signal right after it drains rather than kills.
+    let drained = server::drain_on_signal(serving.clone(), grace);
+    eprintln!(
+        "helios: serving {what}: gRPC helios.v1.Generation on {grpc_addr}, \
+         OpenAI-compatible HTTP on http://{http_addr}/v1 (Ctrl-C stops)"
+    );
+    // The machine-readable ready line (tests and scripts wait for it).
+    println!("HELIOS_READY grpc={grpc_addr} http={http_addr}");
+    std::io::stdout().flush()?;
+    tokio::try_join!(
+        server::serve_until(grpc, serving.clone(), drained.clone().wait()),
+        openai::serve(http, serving, drained.wait()),
+    )?;
+    Ok(())
 }
 
 async fn serve(a: ServeArgs) -> Result<()> {

@@ -5,6 +5,8 @@
 //! until the replica goes down or the server drains, then NOT_SERVING. On SIGINT or SIGTERM new
 //! requests are refused (UNAVAILABLE), those in flight get a grace period to finish and are then
 //! ended with finish reason CANCELLED, and the server returns once every stream is closed.
+//! [`drain_on_signal`] drives that drain for every listener of the process, so the HTTP API
+//! (`crate::openai`) drains together with this server.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -15,6 +17,7 @@ use helios_proto::v1::{
     ModelInfoResponse, TokenizeRequest, TokenizeResponse,
 };
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
@@ -122,6 +125,44 @@ impl Generation for GenerationService {
 /// Serves `serving` on `listener` until SIGINT or SIGTERM, then drains: health turns
 /// NOT_SERVING, new requests are refused, requests in flight get up to `grace` to finish.
 pub async fn serve(listener: TcpListener, serving: Serving, grace: Duration) -> anyhow::Result<()> {
+    let drained = drain_on_signal(serving.clone(), grace);
+    serve_until(listener, serving, drained.wait()).await
+}
+
+/// Resolves once a shutdown signal came and the replica drained: every listener of the process
+/// (gRPC, HTTP) stops on it, so they drain together: meanwhile they keep accepting, and refuse
+/// new requests (UNAVAILABLE, 503) while those in flight finish.
+#[derive(Clone)]
+pub struct Drained(watch::Receiver<bool>);
+
+impl Drained {
+    pub async fn wait(mut self) {
+        // An error means the drain task is gone (the runtime is shutting down): stop too.
+        let _ = self.0.wait_for(|done| *done).await;
+    }
+}
+
+/// Watches for SIGINT or SIGTERM; on one, drains `serving` (new requests refused, those in
+/// flight get up to `grace`, then are cancelled) and resolves the [`Drained`].
+pub fn drain_on_signal(serving: Serving, grace: Duration) -> Drained {
+    let (done, rx) = watch::channel(false);
+    let signal = shutdown_signal();
+    tokio::spawn(async move {
+        signal.await;
+        eprintln!("helios: shutting down; waiting up to {grace:?} for requests in flight");
+        serving.drain(grace).await;
+        let _ = done.send(true);
+    });
+    Drained(rx)
+}
+
+/// Serves the gRPC API on `listener` until `shutdown` resolves; then the calls in flight end
+/// and it returns. Health follows the replica's state (NOT_SERVING once draining or down).
+pub async fn serve_until(
+    listener: TcpListener,
+    serving: Serving,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let mut state = serving.state();
     tokio::spawn(async move {
@@ -147,12 +188,6 @@ pub async fn serve(listener: TcpListener, serving: Serving, grace: Duration) -> 
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-    let drain = serving.clone();
-    let shutdown = async move {
-        shutdown_signal().await;
-        eprintln!("helios: shutting down; waiting up to {grace:?} for requests in flight");
-        drain.drain(grace).await;
-    };
     let generation = GenerationServer::new(GenerationService { serving })
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     tonic::transport::Server::builder()
@@ -174,22 +209,32 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     Ok(TcpListener::bind(addr).await?)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Registers for SIGINT and SIGTERM at once (so that a signal right after the ready line is
+/// caught, not fatal) and resolves on the first of them.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return ctrl_c.await.unwrap_or(()),
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+        use tokio::signal::unix::{signal, SignalKind};
+        let signals = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        );
+        async move {
+            match signals {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                _ => tokio::signal::ctrl_c().await.unwrap_or(()),
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! The front door of a replica, used by the gRPC server and by `helios generate` alike:
-//! admission in the caller's task, then a hand-off to the [`StepLoop`].
+//! The front door of a replica, used by the gRPC server, the OpenAI-compatible HTTP API and
+//! `helios generate` alike: admission in the caller's task, then a hand-off to the [`StepLoop`].
 //!
 //! Tokenizing and rendering the chat template run on the blocking pool: a long prompt costs its
 //! own request time, never the runtime's other tasks.
@@ -106,6 +106,11 @@ impl Serving {
             in_flight: InFlight::default(),
             next_request: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The model's tokenizer (the HTTP API shows logprobs' tokens as text).
+    pub fn tokenizer(&self) -> Arc<TextTokenizer> {
+        self.tokenizer.clone()
     }
 
     pub fn state(&self) -> watch::Receiver<ReplicaState> {

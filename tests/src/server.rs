@@ -24,13 +24,15 @@ pub struct Process {
     child: Child,
     /// What the process announced, e.g. `127.0.0.1:40000` for `grpc=127.0.0.1:40000`.
     pub addr: String,
+    /// The `http=` address of the ready line (the coordinator's HTTP API), if it has one.
+    pub http_addr: Option<String>,
     /// The whole ready line.
     pub ready_line: String,
 }
 
 impl Process {
     /// Starts `cmd` and waits (up to 3 minutes) for its first stdout line to start with
-    /// `ready_prefix`; `addr` is the `grpc=` value of that line.
+    /// `ready_prefix`; `addr` is the `grpc=` value of that line, `http_addr` the `http=` one.
     pub fn start(mut cmd: Command, ready_prefix: &str) -> Process {
         let mut child = cmd
             .stdin(Stdio::piped())
@@ -58,25 +60,46 @@ impl Process {
             line.starts_with(ready_prefix),
             "unexpected ready line {line:?}"
         );
-        let addr = line
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix("grpc="))
-            .expect("grpc= in the ready line")
-            .to_string();
+        let field = |key: &str| {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key))
+                .map(str::to_string)
+        };
+        let addr = field("grpc=").expect("grpc= in the ready line");
+        let http_addr = field("http=");
         Process {
             child,
             addr,
+            http_addr,
             ready_line: line,
         }
     }
 
-    /// `helios serve --host 127.0.0.1 --port 0 ARGS`.
+    /// `helios serve --host 127.0.0.1 --port 0 --http-port 0 ARGS` (free ports: tests start
+    /// many servers at once).
     pub fn serve(args: &[&str]) -> Process {
         let mut cmd = Command::new(binary("helios"));
-        cmd.args(["serve", "--host", "127.0.0.1", "--port", "0"])
-            .args(args)
-            .env("HELIOS_WORKER_BIN", binary("helios-worker"));
+        cmd.args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+        ])
+        .args(args)
+        .env("HELIOS_WORKER_BIN", binary("helios-worker"));
         Process::start(cmd, "HELIOS_READY ")
+    }
+
+    /// `http://ADDR` of the HTTP API (OpenAI-compatible, `/health`).
+    pub fn http_url(&self) -> String {
+        let addr = self
+            .http_addr
+            .as_deref()
+            .expect("the ready line has no http= address");
+        format!("http://{addr}")
     }
 
     pub fn pid(&self) -> u32 {

@@ -31,6 +31,8 @@ fn a_coordinator_over_static_workers_answers_like_a_local_replica() {
         "127.0.0.1",
         "--port",
         "0",
+        "--http-port",
+        "0",
         "--model",
         model,
     ])

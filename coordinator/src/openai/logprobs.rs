@@ -1,0 +1,169 @@
+//! Logprobs in OpenAI's two formats, from the gRPC API's `SampledLogprobs` (token ids).
+//!
+//! A token is shown as its text. With byte-level BPE (GPT-2, Llama 3, SmolLM2) a token can be
+//! part of a UTF-8 character, so its exact bytes are recovered from the token's vocabulary
+//! entry (GPT-2's byte-to-character table, inverted) rather than by decoding it alone, which
+//! would give U+FFFD; the chat format's `bytes` field carries them, and `token` shows them
+//! lossily. Special tokens (EOS) show as their text, as in vLLM.
+
+use helios_proto::v1::{SampledLogprobs, TokenLogprob};
+use tokenizers::DecoderWrapper;
+
+use super::types::{
+    ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs, TopLogprobMap,
+};
+use crate::tokenizer::TextTokenizer;
+
+/// The bytes token `id` stands for.
+pub fn token_bytes(tok: &TextTokenizer, id: u32) -> Vec<u8> {
+    let inner = tok.inner();
+    let Some(piece) = inner.id_to_token(id) else {
+        return Vec::new();
+    };
+    if matches!(inner.get_decoder(), Some(DecoderWrapper::ByteLevel(_))) {
+        // Added tokens (`<|im_end|>`) are stored as their text; so is anything the table
+        // cannot map back.
+        return piece
+            .chars()
+            .map(byte_level_byte)
+            .collect::<Option<Vec<u8>>>()
+            .unwrap_or_else(|| piece.into_bytes());
+    }
+    // SentencePiece: a byte-fallback token `<0xAB>`, or text with `▁` for spaces.
+    if let Some(hex) = piece.strip_prefix("<0x").and_then(|p| p.strip_suffix('>')) {
+        if let Ok(b) = u8::from_str_radix(hex, 16) {
+            return vec![b];
+        }
+    }
+    piece.replace('\u{2581}', " ").into_bytes()
+}
+
+/// GPT-2's byte-level alphabet, inverted: printable bytes stand for themselves, the other 68
+/// are the characters from U+0100 on, in byte order.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let code = c as u32;
+    if code < 256 {
+        let b = code as u8;
+        return printable(b).then_some(b);
+    }
+    let n = (code - 256) as usize;
+    (0..=255u8).filter(|&b| !printable(b)).nth(n)
+}
+
+fn text_of(tok: &TextTokenizer, id: u32) -> (String, Vec<u8>) {
+    let bytes = token_bytes(tok, id);
+    (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+}
+
+fn sampled(l: &SampledLogprobs) -> TokenLogprob {
+    l.sampled.unwrap_or_default()
+}
+
+/// The legacy completions format for tokens whose text starts at `offset` characters into the
+/// completion; `offset` moves past them. `top_logprobs` holds the top N and, as OpenAI's, the
+/// sampled token even when it is not among them.
+pub fn completion(
+    tok: &TextTokenizer,
+    logprobs: &[SampledLogprobs],
+    offset: &mut u32,
+) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    for l in logprobs {
+        let s = sampled(l);
+        let (token, _) = text_of(tok, s.token_id);
+        let mut top: Vec<(String, f32)> = l
+            .top
+            .iter()
+            .map(|t| (text_of(tok, t.token_id).0, t.logprob))
+            .collect();
+        if !l.top.iter().any(|t| t.token_id == s.token_id) {
+            top.push((token.clone(), s.logprob));
+        }
+        out.text_offset.push(*offset);
+        *offset += token.chars().count() as u32;
+        out.tokens.push(token);
+        out.token_logprobs.push(s.logprob);
+        out.top_logprobs.push(TopLogprobMap(top));
+    }
+    out
+}
+
+/// The chat format: each token with its bytes and its top N alternatives.
+pub fn chat(tok: &TextTokenizer, logprobs: &[SampledLogprobs]) -> ChatLogprobs {
+    let content = logprobs
+        .iter()
+        .map(|l| {
+            let s = sampled(l);
+            let (token, bytes) = text_of(tok, s.token_id);
+            let top_logprobs = l
+                .top
+                .iter()
+                .map(|t| {
+                    let (token, bytes) = text_of(tok, t.token_id);
+                    ChatTopLogprob {
+                        token,
+                        logprob: t.logprob,
+                        bytes,
+                    }
+                })
+                .collect();
+            ChatTokenLogprob {
+                token,
+                logprob: s.logprob,
+                bytes,
+                top_logprobs,
+            }
+        })
+        .collect();
+    ChatLogprobs { content }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenizer::tests::smollm2;
+
+    #[test]
+    fn token_bytes_join_to_the_text_even_across_split_characters() {
+        let tok = smollm2();
+        for text in ["Hello, world!", " café 日本語 🦀 done\n", "<|im_end|>"] {
+            let ids = tok.encode(text).unwrap();
+            let bytes: Vec<u8> = ids.iter().flat_map(|&id| token_bytes(tok, id)).collect();
+            assert_eq!(String::from_utf8(bytes).unwrap(), text);
+        }
+        // The crab is four bytes over more than one token: each piece alone is not UTF-8.
+        let crab = tok.encode("🦀").unwrap();
+        assert!(crab.len() > 1);
+        assert!(String::from_utf8(token_bytes(tok, crab[0])).is_err());
+    }
+
+    #[test]
+    fn both_formats_have_one_entry_per_token() {
+        let tok = smollm2();
+        let ids = tok.encode(" Paris is").unwrap();
+        let lp = |id: u32, logprob: f32| TokenLogprob {
+            token_id: id,
+            logprob,
+        };
+        let logprobs: Vec<SampledLogprobs> = ids
+            .iter()
+            .map(|&id| SampledLogprobs {
+                sampled: Some(lp(id, -0.5)),
+                top: vec![lp(ids[0], -0.1), lp(ids[1], -2.0)],
+            })
+            .collect();
+        let mut offset = 3;
+        let c = completion(tok, &logprobs, &mut offset);
+        assert_eq!(c.tokens.concat(), " Paris is");
+        assert_eq!(c.text_offset, [3, 9]);
+        assert_eq!(offset, 12);
+        assert_eq!(c.token_logprobs, [-0.5, -0.5]);
+        // The sampled token is always in top_logprobs; here it is among the top 2.
+        assert_eq!(c.top_logprobs[0].0.len(), 2);
+        let chat = chat(tok, &logprobs);
+        assert_eq!(chat.content.len(), 2);
+        assert_eq!(chat.content[0].bytes, b" Paris");
+        assert_eq!(chat.content[1].top_logprobs[1].token, " is");
+    }
+}

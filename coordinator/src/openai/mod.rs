@@ -1,0 +1,291 @@
+//! The coordinator's HTTP API: OpenAI-compatible completions and chat completions (streamed as
+//! server-sent events or not), the model list, and `/health`, served with axum beside the gRPC
+//! API (`--http-port`, default 8080).
+//!
+//! An OpenAI request is translated into the gRPC API's `GenerateRequest` ([`translate`]) and
+//! takes the same [`Serving::generate`] path as a gRPC request: the same admission and
+//! messages, the same scheduler, priorities and limits, the same cancellation when the client
+//! goes away. Only the envelope differs: [`types`] (the JSON), [`body`] (reading it),
+//! [`respond`] (answers and event streams), [`logprobs`], [`error`] (every failure in OpenAI's
+//! error shape with its HTTP status).
+//!
+//! | route | |
+//! |---|---|
+//! | `POST /v1/completions` | `prompt` (a string or token ids) |
+//! | `POST /v1/chat/completions` | `messages`, rendered with the model's chat template |
+//! | `GET /v1/models`, `GET /v1/models/{id}` | the one model, under the id requests name it by |
+//! | `GET /health` | 200 while serving; 503 while draining or with a rank down |
+//!
+//! The model is named by its file name without `.gguf` (or its directory's name), e.g.
+//! `SmolLM2-135M-Instruct.Q4_1`, or by the path the server was started with (what ModelInfo
+//! reports); a request without `model` gets it too. Any other name is 404 `model_not_found`.
+//!
+//! Shutdown: the server drains with the gRPC server (see `server::drain_on_signal`): while
+//! requests in flight finish, new ones are answered 503 and `/health` says 503; then both stop.
+
+pub mod body;
+pub mod error;
+pub mod logprobs;
+pub mod respond;
+pub mod translate;
+pub mod types;
+
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{header, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use axum::{Json, Router};
+use tokio::net::TcpListener;
+
+use self::body::JsonBody;
+use self::error::ApiError;
+use self::respond::{Endpoint, Responder};
+use self::translate::Translated;
+use self::types::{ChatRequest, Common, CompletionRequest, ModelCard, ModelList};
+use crate::output::collect;
+use crate::serving::Serving;
+use crate::step_loop::ReplicaState;
+
+/// What every handler shares.
+#[derive(Clone)]
+struct App {
+    serving: Serving,
+    model: Arc<ModelNames>,
+}
+
+/// The names a request may give the model, and its card.
+#[derive(Debug)]
+struct ModelNames {
+    /// As the server was started (`--model`), as ModelInfo reports it.
+    full: String,
+    /// The file (or directory) name.
+    file: String,
+    card: ModelCard,
+}
+
+impl ModelNames {
+    fn new(full: &str, max_model_len: u32) -> Self {
+        let file = Path::new(full)
+            .file_name()
+            .map_or_else(|| full.to_string(), |n| n.to_string_lossy().into_owned());
+        let id = file.strip_suffix(".gguf").unwrap_or(&file).to_string();
+        Self {
+            full: full.to_string(),
+            file,
+            card: ModelCard {
+                id,
+                object: "model",
+                created: unix_now(),
+                owned_by: "helios",
+                max_model_len,
+            },
+        }
+    }
+
+    fn accepts(&self, name: &str) -> bool {
+        [
+            self.card.id.as_str(),
+            self.file.as_str(),
+            self.full.as_str(),
+        ]
+        .contains(&name)
+    }
+
+    /// Refuses a request for another model (404, as OpenAI answers).
+    fn check(&self, requested: Option<&str>) -> Result<(), ApiError> {
+        match requested {
+            Some(name) if !self.accepts(name) => {
+                Err(ApiError::model_not_found(name, &self.card.id))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `PREFIX-` and 16 hex digits, unique within the process and unpredictable across processes.
+fn new_id(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
+    format!("{prefix}-{:016x}", h.finish())
+}
+
+/// The HTTP API's routes over `serving`. Further endpoints (issue 6's `/metrics`) are one more
+/// `.route(...)` here; they share [`App`] and the error shape through the fallbacks.
+pub fn router(serving: Serving) -> Router {
+    let info = serving.model_info();
+    let app = App {
+        model: Arc::new(ModelNames::new(&info.model, info.max_model_len)),
+        serving,
+    };
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .fallback(|method: Method, uri: Uri| async move {
+            ApiError::no_route(method.as_str(), uri.path())
+        })
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            ApiError::method_not_allowed(method.as_str(), uri.path())
+        })
+        .with_state(app)
+}
+
+/// Serves the HTTP API on `listener` until `shutdown` resolves, then lets the connections in
+/// flight finish (see the module doc for how that follows the gRPC server's drain).
+pub async fn serve(
+    listener: TcpListener,
+    serving: Serving,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    // Small writes (one token per event) must not wait for Nagle's algorithm.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY on an HTTP connection: {e}");
+        }
+    });
+    axum::serve(listener, router(serving))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving HTTP")
+}
+
+async fn health(State(app): State<App>) -> Response {
+    let state = app.serving.state().borrow().clone();
+    let (status, body) = match state {
+        ReplicaState::Serving => (StatusCode::OK, serde_json::json!({"status": "serving"})),
+        ReplicaState::Draining => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "draining"}),
+        ),
+        ReplicaState::Down(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "down", "reason": why}),
+        ),
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn models(State(app): State<App>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: vec![app.model.card.clone()],
+    })
+}
+
+async fn model(State(app): State<App>, UrlPath(id): UrlPath<String>) -> Response {
+    if app.model.accepts(&id) {
+        Json(app.model.card.clone()).into_response()
+    } else {
+        ApiError::model_not_found(&id, &app.model.card.id).into_response()
+    }
+}
+
+async fn completions(State(app): State<App>, body: JsonBody) -> Response {
+    let id = new_id("cmpl");
+    let answer = async {
+        let req: CompletionRequest = body.view()?;
+        let common: Common = body.view()?;
+        app.model.check(req.model.as_deref())?;
+        let t = translate::completion(req, common, &id)?;
+        app.generate(Endpoint::Completions, id, t).await
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn chat_completions(State(app): State<App>, body: JsonBody) -> Response {
+    let id = new_id("chatcmpl");
+    let answer = async {
+        let req: ChatRequest = body.view()?;
+        let common: Common = body.view()?;
+        app.model.check(req.model.as_deref())?;
+        let t = translate::chat(req, common, &id)?;
+        app.generate(Endpoint::Chat, id, t).await
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+impl App {
+    /// The serving path, shared with gRPC; then the answer in the endpoint's shape.
+    async fn generate(
+        &self,
+        endpoint: Endpoint,
+        id: String,
+        t: Translated,
+    ) -> Result<Response, ApiError> {
+        let error = |s: tonic::Status| match endpoint {
+            Endpoint::Chat => ApiError::from(s).for_chat(),
+            Endpoint::Completions => ApiError::from(s),
+        };
+        let rx = self
+            .serving
+            .generate(t.request, None)
+            .await
+            .map_err(error)?;
+        let responder = Responder::new(
+            endpoint,
+            id,
+            unix_now(),
+            self.model.card.id.clone(),
+            t.logprobs,
+            t.include_usage,
+            self.serving.tokenizer(),
+        );
+        if t.stream {
+            return Ok(responder.stream(rx));
+        }
+        // Dropping this future (the client left) drops `rx`, which cancels the request.
+        let whole = collect(rx).await.map_err(error)?;
+        let json = [(header::CONTENT_TYPE, "application/json")];
+        Ok((json, responder.whole(whole)).into_response())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_is_named_by_its_file_stem_or_as_started() {
+        let m = ModelNames::new("models/SmolLM2-135M-Instruct.Q4_1.gguf", 8192);
+        assert_eq!(m.card.id, "SmolLM2-135M-Instruct.Q4_1");
+        for ok in [
+            "SmolLM2-135M-Instruct.Q4_1",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        ] {
+            assert!(m.check(Some(ok)).is_ok(), "{ok}");
+        }
+        assert!(m.check(None).is_ok());
+        let e = m.check(Some("gpt-4o")).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (404, Some("model_not_found")));
+        // A directory keeps its dots (no extension to strip).
+        let d = ModelNames::new("/models/SOLAR-10.7B-Instruct-v1.0/", 4096);
+        assert_eq!(d.card.id, "SOLAR-10.7B-Instruct-v1.0");
+    }
+
+    #[test]
+    fn ids_are_unique() {
+        let a = new_id("cmpl");
+        let b = new_id("cmpl");
+        assert!(a.starts_with("cmpl-") && a.len() == 21, "{a}");
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,379 @@
+//! A request's `GenerateResponse`s become OpenAI's answer: one JSON object, or a stream of
+//! server-sent events.
+//!
+//! A stream is `data: {chunk}\n\n` per response that adds text or logprobs (a chat stream
+//! starts with a chunk whose delta is `role: "assistant"`); the last carries `finish_reason`;
+//! then, with `stream_options.include_usage`, a chunk with `usage` and no choices; then
+//! `data: [DONE]`. An error after the stream started (the replica went down) is sent as
+//! `data: {"error": {...}}`, then `data: [DONE]`.
+//!
+//! Finish reasons as OpenAI names them: `length`, or `stop` for an EOS token and a stop string
+//! alike; `abort` (vLLM's name) for a request the server ended early while shutting down.
+//!
+//! The event stream owns the request's receiver: when the client goes away, hyper drops the
+//! stream, and with it the receiver, which the step loop notices and frees the request.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{stream, StreamExt};
+use helios_proto::v1::{FinishReason, GenerateResponse};
+use serde::Serialize;
+use tonic::Status;
+
+use super::error::ApiError;
+use super::logprobs;
+use super::translate::LogprobsFormat;
+use super::types::{
+    ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatMessageOut, Completion,
+    CompletionChoice, Delta, Usage,
+};
+use crate::output::{ResponseReceiver, ResponseStream};
+use crate::tokenizer::TextTokenizer;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Completions,
+    Chat,
+}
+
+/// Writes one request's answer.
+pub struct Responder {
+    pub endpoint: Endpoint,
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub logprobs: LogprobsFormat,
+    pub include_usage: bool,
+    pub tokenizer: Arc<TextTokenizer>,
+    /// Characters of completion text streamed so far (the legacy `text_offset`).
+    offset: u32,
+}
+
+/// OpenAI's name of a finish reason; None until the last response.
+pub fn finish_reason(code: i32) -> Option<&'static str> {
+    match FinishReason::try_from(code).unwrap_or(FinishReason::Unspecified) {
+        FinishReason::Unspecified => None,
+        FinishReason::Length => Some("length"),
+        FinishReason::Stop | FinishReason::Eos => Some("stop"),
+        FinishReason::Cancelled => Some("abort"),
+    }
+}
+
+fn usage(r: &GenerateResponse) -> Usage {
+    let u = r.usage.unwrap_or_default();
+    Usage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        total_tokens: u.total_tokens,
+    }
+}
+
+fn json(v: &impl Serialize) -> String {
+    // Our response types hold strings, numbers and lists only.
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+impl Responder {
+    pub fn new(
+        endpoint: Endpoint,
+        id: String,
+        created: u64,
+        model: String,
+        logprobs: LogprobsFormat,
+        include_usage: bool,
+        tokenizer: Arc<TextTokenizer>,
+    ) -> Self {
+        Self {
+            endpoint,
+            id,
+            created,
+            model,
+            logprobs,
+            include_usage,
+            tokenizer,
+            offset: 0,
+        }
+    }
+
+    /// The whole answer of a request that was not streamed (`whole` as `output::collect`
+    /// folds the responses).
+    pub fn whole(mut self, whole: GenerateResponse) -> String {
+        let finish = finish_reason(whole.finish_reason);
+        let usage = usage(&whole);
+        match self.endpoint {
+            Endpoint::Completions => json(&Completion {
+                id: self.id.clone(),
+                object: "text_completion",
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![CompletionChoice {
+                    index: 0,
+                    logprobs: self.legacy(&whole),
+                    text: whole.text,
+                    finish_reason: finish,
+                }],
+                usage: Some(usage),
+            }),
+            Endpoint::Chat => json(&ChatCompletion {
+                id: self.id.clone(),
+                object: "chat.completion",
+                created: self.created,
+                model: self.model.clone(),
+                choices: vec![ChatChoice {
+                    index: 0,
+                    logprobs: self.chat_logprobs(&whole),
+                    message: ChatMessageOut {
+                        role: "assistant",
+                        content: whole.text,
+                    },
+                    finish_reason: finish,
+                }],
+                usage,
+            }),
+        }
+    }
+
+    fn legacy(&mut self, r: &GenerateResponse) -> Option<super::types::CompletionLogprobs> {
+        (self.logprobs == LogprobsFormat::Legacy)
+            .then(|| logprobs::completion(&self.tokenizer, &r.logprobs, &mut self.offset))
+    }
+
+    fn chat_logprobs(&self, r: &GenerateResponse) -> Option<super::types::ChatLogprobs> {
+        (self.logprobs == LogprobsFormat::Chat)
+            .then(|| logprobs::chat(&self.tokenizer, &r.logprobs))
+    }
+
+    fn chat_chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> String {
+        json(&ChatChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        })
+    }
+
+    fn completion_chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> String {
+        json(&Completion {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        })
+    }
+
+    /// What a stream starts with: a chat stream names the role first, as OpenAI's does.
+    pub fn opening(&self) -> Vec<String> {
+        match self.endpoint {
+            Endpoint::Completions => Vec::new(),
+            Endpoint::Chat => vec![self.chat_chunk(
+                vec![ChatChunkChoice {
+                    index: 0,
+                    delta: Delta {
+                        role: Some("assistant"),
+                        content: Some(String::new()),
+                    },
+                    logprobs: None,
+                    finish_reason: None,
+                }],
+                None,
+            )],
+        }
+    }
+
+    /// The events (their `data`) one response of the stream makes: none while a token adds no
+    /// text (a partial character, a possible stop string) unless logprobs were asked for.
+    pub fn events(&mut self, item: Result<GenerateResponse, Status>) -> Vec<String> {
+        let r = match item {
+            Ok(r) => r,
+            Err(status) => return vec![ApiError::from(status).to_json(), "[DONE]".into()],
+        };
+        let finish = finish_reason(r.finish_reason);
+        let mut out = Vec::new();
+        let has_logprobs = self.logprobs != LogprobsFormat::None && !r.logprobs.is_empty();
+        if !r.text.is_empty() || has_logprobs || finish.is_some() {
+            out.push(match self.endpoint {
+                Endpoint::Completions => {
+                    let choice = CompletionChoice {
+                        index: 0,
+                        logprobs: self.legacy(&r),
+                        text: r.text.clone(),
+                        finish_reason: finish,
+                    };
+                    self.completion_chunk(vec![choice], None)
+                }
+                Endpoint::Chat => {
+                    let choice = ChatChunkChoice {
+                        index: 0,
+                        logprobs: self.chat_logprobs(&r),
+                        delta: Delta {
+                            role: None,
+                            content: (!r.text.is_empty()).then(|| r.text.clone()),
+                        },
+                        finish_reason: finish,
+                    };
+                    self.chat_chunk(vec![choice], None)
+                }
+            });
+        }
+        if finish.is_some() {
+            if self.include_usage {
+                let usage = Some(usage(&r));
+                out.push(match self.endpoint {
+                    Endpoint::Completions => self.completion_chunk(Vec::new(), usage),
+                    Endpoint::Chat => self.chat_chunk(Vec::new(), usage),
+                });
+            }
+            out.push("[DONE]".into());
+        }
+        out
+    }
+
+    /// The SSE response over a request's receiver (see the module doc).
+    pub fn stream(mut self, rx: ResponseReceiver) -> Response {
+        let opening = self.opening();
+        let events = stream::iter(opening)
+            .chain(
+                ResponseStream::new(rx)
+                    .map(move |item| stream::iter(self.events(item)))
+                    .flatten(),
+            )
+            .map(|data| Ok::<_, Infallible>(Event::default().data(data)));
+        Sse::new(events).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use helios_proto::v1::{SampledLogprobs, TokenLogprob, Usage as WireUsage};
+
+    fn tokenizer() -> Arc<TextTokenizer> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        Arc::new(TextTokenizer::from_model_path(&path).expect("the default model"))
+    }
+
+    fn responder(endpoint: Endpoint, logprobs: LogprobsFormat, usage: bool) -> Responder {
+        let id = "x-1".to_string();
+        Responder::new(endpoint, id, 7, "m".into(), logprobs, usage, tokenizer())
+    }
+
+    fn token(id: u32, text: &str, finish: FinishReason) -> Result<GenerateResponse, Status> {
+        let last = finish != FinishReason::Unspecified;
+        Ok(GenerateResponse {
+            text: text.into(),
+            token_ids: vec![id],
+            logprobs: vec![SampledLogprobs {
+                sampled: Some(TokenLogprob {
+                    token_id: id,
+                    logprob: -0.25,
+                }),
+                top: vec![],
+            }],
+            finish_reason: finish as i32,
+            usage: last.then_some(WireUsage {
+                prompt_tokens: 5,
+                completion_tokens: 3,
+                total_tokens: 8,
+            }),
+            ..Default::default()
+        })
+    }
+
+    fn parse(events: &[String]) -> Vec<serde_json::Value> {
+        events
+            .iter()
+            .filter(|e| *e != "[DONE]")
+            .map(|e| serde_json::from_str(e).expect("JSON"))
+            .collect()
+    }
+
+    #[test]
+    fn a_chat_stream_opens_with_the_role_and_ends_with_usage_then_done() {
+        let mut r = responder(Endpoint::Chat, LogprobsFormat::None, true);
+        let mut events = r.opening();
+        events.extend(r.events(token(1, "Hel", FinishReason::Unspecified)));
+        // A token that adds no text (half a character) makes no event without logprobs.
+        events.extend(r.events(token(2, "", FinishReason::Unspecified)));
+        events.extend(r.events(token(3, "lo", FinishReason::Eos)));
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let v = parse(&events);
+        assert_eq!(v.len(), 4, "{events:?}");
+        assert_eq!(v[0]["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(v[0]["object"], "chat.completion.chunk");
+        assert_eq!(v[1]["choices"][0]["delta"]["content"], "Hel");
+        assert_eq!(v[1]["choices"][0]["finish_reason"], serde_json::Value::Null);
+        assert_eq!(v[2]["choices"][0]["delta"]["content"], "lo");
+        assert_eq!(v[2]["choices"][0]["finish_reason"], "stop");
+        assert!(v[2].get("usage").is_none());
+        assert_eq!(v[3]["choices"].as_array().map(Vec::len), Some(0));
+        assert_eq!(v[3]["usage"]["total_tokens"], 8);
+    }
+
+    #[test]
+    fn a_completion_stream_with_logprobs_has_one_chunk_per_token() {
+        let mut r = responder(Endpoint::Completions, LogprobsFormat::Legacy, false);
+        assert!(r.opening().is_empty());
+        let mut events = Vec::new();
+        for (i, text) in ["A", "", "B"].iter().enumerate() {
+            events.extend(r.events(token(300 + i as u32, text, FinishReason::Unspecified)));
+        }
+        events.extend(r.events(token(303, "", FinishReason::Length)));
+        let v = parse(&events);
+        assert_eq!(v.len(), 4, "{events:?}");
+        assert_eq!(v[3]["choices"][0]["finish_reason"], "length");
+        assert!(v
+            .iter()
+            .all(|c| c["object"] == "text_completion" && c.get("usage").is_none()));
+        let offsets: Vec<u64> = v
+            .iter()
+            .map(|c| {
+                c["choices"][0]["logprobs"]["text_offset"][0]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+    }
+
+    #[test]
+    fn an_error_after_the_start_is_an_error_event_then_done() {
+        let mut r = responder(Endpoint::Completions, LogprobsFormat::None, true);
+        let events = r.events(Err(Status::unavailable("the replica is down: rank 1")));
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1], "[DONE]");
+        let v = parse(&events);
+        assert_eq!(v[0]["error"]["code"], "service_unavailable");
+        assert!(v[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rank 1"));
+    }
+
+    #[test]
+    fn whole_answers_carry_usage_and_finish_reasons() {
+        let r = responder(Endpoint::Chat, LogprobsFormat::Chat, false);
+        let whole = token(1, "Hi", FinishReason::Stop).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&r.whole(whole)).unwrap();
+        assert_eq!(v["object"], "chat.completion");
+        assert_eq!(v["choices"][0]["message"]["content"], "Hi");
+        assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        assert_eq!(v["choices"][0]["logprobs"]["content"][0]["logprob"], -0.25);
+        assert_eq!(v["usage"]["prompt_tokens"], 5);
+        let r = responder(Endpoint::Completions, LogprobsFormat::None, false);
+        let whole = token(1, "Hi", FinishReason::Cancelled).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&r.whole(whole)).unwrap();
+        assert_eq!(v["choices"][0]["text"], "Hi");
+        assert_eq!(v["choices"][0]["finish_reason"], "abort");
+        assert_eq!(v["choices"][0]["logprobs"], serde_json::Value::Null);
+        assert_eq!(v["usage"]["completion_tokens"], 3);
+    }
+}
