@@ -59,6 +59,7 @@ drive() {
   for c in $CONCURRENCIES; do
     # 4 requests alone, 2 per client otherwise; one warm-up request per client.
     local n=$((c == 1 ? 4 : 2 * c))
+    echo "$label, concurrency $c: $n requests" >&2
     target/release/helios-bench serve --protocol openai --url "$url" --tokenizer "$MODEL" \
       --concurrency "$c" --num-requests "$n" --warmup "$c" --input-len "$IN" --output-len "$OUT" \
       --temperature 0 --ignore-eos --extra-body "$extra" --no-progress --json |
@@ -88,8 +89,14 @@ for tp in 1 3; do
 done
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# Decode on all cores but one (prefill on all): the server's event loop and the client need CPU
+# for every streamed token, and llama.cpp's threads wait for each other in spin barriers. On the
+# 2-core machine of RESULTS.md, decode took 31 ms/token at --n_threads 2 and 20 ms at 1 under
+# this load (12 ms at 2 threads with curl as the only client).
+threads=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))
 bench/.llama-venv/bin/python -m llama_cpp.server --model "$MODEL" --n_ctx 4096 \
-  --n_threads "$(nproc)" --host 127.0.0.1 --port "$port" >"$work/server.out" 2>"$work/server.err" &
+  --n_threads "$threads" --n_threads_batch "$(nproc)" --host 127.0.0.1 --port "$port" \
+  >"$work/server.out" 2>"$work/server.err" &
 server=$!
 wait_http "http://127.0.0.1:$port"
 # SmolLM2's end-of-text tokens: <|endoftext|> (0) and <|im_end|> (2).
