@@ -12,7 +12,7 @@
 # generate the full 128 tokens (`--ignore-eos`: a shorter answer counts as a failed request):
 # Helios ignores EOS (`ignore_eos`); llama.cpp, which has no such option and ignores the field,
 # gets its end-of-text tokens banned through `logit_bias`. Both use the machine's cores
-# (llama.cpp: --n_threads = nproc; Helios: its workers share them).
+# (llama.cpp: see --n_threads below; Helios: its workers share them).
 #
 # Usage: bench/side-by-side.sh [CONCURRENCIES] (default "1 4 16").
 set -euo pipefail
@@ -92,10 +92,13 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 # Decode on all cores but one (prefill on all): the server's event loop and the client need CPU
 # for every streamed token, and llama.cpp's threads wait for each other in spin barriers. On the
 # 2-core machine of RESULTS.md, decode took 31 ms/token at --n_threads 2 and 20 ms at 1 under
-# this load (12 ms at 2 threads with curl as the only client).
+# this load (12 ms at 2 threads with curl as the only client). --interrupt_requests False: by
+# default a new request interrupts the one being streamed (its client gets a truncated answer);
+# off, requests wait their turn (llama-cpp-python's server runs one at a time).
 threads=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))
 bench/.llama-venv/bin/python -m llama_cpp.server --model "$MODEL" --n_ctx 4096 \
-  --n_threads "$threads" --n_threads_batch "$(nproc)" --host 127.0.0.1 --port "$port" \
+  --n_threads "$threads" --n_threads_batch "$(nproc)" --interrupt_requests False \
+  --host 127.0.0.1 --port "$port" \
   >"$work/server.out" 2>"$work/server.err" &
 server=$!
 wait_http "http://127.0.0.1:$port"
