@@ -29,8 +29,9 @@ use crate::step_loop::ReplicaState;
 /// The largest request message, as gRPC's default: a bigger one is refused by the transport.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 
-/// How much before a unary call's deadline it is answered (see `generate`).
-const UNARY_DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+/// How much before a unary call's deadline it is answered (see `generate`): ahead of tonic's
+/// server timer, and usually of a tonic client's own timer (started before the request left).
+const UNARY_DEADLINE_MARGIN: Duration = Duration::from_millis(20);
 
 /// The request's deadline from its `grpc-timeout` header (gRPC over HTTP/2: up to 8 digits and
 /// a unit, H M S m u n), measured from now.
@@ -74,7 +75,8 @@ impl Generation for GenerationService {
             return Ok(Response::new(collect(rx).await?));
         };
         // tonic's own timer cancels a unary call at its deadline (CANCELLED, "Timeout
-        // expired"); answer DEADLINE_EXCEEDED just before it. Dropping `rx` frees the blocks.
+        // expired"); answer DEADLINE_EXCEEDED just before it. Dropping `rx` frees the blocks
+        // either way.
         let early = deadline
             .checked_sub(UNARY_DEADLINE_MARGIN)
             .unwrap_or(deadline);
