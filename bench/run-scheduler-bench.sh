@@ -8,45 +8,22 @@
 #      SmolLM2-135M-Instruct Q4_1, tp 1 and tp 3, with overlap (the default) and --no-overlap.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source bench/lib.sh
 scripts/fetch-model.sh >/dev/null
 cargo build --release --bins -q
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u '+%F %H:%M UTC'), commit $(git rev-parse --short HEAD), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+machine_line
 echo
 
 target/release/helios-bench scheduler --seqs 256,1024 --context 512 --steps 1000
 echo
-
-work=$(mktemp -d)
-server=""
-stop_server() {
-  if [[ -n "$server" ]]; then
-    kill "$server" 2>/dev/null || true
-    wait "$server" 2>/dev/null || true
-    server=""
-  fi
-}
-trap 'stop_server; rm -rf "$work"' EXIT
 
 BATCH=64
 for tp in 1 3; do
   for mode in overlap no-overlap; do
     flags=()
     [[ "$mode" == no-overlap ]] && flags=(--no-overlap)
-    target/release/helios serve --tp "$tp" --port 0 --http-port 0 --host 127.0.0.1 --max-running "$BATCH" \
-      "${flags[@]}" >"$work/serve.out" 2>"$work/serve.err" &
-    server=$!
-    addr=""
-    for _ in $(seq 600); do
-      addr=$(sed -n 's/^HELIOS_READY grpc=\([^ ]*\).*/\1/p' "$work/serve.out")
-      [[ -n "$addr" ]] && break
-      if ! kill -0 "$server" 2>/dev/null; then
-        cat "$work/serve.err" >&2
-        exit 1
-      fi
-      sleep 0.2
-    done
-    [[ -n "$addr" ]] || { echo "helios serve did not get ready" >&2; exit 1; }
-    target/release/helios-bench serve --url "$addr" --concurrency "$BATCH" --num-requests $((2 * BATCH)) \
+    start_helios --tp "$tp" --max-running "$BATCH" "${flags[@]}"
+    target/release/helios-bench serve --url "$GRPC_ADDR" --concurrency "$BATCH" --num-requests $((2 * BATCH)) \
       --input-len 64 --output-len 64 --ignore-eos --warmup "$BATCH" --json |
       python3 -c "import json,sys; r=json.load(sys.stdin); r['mode']='$mode'; print(json.dumps(r))" >>"$work/gap.jsonl"
     stop_server

@@ -7,55 +7,29 @@
 # Prints the overhead tables, then one table of the end-to-end runs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source bench/lib.sh
 scripts/fetch-model.sh >/dev/null
 cargo build --release --bins -q
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u '+%F %H:%M UTC'), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+machine_line
 echo
 
 target/release/helios-bench overhead --seqs 1,64,256 --workers 1,3 --steps 1000
 echo
 
-work=$(mktemp -d)
-server=""
-stop_server() {
-  if [[ -n "$server" ]]; then
-    kill "$server" 2>/dev/null || true
-    wait "$server" 2>/dev/null || true
-    server=""
-  fi
-}
-trap 'stop_server; rm -rf "$work"' EXIT
-
 IN=64
 OUT=64
 for tp in 1 3; do
-  target/release/helios serve --tp "$tp" --port 0 --http-port 0 --host 127.0.0.1 >"$work/serve.out" 2>"$work/serve.err" &
-  server=$!
-  addr=""
-  for _ in $(seq 600); do
-    addr=$(sed -n 's/^HELIOS_READY grpc=\([^ ]*\).*/\1/p' "$work/serve.out")
-    [[ -n "$addr" ]] && break
-    if ! kill -0 "$server" 2>/dev/null; then
-      cat "$work/serve.err" >&2
-      exit 1
-    fi
-    sleep 0.2
-  done
-  if [[ -z "$addr" ]]; then
-    echo "helios serve --tp $tp did not get ready" >&2
-    cat "$work/serve.err" >&2
-    exit 1
-  fi
+  start_helios --tp "$tp"
   for c in 1 16; do
     # Requests: 4 at concurrency 1, 2 per client at 16; a warm-up of one request per client.
     requests=$((c == 1 ? 4 : 2 * c))
-    target/release/helios-bench serve --url "$addr" --concurrency "$c" --num-requests "$requests" \
-      --input-len "$IN" --output-len "$OUT" --ignore-eos --warmup "$c" --json >>"$work/serve.jsonl"
+    target/release/helios-bench serve --url "$GRPC_ADDR" --concurrency "$c" --num-requests "$requests" \
+      --input-len "$IN" --output-len "$OUT" --ignore-eos --warmup "$c" --json >>"$work/runs.jsonl"
   done
   stop_server
 done
 
-python3 - "$work/serve.jsonl" <<'EOF'
+python3 - "$work/runs.jsonl" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 failed = [r for r in rows if r["failed"]]

@@ -17,6 +17,7 @@
 # Usage: bench/side-by-side.sh [CONCURRENCIES] (default "1 4 16").
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source bench/lib.sh
 CONCURRENCIES=${1:-"1 4 16"}
 IN=128
 OUT=128
@@ -24,18 +25,7 @@ MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
 scripts/fetch-model.sh >/dev/null
 bench/setup-llama-cpp.sh
 cargo build --release --bins -q
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u '+%F %H:%M UTC'), commit $(git rev-parse --short HEAD), load average $(cut -d' ' -f1-3 /proc/loadavg)"
-
-work=$(mktemp -d)
-server=""
-stop_server() {
-  if [[ -n "$server" ]]; then
-    kill "$server" 2>/dev/null || true
-    wait "$server" 2>/dev/null || true
-    server=""
-  fi
-}
-trap 'stop_server; rm -rf "$work"' EXIT
+machine_line
 
 # Waits until $1 answers GET /v1/models (the server's process is $server).
 wait_http() {
@@ -71,20 +61,9 @@ drive() {
 SAMPLING='"top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0'
 
 for tp in 1 3; do
-  target/release/helios serve --model "$MODEL" --tp "$tp" --host 127.0.0.1 --port 0 --http-port 0 \
-    >"$work/server.out" 2>"$work/server.err" &
-  server=$!
-  url=""
-  for _ in $(seq 900); do
-    url=$(sed -n 's/^HELIOS_READY .*http=\([^ ]*\).*/\1/p' "$work/server.out")
-    [[ -n "$url" ]] && break
-    kill -0 "$server" 2>/dev/null || { cat "$work/server.err" >&2; exit 1; }
-    sleep 0.2
-  done
-  [[ -n "$url" ]] || { echo "helios serve --tp $tp did not get ready" >&2; exit 1; }
-  [[ "$url" == http* ]] || url="http://$url"
-  wait_http "$url"
-  drive "helios tp $tp" "$url" "{$SAMPLING, \"repetition_penalty\": 1.0}"
+  start_helios --model "$MODEL" --tp "$tp"
+  wait_http "$HTTP_URL"
+  drive "helios tp $tp" "$HTTP_URL" "{$SAMPLING, \"repetition_penalty\": 1.0}"
   stop_server
 done
 
@@ -96,11 +75,9 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); p
 # default a new request interrupts the one being streamed (its client gets a truncated answer);
 # off, requests wait their turn (llama-cpp-python's server runs one at a time).
 threads=$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))
-bench/.llama-venv/bin/python -m llama_cpp.server --model "$MODEL" --n_ctx 4096 \
+start_server bench/.llama-venv/bin/python -m llama_cpp.server --model "$MODEL" --n_ctx 4096 \
   --n_threads "$threads" --n_threads_batch "$(nproc)" --interrupt_requests False \
-  --host 127.0.0.1 --port "$port" \
-  >"$work/server.out" 2>"$work/server.err" &
-server=$!
+  --host 127.0.0.1 --port "$port"
 wait_http "http://127.0.0.1:$port"
 # SmolLM2's end-of-text tokens: <|endoftext|> (0) and <|im_end|> (2).
 drive "llama.cpp" "http://127.0.0.1:$port" \

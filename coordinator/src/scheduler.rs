@@ -67,9 +67,6 @@ pub struct Sequence {
     hashes: Vec<u64>,
     /// Entries of `table` the ranks were sent (they keep them; a step sends only the rest).
     sent_blocks: usize,
-    /// Preemptions so far: an answer to a step planned before the last one no longer matches
-    /// the sequence's blocks.
-    epoch: u32,
     running: bool,
     params: SequenceParams,
 }
@@ -86,7 +83,6 @@ impl Sequence {
             table: Vec::new(),
             hashes: Vec::new(),
             sent_blocks: 0,
-            epoch: 0,
             running: false,
             params,
         }
@@ -174,7 +170,6 @@ pub struct SchedulerStats {
 #[derive(Debug, Clone, Copy)]
 struct Planned {
     id: u64,
-    epoch: u32,
     tokens: usize,
     sample: bool,
 }
@@ -191,6 +186,8 @@ pub struct Scheduler {
     waiting: BTreeSet<(i32, u64)>,
     /// Running sequence ids in (priority, arrival) order: the preemption victim is the last.
     running: Vec<u64>,
+    /// Sequences with a deadline, soonest first: a step looks at the expired ones only.
+    deadlines: BTreeSet<(Instant, u64)>,
     /// Planned steps not yet answered, oldest first (at most two: one running, one next).
     planned: VecDeque<PlannedStep>,
     /// Sequences the ranks hold block tables for that ended since the last plan.
@@ -211,6 +208,7 @@ impl Scheduler {
             seqs: HashMap::new(),
             waiting: BTreeSet::new(),
             running: Vec::new(),
+            deadlines: BTreeSet::new(),
             planned: VecDeque::new(),
             forgotten: Vec::new(),
             next_step: 0,
@@ -260,6 +258,9 @@ impl Scheduler {
             return Err(AddError::QueueFull(self.waiting.len()));
         }
         self.waiting.insert(seq.key());
+        if let Some(d) = seq.params.deadline {
+            self.deadlines.insert((d, seq.id));
+        }
         self.seqs.insert(seq.id, seq);
         Ok(())
     }
@@ -269,6 +270,9 @@ impl Scheduler {
         let Some(mut s) = self.seqs.remove(&id) else {
             return false;
         };
+        if let Some(d) = s.params.deadline {
+            self.deadlines.remove(&(d, id));
+        }
         if s.running {
             if let Some(i) = self.running.iter().position(|&r| r == id) {
                 self.running.remove(i);
@@ -291,10 +295,10 @@ impl Scheduler {
     /// Drops every sequence whose deadline is before `now`; returns their ids.
     pub fn expire(&mut self, now: Instant) -> Vec<u64> {
         let late: Vec<u64> = self
-            .seqs
-            .values()
-            .filter(|s| s.params.deadline.is_some_and(|d| d <= now))
-            .map(|s| s.id)
+            .deadlines
+            .iter()
+            .take_while(|&&(d, _)| d <= now)
+            .map(|&(_, id)| id)
             .collect();
         for &id in &late {
             self.abort(id);
@@ -331,7 +335,6 @@ impl Scheduler {
         let id = self.running.pop()?;
         let mut s = self.seqs.remove(&id)?;
         self.free_blocks(&mut s);
-        s.epoch += 1;
         self.waiting.insert(s.key());
         self.seqs.insert(id, s);
         self.stats.preemptions += 1;
@@ -515,7 +518,6 @@ impl Scheduler {
         s.pending += usize::from(sample);
         planned.push(Planned {
             id,
-            epoch: s.epoch,
             tokens: n,
             sample,
         });
@@ -571,7 +573,9 @@ impl Scheduler {
             let Some(s) = self.seqs.get_mut(&p.id) else {
                 continue; // aborted since: its token is dropped
             };
-            if s.running && s.epoch == p.epoch {
+            // A sequence preempted since is not running: it cannot have been admitted again
+            // before this answer, as a third step is planned only after it.
+            if s.running {
                 s.confirmed += p.tokens;
                 if self.config.prefix_caching {
                     cache_full_blocks(&mut self.blocks, s);
@@ -652,6 +656,10 @@ impl Scheduler {
         }
         if self.running.len() + self.waiting.len() != self.seqs.len() {
             bail!("queues and sequences disagree");
+        }
+        let with_deadline = self.seqs.values().filter(|s| s.params.deadline.is_some());
+        if with_deadline.count() != self.deadlines.len() {
+            bail!("the deadline index and the sequences disagree");
         }
         Ok(())
     }

@@ -5,9 +5,9 @@
 //! leaves its input token to the ranks: rank 0 keeps the tokens of the latest step it ran, and
 //! hands those the plan asks for to every rank before the batch is built. Every rank must then
 //! take the same path, or some wait in a collective that others never enter: whether to
-//! broadcast depends only on the plan, what is refused before the broadcast only on the plan and
-//! the kept block tables, and a token rank 0 does not have travels as a sentinel that every rank
-//! refuses alike after it.
+//! broadcast depends only on the plan, every check is deterministic in the plan and the kept
+//! block tables, and a token rank 0 does not have travels as a sentinel that every rank refuses
+//! alike after it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -197,10 +197,10 @@ impl Engine {
     /// not only on rank 0 that reads it, because batch validation reads its length and must
     /// judge alike everywhere.
     ///
-    /// What this refuses, and an unknown block table, is refused before the broadcast (a bad
-    /// plan costs no collective), except a token rank 0 does not have: every rank learns of
-    /// that from the broadcast and refuses it after. The rest of the checks follow in
-    /// [`StepBatch::build`], alike on every rank too.
+    /// What this refuses is refused before the broadcast, except a token rank 0 does not
+    /// have: every rank learns of that from the broadcast and refuses it after. The rest of the
+    /// checks (block tables, then [`StepBatch::build`]) follow in [`Self::step`], deterministic
+    /// in the plan and the kept tables, so alike on every rank too.
     fn feed_sampled(&mut self, plan: &mut StepPlan) -> Result<()> {
         if let Some(s) = plan
             .seqs
@@ -219,7 +219,6 @@ impl Engine {
                 self.limits.vocab_size
             )));
         }
-        self.tables.resolve(plan)?;
         let mut fed: Vec<u32> = plan
             .seqs
             .iter()
