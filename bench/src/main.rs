@@ -25,6 +25,7 @@ use clap::{Parser, Subcommand};
 use helios_coordinator::driver::{Control, Request};
 use helios_coordinator::local_workers::LocalReplica;
 use helios_coordinator::sharded_client::InitOptions;
+use helios_proto::telemetry::LogFormat;
 use helios_proto::v1::SamplingParams;
 
 #[derive(Parser)]
@@ -133,6 +134,7 @@ async fn engine(a: EngineArgs) -> Result<()> {
             kv_cache_memory_bytes: 512 << 20,
             dequantize: a.dequantize,
         },
+        LogFormat::Text,
     )
     .await?;
     let info = replica.info.clone();

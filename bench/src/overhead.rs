@@ -31,6 +31,7 @@ use anyhow::{bail, Context, Result};
 use helios_coordinator::admission::Admitted;
 use helios_coordinator::block_manager::BlockManager;
 use helios_coordinator::output::RequestOutput;
+use helios_coordinator::request_trace::{Arrival, RequestTrace};
 use helios_coordinator::scheduler::{
     Sampled, Scheduler, SchedulerConfig, Sequence, SequenceParams,
 };
@@ -296,6 +297,8 @@ async fn measure(
             ..Default::default()
         },
         overlap: true,
+        log_prompts: false,
+        tracing: false,
     };
     let serving = Serving::start(client, &info, tokenizer, &opts);
 
@@ -315,7 +318,7 @@ async fn measure(
         ClientKind::Channel => {
             for i in 0..seqs {
                 let mut rx = serving
-                    .generate(request(i), None)
+                    .generate(request(i), Default::default())
                     .await
                     .map_err(|s| anyhow::anyhow!("generate: {}", s.message()))?;
                 let recorder = recorder.clone();
@@ -525,13 +528,18 @@ fn push_cost(model: &std::path::Path, text: &[u32]) -> Result<f64> {
         logprobs: None,
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut out = RequestOutput::new(
-        "push".into(),
-        tx,
-        &admitted,
-        Instant::now(),
-        &Default::default(),
+    let trace = RequestTrace::start(
+        Arrival {
+            request_id: "push".into(),
+            parent: None,
+            prompt_tokens: admitted.prompt_ids.len() as u32,
+            max_new_tokens: TOKENS,
+            prompt_text: None,
+            arrival: Instant::now(),
+        },
+        Default::default(),
     );
+    let mut out = RequestOutput::new(tx, &admitted, trace, &Default::default());
     let t = Instant::now();
     for i in 0..TOKENS {
         let s = Sampled {

@@ -85,6 +85,8 @@ impl<'a> Driver<'a> {
         on_token: &mut impl FnMut(usize, u32) -> Control,
     ) -> Result<()> {
         while let Some(plan) = self.scheduler.schedule()? {
+            // Nobody here watches preemptions one by one.
+            self.scheduler.take_preempted();
             let result = self.client.step(plan).await?;
             for s in self.scheduler.apply(result)? {
                 let i = s.token.seq_id as usize;

@@ -8,6 +8,8 @@
 //! (spawned by [`local_workers`]) and brings back rank 0's sampled tokens. [`output`] turns them
 //! back into text as they arrive (the [`detokenizer`], with [`stop`] watching for stop strings)
 //! and streams it to the client.
+//! Along the way its [`request_trace`] keeps its spans, [`metrics`] and log lines (`/metrics`
+//! shows the metrics; `helios_proto::telemetry` exports the spans).
 //! [`driver`] runs a fixed batch without a server, for benchmarks and tests.
 
 pub mod admission;
@@ -15,8 +17,10 @@ pub mod block_manager;
 pub mod detokenizer;
 pub mod driver;
 pub mod local_workers;
+pub mod metrics;
 pub mod openai;
 pub mod output;
+pub mod request_trace;
 pub mod scheduler;
 pub mod server;
 pub mod serving;

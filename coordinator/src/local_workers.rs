@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use helios_proto::telemetry::LogFormat;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -43,7 +44,12 @@ pub fn worker_binary() -> Result<PathBuf> {
 
 impl LocalWorkers {
     /// Starts `n` workers, each with `threads` compute threads.
-    pub async fn spawn(n: usize, binary: &Path, threads: usize) -> Result<Self> {
+    pub async fn spawn(
+        n: usize,
+        binary: &Path,
+        threads: usize,
+        log_format: LogFormat,
+    ) -> Result<Self> {
         let mut children = Vec::with_capacity(n);
         let mut addrs = Vec::with_capacity(n);
         for rank in 0..n {
@@ -53,6 +59,7 @@ impl LocalWorkers {
             }
             let mut child = cmd
                 .arg("--exit-with-stdin")
+                .args(["--log-format", log_format.as_str()])
                 .env("RAYON_NUM_THREADS", threads.to_string())
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -96,7 +103,12 @@ pub struct LocalReplica {
 impl LocalReplica {
     /// Spawns `tp` workers with `threads` compute threads each and loads `init.model_path`
     /// (resolved to an absolute path, as the workers see it) on all of them.
-    pub async fn start(tp: usize, threads: usize, mut init: InitOptions) -> Result<Self> {
+    pub async fn start(
+        tp: usize,
+        threads: usize,
+        mut init: InitOptions,
+        log_format: LogFormat,
+    ) -> Result<Self> {
         if tp == 0 {
             bail!("tp must be at least 1");
         }
@@ -111,7 +123,7 @@ impl LocalReplica {
             .with_context(|| format!("resolving {}", model.display()))?
             .to_string_lossy()
             .into_owned();
-        let workers = LocalWorkers::spawn(tp, &worker_binary()?, threads).await?;
+        let workers = LocalWorkers::spawn(tp, &worker_binary()?, threads, log_format).await?;
         let mut client = ShardedClient::connect(&workers.addrs).await?;
         let info = client.init(&init).await?;
         Ok(Self {

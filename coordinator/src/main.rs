@@ -20,9 +20,10 @@ use helios_coordinator::openai;
 use helios_coordinator::output::ResponseStream;
 use helios_coordinator::scheduler::SchedulerConfig;
 use helios_coordinator::server;
-use helios_coordinator::serving::{Serving, ServingOptions};
+use helios_coordinator::serving::{CallContext, Serving, ServingOptions};
 use helios_coordinator::sharded_client::{InitOptions, ShardedClient};
 use helios_coordinator::tokenizer::TextTokenizer;
+use helios_proto::telemetry::{LogFormat, Telemetry};
 use helios_proto::v1::generation_client::GenerationClient;
 use helios_proto::v1::{
     ChatMessage, FinishReason, GenerateRequest, GenerateResponse, GenerationParameters,
@@ -38,6 +39,19 @@ const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines on stderr as `text` or `json` (one object per line), for this process and the
+    /// workers it spawns; `RUST_LOG` filters. Spans are exported over OTLP when
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    #[arg(long, global = true, default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// How this process reports itself, handed to what it starts.
+#[derive(Clone, Copy)]
+struct Observe {
+    log_format: LogFormat,
+    /// Spans are exported.
+    tracing: bool,
 }
 
 #[derive(Subcommand)]
@@ -87,6 +101,9 @@ struct ReplicaArgs {
     /// for comparison with the default overlap.
     #[arg(long)]
     no_overlap: bool,
+    /// Put each request's prompt text in its log line (off by default: prompts may be private).
+    #[arg(long)]
+    log_prompts: bool,
 }
 
 impl ReplicaArgs {
@@ -100,8 +117,10 @@ impl ReplicaArgs {
         }
     }
 
-    fn serving_options(&self) -> ServingOptions {
+    fn serving_options(&self, observe: Observe) -> ServingOptions {
         ServingOptions {
+            log_prompts: self.log_prompts,
+            tracing: observe.tracing,
             model_name: self.model.to_string_lossy().into_owned(),
             scheduler: SchedulerConfig {
                 max_batch_tokens: self.max_batch_tokens,
@@ -219,40 +238,47 @@ struct LogitsArgs {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Serve(a) => serve(a).await,
-        Command::Coordinator(a) => coordinator(a).await,
-        Command::Generate(a) => generate(a).await,
-        Command::Logits(a) => logits(a).await,
+    let telemetry = match Telemetry::init("helios-coordinator", cli.log_format) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
     };
+    let observe = Observe {
+        log_format: cli.log_format,
+        tracing: telemetry.exporting(),
+    };
+    let result = match cli.command {
+        Command::Serve(a) => serve(a, observe).await,
+        Command::Coordinator(a) => coordinator(a, observe).await,
+        Command::Generate(a) => generate(a, observe).await,
+        Command::Logits(a) => logits(a, observe).await,
+    };
+    telemetry.shutdown();
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
-async fn start_replica(a: &SpawnArgs) -> Result<LocalReplica> {
+async fn start_replica(a: &SpawnArgs, observe: Observe) -> Result<LocalReplica> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = a.threads_per_worker.unwrap_or((cores / a.tp.max(1)).max(1));
-    LocalReplica::start(a.tp, threads, a.replica.init_options()).await
+    LocalReplica::start(a.tp, threads, a.replica.init_options(), observe.log_format).await
 }
 
 /// Spawns the workers and starts the step loop; the workers live as long as the handle.
-async fn start_serving(a: &SpawnArgs) -> Result<(Serving, LocalWorkers)> {
+async fn start_serving(a: &SpawnArgs, observe: Observe) -> Result<(Serving, LocalWorkers)> {
     let tokenizer = TextTokenizer::from_model_path(&a.replica.model)?;
     let LocalReplica {
         workers,
         client,
         info,
-    } = start_replica(a).await?;
-    let serving = Serving::start(client, &info, tokenizer, &a.replica.serving_options());
+    } = start_replica(a, observe).await?;
+    let opts = a.replica.serving_options(observe);
+    let serving = Serving::start(client, &info, tokenizer, &opts);
     Ok((serving, workers))
 }
 
@@ -279,13 +305,13 @@ async fn listen_and_serve(listen: &ListenArgs, serving: Serving, what: &str) -> 
     Ok(())
 }
 
-async fn serve(a: ServeArgs) -> Result<()> {
-    let (serving, _workers) = start_serving(&a.spawn).await?;
+async fn serve(a: ServeArgs, observe: Observe) -> Result<()> {
+    let (serving, _workers) = start_serving(&a.spawn, observe).await?;
     let what = format!("{} at tp {}", a.spawn.replica.model.display(), a.spawn.tp);
     listen_and_serve(&a.listen, serving, &what).await
 }
 
-async fn coordinator(a: CoordinatorArgs) -> Result<()> {
+async fn coordinator(a: CoordinatorArgs, observe: Observe) -> Result<()> {
     let tokenizer = TextTokenizer::from_model_path(&a.replica.model)?;
     let addrs: Vec<String> = a
         .workers
@@ -300,7 +326,8 @@ async fn coordinator(a: CoordinatorArgs) -> Result<()> {
         .collect();
     let mut client = ShardedClient::connect(&addrs).await?;
     let info = client.init(&a.replica.init_options()).await?;
-    let serving = Serving::start(client, &info, tokenizer, &a.replica.serving_options());
+    let opts = a.replica.serving_options(observe);
+    let serving = Serving::start(client, &info, tokenizer, &opts);
     let what = format!("{} over {} workers", a.replica.model.display(), addrs.len());
     listen_and_serve(&a.listen, serving, &what).await
 }
@@ -325,7 +352,9 @@ impl Backend {
     async fn generate(&mut self, req: GenerateRequest) -> Result<AnyResponseStream, Status> {
         Ok(match self {
             Backend::Remote(c) => Box::pin(c.generate_stream(req).await?.into_inner()),
-            Backend::Local(s, _) => Box::pin(ResponseStream::new(s.generate(req, None).await?)),
+            Backend::Local(s, _) => Box::pin(ResponseStream::new(
+                s.generate(req, CallContext::default()).await?,
+            )),
         })
     }
 }
@@ -334,7 +363,7 @@ fn status_error(s: Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
-async fn generate(a: GenerateArgs) -> Result<()> {
+async fn generate(a: GenerateArgs, observe: Observe) -> Result<()> {
     let mut backend = match &a.addr {
         Some(addr) => {
             let url = if addr.contains("://") {
@@ -348,7 +377,7 @@ async fn generate(a: GenerateArgs) -> Result<()> {
             Backend::Remote(client)
         }
         None => {
-            let (serving, workers) = start_serving(&a.spawn).await?;
+            let (serving, workers) = start_serving(&a.spawn, observe).await?;
             Backend::Local(serving, workers)
         }
     };
@@ -443,11 +472,11 @@ fn finish_reason_name(r: FinishReason) -> String {
         .to_ascii_lowercase()
 }
 
-async fn logits(a: LogitsArgs) -> Result<()> {
+async fn logits(a: LogitsArgs, observe: Observe) -> Result<()> {
     if a.ids.is_empty() {
         bail!("--ids is empty");
     }
-    let mut replica = start_replica(&a.spawn).await?;
+    let mut replica = start_replica(&a.spawn, observe).await?;
     let mut driver = replica.driver(a.spawn.replica.max_batch_tokens);
     let rows = driver
         .teacher_forced_logits(&a.ids, &a.continuation)

@@ -12,13 +12,14 @@ use std::time::Instant;
 
 use anyhow::Result;
 use helios_proto::v1::{
-    FinishReason as WireFinish, GenerateResponse, SampledLogprobs, Timings, TokenLogprob, Usage,
+    FinishReason as WireFinish, GenerateResponse, SampledLogprobs, TokenLogprob, Usage,
 };
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::admission::Admitted;
 use crate::detokenizer::Detokenizer;
+use crate::request_trace::RequestTrace;
 use crate::scheduler::{FinishReason, Sampled};
 use crate::stop::StopMatcher;
 use crate::tokenizer::TextTokenizer;
@@ -58,31 +59,27 @@ pub struct RequestOutput {
     logprobs: Option<u32>,
     prompt_tokens: u32,
     completion_tokens: u32,
-    arrival: Instant,
-    scheduled: Option<Instant>,
-    first_token: Option<Instant>,
+    /// Its spans, metrics and log lines; its timings.
+    trace: RequestTrace,
 }
 
 impl RequestOutput {
     pub fn new(
-        request_id: String,
         tx: ResponseSender,
         req: &Admitted,
-        arrival: Instant,
+        trace: RequestTrace,
         in_flight: &InFlight,
     ) -> Self {
         Self {
             _in_flight: in_flight.enter(),
-            request_id,
+            request_id: trace.request_id().to_string(),
             tx,
             detok: Detokenizer::new(&req.prompt_ids),
             stops: StopMatcher::new(req.stop.clone()),
             logprobs: req.logprobs,
             prompt_tokens: req.prompt_ids.len() as u32,
             completion_tokens: 0,
-            arrival,
-            scheduled: None,
-            first_token: None,
+            trace,
         }
     }
 
@@ -90,21 +87,31 @@ impl RequestOutput {
         &self.request_id
     }
 
+    pub fn trace(&self) -> &RequestTrace {
+        &self.trace
+    }
+
+    /// It was preempted: it waits again.
+    pub fn preempted(&mut self) {
+        self.trace.preempted();
+    }
+
     /// The client went away (cancelled, disconnected, or its deadline passed).
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }
 
-    /// The request's first step was planned: its queueing ends.
+    /// A step that reads the request's prompt from its start was planned: its first (its
+    /// queueing ends) or the recompute after a preemption.
     pub fn mark_scheduled(&mut self, now: Instant) {
-        self.scheduled.get_or_insert(now);
+        self.trace.scheduled(now);
     }
 
     /// Streams one sampled token; returns how the request ended, if it did (the scheduler's
     /// reason, or a stop string found in the text).
     pub fn push(&mut self, tokenizer: &TextTokenizer, s: Sampled) -> Result<Option<FinishReason>> {
         let now = Instant::now();
-        self.first_token.get_or_insert(now);
+        self.trace.token(now);
         self.completion_tokens += 1;
         let delta = self.detok.push(tokenizer, s.token.token_id)?;
         let matched = self.stops.push(&delta);
@@ -140,19 +147,15 @@ impl RequestOutput {
     }
 
     /// Makes `resp` the last response: finish reason, usage, timings.
-    fn close(&self, resp: &mut GenerateResponse, reason: WireFinish, now: Instant) {
+    fn close(&mut self, resp: &mut GenerateResponse, reason: WireFinish, now: Instant) {
         resp.finish_reason = reason as i32;
         resp.usage = Some(Usage {
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.completion_tokens,
             total_tokens: self.prompt_tokens + self.completion_tokens,
         });
-        let secs = |t: Option<Instant>| t.unwrap_or(now).duration_since(self.arrival);
-        resp.timings = Some(Timings {
-            queue_seconds: secs(self.scheduled).as_secs_f64(),
-            time_to_first_token_seconds: secs(self.first_token).as_secs_f64(),
-            total_seconds: secs(Some(now)).as_secs_f64(),
-        });
+        resp.timings = Some(self.trace.timings(now));
+        self.trace.finished(finish_name(reason), now);
     }
 
     /// Ends the request early (server shutdown): the held-back text, then CANCELLED.
@@ -167,8 +170,20 @@ impl RequestOutput {
     }
 
     /// Ends the request with an error status.
-    pub fn fail(self, status: Status) {
+    pub fn fail(mut self, status: Status) {
+        self.trace.failed(&status);
         let _ = self.tx.send(Err(status));
+    }
+}
+
+/// How a finish reason reads in metrics and logs.
+fn finish_name(reason: WireFinish) -> &'static str {
+    match reason {
+        WireFinish::Length => "length",
+        WireFinish::Eos => "eos",
+        WireFinish::Stop => "stop",
+        WireFinish::Cancelled => "cancelled",
+        WireFinish::Unspecified => "unspecified",
     }
 }
 

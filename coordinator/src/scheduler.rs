@@ -194,6 +194,8 @@ pub struct Scheduler {
     forgotten: Vec<u64>,
     next_step: u64,
     stats: SchedulerStats,
+    /// Sequences preempted since the caller last asked ([`Self::take_preempted`]).
+    preempted: Vec<u64>,
 }
 
 impl Scheduler {
@@ -213,6 +215,7 @@ impl Scheduler {
             forgotten: Vec::new(),
             next_step: 0,
             stats: SchedulerStats::default(),
+            preempted: Vec::new(),
         }
     }
 
@@ -338,8 +341,13 @@ impl Scheduler {
         self.waiting.insert(s.key());
         self.seqs.insert(id, s);
         self.stats.preemptions += 1;
-        tracing::debug!(seq = id, "preempted");
+        self.preempted.push(id);
         Some(id)
+    }
+
+    /// The sequences preempted since the previous call, in order (a request's trace shows it).
+    pub fn take_preempted(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.preempted)
     }
 
     /// The next step, or None when nothing can run. At most one earlier step may still be
@@ -429,6 +437,7 @@ impl Scheduler {
             seqs: steps,
             return_logits: false,
             finished_seq_ids: std::mem::take(&mut self.forgotten),
+            trace_context: Default::default(),
         }))
     }
 

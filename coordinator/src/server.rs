@@ -11,6 +11,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use helios_proto::telemetry;
 use helios_proto::v1::generation_server::{Generation, GenerationServer};
 use helios_proto::v1::{
     DetokenizeRequest, DetokenizeResponse, GenerateRequest, GenerateResponse, ModelInfoRequest,
@@ -23,7 +24,7 @@ use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
 use crate::output::{collect, ResponseStream};
-use crate::serving::Serving;
+use crate::serving::{CallContext, Serving};
 use crate::step_loop::ReplicaState;
 
 /// The largest request message, as gRPC's default: a bigger one is refused by the transport.
@@ -58,19 +59,27 @@ fn deadline_of<T>(req: &Request<T>) -> Result<Option<Instant>, Status> {
     Ok(Instant::now().checked_add(timeout))
 }
 
+/// The call's deadline and the client's trace context (W3C `traceparent` in the metadata).
+fn call_context<T>(req: &Request<T>) -> Result<CallContext, Status> {
+    Ok(CallContext {
+        deadline: deadline_of(req)?,
+        trace_parent: telemetry::extract(&telemetry::MetadataExtractor(req.metadata())),
+    })
+}
+
 pub struct GenerationService {
     serving: Serving,
 }
 
 #[tonic::async_trait]
 impl Generation for GenerationService {
-    #[tracing::instrument(skip_all, fields(request_id = %req.get_ref().request_id))]
     async fn generate(
         &self,
         req: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let deadline = deadline_of(&req)?;
-        let rx = self.serving.generate(req.into_inner(), deadline).await?;
+        let call = call_context(&req)?;
+        let deadline = call.deadline;
+        let rx = self.serving.generate(req.into_inner(), call).await?;
         let Some(deadline) = deadline else {
             return Ok(Response::new(collect(rx).await?));
         };
@@ -90,13 +99,12 @@ impl Generation for GenerationService {
 
     type GenerateStreamStream = ResponseStream;
 
-    #[tracing::instrument(skip_all, fields(request_id = %req.get_ref().request_id))]
     async fn generate_stream(
         &self,
         req: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let deadline = deadline_of(&req)?;
-        let rx = self.serving.generate(req.into_inner(), deadline).await?;
+        let call = call_context(&req)?;
+        let rx = self.serving.generate(req.into_inner(), call).await?;
         Ok(Response::new(ResponseStream::new(rx)))
     }
 

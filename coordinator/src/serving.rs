@@ -16,13 +16,15 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::admission::{self, Limits};
+use crate::metrics::{Metrics, Snapshot};
 use crate::output::{InFlight, RequestOutput, ResponseReceiver};
+use crate::request_trace::{Arrival, RequestTrace};
 use crate::scheduler::SchedulerConfig;
-use crate::sharded_client::{ReplicaInfo, ShardedClient};
-use crate::step_loop::{LoopMessage, LoopStats, NewRequest, ReplicaState, StepLoop};
+use crate::sharded_client::{RanksUp, ReplicaInfo, ShardedClient};
+use crate::step_loop::{LoopMessage, LoopStats, NewRequest, Observers, ReplicaState, StepLoop};
 use crate::tokenizer::TextTokenizer;
 
-/// How the replica is scheduled.
+/// How the replica is scheduled and observed.
 #[derive(Debug, Clone)]
 pub struct ServingOptions {
     /// Shown in ModelInfo.
@@ -30,6 +32,19 @@ pub struct ServingOptions {
     pub scheduler: SchedulerConfig,
     /// Plan step N+1 while the ranks run step N (see `step_loop`).
     pub overlap: bool,
+    /// Put prompt text in the log line of every request (off: it may be private).
+    pub log_prompts: bool,
+    /// Spans are exported (`helios_proto::telemetry`): steps get spans too.
+    pub tracing: bool,
+}
+
+/// What the transport knows of a call besides its message.
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    /// Past it the request is dropped wherever it is and answered DEADLINE_EXCEEDED.
+    pub deadline: Option<Instant>,
+    /// The client's trace context (a W3C `traceparent` in its metadata or headers).
+    pub trace_parent: Option<opentelemetry::Context>,
 }
 
 #[derive(Clone)]
@@ -39,6 +54,9 @@ pub struct Serving {
     info: Arc<ModelInfoResponse>,
     requests: mpsc::UnboundedSender<LoopMessage>,
     stats: Arc<LoopStats>,
+    metrics: Arc<Metrics>,
+    ranks_up: RanksUp,
+    log_prompts: bool,
     state: Arc<watch::Sender<ReplicaState>>,
     in_flight: InFlight,
     next_request: Arc<AtomicU64>,
@@ -77,12 +95,19 @@ impl Serving {
             .store(replica.num_kv_blocks, Ordering::Relaxed);
         let state = Arc::new(watch::Sender::new(ReplicaState::Serving));
         let (requests, rx) = mpsc::unbounded_channel();
+        let metrics = Arc::new(Metrics::new());
+        let ranks_up = client.ranks_up();
+        let observers = Observers {
+            stats: stats.clone(),
+            metrics: metrics.clone(),
+            tracing: opts.tracing,
+        };
         let step_loop = StepLoop::new(
             client,
             scheduler,
             tokenizer.clone(),
             rx,
-            stats.clone(),
+            observers,
             state.clone(),
             opts.overlap,
         );
@@ -102,6 +127,9 @@ impl Serving {
             info: Arc::new(info),
             requests,
             stats,
+            metrics,
+            ranks_up,
+            log_prompts: opts.log_prompts,
             state,
             in_flight: InFlight::default(),
             next_request: Arc::new(AtomicU64::new(0)),
@@ -152,12 +180,12 @@ impl Serving {
         }
     }
 
-    /// Admits a request and returns its stream of responses. Past `deadline` it is dropped
+    /// Admits a request and returns its stream of responses. Past `call.deadline` it is dropped
     /// wherever it is (waiting or running) and answered DEADLINE_EXCEEDED.
     pub async fn generate(
         &self,
         req: GenerateRequest,
-        deadline: Option<Instant>,
+        call: CallContext,
     ) -> Result<ResponseReceiver, Status> {
         let arrival = Instant::now();
         self.check_up()?;
@@ -169,14 +197,26 @@ impl Serving {
         .await
         .map_err(|e| Status::internal(format!("admission task: {e}")))?;
         let mut admitted = admitted?;
-        admitted.params.deadline = deadline;
+        admitted.params.deadline = call.deadline;
+        let prompt_text = self.log_prompts.then(|| prompt_text(&req));
         let request_id = if req.request_id.is_empty() {
             format!("req-{}", self.next_request.fetch_add(1, Ordering::Relaxed))
         } else {
             req.request_id
         };
+        let trace = RequestTrace::start(
+            Arrival {
+                request_id,
+                parent: call.trace_parent,
+                prompt_tokens: admitted.prompt_ids.len() as u32,
+                max_new_tokens: admitted.params.max_new_tokens,
+                prompt_text: prompt_text.as_deref(),
+                arrival,
+            },
+            self.metrics.clone(),
+        );
         let (tx, rx) = mpsc::unbounded_channel();
-        let output = RequestOutput::new(request_id, tx, &admitted, arrival, &self.in_flight);
+        let output = RequestOutput::new(tx, &admitted, trace, &self.in_flight);
         self.requests
             .send(LoopMessage::Request(Box::new(NewRequest {
                 admitted,
@@ -214,6 +254,23 @@ impl Serving {
         Ok(DetokenizeResponse { text })
     }
 
+    /// `/metrics`: the text and its content type (OpenMetrics when `openmetrics`).
+    pub fn metrics_text(&self, openmetrics: bool) -> (String, &'static str) {
+        let s = &self.stats;
+        let now = Snapshot {
+            running: s.running.load(Ordering::Relaxed),
+            waiting: s.waiting.load(Ordering::Relaxed),
+            kv_blocks_total: self.info.kv_blocks_total,
+            kv_blocks_free: s.kv_blocks_free.load(Ordering::Relaxed),
+            prefix_query_tokens: s.prefix_query_tokens.load(Ordering::Relaxed),
+            prefix_hit_tokens: s.prefix_hit_tokens.load(Ordering::Relaxed),
+            preemptions: s.preemptions.load(Ordering::Relaxed),
+            steps: s.steps.load(Ordering::Relaxed),
+            ranks_up: self.ranks_up.get(),
+        };
+        self.metrics.render(&now, openmetrics)
+    }
+
     pub fn model_info(&self) -> ModelInfoResponse {
         let s = &self.stats;
         let load = |v: &AtomicU64| v.load(Ordering::Relaxed);
@@ -234,4 +291,21 @@ impl Serving {
             ..(*self.info).clone()
         }
     }
+}
+
+/// A request's input as text for the log (`--log-prompts`): the prompt, the chat messages as
+/// `role: content` lines, or the token ids.
+fn prompt_text(req: &GenerateRequest) -> String {
+    if !req.prompt.is_empty() {
+        return req.prompt.clone();
+    }
+    if !req.messages.is_empty() {
+        let lines: Vec<String> = req
+            .messages
+            .iter()
+            .map(|m| format!("{}: {}", m.role, m.content))
+            .collect();
+        return lines.join("\n");
+    }
+    format!("{:?}", req.token_ids)
 }

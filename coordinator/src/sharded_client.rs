@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use futures::future::join_all;
 use helios_proto::v1::worker_client::WorkerClient;
 use helios_proto::v1::{HealthRequest, InitRequest, ModelFacts, StepPlan, StepResult};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +57,27 @@ pub struct ShardedClient {
     shards: Vec<Shard>,
     /// The first failure of any rank's step stream (it ended or broke: the rank is gone).
     failure: Arc<watch::Sender<Option<String>>>,
+    /// Per rank: its step stream is open (`helios_worker_up`).
+    up: RanksUp,
+}
+
+/// Whether each rank's step stream is alive, shared with whoever reports it (`/metrics`).
+#[derive(Debug, Clone, Default)]
+pub struct RanksUp(Arc<Vec<AtomicBool>>);
+
+impl RanksUp {
+    pub fn get(&self) -> Vec<bool> {
+        self.0.iter().map(|u| u.load(Ordering::Relaxed)).collect()
+    }
+}
+
+/// What one rank reports of a step (`StepResult`): its wait for the plan, its time on the step
+/// and, of that, its time in collectives.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RankTimes {
+    pub wait_us: u64,
+    pub compute_us: u64,
+    pub allreduce_us: u64,
 }
 
 const MAX_MESSAGE: usize = 256 << 20;
@@ -86,6 +108,9 @@ impl ShardedClient {
         }
         let (failure, _) = watch::channel(None);
         Ok(Self {
+            up: RanksUp(Arc::new(
+                shards.iter().map(|_| AtomicBool::new(false)).collect(),
+            )),
             shards,
             failure: Arc::new(failure),
         })
@@ -93,6 +118,11 @@ impl ShardedClient {
 
     pub fn world_size(&self) -> usize {
         self.shards.len()
+    }
+
+    /// Which ranks take steps (all of them from `init` until one is gone).
+    pub fn ranks_up(&self) -> RanksUp {
+        self.up.clone()
     }
 
     /// Watches for the first rank failure; the value is `Some(why)` once a rank is gone.
@@ -159,7 +189,8 @@ impl ShardedClient {
                 .with_context(|| format!("opening the step stream of rank {}", s.rank))?
                 .into_inner();
             let (results_tx, results_rx) = mpsc::channel(2);
-            let (rank, failure) = (s.rank, self.failure.clone());
+            let (rank, failure, up) = (s.rank, self.failure.clone(), self.up.clone());
+            up.0[rank].store(true, Ordering::Relaxed);
             tokio::spawn(async move {
                 let why = loop {
                     match answers.message().await {
@@ -173,6 +204,7 @@ impl ShardedClient {
                     }
                 };
                 tracing::error!("{why}");
+                up.0[rank].store(false, Ordering::Relaxed);
                 failure.send_if_modified(|f| f.is_none() && f.replace(why).is_none());
             });
             s.stream = Some((plans_tx, results_rx));
@@ -193,7 +225,7 @@ impl ShardedClient {
 
     /// Hands a plan to every rank without waiting for the answers: the coordinator plans the
     /// next step meanwhile. Answers come back in order through [`Self::receive`].
-    #[tracing::instrument(skip_all, fields(step = plan.step_id, seqs = plan.seqs.len()))]
+    #[tracing::instrument(level = "debug", skip_all, fields(step = plan.step_id, seqs = plan.seqs.len()))]
     pub async fn send(&mut self, plan: StepPlan) -> Result<()> {
         let n = self.shards.len();
         let mut plan = Some(plan);
@@ -217,10 +249,10 @@ impl ShardedClient {
     }
 
     /// Waits for every rank's answer to step `step_id` (the oldest one sent); returns rank 0's,
-    /// with `compute_us` that of the slowest rank, and the longest `wait_us` of any rank.
+    /// with `compute_us` that of the slowest rank, and every rank's times.
     /// Fails as soon as any rank is gone, even while other ranks are still waiting on it.
-    #[tracing::instrument(skip_all, fields(step = step_id))]
-    pub async fn receive(&mut self, step_id: u64) -> Result<(StepResult, u64)> {
+    #[tracing::instrument(level = "debug", skip_all, fields(step = step_id))]
+    pub async fn receive(&mut self, step_id: u64) -> Result<(StepResult, Vec<RankTimes>)> {
         let mut failure = self.failure.subscribe();
         let all = join_all(self.shards.iter_mut().map(|s| async move {
             let (_, results) = s
@@ -239,7 +271,7 @@ impl ShardedClient {
             }
         };
         let mut rank0: Option<StepResult> = None;
-        let (mut wait_us, mut compute_us) = (0, 0);
+        let mut times = Vec::with_capacity(results.len());
         for (rank, r) in results.into_iter().enumerate() {
             let r = match r {
                 Ok(r) => r,
@@ -255,14 +287,17 @@ impl ShardedClient {
             if r.step_id != step_id {
                 bail!("rank {rank} answered step {} to step {step_id}", r.step_id);
             }
-            wait_us = wait_us.max(r.wait_us);
-            compute_us = compute_us.max(r.compute_us);
+            times.push(RankTimes {
+                wait_us: r.wait_us,
+                compute_us: r.compute_us,
+                allreduce_us: r.allreduce_us,
+            });
             if rank == 0 {
                 rank0 = Some(r);
             }
         }
         let mut r = rank0.context("no ranks")?;
-        r.compute_us = compute_us;
-        Ok((r, wait_us))
+        r.compute_us = times.iter().map(|t| t.compute_us).max().unwrap_or(0);
+        Ok((r, times))
     }
 }

@@ -15,6 +15,14 @@
 //! token is dropped, and a new request joins one step later. `--no-overlap` runs one step at a
 //! time instead (answer, stream, plan, send), for comparison.
 //!
+//! **Tracing**: when spans are exported, every step gets a `step` span whose context travels in
+//! the plan (`StepPlan.trace_context`), so each rank's `worker_step` span is its child. A step
+//! serves many requests but a span has one parent: the step hangs under the current phase
+//! span of one traced request in it (the first one reading its prompt, else the first one),
+//! and links to the other traced requests. A request running alone has every step of its
+//! life in its own trace; in a batch the steps are shared out among the requests' traces,
+//! and the links lead from any of them to the rest.
+//!
 //! A rank that fails (its step stream ends: the process died, the connection broke) takes the
 //! replica down: every accepted request is answered UNAVAILABLE, health turns NOT_SERVING, and
 //! every later request is answered UNAVAILABLE at once. Recovering a replica without losing
@@ -25,15 +33,23 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use helios_proto::telemetry;
 use helios_proto::v1::StepPlan;
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
+use tracing::field::Empty;
+use tracing::Span;
 
 use crate::admission::Admitted;
+use crate::metrics::Metrics;
 use crate::output::RequestOutput;
+use crate::request_trace::RequestTrace;
 use crate::scheduler::{AddError, Sampled, Scheduler, Sequence};
 use crate::sharded_client::ShardedClient;
 use crate::tokenizer::TextTokenizer;
+
+/// Most links from a step's span to the traced requests it served besides its parent's.
+const MAX_STEP_LINKS: usize = 32;
 
 /// A request that passed admission, on its way to the step loop.
 pub struct NewRequest {
@@ -81,6 +97,16 @@ struct InFlight {
     /// Sent right after the previous step's answer (not after an idle wait): the ranks' wait
     /// for it is the coordinator's overhead.
     back_to_back: bool,
+    /// Its span (a disabled one unless spans are exported); ends with the answer.
+    span: Span,
+}
+
+/// What the step loop reports beside its answers.
+pub struct Observers {
+    pub stats: Arc<LoopStats>,
+    pub metrics: Arc<Metrics>,
+    /// Spans are exported: steps get spans, and plans carry their context to the ranks.
+    pub tracing: bool,
 }
 
 pub struct StepLoop {
@@ -91,6 +117,8 @@ pub struct StepLoop {
     outputs: HashMap<u64, RequestOutput>,
     next_seq: u64,
     stats: Arc<LoopStats>,
+    metrics: Arc<Metrics>,
+    tracing: bool,
     state: Arc<watch::Sender<ReplicaState>>,
     overlap: bool,
 }
@@ -104,7 +132,7 @@ impl StepLoop {
         scheduler: Scheduler,
         tokenizer: Arc<TextTokenizer>,
         requests: mpsc::UnboundedReceiver<LoopMessage>,
-        stats: Arc<LoopStats>,
+        observers: Observers,
         state: Arc<watch::Sender<ReplicaState>>,
         overlap: bool,
     ) -> Self {
@@ -115,7 +143,9 @@ impl StepLoop {
             requests,
             outputs: HashMap::new(),
             next_seq: 0,
-            stats,
+            stats: observers.stats,
+            metrics: observers.metrics,
+            tracing: observers.tracing,
             state,
             overlap,
         }
@@ -142,9 +172,11 @@ impl StepLoop {
                         continue;
                     }
                 };
+                self.note_preemptions();
                 self.publish_stats();
-                if let Some(plan) = plan {
+                if let Some(mut plan) = plan {
                     self.mark_scheduled(&plan);
+                    let span = self.step_span(&mut plan);
                     let step_id = plan.step_id;
                     if let Err(e) = self.client.send(plan).await {
                         tracing::error!("sending step {step_id}: {e:#}");
@@ -153,6 +185,7 @@ impl StepLoop {
                     in_flight.push_back(InFlight {
                         step_id,
                         back_to_back: !idled,
+                        span,
                     });
                     idled = false;
                     continue;
@@ -192,17 +225,19 @@ impl StepLoop {
         if self.client.failure().borrow().is_some() {
             return Err(Lost);
         }
-        let (result, longest_wait_us) = match result {
+        let (result, times) = match result {
             Ok(r) => r,
             Err(_) if stale => return Ok(Vec::new()),
             Err(e) => {
                 tracing::error!("step {} failed: {e:#}", step.step_id);
+                step.span.record("error", format!("{e:#}"));
                 for id in self.scheduler.fail_planned() {
                     self.finish_with(id, Status::internal(format!("{e:#}")));
                 }
                 return Ok(Vec::new());
             }
         };
+        let longest_wait_us = times.iter().map(|t| t.wait_us).max().unwrap_or(0);
         let s = &self.stats;
         s.steps.fetch_add(1, Ordering::Relaxed);
         s.step_compute_us
@@ -212,6 +247,14 @@ impl StepLoop {
             s.step_rank_wait_us
                 .fetch_add(longest_wait_us, Ordering::Relaxed);
         }
+        self.metrics.step(&times);
+        let span = &step.span;
+        span.record("compute_us", result.compute_us);
+        span.record(
+            "allreduce_us",
+            times.iter().map(|t| t.allreduce_us).max().unwrap_or(0),
+        );
+        span.record("rank_wait_us", longest_wait_us);
         if stale {
             return Ok(Vec::new());
         }
@@ -265,18 +308,83 @@ impl StepLoop {
             .map(|(&id, _)| id)
             .collect();
         for id in gone {
-            tracing::debug!(seq = id, "client left; freeing its blocks");
             self.scheduler.abort(id);
-            self.outputs.remove(&id);
+            if let Some(out) = self.outputs.remove(&id) {
+                tracing::debug!(
+                    request_id = out.request_id(),
+                    seq = id,
+                    "client left; freeing its blocks"
+                );
+            }
         }
         for id in self.scheduler.expire(Instant::now()) {
-            tracing::debug!(seq = id, "deadline passed; freeing its blocks");
             if let Some(out) = self.outputs.remove(&id) {
+                tracing::debug!(
+                    request_id = out.request_id(),
+                    seq = id,
+                    "deadline passed; freeing its blocks"
+                );
                 out.fail(Status::deadline_exceeded(
                     "the request's deadline passed before it finished",
                 ));
             }
         }
+    }
+
+    /// Tells the requests the scheduler preempted: they wait again.
+    fn note_preemptions(&mut self) {
+        for id in self.scheduler.take_preempted() {
+            if let Some(out) = self.outputs.get_mut(&id) {
+                out.preempted();
+            }
+        }
+    }
+
+    /// The step's span (see the module doc), its context put in the plan for the ranks. A
+    /// disabled span, and nothing in the plan, unless spans are exported.
+    fn step_span(&self, plan: &mut StepPlan) -> Span {
+        if !self.tracing {
+            return Span::none();
+        }
+        // The first traced request reading its prompt, else the first traced one at all.
+        let mut parent: Option<&RequestTrace> = None;
+        let mut links = Vec::new();
+        for s in &plan.seqs {
+            let Some(t) = self.outputs.get(&s.seq_id).map(RequestOutput::trace) else {
+                continue;
+            };
+            let Some(cx) = t.exported() else { continue };
+            match parent {
+                Some(p) if p.in_prefill() || !t.in_prefill() => links.push(cx.clone()),
+                _ => {
+                    if let Some(cx) = parent.replace(t).and_then(RequestTrace::exported) {
+                        links.push(cx.clone());
+                    }
+                }
+            }
+        }
+        let prompt_tokens: usize = plan
+            .seqs
+            .iter()
+            .filter(|s| !s.feed_sampled && s.token_ids.len() > 1)
+            .map(|s| s.token_ids.len())
+            .sum();
+        let span = tracing::info_span!(
+            parent: parent.and_then(|p| p.phase_span().id()),
+            "step",
+            step_id = plan.step_id,
+            seqs = plan.seqs.len(),
+            prompt_tokens,
+            compute_us = Empty,
+            allreduce_us = Empty,
+            rank_wait_us = Empty,
+            error = Empty,
+        );
+        for cx in links.into_iter().take(MAX_STEP_LINKS) {
+            telemetry::add_link(&span, cx);
+        }
+        plan.trace_context = telemetry::inject(&span);
+        span
     }
 
     fn mark_scheduled(&mut self, plan: &StepPlan) {

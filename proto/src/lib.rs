@@ -21,3 +21,5 @@ impl v1::SamplingParams {
 /// The encoded `FileDescriptorSet` of every Helios proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/helios_descriptor.bin"));
+
+pub mod telemetry;

@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 
+pub mod otlp;
 pub mod server;
 
 pub fn repo_root() -> PathBuf {

@@ -33,11 +33,16 @@ pub struct Process {
 impl Process {
     /// Starts `cmd` and waits (up to 3 minutes) for its first stdout line to start with
     /// `ready_prefix`; `addr` is the `grpc=` value of that line, `http_addr` the `http=` one.
-    pub fn start(mut cmd: Command, ready_prefix: &str) -> Process {
+    pub fn start(cmd: Command, ready_prefix: &str) -> Process {
+        Self::start_with_stderr(cmd, ready_prefix, Stdio::inherit())
+    }
+
+    /// [`Self::start`] with the process' stderr (its log, and its workers') going to `stderr`.
+    pub fn start_with_stderr(mut cmd: Command, ready_prefix: &str, stderr: Stdio) -> Process {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
         let stdout = child.stdout.take().expect("piped stdout");
@@ -78,6 +83,11 @@ impl Process {
     /// `helios serve --host 127.0.0.1 --port 0 --http-port 0 ARGS` (free ports: tests start
     /// many servers at once).
     pub fn serve(args: &[&str]) -> Process {
+        Process::start(Self::serve_command(args), "HELIOS_READY ")
+    }
+
+    /// The command [`Self::serve`] runs, for a test to add to (environment, stderr).
+    pub fn serve_command(args: &[&str]) -> Command {
         let mut cmd = Command::new(binary("helios"));
         cmd.args([
             "serve",
@@ -90,7 +100,11 @@ impl Process {
         ])
         .args(args)
         .env("HELIOS_WORKER_BIN", binary("helios-worker"));
-        Process::start(cmd, "HELIOS_READY ")
+        // A line per request is noise across hundreds of test requests (RUST_LOG overrides).
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        cmd
     }
 
     /// `http://ADDR` of the HTTP API (OpenAI-compatible, `/health`).
@@ -201,7 +215,7 @@ pub struct Streamed {
 /// Reads a whole `GenerateStream`, checking that only the last response has a finish reason.
 pub async fn stream_all(
     client: &mut GenerationClient<Channel>,
-    req: GenerateRequest,
+    req: impl tonic::IntoRequest<GenerateRequest>,
 ) -> Result<Streamed, Status> {
     let mut stream = client.generate_stream(req).await?.into_inner();
     let mut out = Streamed::default();

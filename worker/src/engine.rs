@@ -18,7 +18,7 @@ use helios_proto::v1::{Logits, ModelFacts, StepPlan, StepResult};
 
 use crate::batch::{invalid, BatchLimits, StepBatch};
 use crate::block_tables::BlockTables;
-use crate::comm::{Communicator, BROADCAST_LIMIT};
+use crate::comm::{Communicator, Timed, BROADCAST_LIMIT};
 use crate::kv_cache::KvCache;
 use crate::model::Model;
 use crate::sampling;
@@ -51,7 +51,7 @@ impl EngineOptions {
 pub struct Engine {
     pub model: Model,
     cache: KvCache,
-    comm: Box<dyn Communicator>,
+    comm: Timed,
     limits: BatchLimits,
     dtype_name: String,
     /// Running sequences' block tables, as the coordinator sent them.
@@ -119,7 +119,7 @@ impl Engine {
         Ok(Self {
             model,
             cache,
-            comm,
+            comm: Timed::new(comm),
             limits,
             dtype_name,
             tables: BlockTables::default(),
@@ -151,7 +151,14 @@ impl Engine {
     ///
     /// The plan is taken by value so that the sequences it feeds their sampled token
     /// (`feed_sampled`) get it in place, without a copy of the plan.
-    pub fn step(&mut self, mut plan: StepPlan) -> Result<StepResult> {
+    pub fn step(&mut self, plan: StepPlan) -> Result<StepResult> {
+        self.comm.take_spent();
+        let mut result = self.run(plan)?;
+        result.allreduce_us = u64::try_from(self.comm.take_spent().as_micros()).unwrap_or(u64::MAX);
+        Ok(result)
+    }
+
+    fn run(&mut self, mut plan: StepPlan) -> Result<StepResult> {
         if plan.seqs.iter().any(|s| s.feed_sampled) {
             self.feed_sampled(&mut plan)?;
         }
@@ -163,9 +170,7 @@ impl Engine {
         // 0 sampled before is no longer the latest step's.
         self.tables.commit(&plan);
         self.sampled.clear();
-        let logits = self
-            .model
-            .forward(&batch, &self.cache, self.comm.as_mut())?;
+        let logits = self.model.forward(&batch, &self.cache, &mut self.comm)?;
         let mut result = StepResult {
             step_id: plan.step_id,
             ..Default::default()

@@ -9,6 +9,7 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Parser;
+use helios_proto::telemetry::{LogFormat, Telemetry};
 use helios_proto::v1::worker_server::WorkerServer;
 use helios_worker::comm::TcpListenerSlot;
 use helios_worker::service::WorkerService;
@@ -33,6 +34,9 @@ struct Args {
     /// worker never outlives it.
     #[arg(long)]
     exit_with_stdin: bool,
+    /// `text` or `json` (one object per line) on stderr; `RUST_LOG` filters.
+    #[arg(long, default_value = "text")]
+    log_format: LogFormat,
 }
 
 fn parse_device(s: &str) -> Result<Device> {
@@ -48,13 +52,9 @@ fn parse_device(s: &str) -> Result<Device> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let args = Args::parse();
+    // Spans go out over OTLP only when OTEL_EXPORTER_OTLP_ENDPOINT is set (helios_proto::telemetry).
+    let telemetry = Telemetry::init("helios-worker", args.log_format)?;
     let device = parse_device(&args.device)?;
     let slot = TcpListenerSlot::bind(&args.comm_listen)?;
     let comm_addr = slot.local_addr()?;
@@ -66,8 +66,10 @@ async fn main() -> Result<()> {
     println!("HELIOS_WORKER_READY grpc={grpc_addr} comm={comm_addr}");
     std::io::stdout().flush()?;
     if args.exit_with_stdin {
-        std::thread::spawn(|| {
+        let flush = telemetry.flusher();
+        std::thread::spawn(move || {
             let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            flush();
             std::process::exit(0);
         });
     }

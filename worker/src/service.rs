@@ -6,13 +6,19 @@
 //! so the process exits: peers see the connection drop and the coordinator sees the rank go.
 //!
 //! Every result says how long this rank waited for its plan since it sent the previous result
-//! (`wait_us`) and how long the step took (`compute_us`), so the coordinator can tell its own
-//! share of the time between steps from the ranks'.
+//! (`wait_us`), how long the step took (`compute_us`) and how much of that went to collectives
+//! (`allreduce_us`), so the coordinator can tell its own share of the time between steps from
+//! the ranks', and the all-reduce from the arithmetic.
+//!
+//! A plan the coordinator traces carries its step span's context (`StepPlan.trace_context`);
+//! this rank's `worker_step` span is then its child, with the same times as attributes, so a
+//! request's trace shows every rank's part of its steps. Untraced plans make no span.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
+use helios_proto::telemetry;
 use helios_proto::v1::worker_server::Worker;
 use helios_proto::v1::{
     HealthRequest, HealthResponse, InitRequest, InitResponse, StepPlan, StepResult,
@@ -120,7 +126,9 @@ impl Worker for WorkerService {
         req: Request<Streaming<StepPlan>>,
     ) -> Result<Response<Self::StepStream>, Status> {
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(step_loop(req.into_inner(), self.engine.clone(), tx));
+        let rank = *self.rank.lock().map_err(internal)?;
+        let rank = rank.map_or(-1, i64::from);
+        tokio::spawn(step_loop(req.into_inner(), self.engine.clone(), tx, rank));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -130,6 +138,7 @@ async fn step_loop(
     mut plans: impl Stream<Item = Result<StepPlan, Status>> + Unpin,
     engine: Arc<Mutex<Option<Engine>>>,
     tx: mpsc::Sender<Result<StepResult, Status>>,
+    rank: i64,
 ) {
     // When the previous result was handed to the stream; `None` before the first plan.
     let mut sent_at: Option<Instant> = None;
@@ -142,6 +151,7 @@ async fn step_loop(
             }
         };
         let wait_us = sent_at.map_or(0, |t| micros(t.elapsed()));
+        let span = step_span(&plan, rank, wait_us);
         let engine = engine.clone();
         let started = Instant::now();
         // The blocking step, with its hop to the blocking pool and the engine lock.
@@ -166,6 +176,12 @@ async fn step_loop(
         let compute_us = micros(started.elapsed());
         match result {
             Ok(Ok(r)) => {
+                span.record("forward_us", compute_us);
+                span.record("allreduce_us", r.allreduce_us);
+                if !r.error.is_empty() {
+                    span.record("error", r.error.as_str());
+                }
+                drop(span);
                 let r = StepResult {
                     wait_us,
                     compute_us,
@@ -180,6 +196,26 @@ async fn step_loop(
             Err(e) => fatal(&tx, format!("step task failed: {e}")).await,
         }
     }
+}
+
+/// This rank's span for a step: a child of the coordinator's step span when the plan carries
+/// its context, none otherwise (the coordinator does not trace the step).
+fn step_span(plan: &StepPlan, rank: i64, wait_us: u64) -> tracing::Span {
+    let Some(parent) = telemetry::extract_map(&plan.trace_context) else {
+        return tracing::Span::none();
+    };
+    let span = tracing::info_span!(
+        "worker_step",
+        rank,
+        step_id = plan.step_id,
+        seqs = plan.seqs.len(),
+        wait_us,
+        forward_us = tracing::field::Empty,
+        allreduce_us = tracing::field::Empty,
+        error = tracing::field::Empty,
+    );
+    telemetry::set_parent(&span, parent);
+    span
 }
 
 /// The all-reduce for this rank: none alone, NCCL between GPUs, the TCP mesh on the CPU.
@@ -243,6 +279,7 @@ mod tests {
             ReceiverStream::new(plan_rx),
             Arc::new(Mutex::new(Some(engine))),
             tx,
+            0,
         ));
         let plan = |step_id: u64, token_ids: Vec<u32>| StepPlan {
             step_id,

@@ -39,11 +39,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use axum::extract::{Path as UrlPath, State};
-use axum::http::{header, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
+use helios_proto::telemetry;
 use tokio::net::TcpListener;
 
 use self::body::JsonBody;
@@ -52,7 +53,7 @@ use self::respond::{Endpoint, Responder};
 use self::translate::Translated;
 use self::types::{ChatRequest, Common, CompletionRequest, ModelCard, ModelList};
 use crate::output::collect;
-use crate::serving::Serving;
+use crate::serving::{CallContext, Serving};
 use crate::step_loop::ReplicaState;
 
 /// What every handler shares.
@@ -125,8 +126,9 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", h.finish())
 }
 
-/// The HTTP API's routes over `serving`. Further endpoints (issue 6's `/metrics`) are one more
-/// `.route(...)` here; they share [`App`] and the error shape through the fallbacks.
+/// The HTTP API's routes over `serving`, with `/health` and Prometheus' `/metrics`; further
+/// endpoints are one more `.route(...)` here and share [`App`] and the error shape through the
+/// fallbacks.
 pub fn router(serving: Serving) -> Router {
     let info = serving.model_info();
     let app = App {
@@ -135,6 +137,7 @@ pub fn router(serving: Serving) -> Router {
     };
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model))
         .route("/v1/completions", post(completions))
@@ -183,6 +186,17 @@ async fn health(State(app): State<App>) -> Response {
     (status, Json(body)).into_response()
 }
 
+/// Prometheus text, or OpenMetrics for a scraper that asks for it (the Prometheus server does).
+async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let (text, content_type) = app.serving.metrics_text(openmetrics);
+    ([(header::CONTENT_TYPE, content_type)], text).into_response()
+}
+
 async fn models(State(app): State<App>) -> Json<ModelList> {
     Json(ModelList {
         object: "list",
@@ -198,26 +212,26 @@ async fn model(State(app): State<App>, UrlPath(id): UrlPath<String>) -> Response
     }
 }
 
-async fn completions(State(app): State<App>, body: JsonBody) -> Response {
+async fn completions(State(app): State<App>, headers: HeaderMap, body: JsonBody) -> Response {
     let id = new_id("cmpl");
     let answer = async {
         let req: CompletionRequest = body.view()?;
         let common: Common = body.view()?;
         app.model.check(req.model.as_deref())?;
         let t = translate::completion(req, common, &id)?;
-        app.generate(Endpoint::Completions, id, t).await
+        app.generate(Endpoint::Completions, id, t, &headers).await
     };
     answer.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn chat_completions(State(app): State<App>, body: JsonBody) -> Response {
+async fn chat_completions(State(app): State<App>, headers: HeaderMap, body: JsonBody) -> Response {
     let id = new_id("chatcmpl");
     let answer = async {
         let req: ChatRequest = body.view()?;
         let common: Common = body.view()?;
         app.model.check(req.model.as_deref())?;
         let t = translate::chat(req, common, &id)?;
-        app.generate(Endpoint::Chat, id, t).await
+        app.generate(Endpoint::Chat, id, t, &headers).await
     };
     answer.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -229,14 +243,19 @@ impl App {
         endpoint: Endpoint,
         id: String,
         t: Translated,
+        headers: &HeaderMap,
     ) -> Result<Response, ApiError> {
         let error = |s: tonic::Status| match endpoint {
             Endpoint::Chat => ApiError::from(s).for_chat(),
             Endpoint::Completions => ApiError::from(s),
         };
+        let call = CallContext {
+            deadline: None,
+            trace_parent: telemetry::extract(&telemetry::HeaderExtractor(headers)),
+        };
         let rx = self
             .serving
-            .generate(t.request, None)
+            .generate(t.request, call)
             .await
             .map_err(error)?;
         let responder = Responder::new(

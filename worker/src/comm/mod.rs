@@ -19,6 +19,8 @@
 mod nccl;
 mod tcp;
 
+use std::time::{Duration, Instant};
+
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
@@ -102,6 +104,56 @@ pub fn sum_in_order(parts: &Tensor) -> Result<Tensor> {
     Ok(acc)
 }
 
+/// A communicator that keeps the time spent in its collectives: the engine reports it with
+/// every step (`StepResult.allreduce_us`), which the coordinator turns into
+/// `helios_allreduce_duration_seconds`.
+pub struct Timed {
+    inner: Box<dyn Communicator>,
+    spent: Duration,
+}
+
+impl Timed {
+    pub fn new(inner: Box<dyn Communicator>) -> Self {
+        Self {
+            inner,
+            spent: Duration::ZERO,
+        }
+    }
+
+    /// The time spent in collectives since the previous call.
+    pub fn take_spent(&mut self) -> Duration {
+        std::mem::take(&mut self.spent)
+    }
+
+    fn timed<T>(&mut self, f: impl FnOnce(&mut dyn Communicator) -> T) -> T {
+        let started = Instant::now();
+        let out = f(self.inner.as_mut());
+        self.spent += started.elapsed();
+        out
+    }
+}
+
+impl Communicator for Timed {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&mut self, x: &Tensor) -> Result<Tensor> {
+        self.timed(|c| c.all_reduce_sum(x))
+    }
+    fn all_reduce_parts(&mut self, parts: &Tensor) -> Result<Tensor> {
+        self.timed(|c| c.all_reduce_parts(parts))
+    }
+    fn barrier(&mut self) -> Result<()> {
+        self.timed(|c| c.barrier())
+    }
+    fn broadcast_from_rank0(&mut self, values: &mut [u32], device: &Device) -> Result<()> {
+        self.timed(|c| c.broadcast_from_rank0(values, device))
+    }
+}
+
 /// World size 1: nothing to combine.
 pub struct SingleRank;
 
@@ -123,6 +175,38 @@ impl Communicator for SingleRank {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timed_counts_the_collectives_only() {
+        struct Slow;
+        impl Communicator for Slow {
+            fn rank(&self) -> usize {
+                0
+            }
+            fn world_size(&self) -> usize {
+                2
+            }
+            fn all_reduce_sum(&mut self, x: &Tensor) -> Result<Tensor> {
+                std::thread::sleep(Duration::from_millis(20));
+                Ok(x.clone())
+            }
+            fn barrier(&mut self) -> Result<()> {
+                Ok(())
+            }
+        }
+        let mut c = Timed::new(Box::new(Slow));
+        let x = Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap();
+        c.all_reduce_sum(&x).unwrap();
+        c.broadcast_from_rank0(&mut [1, 2], &Device::Cpu).unwrap();
+        let spent = c.take_spent();
+        assert!(spent >= Duration::from_millis(40), "{spent:?}");
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(
+            c.take_spent(),
+            Duration::ZERO,
+            "time outside collectives counted"
+        );
+    }
 
     #[test]
     fn one_rank_broadcasts_nothing() {

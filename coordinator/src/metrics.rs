@@ -1,0 +1,344 @@
+//! What `GET /metrics` shows: the coordinator's Prometheus metrics, with vLLM's names under our
+//! prefix (DESIGN.md, "Observability").
+//!
+//! Who records what:
+//! - a request's own numbers (queue time, time to first token, inter-token latency, end-to-end
+//!   latency, its tokens, how it ended) are observed by its `RequestTrace` as they happen;
+//! - step numbers (step duration, every rank's forward and all-reduce time, from the ranks'
+//!   `StepResult`s) by the step loop as each answer comes back;
+//! - gauges and the scheduler's cumulative counts (running, waiting, KV cache usage, prefix
+//!   cache, preemptions, worker up) are read at scrape time from what the step loop already
+//!   publishes ([`Snapshot`]), so serving never pays for them.
+//!
+//! The text is Prometheus' format 0.0.4, or OpenMetrics 1.0 when the scraper asks for it
+//! (`Accept: application/openmetrics-text`), as the Prometheus server does.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+/// vLLM's buckets for time to first token (seconds).
+const TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+];
+/// vLLM's buckets for the time between two tokens, with the GPU's milliseconds added.
+const ITL_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+    5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+];
+/// vLLM's buckets for request latencies (end to end, queueing), with short ones added.
+const REQUEST_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+];
+
+/// Step-level times: 50 µs doubling up to ~6.5 s (a GPU decode step to a long CPU prefill).
+fn step_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(50e-6, 2.0, 18)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RankLabel {
+    pub rank: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FinishLabel {
+    pub finish_reason: &'static str,
+}
+
+type RankHistograms = Family<RankLabel, Histogram, fn() -> Histogram>;
+
+/// Every instrument; cheap to share (`Arc<Metrics>`), recorded from any task.
+pub struct Metrics {
+    registry: Registry,
+    pub queue_time: Histogram,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub e2e_latency: Histogram,
+    pub prompt_tokens: Counter,
+    pub generation_tokens: Counter,
+    /// Every request that was accepted ends here once, by how it ended.
+    pub requests_finished: Family<FinishLabel, Counter>,
+    pub step_duration: Histogram,
+    pub forward_duration: RankHistograms,
+    pub allreduce_duration: RankHistograms,
+    // Read at scrape time (`Snapshot`).
+    requests_running: Gauge,
+    requests_waiting: Gauge,
+    kv_cache_usage: Gauge<f64, AtomicU64>,
+    prefix_cache_hit_ratio: Gauge<f64, AtomicU64>,
+    prefix_cache_queries: Counter,
+    prefix_cache_hits: Counter,
+    preemptions: Counter,
+    steps: Counter,
+    worker_up: Family<RankLabel, Gauge>,
+}
+
+/// What the step loop and the sharded client publish, read when `/metrics` is scraped.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub running: u32,
+    pub waiting: u32,
+    pub kv_blocks_total: u32,
+    pub kv_blocks_free: u32,
+    pub prefix_query_tokens: u64,
+    pub prefix_hit_tokens: u64,
+    pub preemptions: u64,
+    pub steps: u64,
+    /// Whether each rank's step stream is alive, in rank order.
+    pub ranks_up: Vec<bool>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("helios");
+        let histogram = |b: &[f64]| Histogram::new(b.iter().copied());
+        let m = Self {
+            queue_time: histogram(REQUEST_BUCKETS),
+            time_to_first_token: histogram(TTFT_BUCKETS),
+            inter_token_latency: histogram(ITL_BUCKETS),
+            e2e_latency: histogram(REQUEST_BUCKETS),
+            prompt_tokens: Counter::default(),
+            generation_tokens: Counter::default(),
+            requests_finished: Family::default(),
+            step_duration: Histogram::new(step_buckets()),
+            forward_duration: Family::new_with_constructor(|| Histogram::new(step_buckets())),
+            allreduce_duration: Family::new_with_constructor(|| Histogram::new(step_buckets())),
+            requests_running: Gauge::default(),
+            requests_waiting: Gauge::default(),
+            kv_cache_usage: Gauge::default(),
+            prefix_cache_hit_ratio: Gauge::default(),
+            prefix_cache_queries: Counter::default(),
+            prefix_cache_hits: Counter::default(),
+            preemptions: Counter::default(),
+            steps: Counter::default(),
+            worker_up: Family::default(),
+            registry: Registry::default(),
+        };
+        let s = Unit::Seconds;
+        r.register_with_unit(
+            "request_queue_time",
+            "Time from arrival to a request's first scheduled step",
+            s.clone(),
+            m.queue_time.clone(),
+        );
+        r.register_with_unit(
+            "time_to_first_token",
+            "Time from arrival to a request's first generated token",
+            s.clone(),
+            m.time_to_first_token.clone(),
+        );
+        r.register_with_unit(
+            "inter_token_latency",
+            "Time between two consecutive generated tokens of a request",
+            s.clone(),
+            m.inter_token_latency.clone(),
+        );
+        r.register_with_unit(
+            "e2e_request_latency",
+            "Time from arrival to a request's last token, for requests that finished",
+            s.clone(),
+            m.e2e_latency.clone(),
+        );
+        r.register(
+            "prompt_tokens",
+            "Prompt tokens of requests that produced their first token",
+            m.prompt_tokens.clone(),
+        );
+        r.register(
+            "generation_tokens",
+            "Tokens generated and sent to clients",
+            m.generation_tokens.clone(),
+        );
+        r.register(
+            "requests_finished",
+            "Accepted requests that ended, by how: length, eos, stop, cancelled (shutdown), \
+             aborted (the client left), deadline, rejected, error",
+            m.requests_finished.clone(),
+        );
+        r.register_with_unit(
+            "step_duration",
+            "Time the slowest rank spent on a step",
+            s.clone(),
+            m.step_duration.clone(),
+        );
+        r.register_with_unit(
+            "worker_forward_duration",
+            "Time a rank spent on a step (its forward pass and sampling)",
+            s.clone(),
+            m.forward_duration.clone(),
+        );
+        r.register_with_unit(
+            "allreduce_duration",
+            "Time a rank spent in collectives during a step (on CUDA, issuing them)",
+            s,
+            m.allreduce_duration.clone(),
+        );
+        r.register(
+            "requests_running",
+            "Requests in the running batch",
+            m.requests_running.clone(),
+        );
+        r.register(
+            "requests_waiting",
+            "Requests waiting to be scheduled",
+            m.requests_waiting.clone(),
+        );
+        r.register(
+            "kv_cache_usage_ratio",
+            "Fraction of KV cache blocks in use by requests (0 to 1)",
+            m.kv_cache_usage.clone(),
+        );
+        r.register(
+            "prefix_cache_hit_ratio",
+            "Prompt tokens found in the prefix cache over prompt tokens looked up, since start",
+            m.prefix_cache_hit_ratio.clone(),
+        );
+        r.register(
+            "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            m.prefix_cache_queries.clone(),
+        );
+        r.register(
+            "prefix_cache_hits",
+            "Prompt tokens found in the prefix cache",
+            m.prefix_cache_hits.clone(),
+        );
+        r.register(
+            "preemptions",
+            "Running requests preempted to free KV blocks",
+            m.preemptions.clone(),
+        );
+        r.register("steps", "Steps the replica ran", m.steps.clone());
+        r.register(
+            "worker_up",
+            "1 while a rank takes steps, 0 once it is gone",
+            m.worker_up.clone(),
+        );
+        Self { registry: r, ..m }
+    }
+
+    /// Counts a request that ended, by how.
+    pub fn finished(&self, reason: &'static str) {
+        self.requests_finished
+            .get_or_create(&FinishLabel {
+                finish_reason: reason,
+            })
+            .inc();
+    }
+
+    /// The metrics as text: OpenMetrics when `openmetrics`, else Prometheus 0.0.4. Returns the
+    /// text and its content type.
+    pub fn render(&self, now: &Snapshot, openmetrics: bool) -> (String, &'static str) {
+        self.requests_running.set(now.running.into());
+        self.requests_waiting.set(now.waiting.into());
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        let used = now.kv_blocks_total.saturating_sub(now.kv_blocks_free);
+        self.kv_cache_usage
+            .set(ratio(used.into(), now.kv_blocks_total.into()));
+        self.prefix_cache_hit_ratio.set(ratio(
+            now.prefix_hit_tokens as f64,
+            now.prefix_query_tokens as f64,
+        ));
+        // The scheduler's counts are cumulative already: the counters take their values.
+        let store = |c: &Counter, v: u64| c.inner().store(v, Ordering::Relaxed);
+        store(&self.prefix_cache_queries, now.prefix_query_tokens);
+        store(&self.prefix_cache_hits, now.prefix_hit_tokens);
+        store(&self.preemptions, now.preemptions);
+        store(&self.steps, now.steps);
+        for (rank, &up) in now.ranks_up.iter().enumerate() {
+            self.worker_up
+                .get_or_create(&RankLabel { rank: rank as u32 })
+                .set(i64::from(up));
+        }
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        if openmetrics {
+            let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+            (
+                text,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+        } else {
+            let _ = prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry);
+            (text, "text/plain; version=0.0.4; charset=utf-8")
+        }
+    }
+
+    /// Records one answered step: the slowest rank's time, and every rank's own.
+    pub fn step(&self, ranks: &[crate::sharded_client::RankTimes]) {
+        let secs = |us: u64| us as f64 / 1e6;
+        let slowest = ranks.iter().map(|r| r.compute_us).max().unwrap_or(0);
+        self.step_duration.observe(secs(slowest));
+        for (rank, t) in ranks.iter().enumerate() {
+            let label = RankLabel { rank: rank as u32 };
+            self.forward_duration
+                .get_or_create(&label)
+                .observe(secs(t.compute_us));
+            self.allreduce_duration
+                .get_or_create(&label)
+                .observe(secs(t.allreduce_us));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_design_and_counters_end_in_total() {
+        let m = Metrics::new();
+        m.prompt_tokens.inc_by(7);
+        m.generation_tokens.inc_by(3);
+        m.finished("length");
+        m.time_to_first_token.observe(0.2);
+        let now = Snapshot {
+            running: 2,
+            waiting: 1,
+            kv_blocks_total: 10,
+            kv_blocks_free: 6,
+            prefix_query_tokens: 40,
+            prefix_hit_tokens: 10,
+            preemptions: 4,
+            steps: 9,
+            ranks_up: vec![true, false],
+        };
+        let (text, _) = m.render(&now, false);
+        for line in [
+            "helios_prompt_tokens_total 7",
+            "helios_generation_tokens_total 3",
+            "helios_requests_finished_total{finish_reason=\"length\"} 1",
+            "helios_requests_running 2",
+            "helios_requests_waiting 1",
+            "helios_kv_cache_usage_ratio 0.4",
+            "helios_prefix_cache_hit_ratio 0.25",
+            "helios_preemptions_total 4",
+            "helios_steps_total 9",
+            "helios_worker_up{rank=\"0\"} 1",
+            "helios_worker_up{rank=\"1\"} 0",
+            "helios_time_to_first_token_seconds_count 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
+        let (om, content_type) = m.render(&now, true);
+        assert!(content_type.starts_with("application/openmetrics-text"));
+        assert!(om.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,268 @@
+//! One request as operators see it: its spans, its metrics and its log lines, kept beside its
+//! output in the step loop and told of every turn of its life.
+//!
+//! - **Spans**: `request` (a child of the client's `traceparent`, if it sent one) with one
+//!   child per phase: `queue` (arrival to its first step), `prefill` (to its first token),
+//!   `decode` (to its last). A preempted request goes back to `queue`, then `prefill` again
+//!   (the recompute). The request span ends with its prompt and output tokens, finish reason
+//!   and preemptions as attributes. The step loop parents each step's span on the phase span
+//!   of one request in it (see `step_loop`).
+//! - **Metrics**: queue time, time to first token, inter-token latency and end-to-end latency;
+//!   prompt tokens (once, at the first token, as vLLM counts them), generated tokens, and how
+//!   the request ended (`helios_requests_finished_total`).
+//! - **Logs**: a line when the request is accepted and one when it ends, each with its
+//!   `request_id` (as is every other line about a request). Prompt text only with
+//!   `--log-prompts`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use helios_proto::telemetry;
+use helios_proto::v1::Timings;
+use opentelemetry::trace::SpanContext;
+use tonic::{Code, Status};
+use tracing::field::Empty;
+use tracing::Span;
+
+use crate::metrics::Metrics;
+
+/// Where a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Queue,
+    Prefill,
+    Decode,
+    Ended,
+}
+
+pub struct RequestTrace {
+    request_id: String,
+    metrics: Arc<Metrics>,
+    span: Span,
+    phase_span: Span,
+    phase: Phase,
+    /// The request span's context when it is exported (sampled): steps link to it.
+    exported: Option<SpanContext>,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    preemptions: u32,
+    arrival: Instant,
+    scheduled: Option<Instant>,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+}
+
+/// How a request came in, for its span and its first log line.
+pub struct Arrival<'a> {
+    pub request_id: String,
+    /// The client's trace context (`traceparent`), if it sent one.
+    pub parent: Option<opentelemetry::Context>,
+    pub prompt_tokens: u32,
+    pub max_new_tokens: usize,
+    /// Logged only when set (`--log-prompts`).
+    pub prompt_text: Option<&'a str>,
+    pub arrival: Instant,
+}
+
+impl RequestTrace {
+    pub fn start(a: Arrival<'_>, metrics: Arc<Metrics>) -> Self {
+        let span = tracing::info_span!(
+            parent: None,
+            "request",
+            otel.kind = "server",
+            request_id = %a.request_id,
+            prompt_tokens = a.prompt_tokens,
+            max_new_tokens = a.max_new_tokens,
+            output_tokens = Empty,
+            finish_reason = Empty,
+            preemptions = Empty,
+            otel.status_code = Empty,
+        );
+        if let Some(parent) = a.parent {
+            telemetry::set_parent(&span, parent);
+        }
+        let exported = telemetry::sampled_context(&span);
+        let phase_span = tracing::info_span!(parent: &span, "queue");
+        match a.prompt_text {
+            Some(prompt) => tracing::info!(
+                request_id = %a.request_id,
+                prompt_tokens = a.prompt_tokens,
+                max_new_tokens = a.max_new_tokens,
+                prompt,
+                "request received"
+            ),
+            None => tracing::info!(
+                request_id = %a.request_id,
+                prompt_tokens = a.prompt_tokens,
+                max_new_tokens = a.max_new_tokens,
+                "request received"
+            ),
+        }
+        Self {
+            request_id: a.request_id,
+            metrics,
+            span,
+            phase_span,
+            phase: Phase::Queue,
+            exported,
+            prompt_tokens: a.prompt_tokens,
+            completion_tokens: 0,
+            preemptions: 0,
+            arrival: a.arrival,
+            scheduled: None,
+            first_token: None,
+            last_token: None,
+        }
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// The span a step this request takes part in should hang under (its current phase).
+    pub fn phase_span(&self) -> &Span {
+        &self.phase_span
+    }
+
+    /// The request span's context, when it is exported.
+    pub fn exported(&self) -> Option<&SpanContext> {
+        self.exported.as_ref()
+    }
+
+    /// Whether it is reading its prompt (its first, or a recompute after a preemption).
+    pub fn in_prefill(&self) -> bool {
+        self.phase == Phase::Prefill
+    }
+
+    fn enter(&mut self, phase: Phase) {
+        self.phase = phase;
+        self.phase_span = match phase {
+            Phase::Queue => tracing::info_span!(parent: &self.span, "queue"),
+            Phase::Prefill => tracing::info_span!(parent: &self.span, "prefill"),
+            Phase::Decode => tracing::info_span!(parent: &self.span, "decode"),
+            Phase::Ended => Span::none(),
+        };
+    }
+
+    /// A step that reads its prompt from the start was planned: the first one, or the
+    /// recompute after a preemption.
+    pub fn scheduled(&mut self, now: Instant) {
+        if self.scheduled.is_none() {
+            self.scheduled = Some(now);
+            self.metrics
+                .queue_time
+                .observe(now.duration_since(self.arrival).as_secs_f64());
+        }
+        if self.phase == Phase::Queue {
+            self.enter(Phase::Prefill);
+        }
+    }
+
+    /// It gave its blocks back and waits again.
+    pub fn preempted(&mut self) {
+        self.preemptions += 1;
+        tracing::debug!(parent: &self.span, request_id = %self.request_id, "preempted");
+        if self.phase != Phase::Ended {
+            self.enter(Phase::Queue);
+        }
+    }
+
+    /// A token was sent to the client.
+    pub fn token(&mut self, now: Instant) {
+        self.completion_tokens += 1;
+        self.metrics.generation_tokens.inc();
+        match self.last_token {
+            None => {
+                self.first_token = Some(now);
+                self.metrics
+                    .time_to_first_token
+                    .observe(now.duration_since(self.arrival).as_secs_f64());
+                self.metrics.prompt_tokens.inc_by(self.prompt_tokens.into());
+            }
+            Some(last) => self
+                .metrics
+                .inter_token_latency
+                .observe(now.duration_since(last).as_secs_f64()),
+        }
+        self.last_token = Some(now);
+        if self.phase == Phase::Prefill {
+            self.enter(Phase::Decode);
+        }
+    }
+
+    /// Its timings for the last response.
+    pub fn timings(&self, now: Instant) -> Timings {
+        let secs = |t: Option<Instant>| t.unwrap_or(now).duration_since(self.arrival);
+        Timings {
+            queue_seconds: secs(self.scheduled).as_secs_f64(),
+            time_to_first_token_seconds: secs(self.first_token).as_secs_f64(),
+            total_seconds: secs(Some(now)).as_secs_f64(),
+        }
+    }
+
+    /// It ended with a finish reason (`length`, `eos`, `stop`, `cancelled`).
+    pub fn finished(&mut self, reason: &'static str, now: Instant) {
+        let e2e = now.duration_since(self.arrival);
+        self.metrics.e2e_latency.observe(e2e.as_secs_f64());
+        self.end(reason, e2e, None);
+    }
+
+    /// It ended with an error status.
+    pub fn failed(&mut self, status: &Status) {
+        let reason = match status.code() {
+            Code::DeadlineExceeded => "deadline",
+            Code::ResourceExhausted | Code::InvalidArgument => "rejected",
+            _ => "error",
+        };
+        self.end(reason, self.arrival.elapsed(), Some(status));
+    }
+
+    fn end(&mut self, reason: &'static str, e2e: Duration, status: Option<&Status>) {
+        if self.phase == Phase::Ended {
+            return;
+        }
+        self.enter(Phase::Ended);
+        self.metrics.finished(reason);
+        let span = &self.span;
+        span.record("output_tokens", self.completion_tokens);
+        span.record("finish_reason", reason);
+        span.record("preemptions", self.preemptions);
+        let ttft_ms = self
+            .first_token
+            .map(|t| t.duration_since(self.arrival).as_secs_f64() * 1e3);
+        match status {
+            None => tracing::info!(
+                parent: span,
+                request_id = %self.request_id,
+                finish_reason = reason,
+                prompt_tokens = self.prompt_tokens,
+                output_tokens = self.completion_tokens,
+                preemptions = self.preemptions,
+                ttft_ms,
+                e2e_ms = e2e.as_secs_f64() * 1e3,
+                "request finished"
+            ),
+            Some(status) => {
+                span.record("otel.status_code", "ERROR");
+                tracing::warn!(
+                    parent: span,
+                    request_id = %self.request_id,
+                    finish_reason = reason,
+                    code = ?status.code(),
+                    error = status.message(),
+                    output_tokens = self.completion_tokens,
+                    "request failed"
+                );
+            }
+        }
+    }
+}
+
+impl Drop for RequestTrace {
+    /// Dropped without an ending: the client went away (or its stream was closed).
+    fn drop(&mut self) {
+        if self.phase != Phase::Ended {
+            self.end("aborted", self.arrival.elapsed(), None);
+        }
+    }
+}
