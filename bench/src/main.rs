@@ -13,6 +13,7 @@
 
 mod fake_worker;
 mod load;
+mod otlp_sink;
 mod overhead;
 mod sampling;
 mod scheduler;
@@ -50,6 +51,8 @@ enum Command {
     Sampling(sampling::SamplingArgs),
     /// The scheduler's decision time per decode step (schedule + apply), in-process.
     Scheduler(scheduler::SchedulerArgs),
+    /// An OTLP trace endpoint that counts the spans it is sent (what exporting costs).
+    OtlpSink(otlp_sink::SinkArgs),
 }
 
 #[derive(clap::Args)]
@@ -105,6 +108,7 @@ fn main() -> Result<()> {
         Command::Kernel(a) => kernel(a),
         Command::Sampling(a) => sampling::run(a),
         Command::Scheduler(a) => scheduler::run(a),
+        Command::OtlpSink(a) => runtime()?.block_on(otlp_sink::run(a)),
         // Builds a runtime per configuration.
         Command::Overhead(a) => overhead::run(a),
         Command::Serve(a) => runtime()?.block_on(load::run(a)),

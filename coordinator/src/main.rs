@@ -23,7 +23,7 @@ use helios_coordinator::server;
 use helios_coordinator::serving::{CallContext, Serving, ServingOptions};
 use helios_coordinator::sharded_client::{InitOptions, ShardedClient};
 use helios_coordinator::tokenizer::TextTokenizer;
-use helios_proto::telemetry::{LogFormat, Telemetry};
+use helios_proto::telemetry::{LogDefault, LogFormat, Telemetry};
 use helios_proto::v1::generation_client::GenerationClient;
 use helios_proto::v1::{
     ChatMessage, FinishReason, GenerateRequest, GenerateResponse, GenerationParameters,
@@ -239,7 +239,11 @@ struct LogitsArgs {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    let telemetry = match Telemetry::init("helios-coordinator", cli.log_format) {
+    let default = match cli.command {
+        Command::Serve(_) | Command::Coordinator(_) => LogDefault::Server,
+        Command::Generate(_) | Command::Logits(_) => LogDefault::Quiet,
+    };
+    let mut telemetry = match Telemetry::init("helios-coordinator", cli.log_format, default) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e:#}");

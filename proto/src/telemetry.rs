@@ -5,7 +5,8 @@
 //! every `StepPlan` the coordinator sends its ranks.
 //!
 //! - **Logs** go to stderr through `tracing`, as text or one JSON object per line
-//!   (`--log-format json`), filtered by `RUST_LOG` (default: `warn`, and `info` for Helios).
+//!   (`--log-format json`), filtered by `RUST_LOG` (servers default to `warn`, and `info` for
+//!   Helios; one-shot commands to `warn`).
 //! - **Traces** are exported over OTLP/gRPC only when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
 //!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set and `OTEL_SDK_DISABLED` is not `true`. Without
 //!   one no exporter exists, so nothing ever connects anywhere. The standard `OTEL_*`
@@ -13,6 +14,9 @@
 //!   `OTEL_BSP_SCHEDULE_DELAY`, `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_RESOURCE_ATTRIBUTES`.
 //!   Spans go to OpenTelemetry by their own filter (Helios' spans and events at `info` and
 //!   above), whatever `RUST_LOG` says, so quiet logs do not cost the traces.
+//!
+//! A worker learns its rank at Init, after its exporter exists, so the rank is an attribute of
+//! every worker span rather than of the resource (which only says `helios-worker` and the pid).
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -61,8 +65,23 @@ impl LogFormat {
     }
 }
 
-/// The log filter when `RUST_LOG` is unset.
-const DEFAULT_LOG_FILTER: &str = "warn,helios=info,helios_coordinator=info,helios_worker=info";
+/// What is logged when `RUST_LOG` is unset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogDefault {
+    /// A server: warnings, and Helios' own `info` lines (a line per request).
+    Server,
+    /// A one-shot command (`helios generate`): warnings and errors only.
+    Quiet,
+}
+
+impl LogDefault {
+    fn filter(self) -> &'static str {
+        match self {
+            Self::Server => "warn,helios=info,helios_coordinator=info,helios_worker=info",
+            Self::Quiet => "warn",
+        }
+    }
+}
 
 /// Whether spans are exported: an OTLP endpoint is configured and the SDK is not disabled.
 pub fn otlp_configured() -> bool {
@@ -82,9 +101,13 @@ impl Telemetry {
     /// configured, the OpenTelemetry layer exporting as `service_name` (`helios-coordinator`,
     /// `helios-worker`). Call it inside the tokio runtime: the gRPC exporter's channel lives
     /// on it.
-    pub fn init(service_name: &'static str, log_format: LogFormat) -> Result<Self> {
-        let filter = EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    pub fn init(
+        service_name: &'static str,
+        log_format: LogFormat,
+        default: LogDefault,
+    ) -> Result<Self> {
+        let filter =
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default.filter()));
         let logs: Box<dyn Layer<Registry> + Send + Sync> = match log_format {
             LogFormat::Text => tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
@@ -136,8 +159,8 @@ impl Telemetry {
     }
 
     /// Sends the spans still buffered and stops exporting; for a process about to exit.
-    pub fn shutdown(&self) {
-        if let Some(p) = &self.provider {
+    pub fn shutdown(&mut self) {
+        if let Some(p) = self.provider.take() {
             if let Err(e) = p.shutdown() {
                 eprintln!("telemetry: sending the last spans: {e}");
             }

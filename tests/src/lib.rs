@@ -25,6 +25,15 @@ pub fn python() -> Command {
     Command::new(std::env::var("HELIOS_PYTHON").unwrap_or_else(|_| "python3".into()))
 }
 
+/// Runs `tests/reference/observe.py ARGS` (what operators see: `/metrics` through Prometheus'
+/// parsers, a traced HTTP completion) and parses what it prints.
+pub fn observe(args: &[&str]) -> serde_json::Value {
+    let mut cmd = python();
+    cmd.arg(repo_root().join("tests/reference/observe.py"))
+        .args(args);
+    run_json(cmd).unwrap_or_else(|e| panic!("observe.py {args:?}: {e:#}"))
+}
+
 fn run_json(mut cmd: Command) -> Result<serde_json::Value> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use helios_proto::v1::{FinishReason, GenerateRequest, GenerationParameters};
 use helios_tests::otlp::{OtlpReceiver, ReceivedSpan};
 use helios_tests::server::{chat_request, prompt_request, stream_all, Process, Streamed};
-use helios_tests::{default_model, repo_root};
+use helios_tests::{default_model, observe};
 use serde_json::Value;
 
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
@@ -35,20 +35,6 @@ fn serve_command(extra: &[&str]) -> std::process::Command {
         }
     }
     cmd
-}
-
-fn observe(args: &[&str]) -> Value {
-    let out = helios_tests::python()
-        .arg(repo_root().join("tests/reference/observe.py"))
-        .args(args)
-        .output()
-        .expect("running observe.py");
-    assert!(
-        out.status.success(),
-        "observe.py {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("observe.py prints JSON")
 }
 
 fn full_length(max_new_tokens: u32) -> GenerationParameters {

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use helios_proto::v1::TokenizeRequest;
-use helios_tests::default_model;
 use helios_tests::server::{long_request, model_info, Process};
+use helios_tests::{default_model, observe};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -74,6 +74,14 @@ async fn a_killed_worker_is_noticed_and_answered_unavailable() {
     // The coordinator itself is up and answers what needs no workers.
     assert!(server.is_running());
     assert!(!model_info(&mut client).await.ready);
+    // /metrics says which rank went, and that the request in flight ended in an error.
+    let metrics = observe(&["metrics", &server.http_url()]);
+    let m = &metrics["prometheus"];
+    assert_eq!(m["helios_worker_up{rank=\"1\"}"], 0.0, "{m}");
+    assert_eq!(
+        m["helios_requests_finished_total{finish_reason=\"error\"}"], 1.0,
+        "{m}"
+    );
     let ids = client
         .tokenize(TokenizeRequest {
             prompt: "still here".into(),

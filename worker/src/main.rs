@@ -9,7 +9,7 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Parser;
-use helios_proto::telemetry::{LogFormat, Telemetry};
+use helios_proto::telemetry::{LogDefault, LogFormat, Telemetry};
 use helios_proto::v1::worker_server::WorkerServer;
 use helios_worker::comm::TcpListenerSlot;
 use helios_worker::service::WorkerService;
@@ -54,7 +54,7 @@ fn parse_device(s: &str) -> Result<Device> {
 async fn main() -> Result<()> {
     let args = Args::parse();
     // Spans go out over OTLP only when OTEL_EXPORTER_OTLP_ENDPOINT is set (helios_proto::telemetry).
-    let telemetry = Telemetry::init("helios-worker", args.log_format)?;
+    let telemetry = Telemetry::init("helios-worker", args.log_format, LogDefault::Server)?;
     let device = parse_device(&args.device)?;
     let slot = TcpListenerSlot::bind(&args.comm_listen)?;
     let comm_addr = slot.local_addr()?;
