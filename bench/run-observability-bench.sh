@@ -77,4 +77,8 @@ for r in rows:
     c, w = by.get("helios-coordinator", 0), by.get("helios-worker", 0)
     print(f"| {r['tp']} | {r['mode']} | {r['output_throughput']:.1f} | {r['mean_tpot_ms']:.1f} | {r['mean_ttft_ms']:.0f} "
           f"| {c} / {w} | {r['scrape_ms']:.2f}, {r['scrape_bytes']} |")
+print()
+for r in rows:
+    if r["sink"].get("by_name"):
+        print(f"spans by name at tp {r['tp']}: " + ", ".join(f"{k} {v}" for k, v in r["sink"]["by_name"].items()))
 EOF2

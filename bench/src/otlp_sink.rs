@@ -2,7 +2,8 @@
 //! benchmark can measure what exporting spans costs a server without a collector installed.
 //!
 //! Prints `OTLP_SINK_READY http://HOST:PORT` once it listens; on SIGINT or SIGTERM it prints
-//! one JSON line, `{"spans": N, "by_service": {"helios-coordinator": N, ...}}`, and exits.
+//! one JSON line, `{"spans": N, "by_service": {"helios-coordinator": N, ...}, "by_name":
+//! {"helios-coordinator/request": N, ...}}`, and exits.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -27,7 +28,7 @@ pub struct SinkArgs {
     port: u16,
 }
 
-/// Spans received, by the sender's `service.name`.
+/// Spans received, by the sender's `service.name` and span name (`service/name`).
 #[derive(Default, Clone)]
 struct Counts(Arc<Mutex<BTreeMap<String, u64>>>);
 
@@ -49,8 +50,11 @@ impl TraceService for Counts {
                     _ => None,
                 })
                 .unwrap_or_default();
-            let n: usize = batch.scope_spans.iter().map(|s| s.spans.len()).sum();
-            *counts.entry(service).or_default() += n as u64;
+            for span in batch.scope_spans.iter().flat_map(|s| &s.spans) {
+                *counts
+                    .entry(format!("{service}/{}", span.name))
+                    .or_default() += 1;
+            }
         }
         Ok(Response::new(ExportTraceServiceResponse::default()))
     }
@@ -77,11 +81,16 @@ pub async fn run(a: SinkArgs) -> Result<()> {
         .add_service(TraceServiceServer::new(counts.clone()))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop)
         .await?;
-    let by_service = counts.0.lock().map(|c| c.clone()).unwrap_or_default();
-    let spans: u64 = by_service.values().sum();
+    let by_name = counts.0.lock().map(|c| c.clone()).unwrap_or_default();
+    let mut by_service: BTreeMap<&str, u64> = BTreeMap::new();
+    for (key, n) in &by_name {
+        let service = key.split_once('/').map_or(key.as_str(), |(s, _)| s);
+        *by_service.entry(service).or_default() += n;
+    }
+    let spans: u64 = by_name.values().sum();
     println!(
         "{}",
-        serde_json::json!({ "spans": spans, "by_service": by_service })
+        serde_json::json!({ "spans": spans, "by_service": by_service, "by_name": by_name })
     );
     Ok(())
 }

@@ -18,8 +18,9 @@ use crate::scheduler::SchedulerConfig;
 use crate::sharded_client::{InitOptions, ReplicaInfo, ShardedClient};
 
 pub struct LocalWorkers {
-    /// Held only so that dropping the handle kills the children (`kill_on_drop`).
-    _children: Vec<Child>,
+    /// Dropping the handle kills the children (`kill_on_drop`); [`LocalWorkers::stop`] lets
+    /// them exit.
+    children: Vec<Child>,
     /// gRPC address of each rank's worker.
     pub addrs: Vec<String>,
 }
@@ -85,10 +86,25 @@ impl LocalWorkers {
             tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
             children.push(child);
         }
-        Ok(Self {
-            _children: children,
-            addrs,
-        })
+        Ok(Self { children, addrs })
+    }
+
+    /// Lets the workers exit on their own (their stdin closes: they send the spans they still
+    /// hold and exit), then kills those still running after `grace`.
+    pub async fn stop(mut self, grace: Duration) {
+        for child in &mut self.children {
+            drop(child.stdin.take());
+        }
+        let exits = self.children.iter_mut().map(|c| c.wait());
+        if tokio::time::timeout(grace, futures::future::join_all(exits))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "workers still running {grace:?} after their stdin closed; killing them"
+            );
+        }
+        // Dropping the children kills any still running (`kill_on_drop`).
     }
 }
 

@@ -11,6 +11,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -310,9 +311,13 @@ async fn listen_and_serve(listen: &ListenArgs, serving: Serving, what: &str) -> 
 }
 
 async fn serve(a: ServeArgs, observe: Observe) -> Result<()> {
-    let (serving, _workers) = start_serving(&a.spawn, observe).await?;
+    let (serving, workers) = start_serving(&a.spawn, observe).await?;
     let what = format!("{} at tp {}", a.spawn.replica.model.display(), a.spawn.tp);
-    listen_and_serve(&a.listen, serving, &what).await
+    let served = listen_and_serve(&a.listen, serving.clone(), &what).await;
+    // Drained: the workers may exit on their own (sending their last spans) before we do.
+    serving.release_workers();
+    workers.stop(Duration::from_secs(5)).await;
+    served
 }
 
 async fn coordinator(a: CoordinatorArgs, observe: Observe) -> Result<()> {

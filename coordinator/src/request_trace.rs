@@ -161,7 +161,7 @@ impl RequestTrace {
     /// It gave its blocks back and waits again.
     pub fn preempted(&mut self) {
         self.preemptions += 1;
-        tracing::debug!(parent: &self.span, request_id = %self.request_id, "preempted");
+        tracing::debug!(request_id = %self.request_id, "preempted");
         if self.phase != Phase::Ended {
             self.enter(Phase::Queue);
         }
@@ -232,7 +232,6 @@ impl RequestTrace {
             .map(|t| t.duration_since(self.arrival).as_secs_f64() * 1e3);
         match status {
             None => tracing::info!(
-                parent: span,
                 request_id = %self.request_id,
                 finish_reason = reason,
                 prompt_tokens = self.prompt_tokens,
@@ -245,7 +244,6 @@ impl RequestTrace {
             Some(status) => {
                 span.record("otel.status_code", "ERROR");
                 tracing::warn!(
-                    parent: span,
                     request_id = %self.request_id,
                     finish_reason = reason,
                     code = ?status.code(),

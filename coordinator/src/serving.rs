@@ -254,6 +254,12 @@ impl Serving {
         Ok(DetokenizeResponse { text })
     }
 
+    /// The workers are about to be stopped on purpose (after a drain): their going is no
+    /// failure, and is not logged as one.
+    pub fn release_workers(&self) {
+        self.ranks_up.close();
+    }
+
     /// `/metrics`: the text and its content type (OpenMetrics when `openmetrics`).
     pub fn metrics_text(&self, openmetrics: bool) -> (String, &'static str) {
         let s = &self.stats;

@@ -61,13 +61,47 @@ pub struct ShardedClient {
     up: RanksUp,
 }
 
-/// Whether each rank's step stream is alive, shared with whoever reports it (`/metrics`).
+/// Whether each rank's step stream is alive, shared with whoever reports it (`/metrics`), and
+/// whether the ranks are being stopped on purpose.
 #[derive(Debug, Clone, Default)]
-pub struct RanksUp(Arc<Vec<AtomicBool>>);
+pub struct RanksUp(Arc<RankStates>);
+
+#[derive(Debug, Default)]
+struct RankStates {
+    up: Vec<AtomicBool>,
+    closing: AtomicBool,
+}
 
 impl RanksUp {
+    fn new(n: usize) -> Self {
+        Self(Arc::new(RankStates {
+            up: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            closing: AtomicBool::new(false),
+        }))
+    }
+
     pub fn get(&self) -> Vec<bool> {
-        self.0.iter().map(|u| u.load(Ordering::Relaxed)).collect()
+        self.0
+            .up
+            .iter()
+            .map(|u| u.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    fn set(&self, rank: usize, up: bool) {
+        if let Some(u) = self.0.up.get(rank) {
+            u.store(up, Ordering::Relaxed);
+        }
+    }
+
+    /// The ranks are being stopped on purpose (shutdown): a step stream that ends from now on
+    /// is no failure.
+    pub fn close(&self) {
+        self.0.closing.store(true, Ordering::Relaxed);
+    }
+
+    fn closing(&self) -> bool {
+        self.0.closing.load(Ordering::Relaxed)
     }
 }
 
@@ -108,9 +142,7 @@ impl ShardedClient {
         }
         let (failure, _) = watch::channel(None);
         Ok(Self {
-            up: RanksUp(Arc::new(
-                shards.iter().map(|_| AtomicBool::new(false)).collect(),
-            )),
+            up: RanksUp::new(shards.len()),
             shards,
             failure: Arc::new(failure),
         })
@@ -190,7 +222,7 @@ impl ShardedClient {
                 .into_inner();
             let (results_tx, results_rx) = mpsc::channel(2);
             let (rank, failure, up) = (s.rank, self.failure.clone(), self.up.clone());
-            up.0[rank].store(true, Ordering::Relaxed);
+            up.set(rank, true);
             tokio::spawn(async move {
                 let why = loop {
                     match answers.message().await {
@@ -203,8 +235,12 @@ impl ShardedClient {
                         Err(st) => break format!("rank {rank}: {}", st.message()),
                     }
                 };
+                up.set(rank, false);
+                if up.closing() {
+                    tracing::debug!("{why} (shutting down)");
+                    return;
+                }
                 tracing::error!("{why}");
-                up.0[rank].store(false, Ordering::Relaxed);
                 failure.send_if_modified(|f| f.is_none() && f.replace(why).is_none());
             });
             s.stream = Some((plans_tx, results_rx));

@@ -19,6 +19,7 @@
 //! every worker span rather than of the resource (which only says `helios-worker` and the pid).
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::str::FromStr;
 
 use anyhow::{Context as _, Result};
@@ -110,6 +111,7 @@ impl Telemetry {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default.filter()));
         let logs: Box<dyn Layer<Registry> + Send + Sync> = match log_format {
             LogFormat::Text => tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::stderr().is_terminal())
                 .with_writer(std::io::stderr)
                 .with_filter(filter)
                 .boxed(),
