@@ -1,6 +1,8 @@
 # Shared by the bench/*.sh scripts (sourced, not run): the machine line, and one `helios serve`
 # at a time, stopped on exit.
 #
+#   prepare                           fetches the default model, builds the release binaries,
+#                                     prints the machine line and a blank line
 #   machine_line                      prints cores, CPU, date, commit and load average
 #   start_helios ARGS...              starts `helios serve --host 127.0.0.1 --port 0
 #                                     --http-port 0 ARGS`, waits for its ready line and sets
@@ -13,6 +15,13 @@ server=""
 
 machine_line() {
   echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(date -u '+%F %H:%M UTC'), commit $(git rev-parse --short HEAD), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+}
+
+prepare() {
+  scripts/fetch-model.sh >/dev/null
+  cargo build --release --bins -q
+  machine_line
+  echo
 }
 
 start_server() {

@@ -6,10 +6,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source bench/lib.sh
-scripts/fetch-model.sh >/dev/null
-cargo build --release --bins -q
-machine_line
-echo
+prepare
 
 BATCH=32
 sink=""

@@ -9,10 +9,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source bench/lib.sh
-scripts/fetch-model.sh >/dev/null
-cargo build --release --bins -q
-machine_line
-echo
+prepare
 
 target/release/helios-bench scheduler --seqs 256,1024 --context 512 --steps 1000
 echo

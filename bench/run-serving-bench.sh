@@ -8,10 +8,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source bench/lib.sh
-scripts/fetch-model.sh >/dev/null
-cargo build --release --bins -q
-machine_line
-echo
+prepare
 
 target/release/helios-bench overhead --seqs 1,64,256 --workers 1,3 --steps 1000
 echo
