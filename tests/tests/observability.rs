@@ -98,6 +98,31 @@ async fn spans_reach_an_otlp_receiver_and_join_the_clients_trace() {
     ]);
     let http_tokens = answer["usage"]["completion_tokens"].to_string();
 
+    // Two requests at once, each in a trace of its own: their shared steps hang under one
+    // and link to the other.
+    let pair = [
+        (
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            "1111111111111111",
+            "Once upon a time",
+        ),
+        (
+            "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+            "2222222222222222",
+            "The sea was calm",
+        ),
+    ];
+    let runs = pair.iter().map(|&(trace, parent, prompt)| {
+        let mut c = client.clone();
+        let req = with_traceparent(prompt_request(prompt, full_length(8)), trace, parent);
+        async move {
+            stream_all(&mut c, req)
+                .await
+                .expect("a traced request of the pair")
+        }
+    });
+    futures::future::join_all(runs).await;
+
     let done = |spans: &[ReceivedSpan]| {
         let workers = spans
             .iter()
@@ -105,6 +130,7 @@ async fn spans_reach_an_otlp_receiver_and_join_the_clients_trace() {
             .count();
         request_span(spans, grpc_trace).is_some()
             && request_span(spans, http_trace).is_some()
+            && pair.iter().all(|p| request_span(spans, p.0).is_some())
             && workers >= 3 * 6
     };
     let spans = receiver.wait_for(Duration::from_secs(60), done).await;
@@ -194,6 +220,40 @@ async fn spans_reach_an_otlp_receiver_and_join_the_clients_trace() {
     let req = request_span(&spans, http_trace).expect("the HTTP request's span");
     assert_eq!(req.parent_span_id, http_parent);
     assert_eq!(req.attr("output_tokens"), Some(http_tokens.as_str()));
+
+    // The pair: every step in their traces hangs under a phase of one of them, and the steps
+    // they shared link from one request's trace to the other request.
+    let requests: Vec<&ReceivedSpan> = pair
+        .iter()
+        .map(|p| request_span(&spans, p.0).expect("a request of the pair"))
+        .collect();
+    let mut crossing = 0;
+    for (i, req) in requests.iter().enumerate() {
+        assert_eq!(req.parent_span_id, pair[i].1);
+        let other = requests[1 - i];
+        for step in spans
+            .iter()
+            .filter(|s| s.name == "step" && s.trace_id == req.trace_id)
+        {
+            let phase = ids
+                .get(step.parent_span_id.as_str())
+                .expect("the step's parent was received");
+            assert_eq!(
+                phase.parent_span_id, req.span_id,
+                "a step under another request"
+            );
+            if step
+                .links
+                .contains(&(other.trace_id.clone(), other.span_id.clone()))
+            {
+                crossing += 1;
+            }
+        }
+    }
+    assert!(
+        crossing > 0,
+        "no step of the pair links to the other request of the pair"
+    );
 }
 
 /// A sample's value by its `name{labels}` key.
