@@ -19,27 +19,30 @@ scripts/fetch-model.sh >/dev/null
 cargo build --release --bins
 
 log=$(mktemp -t helios-serve.XXXXXX)
-target/release/helios serve --tp "$tp" --host 127.0.0.1 --port "$port" --http-port "$http_port" >"$log" &
+# The server's log (a line per request) goes to a file, so that the answer reads cleanly.
+target/release/helios serve --tp "$tp" --host 127.0.0.1 --port "$port" --http-port "$http_port" \
+  >"$log" 2>"$log.err" &
 server=$!
 if [ -z "${KEEP_SERVING:-}" ]; then
-  trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; rm -f "$log"' EXIT
+  trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; rm -f "$log" "$log.err"' EXIT
 fi
 
 # Wait for the ready line (the workers load the model first).
 for _ in $(seq 1 600); do
   grep -q '^HELIOS_READY ' "$log" && break
   if ! kill -0 "$server" 2>/dev/null; then
+    cat "$log.err" >&2
     echo "helios serve exited before it was ready" >&2
     exit 1
   fi
   sleep 0.1
 done
-grep -q '^HELIOS_READY ' "$log" || { echo "helios serve was not ready after 60 s" >&2; exit 1; }
+grep -q '^HELIOS_READY ' "$log" || { cat "$log.err" >&2; echo "helios serve was not ready after 60 s" >&2; exit 1; }
 
 target/release/helios generate --addr "127.0.0.1:$port" --chat --prompt "$prompt" --max-new-tokens 128
 
 if [ -n "${KEEP_SERVING:-}" ]; then
   http=$(sed -n 's/^HELIOS_READY .*http=\([^ ]*\).*/\1/p' "$log")
   echo "helios serve (pid $server) keeps serving gRPC on 127.0.0.1:$port and the OpenAI-compatible" \
-    "HTTP API on http://$http/v1; stop it with: kill $server" >&2
+    "HTTP API on http://$http/v1 (metrics on /metrics, its log in $log.err); stop it with: kill $server" >&2
 fi

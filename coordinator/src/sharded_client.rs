@@ -157,6 +157,11 @@ impl ShardedClient {
         self.up.clone()
     }
 
+    /// Whether the ranks are being stopped on purpose ([`RanksUp::close`]).
+    pub fn closing(&self) -> bool {
+        self.up.closing()
+    }
+
     /// Watches for the first rank failure; the value is `Some(why)` once a rank is gone.
     pub fn failure(&self) -> watch::Receiver<Option<String>> {
         self.failure.subscribe()

@@ -228,6 +228,14 @@ impl StepLoop {
         let (result, times) = match result {
             Ok(r) => r,
             Err(_) if stale => return Ok(Vec::new()),
+            Err(e) if self.client.closing() => {
+                // Shutting down: the ranks stopped mid-step on purpose.
+                tracing::debug!("step {} unanswered at shutdown: {e:#}", step.step_id);
+                for id in self.scheduler.fail_planned() {
+                    self.finish_with(id, Status::unavailable("the server is shutting down"));
+                }
+                return Ok(Vec::new());
+            }
             Err(e) => {
                 tracing::error!("step {} failed: {e:#}", step.step_id);
                 step.span.record("error", format!("{e:#}"));
