@@ -52,14 +52,11 @@ impl Drop for InFlightGuard {
 
 pub struct RequestOutput {
     _in_flight: InFlightGuard,
-    request_id: String,
     tx: ResponseSender,
     detok: Detokenizer,
     stops: StopMatcher,
     logprobs: Option<u32>,
-    prompt_tokens: u32,
-    completion_tokens: u32,
-    /// Its spans, metrics and log lines; its timings.
+    /// Its spans, metrics and log lines; its id, token counts and timings.
     trace: RequestTrace,
 }
 
@@ -72,19 +69,16 @@ impl RequestOutput {
     ) -> Self {
         Self {
             _in_flight: in_flight.enter(),
-            request_id: trace.request_id().to_string(),
             tx,
             detok: Detokenizer::new(&req.prompt_ids),
             stops: StopMatcher::new(req.stop.clone()),
             logprobs: req.logprobs,
-            prompt_tokens: req.prompt_ids.len() as u32,
-            completion_tokens: 0,
             trace,
         }
     }
 
     pub fn request_id(&self) -> &str {
-        &self.request_id
+        self.trace.request_id()
     }
 
     pub fn trace(&self) -> &RequestTrace {
@@ -112,7 +106,6 @@ impl RequestOutput {
     pub fn push(&mut self, tokenizer: &TextTokenizer, s: Sampled) -> Result<Option<FinishReason>> {
         let now = Instant::now();
         self.trace.token(now);
-        self.completion_tokens += 1;
         let delta = self.detok.push(tokenizer, s.token.token_id)?;
         let matched = self.stops.push(&delta);
         let mut text = matched.emit;
@@ -132,7 +125,7 @@ impl RequestOutput {
             top: s.token.top_logprobs,
         });
         let mut resp = GenerateResponse {
-            request_id: self.request_id.clone(),
+            request_id: self.trace.request_id().to_string(),
             text,
             token_ids: vec![s.token.token_id],
             logprobs: logprobs.into_iter().collect(),
@@ -150,9 +143,9 @@ impl RequestOutput {
     fn close(&mut self, resp: &mut GenerateResponse, reason: WireFinish, now: Instant) {
         resp.finish_reason = reason as i32;
         resp.usage = Some(Usage {
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens: self.completion_tokens,
-            total_tokens: self.prompt_tokens + self.completion_tokens,
+            prompt_tokens: self.trace.prompt_tokens(),
+            completion_tokens: self.trace.completion_tokens(),
+            total_tokens: self.trace.prompt_tokens() + self.trace.completion_tokens(),
         });
         resp.timings = Some(self.trace.timings(now));
         self.trace.finished(finish_name(reason), now);
@@ -161,7 +154,7 @@ impl RequestOutput {
     /// Ends the request early (server shutdown): the held-back text, then CANCELLED.
     pub fn cancel(mut self) {
         let mut resp = GenerateResponse {
-            request_id: self.request_id.clone(),
+            request_id: self.trace.request_id().to_string(),
             text: self.stops.finish(),
             ..Default::default()
         };

@@ -119,6 +119,15 @@ impl RequestTrace {
         &self.request_id
     }
 
+    pub fn prompt_tokens(&self) -> u32 {
+        self.prompt_tokens
+    }
+
+    /// Tokens sent to the client so far.
+    pub fn completion_tokens(&self) -> u32 {
+        self.completion_tokens
+    }
+
     /// The span a step this request takes part in should hang under (its current phase).
     pub fn phase_span(&self) -> &Span {
         &self.phase_span
