@@ -261,9 +261,14 @@ async fn main() {
         Command::Generate(a) => generate(a, observe).await,
         Command::Logits(a) => logits(a, observe).await,
     };
+    if let Err(e) = &result {
+        match cli.log_format {
+            LogFormat::Json => tracing::error!("{e:#}"),
+            LogFormat::Text => eprintln!("error: {e:#}"),
+        }
+    }
     telemetry.shutdown();
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
+    if result.is_err() {
         std::process::exit(1);
     }
 }
@@ -296,9 +301,11 @@ async fn listen_and_serve(listen: &ListenArgs, serving: Serving, what: &str) -> 
     let grace = std::time::Duration::from_secs_f64(listen.shutdown_grace.max(0.0));
     // Before the ready line, so that a signal right after it drains rather than kills.
     let drained = server::drain_on_signal(serving.clone(), grace);
-    eprintln!(
-        "helios: serving {what}: gRPC helios.v1.Generation on {grpc_addr}, \
-         OpenAI-compatible HTTP on http://{http_addr}/v1 (Ctrl-C stops)"
+    tracing::info!(
+        grpc = %grpc_addr,
+        http = %http_addr,
+        "serving {what}: gRPC helios.v1.Generation on {grpc_addr}, OpenAI-compatible HTTP on \
+         http://{http_addr}/v1, metrics on http://{http_addr}/metrics (Ctrl-C stops)"
     );
     // The machine-readable ready line (tests and scripts wait for it).
     println!("HELIOS_READY grpc={grpc_addr} http={http_addr}");

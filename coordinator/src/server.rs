@@ -159,7 +159,7 @@ pub fn drain_on_signal(serving: Serving, grace: Duration) -> Drained {
     let signal = shutdown_signal();
     tokio::spawn(async move {
         signal.await;
-        eprintln!("helios: shutting down; waiting up to {grace:?} for requests in flight");
+        tracing::info!("shutting down; waiting up to {grace:?} for requests in flight");
         serving.drain(grace).await;
         let _ = done.send(true);
     });

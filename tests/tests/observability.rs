@@ -471,7 +471,13 @@ async fn metrics_count_a_known_workload_and_logs_name_requests_not_prompts() {
         }
     }
     for l in &lines {
-        if l.get("seq").is_some() || l["message"].as_str().is_some_and(|m| m.contains("request")) {
+        // A line about one request: it names its sequence, or it is one of the request's own
+        // ("request received", "request finished", "request failed").
+        if l.get("seq").is_some()
+            || l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("request "))
+        {
             assert!(
                 l["request_id"].is_string(),
                 "a line about a request without its id: {l}"
