@@ -442,7 +442,7 @@ async fn metrics_count_a_known_workload_and_logs_name_requests_not_prompts() {
     let lines: Vec<Value> = BufReader::new(std::fs::File::open(&log_path).expect("the log"))
         .lines()
         .map(|l| l.expect("a line"))
-        .filter(|l| l.starts_with('{'))
+        .filter(|l| !l.trim().is_empty())
         .map(|l| {
             assert!(!l.contains(MARKER), "a prompt in the log: {l}");
             serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))
