@@ -7,6 +7,8 @@
 #   start_helios ARGS...              starts `helios serve --host 127.0.0.1 --port 0
 #                                     --http-port 0 ARGS`, waits for its ready line and sets
 #                                     GRPC_ADDR (host:port) and HTTP_URL (http://host:port)
+#   check_runs FILE                   exits, naming them, if any run in FILE (`helios-bench
+#                                     serve --json` lines) had failed requests
 #   start_server CMD...               starts any server in the background as $server
 #   stop_server                       stops it
 
@@ -22,6 +24,16 @@ prepare() {
   cargo build --release --bins -q
   machine_line
   echo
+}
+
+check_runs() {
+  python3 - "$1" <<'EOF'
+import json, sys
+runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+failed = [(r["tensor_parallel_size"], r.get("concurrency"), r["errors"]) for r in runs if r["failed"]]
+if failed:
+    sys.exit(f"failed requests (tp, concurrency, errors): {failed}")
+EOF
 }
 
 start_server() {

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use helios_coordinator::admission::Admitted;
 use helios_coordinator::block_manager::BlockManager;
+use helios_coordinator::metrics::Metrics;
 use helios_coordinator::output::RequestOutput;
 use helios_coordinator::request_trace::{Arrival, RequestTrace};
 use helios_coordinator::scheduler::{
@@ -537,7 +538,7 @@ fn push_cost(model: &std::path::Path, text: &[u32]) -> Result<f64> {
             prompt_text: None,
             arrival: Instant::now(),
         },
-        Default::default(),
+        Arc::new(Metrics::new(1)),
     );
     let mut out = RequestOutput::new(tx, &admitted, trace, &Default::default());
     let t = Instant::now();

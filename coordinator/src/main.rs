@@ -18,7 +18,7 @@ use clap::{Args, Parser, Subcommand};
 use futures::{Stream, StreamExt};
 use helios_coordinator::local_workers::{LocalReplica, LocalWorkers};
 use helios_coordinator::openai;
-use helios_coordinator::output::ResponseStream;
+use helios_coordinator::output::{finish_name, ResponseStream};
 use helios_coordinator::scheduler::SchedulerConfig;
 use helios_coordinator::server;
 use helios_coordinator::serving::{CallContext, Serving, ServingOptions};
@@ -468,7 +468,7 @@ async fn generate(a: GenerateArgs, observe: Observe) -> Result<()> {
             "generated_ids": ids,
             "logprobs": logprobs,
             "text": text,
-            "finish_reason": finish_reason_name(reason),
+            "finish_reason": finish_name(reason),
             "usage": {
                 "prompt_tokens": usage.prompt_tokens,
                 "completion_tokens": usage.completion_tokens,
@@ -479,13 +479,6 @@ async fn generate(a: GenerateArgs, observe: Observe) -> Result<()> {
         println!();
     }
     Ok(())
-}
-
-/// `length`, `stop`, `eos`, `cancelled`: the proto name without its prefix.
-fn finish_reason_name(r: FinishReason) -> String {
-    r.as_str_name()
-        .trim_start_matches("FINISH_REASON_")
-        .to_ascii_lowercase()
 }
 
 async fn logits(a: LogitsArgs, observe: Observe) -> Result<()> {

@@ -20,7 +20,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::{Metric, Registry, Unit};
 
 /// vLLM's buckets for time to first token (seconds).
 const TTFT_BUCKETS: &[f64] = &[
@@ -53,8 +53,6 @@ pub struct FinishLabel {
     pub finish_reason: &'static str,
 }
 
-type RankHistograms = Family<RankLabel, Histogram, fn() -> Histogram>;
-
 /// Every instrument; cheap to share (`Arc<Metrics>`), recorded from any task.
 pub struct Metrics {
     registry: Registry,
@@ -65,10 +63,10 @@ pub struct Metrics {
     pub prompt_tokens: Counter,
     pub generation_tokens: Counter,
     /// Every request that was accepted ends here once, by how it ended.
-    pub requests_finished: Family<FinishLabel, Counter>,
-    pub step_duration: Histogram,
-    pub forward_duration: RankHistograms,
-    pub allreduce_duration: RankHistograms,
+    requests_finished: Family<FinishLabel, Counter>,
+    step_duration: Histogram,
+    /// Each rank's series, made once: a step observes them without a lookup.
+    ranks: Vec<RankSeries>,
     // Read at scrape time (`Snapshot`).
     requests_running: Gauge,
     requests_waiting: Gauge,
@@ -78,7 +76,13 @@ pub struct Metrics {
     prefix_cache_hits: Counter,
     preemptions: Counter,
     steps: Counter,
-    worker_up: Family<RankLabel, Gauge>,
+}
+
+/// One rank's series of the `{rank}`-labelled families.
+struct RankSeries {
+    forward: Histogram,
+    allreduce: Histogram,
+    up: Gauge,
 }
 
 /// What the step loop and the sharded client publish, read when `/metrics` is scraped.
@@ -96,139 +100,187 @@ pub struct Snapshot {
     pub ranks_up: Vec<bool>,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
+/// Registers `metric` as `helios_NAME` (with `_UNIT` appended when it has one) and returns it.
+fn add<M: Metric + Clone>(
+    r: &mut Registry,
+    name: &str,
+    help: &str,
+    unit: Option<Unit>,
+    metric: M,
+) -> M {
+    match unit {
+        Some(unit) => r.register_with_unit(name, help, unit, metric.clone()),
+        None => r.register(name, help, metric.clone()),
     }
+    metric
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// The metrics of a replica of `world` ranks.
+    pub fn new(world: usize) -> Self {
         let mut r = Registry::with_prefix("helios");
+        let r = &mut r;
+        let secs = || Some(Unit::Seconds);
         let histogram = |b: &[f64]| Histogram::new(b.iter().copied());
-        let m = Self {
-            queue_time: histogram(REQUEST_BUCKETS),
-            time_to_first_token: histogram(TTFT_BUCKETS),
-            inter_token_latency: histogram(ITL_BUCKETS),
-            e2e_latency: histogram(REQUEST_BUCKETS),
-            prompt_tokens: Counter::default(),
-            generation_tokens: Counter::default(),
-            requests_finished: Family::default(),
-            step_duration: Histogram::new(step_buckets()),
-            forward_duration: Family::new_with_constructor(|| Histogram::new(step_buckets())),
-            allreduce_duration: Family::new_with_constructor(|| Histogram::new(step_buckets())),
-            requests_running: Gauge::default(),
-            requests_waiting: Gauge::default(),
-            kv_cache_usage: Gauge::default(),
-            prefix_cache_hit_ratio: Gauge::default(),
-            prefix_cache_queries: Counter::default(),
-            prefix_cache_hits: Counter::default(),
-            preemptions: Counter::default(),
-            steps: Counter::default(),
-            worker_up: Family::default(),
-            registry: Registry::default(),
+        let per_rank = || -> Family<RankLabel, Histogram, fn() -> Histogram> {
+            Family::new_with_constructor(|| Histogram::new(step_buckets()))
         };
-        let s = Unit::Seconds;
-        r.register_with_unit(
+        let queue_time = add(
+            r,
             "request_queue_time",
             "Time from arrival to a request's first scheduled step",
-            s.clone(),
-            m.queue_time.clone(),
+            secs(),
+            histogram(REQUEST_BUCKETS),
         );
-        r.register_with_unit(
+        let time_to_first_token = add(
+            r,
             "time_to_first_token",
             "Time from arrival to a request's first generated token",
-            s.clone(),
-            m.time_to_first_token.clone(),
+            secs(),
+            histogram(TTFT_BUCKETS),
         );
-        r.register_with_unit(
+        let inter_token_latency = add(
+            r,
             "inter_token_latency",
             "Time between two consecutive generated tokens of a request",
-            s.clone(),
-            m.inter_token_latency.clone(),
+            secs(),
+            histogram(ITL_BUCKETS),
         );
-        r.register_with_unit(
+        let e2e_latency = add(
+            r,
             "e2e_request_latency",
             "Time from arrival to a request's last token, for requests that finished",
-            s.clone(),
-            m.e2e_latency.clone(),
+            secs(),
+            histogram(REQUEST_BUCKETS),
         );
-        r.register(
+        let prompt_tokens = add(
+            r,
             "prompt_tokens",
             "Prompt tokens of requests that produced their first token",
-            m.prompt_tokens.clone(),
+            None,
+            Counter::default(),
         );
-        r.register(
+        let generation_tokens = add(
+            r,
             "generation_tokens",
             "Tokens generated and sent to clients",
-            m.generation_tokens.clone(),
+            None,
+            Counter::default(),
         );
-        r.register(
+        let requests_finished = add(
+            r,
             "requests_finished",
             "Accepted requests that ended, by how: length, eos, stop, cancelled (shutdown), \
              aborted (the client left), deadline, rejected, error",
-            m.requests_finished.clone(),
+            None,
+            Family::default(),
         );
-        r.register_with_unit(
+        let step_duration = add(
+            r,
             "step_duration",
             "Time the slowest rank spent on a step",
-            s.clone(),
-            m.step_duration.clone(),
+            secs(),
+            Histogram::new(step_buckets()),
         );
-        r.register_with_unit(
+        let forward = add(
+            r,
             "worker_forward_duration",
             "Time a rank spent on a step (its forward pass and sampling)",
-            s.clone(),
-            m.forward_duration.clone(),
+            secs(),
+            per_rank(),
         );
-        r.register_with_unit(
+        let allreduce = add(
+            r,
             "allreduce_duration",
             "Time a rank spent in collectives during a step (on CUDA, issuing them)",
-            s,
-            m.allreduce_duration.clone(),
+            secs(),
+            per_rank(),
         );
-        r.register(
-            "requests_running",
-            "Requests in the running batch",
-            m.requests_running.clone(),
-        );
-        r.register(
-            "requests_waiting",
-            "Requests waiting to be scheduled",
-            m.requests_waiting.clone(),
-        );
-        r.register(
-            "kv_cache_usage_ratio",
-            "Fraction of KV cache blocks in use by requests (0 to 1)",
-            m.kv_cache_usage.clone(),
-        );
-        r.register(
-            "prefix_cache_hit_ratio",
-            "Prompt tokens found in the prefix cache over prompt tokens looked up, since start",
-            m.prefix_cache_hit_ratio.clone(),
-        );
-        r.register(
-            "prefix_cache_queries",
-            "Prompt tokens looked up in the prefix cache",
-            m.prefix_cache_queries.clone(),
-        );
-        r.register(
-            "prefix_cache_hits",
-            "Prompt tokens found in the prefix cache",
-            m.prefix_cache_hits.clone(),
-        );
-        r.register(
-            "preemptions",
-            "Running requests preempted to free KV blocks",
-            m.preemptions.clone(),
-        );
-        r.register("steps", "Steps the replica ran", m.steps.clone());
-        r.register(
+        let up: Family<RankLabel, Gauge> = add(
+            r,
             "worker_up",
             "1 while a rank takes steps, 0 once it is gone",
-            m.worker_up.clone(),
+            None,
+            Family::default(),
         );
-        Self { registry: r, ..m }
+        let ranks = (0..world as u32)
+            .map(|rank| {
+                let label = RankLabel { rank };
+                RankSeries {
+                    forward: forward.get_or_create(&label).clone(),
+                    allreduce: allreduce.get_or_create(&label).clone(),
+                    up: up.get_or_create(&label).clone(),
+                }
+            })
+            .collect();
+        Self {
+            queue_time,
+            time_to_first_token,
+            inter_token_latency,
+            e2e_latency,
+            prompt_tokens,
+            generation_tokens,
+            requests_finished,
+            step_duration,
+            ranks,
+            requests_running: add(
+                r,
+                "requests_running",
+                "Requests in the running batch",
+                None,
+                Gauge::default(),
+            ),
+            requests_waiting: add(
+                r,
+                "requests_waiting",
+                "Requests waiting to be scheduled",
+                None,
+                Gauge::default(),
+            ),
+            kv_cache_usage: add(
+                r,
+                "kv_cache_usage_ratio",
+                "Fraction of KV cache blocks in use by requests (0 to 1)",
+                None,
+                Gauge::default(),
+            ),
+            prefix_cache_hit_ratio: add(
+                r,
+                "prefix_cache_hit_ratio",
+                "Prompt tokens found in the prefix cache over prompt tokens looked up, since start",
+                None,
+                Gauge::default(),
+            ),
+            prefix_cache_queries: add(
+                r,
+                "prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache",
+                None,
+                Counter::default(),
+            ),
+            prefix_cache_hits: add(
+                r,
+                "prefix_cache_hits",
+                "Prompt tokens found in the prefix cache",
+                None,
+                Counter::default(),
+            ),
+            preemptions: add(
+                r,
+                "preemptions",
+                "Running requests preempted to free KV blocks",
+                None,
+                Counter::default(),
+            ),
+            steps: add(
+                r,
+                "steps",
+                "Steps the replica ran",
+                None,
+                Counter::default(),
+            ),
+            registry: std::mem::take(r),
+        }
     }
 
     /// Counts a request that ended, by how.
@@ -259,10 +311,8 @@ impl Metrics {
         store(&self.prefix_cache_hits, now.prefix_hit_tokens);
         store(&self.preemptions, now.preemptions);
         store(&self.steps, now.steps);
-        for (rank, &up) in now.ranks_up.iter().enumerate() {
-            self.worker_up
-                .get_or_create(&RankLabel { rank: rank as u32 })
-                .set(i64::from(up));
+        for (series, &up) in self.ranks.iter().zip(&now.ranks_up) {
+            series.up.set(i64::from(up));
         }
         let mut text = String::new();
         // Writing into a String cannot fail.
@@ -278,19 +328,13 @@ impl Metrics {
         }
     }
 
-    /// Records one answered step: the slowest rank's time, and every rank's own.
-    pub fn step(&self, ranks: &[crate::sharded_client::RankTimes]) {
+    /// Records one answered step: the slowest rank's time (`slowest_us`), and every rank's own.
+    pub fn step(&self, slowest_us: u64, ranks: &[crate::sharded_client::RankTimes]) {
         let secs = |us: u64| us as f64 / 1e6;
-        let slowest = ranks.iter().map(|r| r.compute_us).max().unwrap_or(0);
-        self.step_duration.observe(secs(slowest));
-        for (rank, t) in ranks.iter().enumerate() {
-            let label = RankLabel { rank: rank as u32 };
-            self.forward_duration
-                .get_or_create(&label)
-                .observe(secs(t.compute_us));
-            self.allreduce_duration
-                .get_or_create(&label)
-                .observe(secs(t.allreduce_us));
+        self.step_duration.observe(secs(slowest_us));
+        for (series, t) in self.ranks.iter().zip(ranks) {
+            series.forward.observe(secs(t.compute_us));
+            series.allreduce.observe(secs(t.allreduce_us));
         }
     }
 }
@@ -301,7 +345,7 @@ mod tests {
 
     #[test]
     fn names_follow_the_design_and_counters_end_in_total() {
-        let m = Metrics::new();
+        let m = Metrics::new(2);
         m.prompt_tokens.inc_by(7);
         m.generation_tokens.inc_by(3);
         m.finished("length");

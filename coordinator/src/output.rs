@@ -169,8 +169,9 @@ impl RequestOutput {
     }
 }
 
-/// How a finish reason reads in metrics and logs.
-fn finish_name(reason: WireFinish) -> &'static str {
+/// How a finish reason reads in metrics, logs and `helios generate --json`: the proto name
+/// without its prefix.
+pub fn finish_name(reason: WireFinish) -> &'static str {
     match reason {
         WireFinish::Length => "length",
         WireFinish::Eos => "eos",

@@ -95,7 +95,7 @@ impl Serving {
             .store(replica.num_kv_blocks, Ordering::Relaxed);
         let state = Arc::new(watch::Sender::new(ReplicaState::Serving));
         let (requests, rx) = mpsc::unbounded_channel();
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(client.world_size()));
         let ranks_up = client.ranks_up();
         let observers = Observers {
             stats: stats.clone(),

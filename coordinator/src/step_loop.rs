@@ -255,7 +255,7 @@ impl StepLoop {
             s.step_rank_wait_us
                 .fetch_add(longest_wait_us, Ordering::Relaxed);
         }
-        self.metrics.step(&times);
+        self.metrics.step(result.compute_us, &times);
         let span = &step.span;
         span.record("compute_us", result.compute_us);
         span.record(

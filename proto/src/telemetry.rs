@@ -218,15 +218,19 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-struct MapCarrier<'a>(&'a mut HashMap<String, String>);
+/// Writes a trace context into a `StepPlan.trace_context`.
+struct MapInjector<'a>(&'a mut HashMap<String, String>);
 
-impl Injector for MapCarrier<'_> {
+impl Injector for MapInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
         self.0.insert(key.to_string(), value);
     }
 }
 
-impl Extractor for MapCarrier<'_> {
+/// Reads one from it.
+struct MapExtractor<'a>(&'a HashMap<String, String>);
+
+impl Extractor for MapExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).map(String::as_str)
     }
@@ -242,10 +246,13 @@ pub fn extract(carrier: &dyn Extractor) -> Option<Context> {
     cx.span().span_context().is_valid().then_some(cx)
 }
 
-/// The remote parent in a `StepPlan.trace_context`.
+/// The remote parent in a `StepPlan.trace_context`; an untraced step's empty map costs
+/// nothing (a worker asks on every step).
 pub fn extract_map(map: &HashMap<String, String>) -> Option<Context> {
-    let mut map = map.clone();
-    extract(&MapCarrier(&mut map))
+    if map.is_empty() {
+        return None;
+    }
+    extract(&MapExtractor(map))
 }
 
 /// `span`'s trace context as W3C headers, for a `StepPlan`; empty when it is not sampled
@@ -254,7 +261,7 @@ pub fn inject(span: &tracing::Span) -> HashMap<String, String> {
     let mut map = HashMap::new();
     let cx = span.context();
     if cx.span().span_context().is_sampled() {
-        TraceContextPropagator::new().inject_context(&cx, &mut MapCarrier(&mut map));
+        TraceContextPropagator::new().inject_context(&cx, &mut MapInjector(&mut map));
     }
     map
 }

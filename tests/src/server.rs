@@ -88,9 +88,14 @@ impl Process {
 
     /// The command [`Self::serve`] runs, for a test to add to (environment, stderr).
     pub fn serve_command(args: &[&str]) -> Command {
+        Self::helios_command("serve", args)
+    }
+
+    /// `helios SUBCOMMAND` (`serve`, `coordinator`) on 127.0.0.1 with free ports, then `args`.
+    pub fn helios_command(subcommand: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new(binary("helios"));
         cmd.args([
-            "serve",
+            subcommand,
             "--host",
             "127.0.0.1",
             "--port",

@@ -24,19 +24,7 @@ fn a_coordinator_over_static_workers_answers_like_a_local_replica() {
         .map(|w| w.addr.clone())
         .collect::<Vec<_>>()
         .join(",");
-    let mut cmd = Command::new(binary("helios"));
-    cmd.args([
-        "coordinator",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--http-port",
-        "0",
-        "--model",
-        model,
-    ])
-    .args(["--workers", &addrs]);
+    let cmd = Process::helios_command("coordinator", &["--model", model, "--workers", &addrs]);
     let coordinator = Process::start(cmd, "HELIOS_READY ");
 
     let flags = [
