@@ -354,42 +354,42 @@ impl StepLoop {
         if !self.tracing {
             return Span::none();
         }
-        // The first traced request reading its prompt, else the first traced one at all.
-        let mut parent: Option<&RequestTrace> = None;
-        let mut links = Vec::new();
-        for s in &plan.seqs {
-            let Some(t) = self.outputs.get(&s.seq_id).map(RequestOutput::trace) else {
-                continue;
-            };
-            let Some(cx) = t.exported() else { continue };
-            match parent {
-                Some(p) if p.in_prefill() || !t.in_prefill() => links.push(cx.clone()),
-                _ => {
-                    if let Some(cx) = parent.replace(t).and_then(RequestTrace::exported) {
-                        links.push(cx.clone());
-                    }
-                }
-            }
-        }
-        let prompt_tokens: usize = plan
+        let traced: Vec<&RequestTrace> = plan
             .seqs
             .iter()
-            .filter(|s| !s.feed_sampled && s.token_ids.len() > 1)
-            .map(|s| s.token_ids.len())
+            .filter_map(|s| self.outputs.get(&s.seq_id).map(RequestOutput::trace))
+            .filter(|t| t.exported().is_some())
+            .collect();
+        // The first traced request reading its prompt, else the first traced one at all.
+        let parent = traced
+            .iter()
+            .position(|t| t.in_prefill())
+            .or((!traced.is_empty()).then_some(0));
+        let parent_span = parent.and_then(|i| traced[i].phase_span().id());
+        // Tokens fed: prompt chunks, decodes, and the sampled tokens fed by reference.
+        let tokens: usize = plan
+            .seqs
+            .iter()
+            .map(|s| s.token_ids.len() + usize::from(s.feed_sampled))
             .sum();
         let span = tracing::info_span!(
-            parent: parent.and_then(|p| p.phase_span().id()),
+            parent: parent_span,
             "step",
             step_id = plan.step_id,
             seqs = plan.seqs.len(),
-            prompt_tokens,
+            tokens,
             compute_us = Empty,
             allreduce_us = Empty,
             rank_wait_us = Empty,
             error = Empty,
         );
-        for cx in links.into_iter().take(MAX_STEP_LINKS) {
-            telemetry::add_link(&span, cx);
+        let others = traced
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| Some(i) != parent)
+            .filter_map(|(_, t)| t.exported());
+        for cx in others.take(MAX_STEP_LINKS) {
+            telemetry::add_link(&span, cx.clone());
         }
         plan.trace_context = telemetry::inject(&span);
         span
