@@ -16,7 +16,8 @@ http_port=${HELIOS_HTTP_PORT:-8080}
 tp=${HELIOS_TP:-3}
 
 scripts/fetch-model.sh >/dev/null
-cargo build --release --bins
+# Only what runs here: the coordinator and the worker (not the benchmarks or the tests).
+cargo build --release -p helios-coordinator -p helios-worker --bins
 
 log=$(mktemp -t helios-serve.XXXXXX)
 # The server's log (a line per request) goes to a file, so that the answer reads cleanly.

@@ -196,8 +196,8 @@ impl FakeRank {
             opts,
             recorder: recorder.clone(),
         })
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20);
+        .max_decoding_message_size(helios_proto::MAX_WORKER_MESSAGE_BYTES)
+        .max_encoding_message_size(helios_proto::MAX_WORKER_MESSAGE_BYTES);
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(async move {
             let served = tonic::transport::Server::builder()

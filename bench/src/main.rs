@@ -1,8 +1,8 @@
 //! `helios-bench`: Helios benchmarks.
 //!
-//! - `helios-bench engine` measures the engine through real worker processes, as `helios
-//!   generate` runs it: prefill tokens/s for one prompt, and decode tokens/s at several batch
-//!   sizes (greedy, end-of-sequence ignored).
+//! - `helios-bench engine` measures the engine through real worker processes, on the path
+//!   `helios generate` takes (a front door and its replica, in-process): prefill tokens/s for
+//!   one prompt, and decode tokens/s at several batch sizes (greedy, end-of-sequence ignored).
 //! - `helios-bench kernel`: the Q4_1 CPU matmul alone.
 //! - `helios-bench overhead`: the coordinator's cost per step over zero-cost fake workers
 //!   ([`overhead`], [`fake_worker`]).
@@ -23,11 +23,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use helios_coordinator::driver::{Control, Request};
+use helios_coordinator::front_door::{FrontDoor, ServingOptions};
 use helios_coordinator::local_workers::LocalReplica;
+use helios_coordinator::output::collect;
+use helios_coordinator::replica::ReplicaOptions;
+use helios_coordinator::scheduler::SchedulerConfig;
 use helios_coordinator::sharded_client::InitOptions;
+use helios_coordinator::tokenizer::TextTokenizer;
 use helios_proto::telemetry::LogFormat;
-use helios_proto::v1::SamplingParams;
+use helios_proto::v1::{GenerateRequest, GenerationParameters};
 
 #[derive(Parser)]
 #[command(name = "helios-bench")]
@@ -127,13 +131,31 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A request of `prompt` for exactly `n` greedy tokens.
+fn exact_request(prompt: Vec<u32>, n: usize) -> GenerateRequest {
+    GenerateRequest {
+        token_ids: prompt,
+        parameters: Some(GenerationParameters {
+            max_new_tokens: Some(n as u32),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 async fn engine(a: EngineArgs) -> Result<()> {
-    let mut replica = LocalReplica::start(
+    let model = a.model.to_string_lossy().into_owned();
+    let LocalReplica {
+        workers: _workers,
+        client,
+        init,
+    } = LocalReplica::spawn(
         a.tp,
         a.threads,
         InitOptions {
-            model_path: a.model.to_string_lossy().into_owned(),
-            block_size: 16,
+            model_path: model.clone(),
+            block_size: helios_proto::DEFAULT_BLOCK_SIZE,
             num_kv_blocks: 0,
             kv_cache_memory_bytes: 512 << 20,
             dequantize: a.dequantize,
@@ -141,20 +163,44 @@ async fn engine(a: EngineArgs) -> Result<()> {
         LogFormat::Text,
     )
     .await?;
-    let info = replica.info.clone();
-    let vocab = info.facts.vocab_size as usize;
-    let mut driver = replica.driver(4096);
+    // The model, never the cache: no prefix caching, and a whole prompt in one step.
+    let opts = ServingOptions {
+        model_name: model,
+        replica: ReplicaOptions {
+            scheduler: SchedulerConfig {
+                max_batch_tokens: 4096,
+                max_running: usize::MAX,
+                max_waiting: usize::MAX,
+                prefix_caching: false,
+            },
+            overlap: true,
+            tracing: false,
+        },
+        log_prompts: false,
+    };
+    let tokenizer = TextTokenizer::from_model_path(&a.model)?;
+    let front = FrontDoor::start(client, &init, tokenizer, &opts).await?;
+    let facts = front.replica().info().facts.clone();
+    let vocab = facts.vocab_size as usize;
+    let one_token = |p: Vec<u32>| {
+        let front = front.clone();
+        async move {
+            let rx = front
+                .generate(exact_request(p, 1), Default::default())
+                .await?;
+            anyhow::Ok(collect(rx).await?)
+        }
+    };
 
     // Warm-up: first touches of the weights and allocator.
-    driver
-        .teacher_forced_logits(&prompt(a.prompt_tokens, 99, vocab), &[])
-        .await?;
+    one_token(prompt(a.prompt_tokens, 99, vocab)).await?;
 
+    // Prefill rate: a prompt read in one step, up to its first token.
     let mut prefill = Vec::new();
     for r in 0..a.repeat {
         let p = prompt(a.prompt_tokens, r, vocab);
         let t = Instant::now();
-        driver.teacher_forced_logits(&p, &[]).await?;
+        one_token(p).await?;
         prefill.push(a.prompt_tokens as f64 / t.elapsed().as_secs_f64());
     }
     let prefill_tps = median(prefill);
@@ -163,42 +209,39 @@ async fn engine(a: EngineArgs) -> Result<()> {
     for &b in &a.batch {
         let mut runs = Vec::new();
         for r in 0..a.repeat.min(3) {
-            let reqs: Vec<Request> = (0..b)
-                .map(|i| Request {
-                    prompt_ids: prompt(16, 1000 + r * b + i, vocab),
-                    max_new_tokens: a.decode_tokens,
-                    sampling: SamplingParams::default(),
-                    stop_token_ids: Vec::new(),
-                })
-                .collect();
             // Decode rate: tokens after each sequence's first, over the time from the moment
             // every sequence had its first token to the last token.
             let start = Instant::now();
-            let mut firsts: Vec<Option<Duration>> = vec![None; b];
-            let mut after_first = 0usize;
-            let mut last = Duration::ZERO;
-            driver
-                .run(reqs, |i, _| {
-                    let now = start.elapsed();
-                    if firsts[i].is_none() {
-                        firsts[i] = Some(now);
-                    } else {
-                        after_first += 1;
+            let mut streams = tokio::task::JoinSet::new();
+            for i in 0..b {
+                let req = exact_request(prompt(16, 1000 + r * b + i, vocab), a.decode_tokens);
+                let mut rx = front.generate(req, Default::default()).await?;
+                streams.spawn(async move {
+                    let mut times = Vec::new();
+                    while let Some(resp) = rx.recv().await {
+                        let resp = resp?;
+                        times.extend(resp.token_ids.iter().map(|_| start.elapsed()));
                     }
-                    last = now;
-                    Control::Continue
-                })
-                .await?;
-            let all_started = firsts.iter().flatten().max().copied().unwrap_or_default();
+                    anyhow::Ok(times)
+                });
+            }
+            let (mut all_started, mut last, mut after_first) = (Duration::ZERO, Duration::ZERO, 0);
+            while let Some(times) = streams.join_next().await {
+                let times = times??;
+                all_started = all_started.max(times.first().copied().unwrap_or_default());
+                last = last.max(times.last().copied().unwrap_or_default());
+                after_first += times.len().saturating_sub(1);
+            }
             runs.push(after_first as f64 / (last - all_started).as_secs_f64());
         }
         decode.push((b, median(runs)));
     }
+    let info = facts;
 
     if a.json {
         let obj = serde_json::json!({
             "model": a.model.display().to_string(),
-            "dtype": info.facts.dtype,
+            "dtype": info.dtype,
             "tp": a.tp,
             "threads_per_worker": a.threads,
             "prefill_tokens": a.prompt_tokens,
@@ -210,7 +253,7 @@ async fn engine(a: EngineArgs) -> Result<()> {
         println!(
             "model {} ({}), tp {}, {} threads/worker",
             a.model.display(),
-            info.facts.dtype,
+            info.dtype,
             a.tp,
             a.threads
         );

@@ -5,12 +5,12 @@
 //! check stop strings, and stream a response to each request. With a real model this hides
 //! inside the step time; here the ranks are [fake workers](crate::fake_worker) that answer at
 //! once, so the step rate is the coordinator's ceiling and its inverse is the overhead a real
-//! step pays. The coordinator is the real one (`Serving` over a `ShardedClient`, gRPC over
+//! step pays. The coordinator is the real one (a `FrontDoor` over a `ShardedClient`, gRPC over
 //! loopback), with the SmolLM2 tokenizer.
 //!
-//! Clients either go through the real gRPC server (`helios_coordinator::server::serve` on a
-//! loopback port, one tonic connection per request, as separate users would) or drain
-//! `Serving`'s channels in-process; the difference is the cost of streaming to clients. The
+//! Clients either go through the real gRPC server (`helios_coordinator::grpc::serve` on a
+//! loopback port, one tonic connection per request, as separate users would) or drain the
+//! front door's channels in-process; the difference is the cost of streaming to clients. The
 //! clients and the fake ranks run in the same process and on the same cores as the coordinator,
 //! so the numbers are an upper bound on the coordinator's own cost. Steps are counted where
 //! rank 0 receives them; clients' received tokens are sampled at the same moments, so a client
@@ -30,16 +30,17 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use helios_coordinator::admission::Admitted;
 use helios_coordinator::block_manager::BlockManager;
+use helios_coordinator::front_door::{FrontDoor, ServingOptions};
 use helios_coordinator::metrics::Metrics;
 use helios_coordinator::output::RequestOutput;
+use helios_coordinator::replica::ReplicaOptions;
 use helios_coordinator::request_trace::{Arrival, RequestTrace};
 use helios_coordinator::scheduler::{
     Sampled, Scheduler, SchedulerConfig, Sequence, SequenceParams,
 };
-use helios_coordinator::server;
-use helios_coordinator::serving::{Serving, ServingOptions};
 use helios_coordinator::sharded_client::{InitOptions, ShardedClient};
 use helios_coordinator::tokenizer::TextTokenizer;
+use helios_coordinator::{grpc, shutdown};
 use helios_proto::v1::generation_client::GenerationClient;
 use helios_proto::v1::{
     GenerateRequest, GenerationParameters, SampledToken, SamplingParams, StepPlan, StepResult,
@@ -69,7 +70,7 @@ pub struct OverheadArgs {
     #[arg(long, value_delimiter = ',', default_value = "1")]
     workers: Vec<usize>,
     /// How the streams are consumed, comma-separated: `grpc` (the real server, tonic clients
-    /// over loopback) and/or `channel` (Serving's channels, in-process).
+    /// over loopback) and/or `channel` (the front door's channels, in-process).
     #[arg(
         long,
         value_enum,
@@ -279,29 +280,30 @@ async fn measure(
     }
     let recorder = ranks[0].recorder.clone();
     let addrs: Vec<String> = ranks.iter().map(|r| format!("http://{}", r.addr)).collect();
-    let mut client = ShardedClient::connect(&addrs).await?;
-    let info = client
-        .init(&InitOptions {
-            model_path: "fake".into(),
-            block_size: block_size as u32,
-            num_kv_blocks: num_kv_blocks as u32,
-            kv_cache_memory_bytes: 0,
-            dequantize: false,
-        })
-        .await?;
+    let client = ShardedClient::connect(&addrs).await?;
+    let init = InitOptions {
+        model_path: "fake".into(),
+        block_size: block_size as u32,
+        num_kv_blocks: num_kv_blocks as u32,
+        kv_cache_memory_bytes: 0,
+        dequantize: false,
+    };
     // `helios serve`'s defaults, raised only where a configuration needs more.
+    let defaults = SchedulerConfig::default();
     let opts = ServingOptions {
         model_name: "fake".into(),
-        scheduler: SchedulerConfig {
-            max_batch_tokens: 512.max(seqs),
-            max_running: 256.max(seqs),
-            ..Default::default()
+        replica: ReplicaOptions {
+            scheduler: SchedulerConfig {
+                max_batch_tokens: defaults.max_batch_tokens.max(seqs),
+                max_running: defaults.max_running.max(seqs),
+                ..defaults
+            },
+            overlap: true,
+            tracing: false,
         },
-        overlap: true,
         log_prompts: false,
-        tracing: false,
     };
-    let serving = Serving::start(client, &info, tokenizer, &opts);
+    let front = FrontDoor::start(client, &init, tokenizer, &opts).await?;
 
     let request = |i: usize| GenerateRequest {
         request_id: format!("overhead-{i}"),
@@ -318,10 +320,10 @@ async fn measure(
     match clients {
         ClientKind::Channel => {
             for i in 0..seqs {
-                let mut rx = serving
+                let mut rx = front
                     .generate(request(i), Default::default())
                     .await
-                    .map_err(|s| anyhow::anyhow!("generate: {}", s.message()))?;
+                    .context("generate")?;
                 let recorder = recorder.clone();
                 tasks.spawn(async move {
                     while let Some(Ok(resp)) = rx.recv().await {
@@ -333,12 +335,12 @@ async fn measure(
             }
         }
         ClientKind::Grpc => {
-            let listener = server::bind("127.0.0.1:0".parse()?).await?;
+            let listener = shutdown::bind("127.0.0.1:0".parse()?).await?;
             let url = format!("http://{}", listener.local_addr()?);
             tasks.spawn({
-                let serving = serving.clone();
+                let front = front.clone();
                 async move {
-                    if let Err(e) = server::serve(listener, serving, Duration::from_secs(1)).await {
+                    if let Err(e) = grpc::serve(listener, front, Duration::from_secs(1)).await {
                         eprintln!("overhead: the gRPC server failed: {e:#}");
                     }
                 }
@@ -550,6 +552,7 @@ fn push_cost(model: &std::path::Path, text: &[u32]) -> Result<f64> {
                 ..Default::default()
             },
             finish: None,
+            logits: None,
         };
         out.push(&tokenizer, s)?;
         if i % 256 == 255 {

@@ -1,5 +1,5 @@
-//! Admission: a client's `GenerateRequest` becomes token ids and checked parameters, or an
-//! INVALID_ARGUMENT that says which field is wrong and why.
+//! Admission: a client's `GenerateRequest` becomes token ids and checked parameters, or a
+//! [`ServeError::InvalidArgument`] that names the field at fault and says why.
 //!
 //! Everything that can be known before a request runs is checked here, so that nothing a
 //! client sends can fail a step that other requests share: token ids are inside the
@@ -7,8 +7,8 @@
 //! in range. The limits follow vLLM's and OpenAI's where they exist.
 
 use helios_proto::v1::{ChatMessage as ProtoMessage, GenerateRequest, SamplingParams};
-use tonic::Status;
 
+use crate::error::ServeError;
 use crate::scheduler::SequenceParams;
 use crate::tokenizer::{ChatMessage, TextTokenizer};
 
@@ -39,8 +39,8 @@ pub struct Admitted {
     pub logprobs: Option<u32>,
 }
 
-fn invalid(msg: impl Into<String>) -> Status {
-    Status::invalid_argument(msg)
+fn invalid(field: &'static str, msg: impl Into<String>) -> ServeError {
+    ServeError::invalid(field, msg)
 }
 
 /// The token ids a request's input stands for (the chat template applied to `messages`).
@@ -49,7 +49,7 @@ pub fn prompt_ids(
     prompt: &str,
     messages: &[ProtoMessage],
     token_ids: &[u32],
-) -> Result<Vec<u32>, Status> {
+) -> Result<Vec<u32>, ServeError> {
     let given = [
         !prompt.is_empty(),
         !messages.is_empty(),
@@ -58,11 +58,16 @@ pub fn prompt_ids(
     match given.iter().filter(|g| **g).count() {
         0 => {
             return Err(invalid(
+                "prompt",
                 "empty input: set one of prompt, messages or token_ids",
             ))
         }
         1 => {}
-        _ => return Err(invalid("set only one of prompt, messages and token_ids")),
+        _ => {
+            return Err(ServeError::invalid_request(
+                "set only one of prompt, messages and token_ids",
+            ))
+        }
     }
     if !token_ids.is_empty() {
         return Ok(token_ids.to_vec());
@@ -78,17 +83,17 @@ pub fn prompt_ids(
             })
             .collect();
         if let Some(i) = messages.iter().position(|m| m.role.is_empty()) {
-            return Err(invalid(format!("messages[{i}].role is empty")));
+            return Err(invalid("messages", format!("messages[{i}].role is empty")));
         }
         tokenizer
             .apply_chat_template(&messages, true)
-            .map_err(|e| invalid(format!("messages: {e:#}")))?
+            .map_err(|e| invalid("messages", format!("messages: {e:#}")))?
     };
     let ids = tokenizer
         .encode(&text)
-        .map_err(|e| invalid(format!("prompt: {e:#}")))?;
+        .map_err(|e| invalid("prompt", format!("prompt: {e:#}")))?;
     if ids.is_empty() {
-        return Err(invalid("the prompt encodes to no tokens"));
+        return Err(invalid("prompt", "the prompt encodes to no tokens"));
     }
     Ok(ids)
 }
@@ -98,13 +103,16 @@ pub fn admit(
     tokenizer: &TextTokenizer,
     req: &GenerateRequest,
     limits: &Limits,
-) -> Result<Admitted, Status> {
+) -> Result<Admitted, ServeError> {
     let ids = prompt_ids(tokenizer, &req.prompt, &req.messages, &req.token_ids)?;
     if let Some(bad) = ids.iter().find(|&&t| t as usize >= limits.vocab_size) {
-        return Err(invalid(format!(
-            "token_ids: {bad} is outside the vocabulary (size {})",
-            limits.vocab_size
-        )));
+        return Err(invalid(
+            "token_ids",
+            format!(
+                "token_ids: {bad} is outside the vocabulary (size {})",
+                limits.vocab_size
+            ),
+        ));
     }
     let limit = limits.max_model_len.min(limits.kv_capacity);
     let what = if limits.kv_capacity < limits.max_model_len {
@@ -113,82 +121,108 @@ pub fn admit(
         "this model's length allows"
     };
     if ids.len() >= limit {
-        return Err(invalid(format!(
+        return Err(invalid(
+            "prompt",
+            format!(
             "the prompt is {} tokens; {what} at most {} (the prompt plus at least one new token)",
             ids.len(),
             limit - 1
-        )));
+        ),
+        ));
     }
     let room = limit - ids.len();
     let p = req.parameters.clone().unwrap_or_default();
     let max_new_tokens = match p.max_new_tokens {
         None => DEFAULT_MAX_NEW_TOKENS.min(room),
-        Some(0) => return Err(invalid("max_new_tokens must be at least 1")),
+        Some(0) => return Err(invalid("max_new_tokens", "max_new_tokens must be at least 1")),
         Some(n) if n as usize > room => {
-            return Err(invalid(format!(
+            return Err(invalid(
+                "max_new_tokens",
+                format!(
                 "max_new_tokens is {n}, but the prompt ({} tokens) leaves room for {room} ({what} {limit} tokens)",
                 ids.len()
             )))
         }
         Some(n) => n as usize,
     };
-    let check = |ok: bool, msg: &str| {
+    // Each message starts with the field it is about.
+    let check = |ok: bool, field: &'static str, msg: &str| {
         if ok {
             Ok(())
         } else {
-            Err(invalid(msg.to_string()))
+            Err(invalid(field, msg))
         }
     };
     check(
         p.temperature.is_finite() && p.temperature >= 0.0,
+        "temperature",
         "temperature must be >= 0 (0 = greedy)",
     )?;
-    check(p.top_k >= 0, "top_k must be >= 0 (0 = off)")?;
+    check(p.top_k >= 0, "top_k", "top_k must be >= 0 (0 = off)")?;
     let top_p = p.top_p.unwrap_or(1.0);
-    check(top_p > 0.0 && top_p <= 1.0, "top_p must be in (0, 1]")?;
-    check((0.0..=1.0).contains(&p.min_p), "min_p must be in [0, 1]")?;
+    check(
+        top_p > 0.0 && top_p <= 1.0,
+        "top_p",
+        "top_p must be in (0, 1]",
+    )?;
+    check(
+        (0.0..=1.0).contains(&p.min_p),
+        "min_p",
+        "min_p must be in [0, 1]",
+    )?;
     let repetition = p.repetition_penalty.unwrap_or(1.0);
     check(
         repetition.is_finite() && repetition > 0.0,
+        "repetition_penalty",
         "repetition_penalty must be > 0 (1 = off)",
     )?;
     check(
         (-2.0..=2.0).contains(&p.frequency_penalty),
+        "frequency_penalty",
         "frequency_penalty must be in [-2, 2]",
     )?;
     check(
         (-2.0..=2.0).contains(&p.presence_penalty),
+        "presence_penalty",
         "presence_penalty must be in [-2, 2]",
     )?;
     if let Some(n) = p.logprobs.filter(|&n| n > MAX_LOGPROBS) {
-        return Err(invalid(format!(
-            "logprobs is {n}; at most {MAX_LOGPROBS} top logprobs can be returned"
-        )));
+        return Err(invalid(
+            "logprobs",
+            format!("logprobs is {n}; at most {MAX_LOGPROBS} top logprobs can be returned"),
+        ));
     }
     if p.stop.len() > MAX_STOP_STRINGS {
-        return Err(invalid(format!(
-            "{} stop strings; at most {MAX_STOP_STRINGS} are allowed",
-            p.stop.len()
-        )));
+        return Err(invalid(
+            "stop",
+            format!(
+                "{} stop strings; at most {MAX_STOP_STRINGS} are allowed",
+                p.stop.len()
+            ),
+        ));
     }
     if let Some(i) = p
         .stop
         .iter()
         .position(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
     {
-        return Err(invalid(format!(
-            "stop[{i}] must be 1 to {MAX_STOP_BYTES} bytes long"
-        )));
+        return Err(invalid(
+            "stop",
+            format!("stop[{i}] must be 1 to {MAX_STOP_BYTES} bytes long"),
+        ));
     }
     if let Some(bad) = p
         .stop_token_ids
         .iter()
         .find(|&&t| t as usize >= limits.vocab_size)
     {
-        return Err(invalid(format!(
-            "stop_token_ids: {bad} is outside the vocabulary (size {})",
-            limits.vocab_size
-        )));
+        return Err(invalid(
+            "stop_token_ids",
+            format!(
+                "stop_token_ids: {bad} is outside the vocabulary (size {})",
+                limits.vocab_size
+            ),
+        ));
     }
     let mut stop_token_ids = p.stop_token_ids.clone();
     if !p.ignore_eos {
@@ -214,6 +248,7 @@ pub fn admit(
             stop_token_ids,
             priority: req.priority,
             deadline: None,
+            return_logits: false,
         },
         stop: p.stop,
         logprobs: p.logprobs,
@@ -243,12 +278,10 @@ mod tests {
     fn refused(r: GenerateRequest, words: &str) {
         let tok = smollm2();
         let e = admit(tok, &r, &LIMITS).expect_err(words);
-        assert_eq!(e.code(), tonic::Code::InvalidArgument);
-        assert!(
-            e.message().contains(words),
-            "{:?} lacks {words:?}",
-            e.message()
-        );
+        let ServeError::InvalidArgument { message, .. } = e else {
+            panic!("{e:?} is not an invalid argument");
+        };
+        assert!(message.contains(words), "{message:?} lacks {words:?}");
     }
 
     #[test]
@@ -381,10 +414,16 @@ mod tests {
         let a = admit(tok, &req("Hi", Default::default()), &small).unwrap();
         assert_eq!(a.prompt_ids.len() + a.params.max_new_tokens, 16);
         let e = admit(tok, &req(&"word ".repeat(40), Default::default()), &small).unwrap_err();
+        assert!(e.to_string().contains("KV cache holds at most 15"), "{e}");
         assert!(
-            e.message().contains("KV cache holds at most 15"),
-            "{}",
-            e.message()
+            matches!(
+                e,
+                ServeError::InvalidArgument {
+                    field: Some("prompt"),
+                    ..
+                }
+            ),
+            "{e:?}"
         );
     }
 }

@@ -1,4 +1,5 @@
-//! Spawning a replica's workers as child processes on this host (`--workers local:N`).
+//! Spawning a replica's workers as child processes on this host (`helios serve --tp N`,
+//! `helios generate` without `--addr`).
 //!
 //! Each child binds free ports and announces them on its first stdout line; its stdin is a pipe
 //! it watches, so a worker never outlives the coordinator that spawned it, even one killed with
@@ -13,9 +14,7 @@ use helios_proto::telemetry::LogFormat;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::driver::Driver;
-use crate::scheduler::SchedulerConfig;
-use crate::sharded_client::{InitOptions, ReplicaInfo, ShardedClient};
+use crate::sharded_client::{InitOptions, ShardedClient};
 
 pub struct LocalWorkers {
     /// Dropping the handle kills the children (`kill_on_drop`); [`LocalWorkers::stop`] lets
@@ -108,18 +107,18 @@ impl LocalWorkers {
     }
 }
 
-/// A replica on this host: its worker processes, initialised, and a client for them.
+/// A replica's workers on this host, connected, ready for `Replica::start`.
 pub struct LocalReplica {
     /// Dropping this kills the workers.
     pub workers: LocalWorkers,
     pub client: ShardedClient,
-    pub info: ReplicaInfo,
+    /// How to initialise them: the model path resolved to an absolute one, as they see it.
+    pub init: InitOptions,
 }
 
 impl LocalReplica {
-    /// Spawns `tp` workers with `threads` compute threads each and loads `init.model_path`
-    /// (resolved to an absolute path, as the workers see it) on all of them.
-    pub async fn start(
+    /// Spawns `tp` workers with `threads` compute threads each and connects to them.
+    pub async fn spawn(
         tp: usize,
         threads: usize,
         mut init: InitOptions,
@@ -140,24 +139,11 @@ impl LocalReplica {
             .to_string_lossy()
             .into_owned();
         let workers = LocalWorkers::spawn(tp, &worker_binary()?, threads, log_format).await?;
-        let mut client = ShardedClient::connect(&workers.addrs).await?;
-        let info = client.init(&init).await?;
+        let client = ShardedClient::connect(&workers.addrs).await?;
         Ok(Self {
             workers,
             client,
-            info,
+            init,
         })
-    }
-
-    /// A step loop over all of this replica's KV blocks.
-    pub fn driver(&mut self, max_batch_tokens: usize) -> Driver<'_> {
-        let scheduler = self.info.scheduler(SchedulerConfig {
-            max_batch_tokens,
-            max_running: usize::MAX,
-            max_waiting: usize::MAX,
-            // Logits and benchmarks measure the model, never the cache.
-            prefix_caching: false,
-        });
-        Driver::new(&mut self.client, scheduler)
     }
 }

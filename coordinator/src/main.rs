@@ -16,21 +16,23 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use futures::{Stream, StreamExt};
+use helios_coordinator::front_door::{CallContext, FrontDoor, ServingOptions};
 use helios_coordinator::local_workers::{LocalReplica, LocalWorkers};
-use helios_coordinator::openai;
 use helios_coordinator::output::{finish_name, ResponseStream};
-use helios_coordinator::scheduler::SchedulerConfig;
-use helios_coordinator::server;
-use helios_coordinator::serving::{CallContext, Serving, ServingOptions};
+use helios_coordinator::replica::ReplicaOptions;
+use helios_coordinator::scheduler::{
+    SchedulerConfig, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RUNNING, DEFAULT_MAX_WAITING,
+};
 use helios_coordinator::sharded_client::{InitOptions, ShardedClient};
 use helios_coordinator::tokenizer::TextTokenizer;
+use helios_coordinator::{grpc, openai, shutdown};
 use helios_proto::telemetry::{LogDefault, LogFormat, Telemetry};
 use helios_proto::v1::generation_client::GenerationClient;
 use helios_proto::v1::{
     ChatMessage, FinishReason, GenerateRequest, GenerateResponse, GenerationParameters,
     TokenizeRequest,
 };
-use tonic::Status;
+use helios_proto::{DEFAULT_BLOCK_SIZE, DEFAULT_KV_CACHE_MIB};
 
 /// The default model, as `scripts/fetch-model.sh` places it.
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -79,21 +81,21 @@ struct ReplicaArgs {
     #[arg(long)]
     dequantize: bool,
     /// KV cache budget per rank, in MiB.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = DEFAULT_KV_CACHE_MIB)]
     kv_cache_memory: u64,
     /// Fixed number of KV blocks (overrides --kv-cache-memory).
     #[arg(long, default_value_t = 0)]
     num_kv_blocks: u32,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = DEFAULT_BLOCK_SIZE)]
     block_size: u32,
     /// Token budget of one step (chunked prefill reads prompts in pieces of at most this).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = DEFAULT_MAX_BATCH_TOKENS)]
     max_batch_tokens: usize,
     /// Most sequences in one step.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = DEFAULT_MAX_RUNNING)]
     max_running: usize,
     /// Most requests waiting for a place; beyond it new requests get RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = DEFAULT_MAX_WAITING)]
     max_waiting: usize,
     /// Recompute every prompt instead of reusing the KV of cached prefixes.
     #[arg(long)]
@@ -120,16 +122,18 @@ impl ReplicaArgs {
 
     fn serving_options(&self, observe: Observe) -> ServingOptions {
         ServingOptions {
-            log_prompts: self.log_prompts,
-            tracing: observe.tracing,
             model_name: self.model.to_string_lossy().into_owned(),
-            scheduler: SchedulerConfig {
-                max_batch_tokens: self.max_batch_tokens,
-                max_running: self.max_running,
-                max_waiting: self.max_waiting,
-                prefix_caching: !self.no_prefix_caching,
+            replica: ReplicaOptions {
+                scheduler: SchedulerConfig {
+                    max_batch_tokens: self.max_batch_tokens,
+                    max_running: self.max_running,
+                    max_waiting: self.max_waiting,
+                    prefix_caching: !self.no_prefix_caching,
+                },
+                overlap: !self.no_overlap,
+                tracing: observe.tracing,
             },
-            overlap: !self.no_overlap,
+            log_prompts: self.log_prompts,
         }
     }
 }
@@ -273,34 +277,31 @@ async fn main() {
     }
 }
 
-async fn start_replica(a: &SpawnArgs, observe: Observe) -> Result<LocalReplica> {
+/// Spawns the workers and serves them as one replica behind a front door; the workers live as
+/// long as the handle.
+async fn start_serving(a: &SpawnArgs, observe: Observe) -> Result<(FrontDoor, LocalWorkers)> {
+    let tokenizer = TextTokenizer::from_model_path(&a.replica.model)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = a.threads_per_worker.unwrap_or((cores / a.tp.max(1)).max(1));
-    LocalReplica::start(a.tp, threads, a.replica.init_options(), observe.log_format).await
-}
-
-/// Spawns the workers and starts the step loop; the workers live as long as the handle.
-async fn start_serving(a: &SpawnArgs, observe: Observe) -> Result<(Serving, LocalWorkers)> {
-    let tokenizer = TextTokenizer::from_model_path(&a.replica.model)?;
     let LocalReplica {
         workers,
         client,
-        info,
-    } = start_replica(a, observe).await?;
+        init,
+    } = LocalReplica::spawn(a.tp, threads, a.replica.init_options(), observe.log_format).await?;
     let opts = a.replica.serving_options(observe);
-    let serving = Serving::start(client, &info, tokenizer, &opts);
-    Ok((serving, workers))
+    let front = FrontDoor::start(client, &init, tokenizer, &opts).await?;
+    Ok((front, workers))
 }
 
-async fn listen_and_serve(listen: &ListenArgs, serving: Serving, what: &str) -> Result<()> {
-    let grpc = server::bind(SocketAddr::new(listen.host, listen.port)).await?;
-    let http = server::bind(SocketAddr::new(listen.host, listen.http_port))
+async fn listen_and_serve(listen: &ListenArgs, front: FrontDoor, what: &str) -> Result<()> {
+    let grpc_listener = shutdown::bind(SocketAddr::new(listen.host, listen.port)).await?;
+    let http = shutdown::bind(SocketAddr::new(listen.host, listen.http_port))
         .await
         .with_context(|| format!("binding the HTTP port {}", listen.http_port))?;
-    let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
+    let (grpc_addr, http_addr) = (grpc_listener.local_addr()?, http.local_addr()?);
     let grace = std::time::Duration::from_secs_f64(listen.shutdown_grace.max(0.0));
     // Before the ready line, so that a signal right after it drains rather than kills.
-    let drained = server::drain_on_signal(serving.clone(), grace);
+    let drained = shutdown::drain_on_signal(front.clone(), grace);
     tracing::info!(
         grpc = %grpc_addr,
         http = %http_addr,
@@ -311,18 +312,18 @@ async fn listen_and_serve(listen: &ListenArgs, serving: Serving, what: &str) -> 
     println!("HELIOS_READY grpc={grpc_addr} http={http_addr}");
     std::io::stdout().flush()?;
     tokio::try_join!(
-        server::serve_until(grpc, serving.clone(), drained.clone().wait()),
-        openai::serve(http, serving, drained.wait()),
+        grpc::serve_until(grpc_listener, front.clone(), drained.clone().wait()),
+        openai::serve(http, front, drained.wait()),
     )?;
     Ok(())
 }
 
 async fn serve(a: ServeArgs, observe: Observe) -> Result<()> {
-    let (serving, workers) = start_serving(&a.spawn, observe).await?;
+    let (front, workers) = start_serving(&a.spawn, observe).await?;
     let what = format!("{} at tp {}", a.spawn.replica.model.display(), a.spawn.tp);
-    let served = listen_and_serve(&a.listen, serving.clone(), &what).await;
+    let served = listen_and_serve(&a.listen, front.clone(), &what).await;
     // Drained: the workers may exit on their own (sending their last spans) before we do.
-    serving.release_workers();
+    front.release_workers();
     workers.stop(Duration::from_secs(5)).await;
     served
 }
@@ -340,42 +341,49 @@ async fn coordinator(a: CoordinatorArgs, observe: Observe) -> Result<()> {
             }
         })
         .collect();
-    let mut client = ShardedClient::connect(&addrs).await?;
-    let info = client.init(&a.replica.init_options()).await?;
+    let client = ShardedClient::connect(&addrs).await?;
     let opts = a.replica.serving_options(observe);
-    let serving = Serving::start(client, &info, tokenizer, &opts);
+    let front = FrontDoor::start(client, &a.replica.init_options(), tokenizer, &opts).await?;
     let what = format!("{} over {} workers", a.replica.model.display(), addrs.len());
-    listen_and_serve(&a.listen, serving, &what).await
+    listen_and_serve(&a.listen, front, &what).await
 }
 
-type AnyResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+type AnyResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse>> + Send>>;
 
-/// Where `helios generate` sends its request.
+/// Where `helios generate` sends its request: a server, or a front door of its own over
+/// workers it spawned (the same path a server's requests take).
 enum Backend {
     Remote(GenerationClient<tonic::transport::Channel>),
     /// The workers are held so they live as long as the request.
-    Local(Serving, #[allow(dead_code)] LocalWorkers),
+    Local(FrontDoor, #[allow(dead_code)] LocalWorkers),
 }
 
 impl Backend {
-    async fn tokenize(&mut self, req: TokenizeRequest) -> Result<Vec<u32>, Status> {
+    async fn tokenize(&mut self, req: TokenizeRequest) -> Result<Vec<u32>> {
         Ok(match self {
-            Backend::Remote(c) => c.tokenize(req).await?.into_inner().token_ids,
-            Backend::Local(s, _) => s.tokenize(req).await?.token_ids,
+            Backend::Remote(c) => {
+                let r = c.tokenize(req).await.map_err(status_error)?;
+                r.into_inner().token_ids
+            }
+            Backend::Local(front, _) => front.tokenize(req.prompt, req.messages).await?,
         })
     }
 
-    async fn generate(&mut self, req: GenerateRequest) -> Result<AnyResponseStream, Status> {
+    async fn generate(&mut self, req: GenerateRequest) -> Result<AnyResponseStream> {
         Ok(match self {
-            Backend::Remote(c) => Box::pin(c.generate_stream(req).await?.into_inner()),
-            Backend::Local(s, _) => Box::pin(ResponseStream::new(
-                s.generate(req, CallContext::default()).await?,
-            )),
+            Backend::Remote(c) => {
+                let stream = c.generate_stream(req).await.map_err(status_error)?;
+                Box::pin(stream.into_inner().map(|r| r.map_err(status_error)))
+            }
+            Backend::Local(front, _) => {
+                let rx = front.generate(req, CallContext::default()).await?;
+                Box::pin(ResponseStream::new(rx).map(|r| r.map_err(anyhow::Error::from)))
+            }
         })
     }
 }
 
-fn status_error(s: Status) -> anyhow::Error {
+fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
@@ -393,8 +401,8 @@ async fn generate(a: GenerateArgs, observe: Observe) -> Result<()> {
             Backend::Remote(client)
         }
         None => {
-            let (serving, workers) = start_serving(&a.spawn, observe).await?;
-            Backend::Local(serving, workers)
+            let (front, workers) = start_serving(&a.spawn, observe).await?;
+            Backend::Local(front, workers)
         }
     };
     let (prompt, messages) = if a.chat {
@@ -412,8 +420,7 @@ async fn generate(a: GenerateArgs, observe: Observe) -> Result<()> {
                 prompt: prompt.clone(),
                 messages: messages.clone(),
             })
-            .await
-            .map_err(status_error)?
+            .await?
     } else {
         Vec::new()
     };
@@ -437,11 +444,11 @@ async fn generate(a: GenerateArgs, observe: Observe) -> Result<()> {
         }),
         ..Default::default()
     };
-    let mut stream = backend.generate(req).await.map_err(status_error)?;
+    let mut stream = backend.generate(req).await?;
     let (mut text, mut ids, mut logprobs) = (String::new(), Vec::new(), Vec::new());
     let mut last = None;
     while let Some(resp) = stream.next().await {
-        let resp = resp.map_err(status_error)?;
+        let resp = resp?;
         if !a.json {
             print!("{}", resp.text);
             std::io::stdout().flush()?;
@@ -481,15 +488,16 @@ async fn generate(a: GenerateArgs, observe: Observe) -> Result<()> {
     Ok(())
 }
 
+/// Teacher forcing through the serving path: the logits after the prompt, and after each
+/// prefix of the continuation, each as a request of one token (they run batched; the prefix
+/// cache shares what they have in common).
 async fn logits(a: LogitsArgs, observe: Observe) -> Result<()> {
     if a.ids.is_empty() {
         bail!("--ids is empty");
     }
-    let mut replica = start_replica(&a.spawn, observe).await?;
-    let mut driver = replica.driver(a.spawn.replica.max_batch_tokens);
-    let rows = driver
-        .teacher_forced_logits(&a.ids, &a.continuation)
-        .await?;
+    let (front, _workers) = start_serving(&a.spawn, observe).await?;
+    let prompts = (0..=a.continuation.len()).map(|k| [&a.ids[..], &a.continuation[..k]].concat());
+    let rows = futures::future::try_join_all(prompts.map(|p| front.next_token_logits(p))).await?;
     if a.continuation.is_empty() {
         let logits = rows.into_iter().next().context("no logits")?;
         println!("{}", serde_json::json!({ "logits": logits }));

@@ -1,5 +1,5 @@
 //! What `GET /metrics` shows: the coordinator's Prometheus metrics, with vLLM's names under our
-//! prefix (DESIGN.md, "Observability").
+//! prefix (docs/architecture.md, "Observability").
 //!
 //! Who records what:
 //! - a request's own numbers (queue time, time to first token, inter-token latency, end-to-end
@@ -7,8 +7,8 @@
 //! - step numbers (step duration, every rank's forward and all-reduce time, from the ranks'
 //!   `StepResult`s) by the step loop as each answer comes back;
 //! - gauges and the scheduler's cumulative counts (running, waiting, KV cache usage, prefix
-//!   cache, preemptions, worker up) are read at scrape time from what the step loop already
-//!   publishes ([`Snapshot`]), so serving never pays for them.
+//!   cache, preemptions, steps, worker up) are read at scrape time from the replica's
+//!   [`ReplicaSnapshot`], which the step loop publishes anyway, so serving never pays for them.
 //!
 //! The text is Prometheus' format 0.0.4, or OpenMetrics 1.0 when the scraper asks for it
 //! (`Accept: application/openmetrics-text`), as the Prometheus server does.
@@ -21,6 +21,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Metric, Registry, Unit};
+
+use crate::replica::ReplicaSnapshot;
 
 /// vLLM's buckets for time to first token (seconds).
 const TTFT_BUCKETS: &[f64] = &[
@@ -67,7 +69,7 @@ pub struct Metrics {
     step_duration: Histogram,
     /// Each rank's series, made once: a step observes them without a lookup.
     ranks: Vec<RankSeries>,
-    // Read at scrape time (`Snapshot`).
+    // Read at scrape time (`ReplicaSnapshot`).
     requests_running: Gauge,
     requests_waiting: Gauge,
     kv_cache_usage: Gauge<f64, AtomicU64>,
@@ -83,21 +85,6 @@ struct RankSeries {
     forward: Histogram,
     allreduce: Histogram,
     up: Gauge,
-}
-
-/// What the step loop and the sharded client publish, read when `/metrics` is scraped.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    pub running: u32,
-    pub waiting: u32,
-    pub kv_blocks_total: u32,
-    pub kv_blocks_free: u32,
-    pub prefix_query_tokens: u64,
-    pub prefix_hit_tokens: u64,
-    pub preemptions: u64,
-    pub steps: u64,
-    /// Whether each rank's step stream is alive, in rank order.
-    pub ranks_up: Vec<bool>,
 }
 
 /// Registers `metric` as `helios_NAME` (with `_UNIT` appended when it has one) and returns it.
@@ -294,23 +281,24 @@ impl Metrics {
 
     /// The metrics as text: OpenMetrics when `openmetrics`, else Prometheus 0.0.4. Returns the
     /// text and its content type.
-    pub fn render(&self, now: &Snapshot, openmetrics: bool) -> (String, &'static str) {
-        self.requests_running.set(now.running.into());
-        self.requests_waiting.set(now.waiting.into());
+    pub fn render(&self, now: &ReplicaSnapshot, openmetrics: bool) -> (String, &'static str) {
+        let s = &now.scheduler;
+        self.requests_running.set(s.running.into());
+        self.requests_waiting.set(s.waiting.into());
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
-        let used = now.kv_blocks_total.saturating_sub(now.kv_blocks_free);
+        let used = s.kv_blocks_total.saturating_sub(s.kv_blocks_free);
         self.kv_cache_usage
-            .set(ratio(used.into(), now.kv_blocks_total.into()));
+            .set(ratio(used.into(), s.kv_blocks_total.into()));
         self.prefix_cache_hit_ratio.set(ratio(
-            now.prefix_hit_tokens as f64,
-            now.prefix_query_tokens as f64,
+            s.prefix_hit_tokens as f64,
+            s.prefix_query_tokens as f64,
         ));
         // The scheduler's counts are cumulative already: the counters take their values.
         let store = |c: &Counter, v: u64| c.inner().store(v, Ordering::Relaxed);
-        store(&self.prefix_cache_queries, now.prefix_query_tokens);
-        store(&self.prefix_cache_hits, now.prefix_hit_tokens);
-        store(&self.preemptions, now.preemptions);
-        store(&self.steps, now.steps);
+        store(&self.prefix_cache_queries, s.prefix_query_tokens);
+        store(&self.prefix_cache_hits, s.prefix_hit_tokens);
+        store(&self.preemptions, s.preemptions);
+        store(&self.steps, now.steps.steps);
         for (series, &up) in self.ranks.iter().zip(&now.ranks_up) {
             series.up.set(i64::from(up));
         }
@@ -350,16 +338,22 @@ mod tests {
         m.generation_tokens.inc_by(3);
         m.finished("length");
         m.time_to_first_token.observe(0.2);
-        let now = Snapshot {
-            running: 2,
-            waiting: 1,
-            kv_blocks_total: 10,
-            kv_blocks_free: 6,
-            prefix_query_tokens: 40,
-            prefix_hit_tokens: 10,
-            preemptions: 4,
-            steps: 9,
+        let now = ReplicaSnapshot {
+            scheduler: crate::scheduler::SchedulerStats {
+                running: 2,
+                waiting: 1,
+                kv_blocks_total: 10,
+                kv_blocks_free: 6,
+                prefix_query_tokens: 40,
+                prefix_hit_tokens: 10,
+                preemptions: 4,
+            },
+            steps: crate::replica::StepTotals {
+                steps: 9,
+                ..Default::default()
+            },
             ranks_up: vec![true, false],
+            ..Default::default()
         };
         let (text, _) = m.render(&now, false);
         for line in [

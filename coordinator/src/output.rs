@@ -14,18 +14,22 @@ use anyhow::Result;
 use helios_proto::v1::{
     FinishReason as WireFinish, GenerateResponse, SampledLogprobs, TokenLogprob, Usage,
 };
-use tokio::sync::mpsc;
-use tonic::Status;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::admission::Admitted;
 use crate::detokenizer::Detokenizer;
+use crate::error::ServeError;
 use crate::request_trace::RequestTrace;
 use crate::scheduler::{FinishReason, Sampled};
 use crate::stop::StopMatcher;
 use crate::tokenizer::TextTokenizer;
 
-pub type ResponseSender = mpsc::UnboundedSender<Result<GenerateResponse, Status>>;
-pub type ResponseReceiver = mpsc::UnboundedReceiver<Result<GenerateResponse, Status>>;
+pub type ResponseSender = mpsc::UnboundedSender<Result<GenerateResponse, ServeError>>;
+pub type ResponseReceiver = mpsc::UnboundedReceiver<Result<GenerateResponse, ServeError>>;
+
+/// Where the logits of a request's first sampled token go, for a caller in this process that
+/// asked for them (`helios logits`).
+pub type LogitsSender = oneshot::Sender<Vec<f32>>;
 
 /// Counts requests that have not ended; a request counts until its output is dropped.
 #[derive(Debug, Clone, Default)]
@@ -58,6 +62,7 @@ pub struct RequestOutput {
     logprobs: Option<u32>,
     /// Its spans, metrics and log lines; its id, token counts and timings.
     trace: RequestTrace,
+    logits: Option<LogitsSender>,
 }
 
 impl RequestOutput {
@@ -74,7 +79,15 @@ impl RequestOutput {
             stops: StopMatcher::new(req.stop.clone()),
             logprobs: req.logprobs,
             trace,
+            logits: None,
         }
+    }
+
+    /// Sends the logits of its first sampled token to `logits` (the request must ask the
+    /// ranks for them: `SequenceParams::return_logits`).
+    pub fn with_logits(mut self, logits: LogitsSender) -> Self {
+        self.logits = Some(logits);
+        self
     }
 
     pub fn request_id(&self) -> &str {
@@ -106,6 +119,9 @@ impl RequestOutput {
     pub fn push(&mut self, tokenizer: &TextTokenizer, s: Sampled) -> Result<Option<FinishReason>> {
         let now = Instant::now();
         self.trace.token(now);
+        if let (Some(row), Some(to)) = (s.logits, self.logits.take()) {
+            let _ = to.send(row);
+        }
         let delta = self.detok.push(tokenizer, s.token.token_id)?;
         let matched = self.stops.push(&delta);
         let mut text = matched.emit;
@@ -162,10 +178,10 @@ impl RequestOutput {
         let _ = self.tx.send(Ok(resp));
     }
 
-    /// Ends the request with an error status.
-    pub fn fail(mut self, status: Status) {
-        self.trace.failed(&status);
-        let _ = self.tx.send(Err(status));
+    /// Ends the request with an error.
+    pub fn fail(mut self, error: ServeError) {
+        self.trace.failed(&error);
+        let _ = self.tx.send(Err(error));
     }
 }
 
@@ -204,7 +220,7 @@ impl ResponseStream {
 }
 
 impl futures::Stream for ResponseStream {
-    type Item = Result<GenerateResponse, Status>;
+    type Item = Result<GenerateResponse, ServeError>;
 
     fn poll_next(
         mut self: std::pin::Pin<&mut Self>,
@@ -225,8 +241,8 @@ impl futures::Stream for ResponseStream {
             }
             Poll::Ready(None) => {
                 self.ended = true;
-                Poll::Ready(Some(Err(Status::internal(
-                    "the request ended without a finish reason (the server lost it)",
+                Poll::Ready(Some(Err(ServeError::Internal(
+                    "the request ended without a finish reason (the server lost it)".into(),
                 ))))
             }
             Poll::Pending => Poll::Pending,
@@ -235,7 +251,7 @@ impl futures::Stream for ResponseStream {
 }
 
 /// Folds a stream's responses into the one answer of the unary `Generate`.
-pub async fn collect(mut rx: ResponseReceiver) -> Result<GenerateResponse, Status> {
+pub async fn collect(mut rx: ResponseReceiver) -> Result<GenerateResponse, ServeError> {
     let mut whole = GenerateResponse::default();
     while let Some(resp) = rx.recv().await {
         let resp = resp?;
@@ -250,8 +266,8 @@ pub async fn collect(mut rx: ResponseReceiver) -> Result<GenerateResponse, Statu
             return Ok(whole);
         }
     }
-    Err(Status::internal(
-        "the request ended without a finish reason",
+    Err(ServeError::Internal(
+        "the request ended without a finish reason".into(),
     ))
 }
 
@@ -260,7 +276,7 @@ mod tests {
     use super::*;
     use futures::StreamExt;
 
-    fn response(finish: WireFinish) -> Result<GenerateResponse, Status> {
+    fn response(finish: WireFinish) -> Result<GenerateResponse, ServeError> {
         Ok(GenerateResponse {
             finish_reason: finish as i32,
             ..Default::default()
@@ -276,7 +292,7 @@ mod tests {
         assert_eq!(items.len(), 2);
         assert!(items[0].is_ok());
         let e = items[1].as_ref().unwrap_err();
-        assert_eq!(e.code(), tonic::Code::Internal);
+        assert!(matches!(e, ServeError::Internal(_)), "{e:?}");
 
         let (tx, rx) = mpsc::unbounded_channel();
         tx.send(response(WireFinish::Unspecified)).unwrap();

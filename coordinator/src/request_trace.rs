@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 use helios_proto::telemetry;
 use helios_proto::v1::Timings;
 use opentelemetry::trace::SpanContext;
-use tonic::{Code, Status};
 use tracing::field::Empty;
 use tracing::Span;
 
+use crate::error::ServeError;
 use crate::metrics::Metrics;
 
 /// Where a request is.
@@ -216,17 +216,12 @@ impl RequestTrace {
         self.end(reason, e2e, None);
     }
 
-    /// It ended with an error status.
-    pub fn failed(&mut self, status: &Status) {
-        let reason = match status.code() {
-            Code::DeadlineExceeded => "deadline",
-            Code::ResourceExhausted | Code::InvalidArgument => "rejected",
-            _ => "error",
-        };
-        self.end(reason, self.arrival.elapsed(), Some(status));
+    /// It ended with an error.
+    pub fn failed(&mut self, error: &ServeError) {
+        self.end(error.finish_label(), self.arrival.elapsed(), Some(error));
     }
 
-    fn end(&mut self, reason: &'static str, e2e: Duration, status: Option<&Status>) {
+    fn end(&mut self, reason: &'static str, e2e: Duration, error: Option<&ServeError>) {
         if self.phase == Phase::Ended {
             return;
         }
@@ -239,7 +234,7 @@ impl RequestTrace {
         let ttft_ms = self
             .first_token
             .map(|t| t.duration_since(self.arrival).as_secs_f64() * 1e3);
-        match status {
+        match error {
             None => tracing::info!(
                 request_id = %self.request_id,
                 finish_reason = reason,
@@ -250,13 +245,12 @@ impl RequestTrace {
                 e2e_ms = e2e.as_secs_f64() * 1e3,
                 "request finished"
             ),
-            Some(status) => {
+            Some(error) => {
                 span.record("otel.status_code", "ERROR");
                 tracing::warn!(
                     request_id = %self.request_id,
                     finish_reason = reason,
-                    code = ?status.code(),
-                    error = status.message(),
+                    %error,
                     output_tokens = self.completion_tokens,
                     "request failed"
                 );

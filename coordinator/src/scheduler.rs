@@ -48,6 +48,9 @@ pub struct SequenceParams {
     pub priority: i32,
     /// When the client stops waiting: past it the sequence is dropped, wherever it is.
     pub deadline: Option<Instant>,
+    /// Rank 0 returns the whole logits row of every token sampled for it (debugging and
+    /// tests: `helios logits`); a step carries logits only when one of its sequences asks.
+    pub return_logits: bool,
 }
 
 pub struct Sequence {
@@ -113,6 +116,8 @@ impl Sequence {
 pub struct Sampled {
     pub token: SampledToken,
     pub finish: Option<FinishReason>,
+    /// The logits it was sampled from, when the sequence asked for them.
+    pub logits: Option<Vec<f32>>,
 }
 
 /// Why a sequence was not queued.
@@ -138,6 +143,13 @@ pub struct StepFailed {
     pub error: anyhow::Error,
 }
 
+/// Tokens one step may feed, when not configured: decodes first, then chunks of prompts.
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 512;
+/// Sequences one step may hold, when not configured.
+pub const DEFAULT_MAX_RUNNING: usize = 256;
+/// Requests that may wait for a place, when not configured; beyond it new ones are refused.
+pub const DEFAULT_MAX_WAITING: usize = 1024;
+
 #[derive(Debug, Clone, Copy)]
 pub struct SchedulerConfig {
     pub max_batch_tokens: usize,
@@ -150,17 +162,22 @@ pub struct SchedulerConfig {
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
-            max_batch_tokens: 2048,
-            max_running: 256,
-            max_waiting: 4096,
+            max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
+            max_running: DEFAULT_MAX_RUNNING,
+            max_waiting: DEFAULT_MAX_WAITING,
             prefix_caching: true,
         }
     }
 }
 
-/// Counters since start.
-#[derive(Debug, Default, Clone, Copy)]
+/// What the scheduler holds now, and its counters since start: the scheduler's part of a
+/// replica's published snapshot.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerStats {
+    pub running: u32,
+    pub waiting: u32,
+    pub kv_blocks_free: u32,
+    pub kv_blocks_total: u32,
     pub preemptions: u64,
     /// Tokens of sequences looked up in the prefix cache when (re)admitted, and those found.
     pub prefix_query_tokens: u64,
@@ -236,7 +253,14 @@ impl Scheduler {
     }
 
     pub fn stats(&self) -> SchedulerStats {
-        self.stats
+        let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        SchedulerStats {
+            running: n(self.running.len()),
+            waiting: n(self.waiting.len()),
+            kv_blocks_free: n(self.blocks.num_free()),
+            kv_blocks_total: n(self.blocks.num_total()),
+            ..self.stats
+        }
     }
 
     pub fn is_idle(&self) -> bool {
@@ -307,18 +331,6 @@ impl Scheduler {
             self.abort(id);
         }
         late
-    }
-
-    /// The block manager, for callers that plan their own steps (teacher forcing) on an idle
-    /// scheduler.
-    pub fn blocks_mut(&mut self) -> Option<&mut BlockManager> {
-        self.is_idle().then_some(&mut self.blocks)
-    }
-
-    /// A fresh step id (ids only need to be unique on the stream).
-    pub fn next_step_id(&mut self) -> u64 {
-        self.next_step += 1;
-        self.next_step - 1
     }
 
     fn free_blocks(&mut self, s: &mut Sequence) {
@@ -427,7 +439,11 @@ impl Scheduler {
             }
             return Ok(None);
         }
-        let step_id = self.next_step_id();
+        let step_id = self.next_step;
+        self.next_step += 1;
+        let return_logits = planned
+            .iter()
+            .any(|p| p.sample && self.seqs[&p.id].params.return_logits);
         self.planned.push_back(PlannedStep {
             step_id,
             seqs: planned,
@@ -435,7 +451,7 @@ impl Scheduler {
         Ok(Some(StepPlan {
             step_id,
             seqs: steps,
-            return_logits: false,
+            return_logits,
             finished_seq_ids: std::mem::take(&mut self.forgotten),
             trace_context: Default::default(),
         }))
@@ -576,6 +592,11 @@ impl Scheduler {
             seqs: Vec::new(),
         });
         let mut tokens = result.tokens.into_iter();
+        let mut logits: HashMap<u64, Vec<f32>> = result
+            .logits
+            .into_iter()
+            .map(|l| (l.seq_id, l.values))
+            .collect();
         let mut out = Vec::new();
         for p in step.seqs {
             let t = if p.sample { tokens.next() } else { None };
@@ -600,7 +621,16 @@ impl Scheduler {
             } else {
                 None
             };
-            out.push(Sampled { token: t, finish });
+            let logits = if s.params.return_logits {
+                logits.remove(&p.id)
+            } else {
+                None
+            };
+            out.push(Sampled {
+                token: t,
+                finish,
+                logits,
+            });
         }
         for s in &out {
             if s.finish.is_some() {

@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::block_manager::BlockManager;
+use crate::replica::Published;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 
 /// How every rank is initialised.
@@ -57,51 +58,21 @@ pub struct ShardedClient {
     shards: Vec<Shard>,
     /// The first failure of any rank's step stream (it ended or broke: the rank is gone).
     failure: Arc<watch::Sender<Option<String>>>,
-    /// Per rank: its step stream is open (`helios_worker_up`).
-    up: RanksUp,
+    closing: Closing,
 }
 
-/// Whether each rank's step stream is alive, shared with whoever reports it (`/metrics`), and
-/// whether the ranks are being stopped on purpose.
+/// Set when the ranks are being stopped on purpose (shutdown): a step stream that ends from
+/// then on is no failure, and is not logged as one.
 #[derive(Debug, Clone, Default)]
-pub struct RanksUp(Arc<RankStates>);
+pub struct Closing(Arc<AtomicBool>);
 
-#[derive(Debug, Default)]
-struct RankStates {
-    up: Vec<AtomicBool>,
-    closing: AtomicBool,
-}
-
-impl RanksUp {
-    fn new(n: usize) -> Self {
-        Self(Arc::new(RankStates {
-            up: (0..n).map(|_| AtomicBool::new(false)).collect(),
-            closing: AtomicBool::new(false),
-        }))
-    }
-
-    pub fn get(&self) -> Vec<bool> {
-        self.0
-            .up
-            .iter()
-            .map(|u| u.load(Ordering::Relaxed))
-            .collect()
-    }
-
-    fn set(&self, rank: usize, up: bool) {
-        if let Some(u) = self.0.up.get(rank) {
-            u.store(up, Ordering::Relaxed);
-        }
-    }
-
-    /// The ranks are being stopped on purpose (shutdown): a step stream that ends from now on
-    /// is no failure.
+impl Closing {
     pub fn close(&self) {
-        self.0.closing.store(true, Ordering::Relaxed);
+        self.0.store(true, Ordering::Relaxed);
     }
 
-    fn closing(&self) -> bool {
-        self.0.closing.load(Ordering::Relaxed)
+    pub fn is_closing(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
     }
 }
 
@@ -113,8 +84,6 @@ pub struct RankTimes {
     pub compute_us: u64,
     pub allreduce_us: u64,
 }
-
-const MAX_MESSAGE: usize = 256 << 20;
 
 impl ShardedClient {
     /// Connects to the workers at `addrs` (indexed by rank).
@@ -132,8 +101,8 @@ impl ShardedClient {
                 .await
                 .with_context(|| format!("connecting to rank {rank} at {addr}"))?;
             let client = WorkerClient::new(channel)
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE);
+                .max_decoding_message_size(helios_proto::MAX_WORKER_MESSAGE_BYTES)
+                .max_encoding_message_size(helios_proto::MAX_WORKER_MESSAGE_BYTES);
             shards.push(Shard {
                 rank,
                 client,
@@ -142,9 +111,9 @@ impl ShardedClient {
         }
         let (failure, _) = watch::channel(None);
         Ok(Self {
-            up: RanksUp::new(shards.len()),
             shards,
             failure: Arc::new(failure),
+            closing: Closing::default(),
         })
     }
 
@@ -152,14 +121,9 @@ impl ShardedClient {
         self.shards.len()
     }
 
-    /// Which ranks take steps (all of them from `init` until one is gone).
-    pub fn ranks_up(&self) -> RanksUp {
-        self.up.clone()
-    }
-
-    /// Whether the ranks are being stopped on purpose ([`RanksUp::close`]).
-    pub fn closing(&self) -> bool {
-        self.up.closing()
+    /// The flag that says the ranks are being stopped on purpose.
+    pub fn closing(&self) -> &Closing {
+        &self.closing
     }
 
     /// Watches for the first rank failure; the value is `Some(why)` once a rank is gone.
@@ -168,9 +132,9 @@ impl ShardedClient {
     }
 
     /// Hands every rank its place and its peers, loads the model everywhere, opens the step
-    /// streams.
+    /// streams. Whether each rank's stream is open goes to `published` (`ranks_up`).
     #[tracing::instrument(skip_all, fields(world = self.shards.len()))]
-    pub async fn init(&mut self, opts: &InitOptions) -> Result<ReplicaInfo> {
+    pub async fn init(&mut self, opts: &InitOptions, published: &Published) -> Result<ReplicaInfo> {
         let world = self.shards.len();
         let healths = join_all(self.shards.iter_mut().map(|s| async move {
             let h = s
@@ -226,8 +190,9 @@ impl ShardedClient {
                 .with_context(|| format!("opening the step stream of rank {}", s.rank))?
                 .into_inner();
             let (results_tx, results_rx) = mpsc::channel(2);
-            let (rank, failure, up) = (s.rank, self.failure.clone(), self.up.clone());
-            up.set(rank, true);
+            let (rank, failure) = (s.rank, self.failure.clone());
+            let (published, closing) = (published.clone(), self.closing.clone());
+            published.set_rank_up(rank, true);
             tokio::spawn(async move {
                 let why = loop {
                     match answers.message().await {
@@ -240,8 +205,8 @@ impl ShardedClient {
                         Err(st) => break format!("rank {rank}: {}", st.message()),
                     }
                 };
-                up.set(rank, false);
-                if up.closing() {
+                published.set_rank_up(rank, false);
+                if closing.is_closing() {
                     tracing::debug!("{why} (shutting down)");
                     return;
                 }
@@ -254,14 +219,6 @@ impl ShardedClient {
             facts,
             num_kv_blocks,
         })
-    }
-
-    /// Runs one step on every rank; returns rank 0's result. Fails as soon as any rank is
-    /// gone, even while other ranks are still waiting on it.
-    pub async fn step(&mut self, plan: StepPlan) -> Result<StepResult> {
-        let step_id = plan.step_id;
-        self.send(plan).await?;
-        Ok(self.receive(step_id).await?.0)
     }
 
     /// Hands a plan to every rank without waiting for the answers: the coordinator plans the

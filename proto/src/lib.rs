@@ -18,6 +18,18 @@ impl v1::SamplingParams {
     }
 }
 
+/// Positions per KV-cache block, when not configured (vLLM's default): the coordinator's block
+/// manager and every rank's cache agree on it at Init.
+pub const DEFAULT_BLOCK_SIZE: u32 = 16;
+
+/// Each rank's KV-cache budget when not configured, in MiB.
+pub const DEFAULT_KV_CACHE_MIB: u64 = 256;
+
+/// The largest message either side of `helios.v1.Worker` accepts. A step plan or result is
+/// tiny (tens of bytes per sequence), but one that returns logits carries a whole vocabulary
+/// row per sequence: ample room for a large batch of those.
+pub const MAX_WORKER_MESSAGE_BYTES: usize = 256 << 20;
+
 /// The encoded `FileDescriptorSet` of every Helios proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/helios_descriptor.bin"));

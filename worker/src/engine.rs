@@ -39,9 +39,9 @@ impl EngineOptions {
     pub fn cpu(model_path: impl Into<PathBuf>) -> Self {
         Self {
             model_path: model_path.into(),
-            block_size: 16,
+            block_size: helios_proto::DEFAULT_BLOCK_SIZE as usize,
             num_kv_blocks: None,
-            kv_cache_memory_bytes: 256 << 20,
+            kv_cache_memory_bytes: helios_proto::DEFAULT_KV_CACHE_MIB << 20,
             dequantize: false,
             device: Device::Cpu,
         }

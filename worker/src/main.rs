@@ -76,8 +76,8 @@ async fn main() -> Result<()> {
     tonic::transport::Server::builder()
         .add_service(
             WorkerServer::new(service)
-                .max_decoding_message_size(256 << 20)
-                .max_encoding_message_size(256 << 20),
+                .max_decoding_message_size(helios_proto::MAX_WORKER_MESSAGE_BYTES)
+                .max_encoding_message_size(helios_proto::MAX_WORKER_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -22,7 +22,7 @@ use serde_json::Value;
 use super::error::ApiError;
 
 /// The largest request body, as the gRPC transport's largest message.
-pub const MAX_BODY_BYTES: usize = crate::server::MAX_REQUEST_BYTES;
+pub const MAX_BODY_BYTES: usize = crate::front_door::MAX_REQUEST_BYTES;
 /// How much of an oversized body is read and dropped before the error is sent; a client that
 /// announces more is answered at once (and its connection closed).
 pub const DRAIN_BYTES: usize = 64 << 20;

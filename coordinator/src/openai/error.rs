@@ -4,22 +4,22 @@
 //!
 //! Every way a request can fail answers in this shape, so a client needs one error path: a
 //! body that is not JSON, a field of the wrong type, a body over the limit, an unknown route or
-//! model, and every gRPC status of the [`Serving`](crate::serving::Serving) path that gRPC
-//! clients get (the same admission, so the same messages):
+//! model, and every [`ServeError`] of the front door, which gRPC clients get too (the same
+//! admission, so the same messages). This is the one place the core's errors become HTTP's:
 //!
-//! | gRPC status | HTTP |
+//! | `ServeError` | HTTP |
 //! |---|---|
-//! | INVALID_ARGUMENT, OUT_OF_RANGE | 400 `invalid_request_error` |
-//! | NOT_FOUND | 404 |
-//! | RESOURCE_EXHAUSTED (the waiting queue is full) | 429 |
-//! | DEADLINE_EXCEEDED | 504 |
-//! | UNAVAILABLE (draining, replica down) | 503 |
-//! | anything else | 500 |
+//! | `InvalidArgument` | 400 `invalid_request_error`, `param` the field (OpenAI's name) |
+//! | `QueueFull` | 429 `rate_limit_exceeded` |
+//! | `DeadlineExceeded` | 504 `timeout` |
+//! | `Starting`, `Draining`, `ReplicaDown`, `Recovering` | 503 `service_unavailable` |
+//! | `Internal` | 500 |
 
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use tonic::{Code, Status};
+
+use crate::error::ServeError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
@@ -46,22 +46,9 @@ struct Detail<'a> {
     code: Option<&'a str>,
 }
 
-/// Admission names its fields as the gRPC API does; the first word of its message says which.
-/// The OpenAI names of the fields whose names differ.
+/// Admission names its fields as the gRPC API does; the OpenAI names of those whose names
+/// differ (every other field is named alike).
 const RENAMED: [(&str, &str); 2] = [("max_new_tokens", "max_tokens"), ("token_ids", "prompt")];
-/// Fields whose names the APIs share.
-const SHARED: [&str; 10] = [
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "frequency_penalty",
-    "presence_penalty",
-    "logprobs",
-    "stop_token_ids",
-    "messages",
-];
 
 impl ApiError {
     fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
@@ -119,47 +106,47 @@ impl ApiError {
         self
     }
 
-    /// The error of a gRPC status from the serving path (see the table above).
-    pub fn from_status(s: &Status) -> Self {
-        let message = s.message().to_string();
-        match s.code() {
-            Code::InvalidArgument | Code::OutOfRange => {
-                let mut message = message;
-                let first = message
-                    .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                    .next()
-                    .unwrap_or_default()
-                    .to_string();
-                let mut param = SHARED.contains(&first.as_str()).then(|| first.clone());
-                if let Some((grpc, openai)) = RENAMED.iter().find(|(g, _)| *g == first) {
-                    message = message.replacen(grpc, openai, 1);
-                    param = Some(openai.to_string());
-                } else if message.contains("stop string") || first == "stop" {
-                    param = Some("stop".into());
-                } else if message.starts_with("the prompt") || message.starts_with("empty input") {
-                    param = Some("prompt".into());
+    /// The error of a [`ServeError`] (see the table above). A message that starts with a
+    /// field renamed in OpenAI's API says the OpenAI name.
+    pub fn from_serve(e: ServeError) -> Self {
+        let unavailable = |message: String| {
+            let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message);
+            e.code = Some("service_unavailable");
+            e
+        };
+        match e {
+            ServeError::InvalidArgument { field, message } => {
+                let Some(field) = field else {
+                    return Self::invalid(message);
+                };
+                match RENAMED.iter().find(|(grpc, _)| *grpc == field) {
+                    Some((grpc, openai)) => {
+                        Self::invalid_param(openai, message.replacen(grpc, openai, 1))
+                    }
+                    None => Self::invalid_param(field, message),
                 }
-                let mut e = Self::invalid(message);
-                e.param = param;
-                e
             }
-            Code::NotFound => Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message),
-            Code::ResourceExhausted => {
-                let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message);
+            ServeError::QueueFull(_) => {
+                let mut e = Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    e.to_string(),
+                );
                 e.code = Some("rate_limit_exceeded");
                 e
             }
-            Code::DeadlineExceeded => {
-                let mut e = Self::new(StatusCode::GATEWAY_TIMEOUT, "server_error", message);
+            ServeError::DeadlineExceeded => {
+                let mut e = Self::new(StatusCode::GATEWAY_TIMEOUT, "server_error", e.to_string());
                 e.code = Some("timeout");
                 e
             }
-            Code::Unavailable => {
-                let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message);
-                e.code = Some("service_unavailable");
-                e
+            ServeError::Starting
+            | ServeError::Draining
+            | ServeError::ReplicaDown(_)
+            | ServeError::Recovering(_) => unavailable(e.to_string()),
+            ServeError::Internal(message) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
             }
-            _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message),
         }
     }
 
@@ -186,9 +173,9 @@ impl ApiError {
     }
 }
 
-impl From<Status> for ApiError {
-    fn from(s: Status) -> Self {
-        Self::from_status(&s)
+impl From<ServeError> for ApiError {
+    fn from(e: ServeError) -> Self {
+        Self::from_serve(e)
     }
 }
 
@@ -204,32 +191,58 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grpc_statuses_map_to_http_statuses_and_name_the_field() {
-        let e = ApiError::from(Status::invalid_argument(
+    fn serve_errors_map_to_http_statuses_and_name_the_field() {
+        let e = ApiError::from(ServeError::invalid(
+            "max_new_tokens",
             "max_new_tokens must be at least 1",
         ));
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         assert_eq!(e.message, "max_tokens must be at least 1");
         assert_eq!(e.param.as_deref(), Some("max_tokens"));
-        let e = ApiError::from(Status::invalid_argument("top_p must be in (0, 1]"));
+        let e = ApiError::from(ServeError::invalid("top_p", "top_p must be in (0, 1]"));
         assert_eq!(e.param.as_deref(), Some("top_p"));
-        let e = ApiError::from(Status::invalid_argument(
+        let e = ApiError::from(ServeError::invalid(
+            "stop",
             "stop[0] must be 1 to 256 bytes long",
         ));
         assert_eq!(e.param.as_deref(), Some("stop"));
-        let e = ApiError::from(Status::invalid_argument("the prompt is 9000 tokens; ..."));
+        let e = ApiError::from(ServeError::invalid(
+            "token_ids",
+            "token_ids: 99999 is outside the vocabulary (size 49152)",
+        ));
+        assert_eq!(
+            e.message,
+            "prompt: 99999 is outside the vocabulary (size 49152)"
+        );
+        let e = ApiError::from(ServeError::invalid(
+            "prompt",
+            "the prompt is 9000 tokens; ...",
+        ));
         assert_eq!(e.clone().for_chat().param.as_deref(), Some("messages"));
         assert_eq!(e.param.as_deref(), Some("prompt"));
-        for (code, http) in [
-            (Code::NotFound, 404),
-            (Code::ResourceExhausted, 429),
-            (Code::DeadlineExceeded, 504),
-            (Code::Unavailable, 503),
-            (Code::Internal, 500),
-            (Code::Cancelled, 500),
+        let e = ApiError::from(ServeError::invalid_request("set only one of prompt, ..."));
+        assert_eq!((e.status.as_u16(), e.param), (400, None));
+        for (error, http, code) in [
+            (ServeError::QueueFull(3), 429, Some("rate_limit_exceeded")),
+            (ServeError::DeadlineExceeded, 504, Some("timeout")),
+            (ServeError::Starting, 503, Some("service_unavailable")),
+            (ServeError::Draining, 503, Some("service_unavailable")),
+            (
+                ServeError::ReplicaDown("x".into()),
+                503,
+                Some("service_unavailable"),
+            ),
+            (
+                ServeError::Recovering("x".into()),
+                503,
+                Some("service_unavailable"),
+            ),
+            (ServeError::Internal("x".into()), 500, None),
         ] {
-            let e = ApiError::from(Status::new(code, "x"));
-            assert_eq!(e.status.as_u16(), http, "{code:?}");
+            let message = error.to_string();
+            let e = ApiError::from(error);
+            assert_eq!((e.status.as_u16(), e.code), (http, code), "{message}");
+            assert_eq!(e.message, message);
         }
     }
 

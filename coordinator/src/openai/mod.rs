@@ -3,7 +3,7 @@
 //! API (`--http-port`, default 8080).
 //!
 //! An OpenAI request is translated into the gRPC API's `GenerateRequest` ([`translate`]) and
-//! takes the same [`Serving::generate`] path as a gRPC request: the same admission and
+//! takes the same [`FrontDoor::generate`] path as a gRPC request: the same admission and
 //! messages, the same scheduler, priorities and limits, the same cancellation when the client
 //! goes away. Only the envelope differs: [`types`] (the JSON), [`body`] (reading it),
 //! [`respond`] (answers and event streams), [`logprobs`], [`error`] (every failure in OpenAI's
@@ -14,13 +14,14 @@
 //! | `POST /v1/completions` | `prompt` (a string or token ids) |
 //! | `POST /v1/chat/completions` | `messages`, rendered with the model's chat template |
 //! | `GET /v1/models`, `GET /v1/models/{id}` | the one model, under the id requests name it by |
-//! | `GET /health` | 200 while serving; 503 while draining or with a rank down |
+//! | `GET /health` | 200 while serving; 503 while starting, draining, recovering or down |
+//! | `GET /metrics` | Prometheus text (OpenMetrics when the scraper asks for it) |
 //!
 //! The model is named by its file name without `.gguf` (or its directory's name), e.g.
 //! `SmolLM2-135M-Instruct.Q4_1`, or by the path the server was started with (what ModelInfo
 //! reports); a request without `model` gets it too. Any other name is 404 `model_not_found`.
 //!
-//! Shutdown: the server drains with the gRPC server (see `server::drain_on_signal`): while
+//! Shutdown: the server drains with the gRPC server (see `shutdown::drain_on_signal`): while
 //! requests in flight finish, new ones are answered 503 and `/health` says 503; then both stop.
 
 pub mod body;
@@ -52,14 +53,14 @@ use self::error::ApiError;
 use self::respond::{Endpoint, Responder};
 use self::translate::Translated;
 use self::types::{ChatRequest, Common, CompletionRequest, ModelCard, ModelList};
+use crate::error::ServeError;
+use crate::front_door::{CallContext, FrontDoor};
 use crate::output::collect;
-use crate::serving::{CallContext, Serving};
-use crate::step_loop::ReplicaState;
 
 /// What every handler shares.
 #[derive(Clone)]
 struct App {
-    serving: Serving,
+    front: FrontDoor,
     model: Arc<ModelNames>,
 }
 
@@ -126,14 +127,14 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:016x}", h.finish())
 }
 
-/// The HTTP API's routes over `serving`, with `/health` and Prometheus' `/metrics`; further
+/// The HTTP API's routes over `front`, with `/health` and Prometheus' `/metrics`; further
 /// endpoints are one more `.route(...)` here and share [`App`] and the error shape through the
 /// fallbacks.
-pub fn router(serving: Serving) -> Router {
-    let info = serving.model_info();
+pub fn router(front: FrontDoor) -> Router {
+    let max_model_len = front.limits().max_model_len as u32;
     let app = App {
-        model: Arc::new(ModelNames::new(&info.model, info.max_model_len)),
-        serving,
+        model: Arc::new(ModelNames::new(front.model_name(), max_model_len)),
+        front,
     };
     Router::new()
         .route("/health", get(health))
@@ -155,7 +156,7 @@ pub fn router(serving: Serving) -> Router {
 /// flight finish (see the module doc for how that follows the gRPC server's drain).
 pub async fn serve(
     listener: TcpListener,
-    serving: Serving,
+    front: FrontDoor,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     // Small writes (one token per event) must not wait for Nagle's algorithm.
@@ -164,24 +165,23 @@ pub async fn serve(
             tracing::debug!("TCP_NODELAY on an HTTP connection: {e}");
         }
     });
-    axum::serve(listener, router(serving))
+    axum::serve(listener, router(front))
         .with_graceful_shutdown(shutdown)
         .await
         .context("serving HTTP")
 }
 
+/// 200 `{"status": "serving"}` while serving; otherwise 503 with the state's name
+/// (`starting`, `draining`, `recovering`, `down`) and, when there is one, its `reason`.
 async fn health(State(app): State<App>) -> Response {
-    let state = app.serving.state().borrow().clone();
-    let (status, body) = match state {
-        ReplicaState::Serving => (StatusCode::OK, serde_json::json!({"status": "serving"})),
-        ReplicaState::Draining => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"status": "draining"}),
-        ),
-        ReplicaState::Down(why) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            serde_json::json!({"status": "down", "reason": why}),
-        ),
+    let state = app.front.state();
+    let mut body = serde_json::json!({ "status": state.name() });
+    if let Some(why) = state.reason() {
+        body["reason"] = why.into();
+    }
+    let status = match state.refusal() {
+        None => StatusCode::OK,
+        Some(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     (status, Json(body)).into_response()
 }
@@ -193,7 +193,7 @@ async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains("application/openmetrics-text"));
-    let (text, content_type) = app.serving.metrics_text(openmetrics);
+    let (text, content_type) = app.front.metrics_text(openmetrics);
     ([(header::CONTENT_TYPE, content_type)], text).into_response()
 }
 
@@ -245,19 +245,15 @@ impl App {
         t: Translated,
         headers: &HeaderMap,
     ) -> Result<Response, ApiError> {
-        let error = |s: tonic::Status| match endpoint {
-            Endpoint::Chat => ApiError::from(s).for_chat(),
-            Endpoint::Completions => ApiError::from(s),
+        let error = |e: ServeError| match endpoint {
+            Endpoint::Chat => ApiError::from(e).for_chat(),
+            Endpoint::Completions => ApiError::from(e),
         };
         let call = CallContext {
             deadline: None,
             trace_parent: telemetry::extract(&telemetry::HeaderExtractor(headers)),
         };
-        let rx = self
-            .serving
-            .generate(t.request, call)
-            .await
-            .map_err(error)?;
+        let rx = self.front.generate(t.request, call).await.map_err(error)?;
         let responder = Responder::new(
             endpoint,
             id,
@@ -265,7 +261,7 @@ impl App {
             self.model.card.id.clone(),
             t.logprobs,
             t.include_usage,
-            self.serving.tokenizer(),
+            self.front.tokenizer(),
         );
         if t.stream {
             return Ok(responder.stream(rx));

@@ -21,7 +21,6 @@ use axum::response::{IntoResponse, Response};
 use futures::{stream, StreamExt};
 use helios_proto::v1::{FinishReason, GenerateResponse};
 use serde::Serialize;
-use tonic::Status;
 
 use super::error::ApiError;
 use super::logprobs;
@@ -30,6 +29,7 @@ use super::types::{
     ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatMessageOut, Completion,
     CompletionChoice, Delta, Usage,
 };
+use crate::error::ServeError;
 use crate::output::{ResponseReceiver, ResponseStream};
 use crate::tokenizer::TextTokenizer;
 
@@ -189,10 +189,10 @@ impl Responder {
 
     /// The events (their `data`) one response of the stream makes: none while a token adds no
     /// text (a partial character, a possible stop string) unless logprobs were asked for.
-    pub fn events(&mut self, item: Result<GenerateResponse, Status>) -> Vec<String> {
+    pub fn events(&mut self, item: Result<GenerateResponse, ServeError>) -> Vec<String> {
         let r = match item {
             Ok(r) => r,
-            Err(status) => return vec![ApiError::from(status).to_json(), "[DONE]".into()],
+            Err(e) => return vec![ApiError::from(e).to_json(), "[DONE]".into()],
         };
         let finish = finish_reason(r.finish_reason);
         let mut out = Vec::new();
@@ -265,7 +265,7 @@ mod tests {
         Responder::new(endpoint, id, 7, "m".into(), logprobs, usage, tokenizer())
     }
 
-    fn token(id: u32, text: &str, finish: FinishReason) -> Result<GenerateResponse, Status> {
+    fn token(id: u32, text: &str, finish: FinishReason) -> Result<GenerateResponse, ServeError> {
         let last = finish != FinishReason::Unspecified;
         Ok(GenerateResponse {
             text: text.into(),
@@ -346,7 +346,7 @@ mod tests {
     #[test]
     fn an_error_after_the_start_is_an_error_event_then_done() {
         let mut r = responder(Endpoint::Completions, LogprobsFormat::None, true);
-        let events = r.events(Err(Status::unavailable("the replica is down: rank 1")));
+        let events = r.events(Err(ServeError::ReplicaDown("rank 1".into())));
         assert_eq!(events.len(), 2);
         assert_eq!(events[1], "[DONE]");
         let v = parse(&events);

@@ -5,9 +5,9 @@
 //! all ranks stay in lockstep (same hidden states, same sampled tokens): implementations sum the
 //! ranks' contributions in rank order on every rank.
 //!
-//! The lm_head is kept whole on rank 0 (which alone samples), so no gather is needed; that
-//! departs from DESIGN.md's vocab-parallel lm_head, which pays off only on GPUs where rank 0's
-//! memory is the limit.
+//! The lm_head is kept whole on rank 0 (which alone samples), so no gather is needed; a
+//! vocab-parallel lm_head pays off only on GPUs where rank 0's memory is the limit
+//! (docs/architecture.md, "Departures").
 //!
 //! Because rank 0 alone samples, it alone knows the tokens it sampled in the previous step; when
 //! the coordinator plans ahead of those tokens (`SequenceStep.feed_sampled`), rank 0 hands them

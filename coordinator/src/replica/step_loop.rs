@@ -24,23 +24,27 @@
 //! and the links lead from any of them to the rest.
 //!
 //! A rank that fails (its step stream ends: the process died, the connection broke) takes the
-//! replica down: every accepted request is answered UNAVAILABLE, health turns NOT_SERVING, and
-//! every later request is answered UNAVAILABLE at once. Recovering a replica without losing
-//! requests is a later issue; the coordinator itself keeps serving everything else.
+//! replica down: every accepted request is answered [`ServeError::ReplicaDown`], the replica's
+//! state says so (health turns NOT_SERVING), and every later request is refused at once. The
+//! coordinator itself keeps serving everything else.
+//!
+//! This is the only place steps are driven: servers, `helios generate` without a server, the
+//! `helios logits` debugging command and the engine benchmark all come here through the front
+//! door.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use helios_proto::telemetry;
 use helios_proto::v1::StepPlan;
-use tokio::sync::{mpsc, watch};
-use tonic::Status;
+use tokio::sync::mpsc;
 use tracing::field::Empty;
 use tracing::Span;
 
+use super::{Published, ReplicaState};
 use crate::admission::Admitted;
+use crate::error::ServeError;
 use crate::metrics::Metrics;
 use crate::output::RequestOutput;
 use crate::request_trace::RequestTrace;
@@ -64,33 +68,6 @@ pub enum LoopMessage {
     CancelAll,
 }
 
-/// Whether the replica can take requests.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReplicaState {
-    Serving,
-    /// Shutting down: requests in flight finish, new ones are refused.
-    Draining,
-    /// A rank failed; the reason.
-    Down(String),
-}
-
-/// Numbers the step loop publishes after every turn (ModelInfo, later metrics).
-#[derive(Debug, Default)]
-pub struct LoopStats {
-    pub kv_blocks_free: AtomicU32,
-    pub running: AtomicU32,
-    pub waiting: AtomicU32,
-    pub preemptions: AtomicU64,
-    pub prefix_query_tokens: AtomicU64,
-    pub prefix_hit_tokens: AtomicU64,
-    pub steps: AtomicU64,
-    /// Microseconds the slowest rank spent computing steps; rank 0 waiting between
-    /// back-to-back steps (the coordinator's turnaround), and the longest wait of any rank.
-    pub step_compute_us: AtomicU64,
-    pub step_gap_us: AtomicU64,
-    pub step_rank_wait_us: AtomicU64,
-}
-
 /// A step the ranks are running.
 struct InFlight {
     step_id: u64,
@@ -103,7 +80,8 @@ struct InFlight {
 
 /// What the step loop reports beside its answers.
 pub struct Observers {
-    pub stats: Arc<LoopStats>,
+    /// The replica's snapshot: the scheduler's numbers, step totals, going down.
+    pub published: Published,
     pub metrics: Arc<Metrics>,
     /// Spans are exported: steps get spans, and plans carry their context to the ranks.
     pub tracing: bool,
@@ -116,10 +94,9 @@ pub struct StepLoop {
     requests: mpsc::UnboundedReceiver<LoopMessage>,
     outputs: HashMap<u64, RequestOutput>,
     next_seq: u64,
-    stats: Arc<LoopStats>,
+    published: Published,
     metrics: Arc<Metrics>,
     tracing: bool,
-    state: Arc<watch::Sender<ReplicaState>>,
     overlap: bool,
 }
 
@@ -133,7 +110,6 @@ impl StepLoop {
         tokenizer: Arc<TextTokenizer>,
         requests: mpsc::UnboundedReceiver<LoopMessage>,
         observers: Observers,
-        state: Arc<watch::Sender<ReplicaState>>,
         overlap: bool,
     ) -> Self {
         Self {
@@ -143,10 +119,9 @@ impl StepLoop {
             requests,
             outputs: HashMap::new(),
             next_seq: 0,
-            stats: observers.stats,
+            published: observers.published,
             metrics: observers.metrics,
             tracing: observers.tracing,
-            state,
             overlap,
         }
     }
@@ -168,7 +143,7 @@ impl StepLoop {
                 let plan = match self.scheduler.schedule() {
                     Ok(plan) => plan,
                     Err(e) => {
-                        self.fail_all(Status::internal(format!("scheduling failed: {e:#}")));
+                        self.fail_all(ServeError::Internal(format!("scheduling failed: {e:#}")));
                         continue;
                     }
                 };
@@ -228,11 +203,11 @@ impl StepLoop {
         let (result, times) = match result {
             Ok(r) => r,
             Err(_) if stale => return Ok(Vec::new()),
-            Err(e) if self.client.closing() => {
+            Err(e) if self.client.closing().is_closing() => {
                 // Shutting down: the ranks stopped mid-step on purpose.
                 tracing::debug!("step {} unanswered at shutdown: {e:#}", step.step_id);
                 for id in self.scheduler.fail_planned() {
-                    self.finish_with(id, Status::unavailable("the server is shutting down"));
+                    self.finish_with(id, ServeError::Draining);
                 }
                 return Ok(Vec::new());
             }
@@ -240,21 +215,21 @@ impl StepLoop {
                 tracing::error!("step {} failed: {e:#}", step.step_id);
                 step.span.record("error", format!("{e:#}"));
                 for id in self.scheduler.fail_planned() {
-                    self.finish_with(id, Status::internal(format!("{e:#}")));
+                    self.finish_with(id, ServeError::Internal(format!("{e:#}")));
                 }
                 return Ok(Vec::new());
             }
         };
         let longest_wait_us = times.iter().map(|t| t.wait_us).max().unwrap_or(0);
-        let s = &self.stats;
-        s.steps.fetch_add(1, Ordering::Relaxed);
-        s.step_compute_us
-            .fetch_add(result.compute_us, Ordering::Relaxed);
-        if step.back_to_back {
-            s.step_gap_us.fetch_add(result.wait_us, Ordering::Relaxed);
-            s.step_rank_wait_us
-                .fetch_add(longest_wait_us, Ordering::Relaxed);
-        }
+        self.published.update(|s| {
+            let t = &mut s.steps;
+            t.steps += 1;
+            t.compute_us += result.compute_us;
+            if step.back_to_back {
+                t.gap_us += result.wait_us;
+                t.rank_wait_us += longest_wait_us;
+            }
+        });
         self.metrics.step(result.compute_us, &times);
         let span = &step.span;
         span.record("compute_us", result.compute_us);
@@ -272,7 +247,7 @@ impl StepLoop {
                 let why = failed.to_string();
                 tracing::error!("step {} failed: {why}", step.step_id);
                 for id in failed.seq_ids {
-                    self.finish_with(id, Status::internal(why.clone()));
+                    self.finish_with(id, ServeError::Internal(why.clone()));
                 }
                 Ok(Vec::new())
             }
@@ -300,10 +275,8 @@ impl StepLoop {
                 tracing::debug!(request_id = r.output.request_id(), seq = id, "queued");
                 self.outputs.insert(id, r.output);
             }
-            Err(e @ AddError::QueueFull(_)) => r
-                .output
-                .fail(Status::resource_exhausted(format!("{e}; retry later"))),
-            Err(e) => r.output.fail(Status::invalid_argument(e.to_string())),
+            Err(AddError::QueueFull(n)) => r.output.fail(ServeError::QueueFull(n)),
+            Err(e) => r.output.fail(ServeError::invalid_request(e.to_string())),
         }
     }
 
@@ -332,9 +305,7 @@ impl StepLoop {
                     seq = id,
                     "deadline passed; freeing its blocks"
                 );
-                out.fail(Status::deadline_exceeded(
-                    "the request's deadline passed before it finished",
-                ));
+                out.fail(ServeError::DeadlineExceeded);
             }
         }
     }
@@ -423,52 +394,43 @@ impl StepLoop {
                     }
                     self.outputs.remove(&id);
                 }
-                Err(e) => self.finish_with(id, Status::internal(format!("detokenizing: {e:#}"))),
+                Err(e) => {
+                    self.finish_with(id, ServeError::Internal(format!("detokenizing: {e:#}")))
+                }
             }
         }
     }
 
-    fn finish_with(&mut self, id: u64, status: Status) {
+    fn finish_with(&mut self, id: u64, error: ServeError) {
         self.scheduler.abort(id);
         if let Some(out) = self.outputs.remove(&id) {
-            out.fail(status);
+            out.fail(error);
         }
     }
 
-    fn fail_all(&mut self, status: Status) {
+    fn fail_all(&mut self, error: ServeError) {
         self.scheduler.abort_all();
         for (_, out) in self.outputs.drain() {
-            out.fail(status.clone());
+            out.fail(error.clone());
         }
     }
 
+    /// The scheduler's numbers into the replica's snapshot.
     fn publish_stats(&self) {
-        let s = &self.stats;
-        let n = |v: usize| v.min(u32::MAX as usize) as u32;
-        s.kv_blocks_free
-            .store(n(self.scheduler.num_free_blocks()), Ordering::Relaxed);
-        s.running
-            .store(n(self.scheduler.num_running()), Ordering::Relaxed);
-        s.waiting
-            .store(n(self.scheduler.num_waiting()), Ordering::Relaxed);
-        let st = self.scheduler.stats();
-        s.preemptions.store(st.preemptions, Ordering::Relaxed);
-        s.prefix_query_tokens
-            .store(st.prefix_query_tokens, Ordering::Relaxed);
-        s.prefix_hit_tokens
-            .store(st.prefix_hit_tokens, Ordering::Relaxed);
+        let stats = self.scheduler.stats();
+        self.published.update(|s| s.scheduler = stats);
     }
 
     /// The replica is down: answer everyone, now and from now on.
     async fn down(mut self, why: String) {
         tracing::error!("replica down: {why}");
-        self.state.send_replace(ReplicaState::Down(why.clone()));
-        let status = Status::unavailable(format!("the replica is down: {why}"));
-        self.fail_all(status.clone());
+        self.published.set_state(ReplicaState::Down(why.clone()));
+        let error = ServeError::ReplicaDown(why);
+        self.fail_all(error.clone());
         self.publish_stats();
         while let Some(m) = self.requests.recv().await {
             if let LoopMessage::Request(r) = m {
-                r.output.fail(status.clone());
+                r.output.fail(error.clone());
             }
         }
     }

@@ -1,0 +1,323 @@
+//! The gRPC front door: `helios.v1.Generation`, `grpc.health.v1` and server reflection (v1 and
+//! v1alpha), so grpcurl and stock gRPC clients work without our .proto files.
+//!
+//! Everything here maps: a call to the [`FrontDoor`], a [`ServeError`] to a gRPC status (in
+//! one place, [`status`]), the replica's snapshot to ModelInfo and health. Health is SERVING
+//! while the replica serves (every rank is initialised before the server listens), NOT_SERVING
+//! once it drains or goes down. On SIGINT or SIGTERM (see `crate::shutdown`) new requests are
+//! refused (UNAVAILABLE), those in flight get a grace period to finish and are then ended with
+//! finish reason CANCELLED, and the server returns once every stream is closed.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use helios_proto::telemetry;
+use helios_proto::v1::generation_server::{Generation, GenerationServer};
+use helios_proto::v1::{
+    DetokenizeRequest, DetokenizeResponse, GenerateRequest, GenerateResponse, ModelInfoRequest,
+    ModelInfoResponse, TokenizeRequest, TokenizeResponse,
+};
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+
+use crate::error::ServeError;
+use crate::front_door::{CallContext, FrontDoor, MAX_REQUEST_BYTES};
+use crate::output::{collect, ResponseStream};
+use crate::replica::ReplicaState;
+
+/// The gRPC status of a [`ServeError`]: the one place the core's errors become gRPC's.
+pub fn status(e: ServeError) -> Status {
+    let message = e.to_string();
+    match e {
+        ServeError::InvalidArgument { .. } => Status::invalid_argument(message),
+        ServeError::QueueFull(_) => Status::resource_exhausted(message),
+        ServeError::Starting
+        | ServeError::Draining
+        | ServeError::ReplicaDown(_)
+        | ServeError::Recovering(_) => Status::unavailable(message),
+        ServeError::DeadlineExceeded => Status::deadline_exceeded(message),
+        ServeError::Internal(_) => Status::internal(message),
+    }
+}
+
+/// How much before a unary call's deadline it is answered (see `generate`): ahead of tonic's
+/// server timer, and usually of a tonic client's own timer (started before the request left).
+const UNARY_DEADLINE_MARGIN: Duration = Duration::from_millis(20);
+
+/// The request's deadline from its `grpc-timeout` header (gRPC over HTTP/2: up to 8 digits and
+/// a unit, H M S m u n), measured from now.
+fn deadline_of<T>(req: &Request<T>) -> Result<Option<Instant>, Status> {
+    let Some(v) = req.metadata().get("grpc-timeout") else {
+        return Ok(None);
+    };
+    let bad = || Status::invalid_argument(format!("grpc-timeout: {v:?} is not a timeout"));
+    let v = v.to_str().map_err(|_| bad())?;
+    let (digits, unit) = v.split_at(v.len().saturating_sub(1));
+    if digits.is_empty() || digits.len() > 8 {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return Err(bad()),
+    };
+    Ok(Instant::now().checked_add(timeout))
+}
+
+/// The call's deadline and the client's trace context (W3C `traceparent` in the metadata).
+fn call_context<T>(req: &Request<T>) -> Result<CallContext, Status> {
+    Ok(CallContext {
+        deadline: deadline_of(req)?,
+        trace_parent: telemetry::extract(&telemetry::MetadataExtractor(req.metadata())),
+    })
+}
+
+pub struct GenerationService {
+    front: FrontDoor,
+}
+
+/// A request's responses as gRPC streams them.
+pub type GrpcResponseStream = futures::stream::Map<
+    ResponseStream,
+    fn(Result<GenerateResponse, ServeError>) -> Result<GenerateResponse, Status>,
+>;
+
+#[tonic::async_trait]
+impl Generation for GenerationService {
+    async fn generate(
+        &self,
+        req: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateResponse>, Status> {
+        let call = call_context(&req)?;
+        let deadline = call.deadline;
+        let rx = self
+            .front
+            .generate(req.into_inner(), call)
+            .await
+            .map_err(status)?;
+        let Some(deadline) = deadline else {
+            return Ok(Response::new(collect(rx).await.map_err(status)?));
+        };
+        // tonic's own timer cancels a unary call at its deadline (CANCELLED, "Timeout
+        // expired"); answer DEADLINE_EXCEEDED just before it. Dropping `rx` frees the blocks
+        // either way.
+        let early = deadline
+            .checked_sub(UNARY_DEADLINE_MARGIN)
+            .unwrap_or(deadline);
+        let result = tokio::select! {
+            r = collect(rx) => r,
+            _ = tokio::time::sleep_until(early.into()) => Err(ServeError::DeadlineExceeded),
+        };
+        result.map(Response::new).map_err(status)
+    }
+
+    type GenerateStreamStream = GrpcResponseStream;
+
+    async fn generate_stream(
+        &self,
+        req: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let call = call_context(&req)?;
+        let rx = self
+            .front
+            .generate(req.into_inner(), call)
+            .await
+            .map_err(status)?;
+        let to_grpc: fn(_) -> _ = |r: Result<_, ServeError>| r.map_err(status);
+        Ok(Response::new(ResponseStream::new(rx).map(to_grpc)))
+    }
+
+    async fn tokenize(
+        &self,
+        req: Request<TokenizeRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
+        let req = req.into_inner();
+        let token_ids = self
+            .front
+            .tokenize(req.prompt, req.messages)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(TokenizeResponse { token_ids }))
+    }
+
+    async fn detokenize(
+        &self,
+        req: Request<DetokenizeRequest>,
+    ) -> Result<Response<DetokenizeResponse>, Status> {
+        let text = self
+            .front
+            .detokenize(&req.into_inner().token_ids)
+            .map_err(status)?;
+        Ok(Response::new(DetokenizeResponse { text }))
+    }
+
+    async fn model_info(
+        &self,
+        _: Request<ModelInfoRequest>,
+    ) -> Result<Response<ModelInfoResponse>, Status> {
+        Ok(Response::new(model_info(&self.front)))
+    }
+}
+
+/// ModelInfo: the model, and the replica's snapshot.
+pub fn model_info(front: &FrontDoor) -> ModelInfoResponse {
+    let replica = front.replica();
+    let (facts, now) = (&replica.info().facts, replica.snapshot());
+    let (s, t) = (&now.scheduler, &now.steps);
+    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let secs = |us: u64| us as f64 / 1e6;
+    ModelInfoResponse {
+        model: front.model_name().to_string(),
+        architecture: facts.architecture.clone(),
+        tensor_parallel_size: replica.world_size() as u32,
+        max_model_len: facts.max_position_embeddings,
+        vocab_size: facts.vocab_size,
+        dtype: facts.dtype.clone(),
+        kv_block_size: facts.block_size,
+        kv_blocks_total: s.kv_blocks_total,
+        kv_blocks_free: s.kv_blocks_free,
+        requests_running: s.running,
+        requests_waiting: s.waiting,
+        ready: now.state == ReplicaState::Serving,
+        prefix_cache_query_tokens: s.prefix_query_tokens,
+        prefix_cache_hit_tokens: s.prefix_hit_tokens,
+        prefix_cache_hit_ratio: ratio(s.prefix_hit_tokens, s.prefix_query_tokens),
+        preemptions_total: s.preemptions,
+        steps_total: t.steps,
+        step_compute_seconds_total: secs(t.compute_us),
+        step_gap_seconds_total: secs(t.gap_us),
+        step_rank_wait_seconds_total: secs(t.rank_wait_us),
+    }
+}
+
+/// Serves `front` on `listener` until SIGINT or SIGTERM, then drains: health turns
+/// NOT_SERVING, new requests are refused, requests in flight get up to `grace` to finish.
+pub async fn serve(listener: TcpListener, front: FrontDoor, grace: Duration) -> anyhow::Result<()> {
+    let drained = crate::shutdown::drain_on_signal(front.clone(), grace);
+    serve_until(listener, front, drained.wait()).await
+}
+
+/// Serves the gRPC API on `listener` until `shutdown` resolves; then the calls in flight end
+/// and it returns. Health follows the replica's state (NOT_SERVING once draining or down).
+pub async fn serve_until(
+    listener: TcpListener,
+    front: FrontDoor,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let mut snapshot = front.watch();
+    tokio::spawn(async move {
+        loop {
+            let status = match snapshot.borrow_and_update().state {
+                ReplicaState::Serving => ServingStatus::Serving,
+                _ => ServingStatus::NotServing,
+            };
+            for name in ["", "helios.v1.Generation"] {
+                health.set_service_status(name, status).await;
+            }
+            if snapshot.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(helios_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("helios.v1.Generation")
+            .with_service_name("grpc.health.v1.Health")
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let generation = GenerationServer::new(GenerationService { front })
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(generation)
+        // Small messages (one token) must not wait for Nagle's algorithm.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(timeout: &str) -> Request<()> {
+        let mut r = Request::new(());
+        r.metadata_mut()
+            .insert("grpc-timeout", timeout.parse().expect("ascii"));
+        r
+    }
+
+    #[test]
+    fn serve_errors_map_to_grpc_codes_with_their_messages() {
+        use tonic::Code;
+        for (e, code) in [
+            (
+                ServeError::invalid("top_p", "top_p must be in (0, 1]"),
+                Code::InvalidArgument,
+            ),
+            (ServeError::QueueFull(7), Code::ResourceExhausted),
+            (ServeError::Starting, Code::Unavailable),
+            (ServeError::Draining, Code::Unavailable),
+            (
+                ServeError::ReplicaDown("rank 1: step stream ended".into()),
+                Code::Unavailable,
+            ),
+            (
+                ServeError::Recovering("rank 1 is back".into()),
+                Code::Unavailable,
+            ),
+            (ServeError::DeadlineExceeded, Code::DeadlineExceeded),
+            (
+                ServeError::Internal("detokenizing: bad".into()),
+                Code::Internal,
+            ),
+        ] {
+            let message = e.to_string();
+            let s = status(e);
+            assert_eq!((s.code(), s.message()), (code, message.as_str()));
+        }
+        assert_eq!(
+            status(ServeError::QueueFull(7)).message(),
+            "the waiting queue is full (7 requests); retry later"
+        );
+        assert_eq!(
+            status(ServeError::ReplicaDown("rank 1: step stream ended".into())).message(),
+            "the replica is down: rank 1: step stream ended"
+        );
+    }
+
+    #[test]
+    fn grpc_timeouts_become_deadlines() {
+        let left = |t: &str| {
+            deadline_of(&with(t))
+                .expect("valid")
+                .expect("a deadline")
+                .saturating_duration_since(Instant::now())
+        };
+        assert!(left("2S") > Duration::from_millis(1900) && left("2S") <= Duration::from_secs(2));
+        assert!(left("1H") > Duration::from_secs(3599));
+        assert!(left("250m") <= Duration::from_millis(250));
+        assert!(left("99999999n") <= Duration::from_millis(100));
+        assert!(deadline_of(&Request::new(())).expect("none").is_none());
+        for bad in ["", "S", "12", "5x", "123456789S", "-1S", "1.5S"] {
+            let e = deadline_of(&with(bad)).expect_err(bad);
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}");
+        }
+    }
+}

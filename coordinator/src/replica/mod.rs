@@ -1,0 +1,181 @@
+//! A replica: the sharded client, scheduler and step loop of one tensor-parallel group of
+//! workers, behind one handle ([`Replica`]) that the front door hands requests to.
+//!
+//! Its lifecycle is explicit ([`ReplicaState`]): **starting** while its ranks load the model,
+//! then **serving**; **down** when a rank or the step loop fails (every request it holds is
+//! answered, and every later one is refused); **draining** on shutdown (new requests refused,
+//! those in flight finish, then the rest are cancelled). **Recovering** is where a replica that
+//! lost a rank will wait while it rebuilds itself; nothing enters it yet. Everything a replica
+//! shows the world, its state included, is one [`ReplicaSnapshot`] ([`snapshot`]).
+
+mod snapshot;
+pub mod step_loop;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::sync::{mpsc, watch};
+
+pub use self::snapshot::{Published, ReplicaSnapshot, ReplicaState, StepTotals};
+use self::step_loop::{LoopMessage, NewRequest, Observers, StepLoop};
+use crate::admission::Limits;
+use crate::error::ServeError;
+use crate::metrics::Metrics;
+use crate::output::InFlight;
+use crate::scheduler::SchedulerConfig;
+use crate::sharded_client::{Closing, InitOptions, ReplicaInfo, ShardedClient};
+use crate::tokenizer::TextTokenizer;
+
+/// How a replica schedules and reports its steps.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReplicaOptions {
+    pub scheduler: SchedulerConfig,
+    /// Plan step N+1 while the ranks run step N (see [`step_loop`]).
+    pub overlap: bool,
+    /// Spans are exported (`helios_proto::telemetry`): steps get spans too.
+    pub tracing: bool,
+}
+
+/// One tensor-parallel replica; cheap to clone (every clone is the same replica).
+#[derive(Clone)]
+pub struct Replica(Arc<Inner>);
+
+struct Inner {
+    info: ReplicaInfo,
+    world_size: usize,
+    requests: mpsc::UnboundedSender<LoopMessage>,
+    published: Published,
+    /// Requests accepted and not yet ended.
+    in_flight: InFlight,
+    closing: Closing,
+}
+
+impl Replica {
+    /// Loads the model on every rank of `client` (starting), then starts the step loop
+    /// (serving). The step loop detokenizes with `tokenizer` and records steps in `metrics`.
+    pub async fn start(
+        mut client: ShardedClient,
+        init: &InitOptions,
+        opts: ReplicaOptions,
+        tokenizer: Arc<TextTokenizer>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let world_size = client.world_size();
+        let published = Published::new(world_size);
+        let info = client.init(init, &published).await?;
+        let closing = client.closing().clone();
+        let scheduler = info.scheduler(opts.scheduler);
+        published.update(|s| s.scheduler = scheduler.stats());
+        let (requests, rx) = mpsc::unbounded_channel();
+        let observers = Observers {
+            published: published.clone(),
+            metrics,
+            tracing: opts.tracing,
+        };
+        let step_loop = StepLoop::new(client, scheduler, tokenizer, rx, observers, opts.overlap);
+        let task = tokio::spawn(step_loop.run());
+        // A step loop that panics (a bug) takes the replica down visibly: health, ModelInfo
+        // and new requests say so, and streams in flight end with an error (ResponseStream).
+        let supervised = published.clone();
+        tokio::spawn(async move {
+            if let Err(e) = task.await {
+                tracing::error!("the step loop failed: {e}");
+                supervised.set_state(ReplicaState::Down(format!("the step loop failed: {e}")));
+            }
+        });
+        published.transition(&ReplicaState::Starting, ReplicaState::Serving);
+        Ok(Self(Arc::new(Inner {
+            info,
+            world_size,
+            requests,
+            published,
+            in_flight: InFlight::default(),
+            closing,
+        })))
+    }
+
+    /// The model's facts and the KV blocks every rank holds.
+    pub fn info(&self) -> &ReplicaInfo {
+        &self.0.info
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.0.world_size
+    }
+
+    /// What a request must fit in to run here.
+    pub fn limits(&self) -> Limits {
+        let facts = &self.0.info.facts;
+        Limits {
+            max_model_len: facts.max_position_embeddings as usize,
+            vocab_size: facts.vocab_size as usize,
+            kv_capacity: self.0.info.num_kv_blocks as usize * facts.block_size as usize,
+        }
+    }
+
+    /// Everything it publishes, now.
+    pub fn snapshot(&self) -> ReplicaSnapshot {
+        self.0.published.get()
+    }
+
+    pub fn state(&self) -> ReplicaState {
+        self.0.published.state()
+    }
+
+    /// A receiver of its snapshot that wakes on every lifecycle change.
+    pub fn watch(&self) -> watch::Receiver<ReplicaSnapshot> {
+        self.0.published.subscribe()
+    }
+
+    /// Counts a request from its acceptance until its output is dropped.
+    pub fn in_flight(&self) -> &InFlight {
+        &self.0.in_flight
+    }
+
+    /// Hands an admitted request to the step loop, or answers it with the reason the replica
+    /// cannot take it.
+    pub fn submit(&self, request: NewRequest) -> Result<(), ServeError> {
+        if let Some(refused) = self.state().refusal() {
+            request.output.fail(refused.clone());
+            return Err(refused);
+        }
+        let message = LoopMessage::Request(Box::new(request));
+        if let Err(mpsc::error::SendError(message)) = self.0.requests.send(message) {
+            let stopped = ServeError::ReplicaDown("the step loop has stopped".into());
+            if let LoopMessage::Request(r) = message {
+                r.output.fail(stopped.clone());
+            }
+            return Err(stopped);
+        }
+        Ok(())
+    }
+
+    /// Stops taking requests, lets those in flight finish for up to `grace`, then ends the
+    /// rest with finish reason CANCELLED.
+    pub async fn drain(&self, grace: Duration) {
+        self.0
+            .published
+            .transition(&ReplicaState::Serving, ReplicaState::Draining);
+        let in_flight = &self.0.in_flight;
+        let idle = || async {
+            while in_flight.count() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        if tokio::time::timeout(grace, idle()).await.is_err() {
+            tracing::warn!(
+                "{} requests still running after {grace:?}; cancelling them",
+                in_flight.count()
+            );
+            let _ = self.0.requests.send(LoopMessage::CancelAll);
+            let _ = tokio::time::timeout(Duration::from_secs(2), idle()).await;
+        }
+    }
+
+    /// The workers are about to be stopped on purpose (after a drain): their going is no
+    /// failure, and is not logged as one.
+    pub fn release_workers(&self) {
+        self.0.closing.close();
+    }
+}
