@@ -28,10 +28,16 @@ pub fn python() -> Command {
 /// Runs `tests/reference/observe.py ARGS` (what operators see: `/metrics` through Prometheus'
 /// parsers, a traced HTTP completion) and parses what it prints.
 pub fn observe(args: &[&str]) -> serde_json::Value {
+    reference_json("observe.py", args)
+}
+
+/// Runs the client script `tests/reference/SCRIPT ARGS`, which must succeed, and parses the
+/// JSON it prints (what it saw; the checks are the test's).
+pub fn reference_json(script: &str, args: &[&str]) -> serde_json::Value {
     let mut cmd = python();
-    cmd.arg(repo_root().join("tests/reference/observe.py"))
+    cmd.arg(repo_root().join("tests/reference").join(script))
         .args(args);
-    run_json(cmd).unwrap_or_else(|e| panic!("observe.py {args:?}: {e:#}"))
+    run_json(cmd).unwrap_or_else(|e| panic!("{script} {args:?}: {e:#}"))
 }
 
 fn run_json(mut cmd: Command) -> Result<serde_json::Value> {

@@ -1,10 +1,15 @@
-//! An OTLP trace receiver for tests: a tonic server implementing the OpenTelemetry collector's
+//! An OTLP trace receiver: a tonic server implementing the OpenTelemetry collector's
 //! `TraceService` (opentelemetry-proto's generated code), keeping every span it is sent.
+//!
+//! The tests read the spans (`tests/tests/observability.rs`); `helios-bench otlp-sink` counts
+//! them, to measure what exporting costs a server without a collector installed. One receiver
+//! serves both, so what the benchmark counts is what the tests check.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::{Context, Result};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -14,6 +19,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
@@ -99,33 +106,59 @@ impl TraceService for Collector {
     }
 }
 
-/// A running receiver; stops when dropped.
+/// A running receiver; [`OtlpReceiver::shutdown`] stops it gracefully, dropping it aborts it.
 pub struct OtlpReceiver {
     /// `http://127.0.0.1:PORT`, for `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub endpoint: String,
     spans: Collector,
-    task: tokio::task::JoinHandle<()>,
+    /// Both `Some` until [`OtlpReceiver::shutdown`] takes them.
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
 }
 
 impl OtlpReceiver {
+    /// A receiver on a free port, for a test (panics if it cannot listen).
     pub async fn start() -> OtlpReceiver {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Self::bind(0).await.expect("starting the OTLP receiver")
+    }
+
+    /// A receiver on `port` of 127.0.0.1 (0: a free one).
+    pub async fn bind(port: u16) -> Result<OtlpReceiver> {
+        let listener = TcpListener::bind(("127.0.0.1", port))
             .await
-            .expect("binding the receiver");
-        let endpoint = format!("http://{}", listener.local_addr().expect("its address"));
+            .with_context(|| format!("binding the OTLP receiver to 127.0.0.1:{port}"))?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
         let spans = Collector::default();
         let service = TraceServiceServer::new(spans.clone());
-        let task = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(
+            tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming(TcpListenerStream::new(listener))
-                .await;
-        });
-        OtlpReceiver {
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    // A dropped sender stops the server as well.
+                    let _ = stopped.await;
+                }),
+        );
+        Ok(OtlpReceiver {
             endpoint,
             spans,
-            task,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// Stops listening, lets the exports in progress finish, and returns every span received:
+    /// a sender's last batch, in flight when it is told to stop, is counted too.
+    pub async fn shutdown(mut self) -> Result<Vec<ReceivedSpan>> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
+        if let Some(task) = self.task.take() {
+            task.await
+                .context("the OTLP receiver's task")?
+                .context("the OTLP receiver")?;
+        }
+        Ok(self.spans())
     }
 
     /// Every span received so far.
@@ -152,6 +185,8 @@ impl OtlpReceiver {
 
 impl Drop for OtlpReceiver {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }

@@ -12,13 +12,13 @@ use std::time::Duration;
 use futures::StreamExt;
 use helios_proto::v1::generation_client::GenerationClient;
 use helios_proto::v1::{
-    ChatMessage, FinishReason, GenerateRequest, GenerationParameters, ModelInfoRequest,
-    ModelInfoResponse, Usage,
+    ChatMessage, FinishReason, GenerateRequest, GenerateResponse, GenerationParameters,
+    ModelInfoRequest, ModelInfoResponse, TokenizeRequest, Usage,
 };
 use tonic::transport::Channel;
-use tonic::Status;
+use tonic::{Status, Streaming};
 
-use crate::binary;
+use crate::{binary, default_model};
 
 pub struct Process {
     child: Child,
@@ -89,6 +89,21 @@ impl Process {
     /// The command [`Self::serve`] runs, for a test to add to (environment, stderr).
     pub fn serve_command(args: &[&str]) -> Command {
         Self::helios_command("serve", args)
+    }
+
+    /// `helios serve` on the default model at tensor-parallel degree `tp`, then `extra`: the
+    /// server most end-to-end tests start, in one place so they all start it alike.
+    pub fn serve_default(tp: &str, extra: &[&str]) -> Process {
+        Process::start(Self::serve_default_command(tp, extra), "HELIOS_READY ")
+    }
+
+    /// The command [`Self::serve_default`] runs (`--model DEFAULT --tp TP EXTRA`), for a test
+    /// to add to (environment, stderr).
+    pub fn serve_default_command(tp: &str, extra: &[&str]) -> Command {
+        let model = default_model();
+        let mut args = vec!["--model", model.to_str().expect("utf-8 path"), "--tp", tp];
+        args.extend_from_slice(extra);
+        Self::serve_command(&args)
     }
 
     /// `helios SUBCOMMAND` (`serve`, `coordinator`) on 127.0.0.1 with free ports, then `args`.
@@ -173,6 +188,16 @@ impl Drop for Process {
     }
 }
 
+/// Sends `signal` (`-TERM`, `-KILL`) to `pid` with `kill(1)`, which must succeed: the tests that
+/// stop a server or kill one of its workers check what follows, so the signal must have gone.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
 /// A prompt request with `params`.
 pub fn prompt_request(prompt: &str, params: GenerationParameters) -> GenerateRequest {
     GenerateRequest {
@@ -204,6 +229,32 @@ pub fn long_request(max_new_tokens: u32) -> GenerateRequest {
             ..Default::default()
         },
     )
+}
+
+/// Starts `req` as a stream and reads its first `responses` responses, so that the request is
+/// running (holding KV blocks) when this returns: for tests that cancel, drain or break a
+/// request in flight. The stream, and how many tokens those responses carried.
+pub async fn stream_started(
+    client: &mut GenerationClient<Channel>,
+    req: GenerateRequest,
+    responses: usize,
+) -> (Streaming<GenerateResponse>, usize) {
+    let mut stream = client
+        .generate_stream(req)
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut tokens = 0;
+    for _ in 0..responses {
+        tokens += stream
+            .next()
+            .await
+            .expect("a token")
+            .expect("ok")
+            .token_ids
+            .len();
+    }
+    (stream, tokens)
 }
 
 /// Everything a stream said.
@@ -249,4 +300,40 @@ pub async fn model_info(client: &mut GenerationClient<Channel>) -> ModelInfoResp
         .await
         .expect("ModelInfo")
         .into_inner()
+}
+
+/// The token ids of a plain `prompt`.
+pub async fn tokenize(
+    client: &mut GenerationClient<Channel>,
+    prompt: &str,
+) -> Result<Vec<u32>, Status> {
+    let req = TokenizeRequest {
+        prompt: prompt.into(),
+        ..Default::default()
+    };
+    Ok(client.tokenize(req).await?.into_inner().token_ids)
+}
+
+/// Polls ModelInfo until the server is idle: nothing running, nothing waiting and all `total` KV
+/// blocks free; that info, or `None` if it is not idle within `limit`. A freed request returns
+/// its blocks a step or two after its stream ends, so tests that check nothing leaked wait for
+/// it (a bounded time: a leak fails instead of hanging).
+pub async fn wait_until_idle(
+    client: &mut GenerationClient<Channel>,
+    total: u32,
+    limit: Duration,
+) -> Option<ModelInfoResponse> {
+    let idle = async {
+        loop {
+            let info = model_info(client).await;
+            if info.requests_running == 0
+                && info.requests_waiting == 0
+                && info.kv_blocks_free == total
+            {
+                return info;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(limit, idle).await.ok()
 }

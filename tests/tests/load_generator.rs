@@ -15,12 +15,6 @@ const REQUESTS: u64 = 6;
 const INPUT_LEN: u64 = 16;
 const OUTPUT_LEN: u64 = 8;
 
-/// `helios serve --tp 1` on free gRPC and HTTP ports.
-fn serve() -> Process {
-    let model = default_model();
-    Process::serve(&["--model", model.to_str().expect("utf-8 path"), "--tp", "1"])
-}
-
 /// Runs `helios-bench serve ARGS --json` (built here once: `binary` builds the server's crates
 /// only); its exit success and parsed report.
 fn bench(args: &[&str]) -> (bool, Value) {
@@ -95,22 +89,33 @@ fn assert_exact_and_ordered(r: &Value, what: &str) {
 
 const LENGTHS: [&str; 5] = ["--input-len", "16", "--output-len", "8", "--ignore-eos"];
 
+/// [`bench`] with `target` (which server, over which protocol), then `REQUESTS` requests of
+/// `LENGTHS` tokens under `load` (closed or open loop, warm-up, SLOs).
+fn bench_requests(target: &[&str], load: &[&str]) -> (bool, Value) {
+    let n = REQUESTS.to_string();
+    let mut args = target.to_vec();
+    args.extend(["--num-requests", &n]);
+    args.extend_from_slice(load);
+    args.extend(LENGTHS);
+    bench(&args)
+}
+
 #[test]
 fn grpc_closed_and_open_loop_counts_are_exact() {
-    let server = serve();
-    let n = REQUESTS.to_string();
+    let server = Process::serve_default("1", &[]);
+    let target = ["--url", server.addr.as_str()];
 
-    let mut args = vec![
-        "--url",
-        &server.addr,
-        "--num-requests",
-        &n,
-        "--concurrency",
-        "3",
-    ];
-    args.extend(LENGTHS);
-    args.extend(["--warmup", "2", "--slo", "ttft:600000,tpot:600000"]);
-    let (ok, r) = bench(&args);
+    let (ok, r) = bench_requests(
+        &target,
+        &[
+            "--concurrency",
+            "3",
+            "--warmup",
+            "2",
+            "--slo",
+            "ttft:600000,tpot:600000",
+        ],
+    );
     assert!(ok, "{r}");
     assert_exact_and_ordered(&r, "grpc closed loop");
     assert_eq!(r["load"], "closed");
@@ -123,17 +128,10 @@ fn grpc_closed_and_open_loop_counts_are_exact() {
     assert!(num(&r, "steps") >= OUTPUT_LEN as f64, "{r}");
     assert!(num(&r, "mean_step_compute_ms") > 0.0, "{r}");
 
-    let mut args = vec![
-        "--url",
-        &server.addr,
-        "--num-requests",
-        &n,
-        "--request-rate",
-        "20",
-    ];
-    args.extend(LENGTHS);
-    args.extend(["--burstiness", "0.5", "--seed", "7"]);
-    let (ok, r) = bench(&args);
+    let (ok, r) = bench_requests(
+        &target,
+        &["--request-rate", "20", "--burstiness", "0.5", "--seed", "7"],
+    );
     assert!(ok, "{r}");
     assert_exact_and_ordered(&r, "grpc open loop");
     assert_eq!(r["load"], "open");
@@ -165,15 +163,11 @@ fn grpc_closed_and_open_loop_counts_are_exact() {
 
 #[test]
 fn openai_http_closed_and_open_loop_counts_are_exact() {
-    let server = serve();
+    let server = Process::serve_default("1", &[]);
     let url = format!("{}/v1", server.http_url());
-    let n = REQUESTS.to_string();
     let tokenizer = default_model();
     let tokenizer = tokenizer.to_str().expect("utf-8 path");
-
-    // Text prompts, built with the model's tokenizer to encode to exactly 16 tokens: the
-    // server's usage must say so.
-    let mut args = vec![
+    let target = [
         "--protocol",
         "openai",
         "--url",
@@ -181,9 +175,10 @@ fn openai_http_closed_and_open_loop_counts_are_exact() {
         "--tokenizer",
         tokenizer,
     ];
-    args.extend(["--num-requests", &n, "--concurrency", "3", "--warmup", "1"]);
-    args.extend(LENGTHS);
-    let (ok, r) = bench(&args);
+
+    // Text prompts, built with the model's tokenizer to encode to exactly 16 tokens: the
+    // server's usage must say so.
+    let (ok, r) = bench_requests(&target, &["--concurrency", "3", "--warmup", "1"]);
     assert!(ok, "{r}");
     assert_exact_and_ordered(&r, "openai closed loop");
     assert_eq!(r["protocol"], "openai");
@@ -191,17 +186,7 @@ fn openai_http_closed_and_open_loop_counts_are_exact() {
     assert!(r["model"].as_str().is_some_and(|m| !m.is_empty()), "{r}");
     assert!(r["steps"].is_null() && r["tensor_parallel_size"].is_null());
 
-    let mut args = vec![
-        "--protocol",
-        "openai",
-        "--url",
-        &url,
-        "--tokenizer",
-        tokenizer,
-    ];
-    args.extend(["--num-requests", &n, "--request-rate", "20"]);
-    args.extend(LENGTHS);
-    let (ok, r) = bench(&args);
+    let (ok, r) = bench_requests(&target, &["--request-rate", "20"]);
     assert!(ok, "{r}");
     assert_exact_and_ordered(&r, "openai open loop");
 }

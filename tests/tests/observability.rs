@@ -15,20 +15,19 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use helios_proto::v1::{FinishReason, GenerateRequest, GenerationParameters};
+use helios_tests::observe;
 use helios_tests::otlp::{OtlpReceiver, ReceivedSpan};
 use helios_tests::server::{chat_request, prompt_request, stream_all, Process, Streamed};
-use helios_tests::{default_model, observe};
 use serde_json::Value;
 
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 /// In every prompt of the log test: it must never reach a log line unless asked.
 const MARKER: &str = "Zebulon-Quartz-771";
 
-fn serve_command(extra: &[&str]) -> std::process::Command {
-    let model = default_model();
-    let mut args = vec!["--model", model.to_str().expect("utf-8 path")];
-    args.extend_from_slice(extra);
-    let mut cmd = Process::serve_command(&args);
+/// [`Process::serve_default_command`] without the environment's `OTEL_*` variables: what is
+/// exported, and where, is this test's to say.
+fn serve_command(tp: &str, extra: &[&str]) -> std::process::Command {
+    let mut cmd = Process::serve_default_command(tp, extra);
     for (k, _) in std::env::vars() {
         if k.starts_with("OTEL_") {
             cmd.env_remove(k);
@@ -72,7 +71,7 @@ fn request_span<'a>(spans: &'a [ReceivedSpan], trace: &str) -> Option<&'a Receiv
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_reach_an_otlp_receiver_and_join_the_clients_trace() {
     let receiver = OtlpReceiver::start().await;
-    let mut cmd = serve_command(&["--tp", "3"]);
+    let mut cmd = serve_command("3", &[]);
     cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", &receiver.endpoint)
         .env("OTEL_BSP_SCHEDULE_DELAY", "100");
     let server = Process::start(cmd, "HELIOS_READY ");
@@ -280,7 +279,7 @@ async fn metrics_count_a_known_workload_and_logs_name_requests_not_prompts() {
     let log_dir = tempfile::tempdir().expect("a temp dir");
     let log_path = log_dir.path().join("serve.log");
     let log = std::fs::File::create(&log_path).expect("the log file");
-    let mut cmd = serve_command(&["--tp", "3", "--log-format", "json"]);
+    let mut cmd = serve_command("3", &["--log-format", "json"]);
     cmd.env(
         "RUST_LOG",
         "warn,helios=debug,helios_coordinator=debug,helios_worker=debug",
@@ -505,7 +504,7 @@ async fn prompts_reach_the_log_only_when_asked() {
     let log_dir = tempfile::tempdir().expect("a temp dir");
     let log_path = log_dir.path().join("serve.log");
     let log = std::fs::File::create(&log_path).expect("the log file");
-    let mut cmd = serve_command(&["--tp", "1", "--log-format", "json", "--log-prompts"]);
+    let mut cmd = serve_command("1", &["--log-format", "json", "--log-prompts"]);
     cmd.env("RUST_LOG", "warn,helios_coordinator=info");
     let server = Process::start_with_stderr(cmd, "HELIOS_READY ", Stdio::from(log));
     let mut client = server.client().await;

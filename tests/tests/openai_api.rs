@@ -8,8 +8,9 @@
 use std::time::Duration;
 
 use helios_proto::v1::{GenerationParameters, TokenizeRequest};
-use helios_tests::default_model;
-use helios_tests::server::{chat_request, model_info, prompt_request, stream_all, Process};
+use helios_tests::server::{
+    chat_request, model_info, prompt_request, stream_all, wait_until_idle, Process,
+};
 use serde_json::{json, Value};
 
 /// The id `/v1/models` lists for the default model.
@@ -17,31 +18,13 @@ const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 const PROMPT: &str = "The capital of France is";
 const QUESTION: &str = "What is the capital of France? Answer in one sentence.";
 
-fn serve(extra: &[&str]) -> Process {
-    let model = default_model();
-    let mut args = vec!["--model", model.to_str().expect("utf-8 path"), "--tp", "1"];
-    args.extend_from_slice(extra);
-    Process::serve(&args)
-}
-
 /// Runs `openai_client.py MODE` against `server` and parses what it recorded.
 fn client(mode: &str, server: &Process, config: Value) -> Value {
-    let out = helios_tests::python()
-        .arg(helios_tests::repo_root().join("tests/reference/openai_client.py"))
-        .args([mode, &server.http_url(), MODEL, &config.to_string()])
-        .output()
-        .expect("running openai_client.py");
-    assert!(
-        out.status.success(),
-        "openai_client.py {mode} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "openai_client.py {mode} printed no JSON ({e}):\n{}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    let config = config.to_string();
+    helios_tests::reference_json(
+        "openai_client.py",
+        &[mode, &server.http_url(), MODEL, &config],
+    )
 }
 
 fn texts(v: &Value) -> Vec<&str> {
@@ -70,7 +53,7 @@ fn assert_openai_error(name: &str, body: &Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_client_gets_what_grpc_gets() {
-    let server = serve(&[]);
+    let server = Process::serve_default("1", &[]);
     let mut grpc = server.client().await;
     let tokenize = |prompt: &str, chat: bool| {
         let mut req = TokenizeRequest::default();
@@ -242,7 +225,7 @@ async fn the_openai_client_gets_what_grpc_gets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_get_openai_errors_and_the_server_serves_on() {
-    let server = serve(&[]);
+    let server = Process::serve_default("1", &[]);
     let r = client("bad", &server, json!({}));
     let cases = r["cases"].as_object().expect("cases");
     // (case, HTTP status, param, words in the message)
@@ -329,33 +312,21 @@ async fn bad_inputs_get_openai_errors_and_the_server_serves_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_cancels_its_request() {
-    let server = serve(&[]);
+    let server = Process::serve_default("1", &[]);
     let mut grpc = server.client().await;
     let total = model_info(&mut grpc).await.kv_blocks_total;
     // Two requests of 1500 tokens (tens of seconds here) whose clients leave after three
     // chunks and after one second.
     let r = client("disconnect", &server, json!({}));
     assert_eq!(r, json!({"chunks": 3, "unary_timed_out": true}));
-    let freed = async {
-        loop {
-            let info = model_info(&mut grpc).await;
-            if info.requests_running == 0
-                && info.requests_waiting == 0
-                && info.kv_blocks_free == total
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(3), freed)
+    wait_until_idle(&mut grpc, total, Duration::from_secs(3))
         .await
         .expect("the requests of clients that left were not cancelled");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_http_with_grpc() {
-    let mut server = serve(&["--shutdown-grace", "1"]);
+    let mut server = Process::serve_default("1", &["--shutdown-grace", "1"]);
     let r = client("drain", &server, json!({"pid": server.pid()}));
     // During the drain: health and new requests say 503, in OpenAI's shape for the latter.
     assert_eq!(r["health"]["status"], 503, "{r}");

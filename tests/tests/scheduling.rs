@@ -8,17 +8,9 @@ use futures::future::join_all;
 use futures::StreamExt;
 use helios_proto::v1::generation_client::GenerationClient;
 use helios_proto::v1::{ChatMessage, FinishReason, GenerateRequest, GenerationParameters};
-use helios_tests::default_model;
 use helios_tests::server::{long_request, model_info, prompt_request, stream_all, Process};
 use tonic::transport::Channel;
 use tonic::Code;
-
-fn serve(extra: &[&str]) -> Process {
-    let model = default_model();
-    let mut args = vec!["--model", model.to_str().expect("utf-8 path"), "--tp", "1"];
-    args.extend_from_slice(extra);
-    Process::serve(&args)
-}
 
 const QUESTIONS: [&str; 10] = [
     "Tell me a short story about a cat who learns to swim.",
@@ -55,7 +47,7 @@ async fn a_cache_for_three_long_sequences_serves_twenty_with_preemptions_and_the
     // Prompts of 9-16 tokens + 40 generated: 4 blocks of 16 each at most, so 12 blocks hold
     // three whole sequences. Admission is optimistic: more start, and the newest are
     // preempted and recomputed when the running ones need blocks.
-    let server = serve(&["--num-kv-blocks", "12"]);
+    let server = Process::serve_default("1", &["--num-kv-blocks", "12"]);
     let mut client = server.client().await;
     let reqs: Vec<GenerateRequest> = (0..20).map(long_mixed_request).collect();
     let mut alone = Vec::new();
@@ -144,7 +136,7 @@ async fn wave(client: &GenerationClient<Channel>, questions: &[&str]) -> (Vec<Ve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_wave_sharing_a_system_prompt_hits_the_cache_and_starts_sooner() {
-    let server = serve(&[]);
+    let server = Process::serve_default("1", &[]);
     let mut client = server.client().await;
     let mut ids = Vec::new();
     for q in &QUESTIONS[..2] {
@@ -189,7 +181,7 @@ async fn a_second_wave_sharing_a_system_prompt_hits_the_cache_and_starts_sooner(
     );
     // The cached KV gives the answers a recompute gives: compare with a server that has
     // neither the prefix cache nor overlap.
-    let plain = serve(&["--no-prefix-caching", "--no-overlap"]);
+    let plain = Process::serve_default("1", &["--no-prefix-caching", "--no-overlap"]);
     let (want, _) = wave(&plain.client().await, &QUESTIONS[4..8]).await;
     assert_eq!(second, want, "cached prefixes changed the answers");
     let info = model_info(&mut plain.client().await).await;
@@ -252,14 +244,17 @@ fn short(prompt: &str, priority: i32) -> GenerateRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_deadlines_priorities_and_impossible_requests() {
     // One running request at a time, two waiting at most, 1,024 positions of KV.
-    let server = serve(&[
-        "--max-running",
+    let server = Process::serve_default(
         "1",
-        "--max-waiting",
-        "2",
-        "--num-kv-blocks",
-        "64",
-    ]);
+        &[
+            "--max-running",
+            "1",
+            "--max-waiting",
+            "2",
+            "--num-kv-blocks",
+            "64",
+        ],
+    );
     let mut client = server.client().await;
 
     // Larger than the whole cache: refused at once, not queued.

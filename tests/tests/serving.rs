@@ -8,17 +8,10 @@ use futures::StreamExt;
 use helios_proto::v1::{
     DetokenizeRequest, FinishReason, GenerateRequest, GenerationParameters, TokenizeRequest,
 };
-use helios_tests::default_model;
 use helios_tests::server::{
-    chat_request, long_request, model_info, prompt_request, stream_all, Process,
+    chat_request, long_request, model_info, prompt_request, stream_all, stream_started, tokenize,
+    wait_until_idle, Process,
 };
-
-fn serve(extra: &[&str]) -> Process {
-    let model = default_model();
-    let mut args = vec!["--model", model.to_str().expect("utf-8 path"), "--tp", "1"];
-    args.extend_from_slice(extra);
-    Process::serve(&args)
-}
 
 const PROMPTS: [&str; 8] = [
     "Tell me a short story about a cat who learns to swim.",
@@ -60,7 +53,7 @@ fn mixed_request(i: usize) -> GenerateRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_concurrent_streams_each_get_what_they_get_alone() {
     // A small step budget, so that prompts are read in chunks beside other sequences' decodes.
-    let server = serve(&["--max-batch-tokens", "48"]);
+    let server = Process::serve_default("1", &["--max-batch-tokens", "48"]);
     let mut client = server.client().await;
     let reqs: Vec<GenerateRequest> = (0..32).map(mixed_request).collect();
     let mut alone = Vec::new();
@@ -117,7 +110,7 @@ async fn thirty_two_concurrent_streams_each_get_what_they_get_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_stream_frees_its_blocks_and_spares_the_others() {
-    let server = serve(&["--num-kv-blocks", "128"]);
+    let server = Process::serve_default("1", &["--num-kv-blocks", "128"]);
     let mut client = server.client().await;
     let total = model_info(&mut client).await.kv_blocks_total;
     assert_eq!(total, 128);
@@ -132,15 +125,7 @@ async fn a_cancelled_stream_frees_its_blocks_and_spares_the_others() {
     let short_alone = stream_all(&mut client, short.clone()).await.expect("alone");
 
     // A long request: if it were not freed on cancel, it would hold its blocks for seconds.
-    let long = long_request(1500);
-    let mut stream = client
-        .generate_stream(long)
-        .await
-        .expect("long")
-        .into_inner();
-    for _ in 0..3 {
-        stream.next().await.expect("a token").expect("ok");
-    }
+    let (mut stream, _) = stream_started(&mut client, long_request(1500), 3).await;
     assert!(model_info(&mut client).await.kv_blocks_free < total);
     let mut c = client.clone();
     let other = tokio::spawn(async move { stream_all(&mut c, short).await });
@@ -150,23 +135,14 @@ async fn a_cancelled_stream_frees_its_blocks_and_spares_the_others() {
     drop(stream);
     let other = other.await.expect("task").expect("the other stream");
     assert_eq!(other, short_alone, "the other stream was affected");
-    let freed = async {
-        loop {
-            let info = model_info(&mut client).await;
-            if info.requests_running == 0 && info.kv_blocks_free == total {
-                return info;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(3), freed)
+    wait_until_idle(&mut client, total, Duration::from_secs(3))
         .await
         .expect("the cancelled request's blocks were not freed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finish_reasons_usage_logprobs_and_stop_strings() {
-    let server = serve(&[]);
+    let server = Process::serve_default("1", &[]);
     let mut client = server.client().await;
     let question = "What is the capital of France? Answer in one sentence.";
     let greedy = |max: u32| GenerationParameters {
@@ -259,7 +235,7 @@ async fn finish_reasons_usage_logprobs_and_stop_strings() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_invalid_argument_and_the_server_serves_on() {
-    let server = serve(&[]);
+    let server = Process::serve_default("1", &[]);
     let mut client = server.client().await;
     let info = model_info(&mut client).await;
     let p = GenerationParameters::default;
@@ -373,7 +349,7 @@ async fn health_reflection_tokenize_and_model_info() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
 
-    let server = serve(&[]);
+    let server = Process::serve_default("1", &[]);
     let channel = server.channel().await;
     let mut health = HealthClient::new(channel.clone());
     for service in ["", "helios.v1.Generation"] {
@@ -434,15 +410,9 @@ async fn health_reflection_tokenize_and_model_info() {
     }
 
     let mut client = server.client().await;
-    let ids = client
-        .tokenize(TokenizeRequest {
-            prompt: "Hello world, héllo wörld".into(),
-            ..Default::default()
-        })
+    let ids = tokenize(&mut client, "Hello world, héllo wörld")
         .await
-        .expect("tokenize")
-        .into_inner()
-        .token_ids;
+        .expect("tokenize");
     assert!(ids.len() >= 4);
     let text = client
         .detokenize(DetokenizeRequest { token_ids: ids })
@@ -473,18 +443,11 @@ async fn health_reflection_tokenize_and_model_info() {
 
 #[test]
 fn a_stock_grpcio_client_finds_and_calls_the_api_by_reflection() {
-    let server = serve(&[]);
-    let out = helios_tests::python()
-        .arg(helios_tests::repo_root().join("tests/reference/reflection_client.py"))
-        .args([server.addr.as_str(), "The capital of France is", "8"])
-        .output()
-        .expect("running reflection_client.py");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let server = Process::serve_default("1", &[]);
+    let v = helios_tests::reference_json(
+        "reflection_client.py",
+        &[server.addr.as_str(), "The capital of France is", "8"],
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     let services = v["services"].as_array().expect("services");
     assert!(services.iter().any(|s| s == "helios.v1.Generation"), "{v}");
     assert_eq!(v["token_ids"].as_array().map(Vec::len), Some(8), "{v}");

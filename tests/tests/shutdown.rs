@@ -1,13 +1,12 @@
 //! SIGTERM drains the server: new requests are refused, requests in flight get the grace period
 //! and are then ended with finish reason CANCELLED (and their usage), and the process exits.
 
-use std::process::Command;
 use std::time::Duration;
 
 use futures::StreamExt;
 use helios_proto::v1::FinishReason;
 use helios_tests::default_model;
-use helios_tests::server::{long_request, Process};
+use helios_tests::server::{long_request, send_signal, stream_started, Process};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_cancels_what_outlives_the_grace_period_and_exits() {
@@ -20,26 +19,8 @@ async fn sigterm_cancels_what_outlives_the_grace_period_and_exits() {
     ]);
     let mut client = server.client().await;
     let long = long_request(3000);
-    let mut stream = client
-        .generate_stream(long.clone())
-        .await
-        .expect("stream")
-        .into_inner();
-    let mut tokens = 0;
-    for _ in 0..2 {
-        tokens += stream
-            .next()
-            .await
-            .expect("a token")
-            .expect("ok")
-            .token_ids
-            .len();
-    }
-    let status = Command::new("kill")
-        .args(["-TERM", &server.pid().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    let (mut stream, mut tokens) = stream_started(&mut client, long.clone(), 2).await;
+    send_signal(server.pid(), "-TERM");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let e = client
         .generate(long)

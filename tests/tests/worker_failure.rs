@@ -1,40 +1,28 @@
 //! A worker that dies takes its replica down, not the coordinator: requests in flight and new
 //! ones are answered UNAVAILABLE, health turns NOT_SERVING, everything else keeps answering.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use helios_proto::v1::TokenizeRequest;
-use helios_tests::server::{long_request, model_info, Process};
-use helios_tests::{default_model, observe};
+use helios_tests::observe;
+use helios_tests::server::{
+    long_request, model_info, send_signal, stream_started, tokenize, Process,
+};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_is_noticed_and_answered_unavailable() {
-    let model = default_model();
-    let mut server = Process::serve(&["--model", model.to_str().expect("utf-8"), "--tp", "3"]);
+    let mut server = Process::serve_default("3", &[]);
     let workers = server.children();
     assert_eq!(workers.len(), 3, "expected 3 worker processes: {workers:?}");
     let mut client = server.client().await;
     let long = long_request(2000);
-    let mut stream = client
-        .generate_stream(long.clone())
-        .await
-        .expect("stream")
-        .into_inner();
-    for _ in 0..2 {
-        stream.next().await.expect("a token").expect("ok");
-    }
+    let (mut stream, _) = stream_started(&mut client, long.clone(), 2).await;
 
     let killed = Instant::now();
-    let status = Command::new("kill")
-        .args(["-KILL", &workers[1].to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    send_signal(workers[1], "-KILL");
 
     // The request in flight ends with UNAVAILABLE within seconds.
     let ended = tokio::time::timeout(Duration::from_secs(10), async {
@@ -82,29 +70,18 @@ async fn a_killed_worker_is_noticed_and_answered_unavailable() {
         m["helios_requests_finished_total{finish_reason=\"error\"}"], 1.0,
         "{m}"
     );
-    let ids = client
-        .tokenize(TokenizeRequest {
-            prompt: "still here".into(),
-            ..Default::default()
-        })
+    let ids = tokenize(&mut client, "still here")
         .await
-        .expect("tokenize after the failure")
-        .into_inner()
-        .token_ids;
+        .expect("tokenize after the failure");
     assert!(!ids.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_dies_while_idle_is_noticed_too() {
-    let model = default_model();
-    let server = Process::serve(&["--model", model.to_str().expect("utf-8"), "--tp", "3"]);
+    let server = Process::serve_default("3", &[]);
     let workers = server.children();
     assert_eq!(workers.len(), 3);
-    let status = Command::new("kill")
-        .args(["-KILL", &workers[2].to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
+    send_signal(workers[2], "-KILL");
     let mut health = HealthClient::new(server.channel().await);
     let down = async {
         loop {

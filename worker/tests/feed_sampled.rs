@@ -11,7 +11,8 @@ use std::time::Duration;
 use helios_proto::v1::{SamplingParams, SequenceStep, StepPlan, StepResult};
 use helios_tests::make_tiny_model;
 use helios_worker::batch::InvalidPlan;
-use helios_worker::comm::{Communicator, SingleRank, TcpCommunicator, TcpListenerSlot};
+use helios_worker::comm::test_support::local_mesh;
+use helios_worker::comm::{Communicator, SingleRank};
 use helios_worker::engine::{Engine, EngineOptions};
 
 const BLOCK_SIZE: usize = 16;
@@ -29,23 +30,17 @@ struct Ranks {
 
 impl Ranks {
     fn start(model: &Path, world: usize) -> Ranks {
-        let slots: Vec<TcpListenerSlot> = (0..world)
-            .map(|_| TcpListenerSlot::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let addrs: Vec<String> = slots
-            .iter()
-            .map(|s| s.local_addr().unwrap().to_string())
-            .collect();
         let (mut plans, mut answers) = (Vec::new(), Vec::new());
-        for (rank, slot) in slots.into_iter().enumerate() {
+        for seat in local_mesh(world).unwrap() {
+            let rank = seat.rank();
             let (plan_tx, plan_rx) = mpsc::channel::<StepPlan>();
             let (answer_tx, answer_rx) = mpsc::channel();
-            let (model, addrs) = (model.to_path_buf(), addrs.clone());
+            let model = model.to_path_buf();
             std::thread::spawn(move || {
                 let comm: Box<dyn Communicator> = if world == 1 {
                     Box::new(SingleRank)
                 } else {
-                    Box::new(TcpCommunicator::connect(&slot, rank, &addrs).unwrap())
+                    Box::new(seat.join().unwrap())
                 };
                 let mut opts = EngineOptions::cpu(&model);
                 opts.block_size = BLOCK_SIZE;

@@ -18,6 +18,8 @@
 #[cfg(feature = "cuda")]
 mod nccl;
 mod tcp;
+#[doc(hidden)]
+pub mod test_support;
 
 use std::time::{Duration, Instant};
 

@@ -238,6 +238,7 @@ impl Communicator for TcpCommunicator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::comm::test_support::local_mesh;
     use candle_core::Device;
 
     /// Runs `f(rank, communicator)` on `world` threads joined in a mesh; results by rank.
@@ -245,21 +246,12 @@ mod tests {
         world: usize,
         f: impl Fn(usize, TcpCommunicator) -> T + Send + Clone + 'static,
     ) -> Vec<T> {
-        let slots: Vec<TcpListenerSlot> = (0..world)
-            .map(|_| TcpListenerSlot::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let addrs: Vec<String> = slots
-            .iter()
-            .map(|s| s.local_addr().unwrap().to_string())
-            .collect();
-        let handles: Vec<_> = slots
+        let handles: Vec<_> = local_mesh(world)
+            .unwrap()
             .into_iter()
-            .enumerate()
-            .map(|(rank, slot)| {
-                let (addrs, f) = (addrs.clone(), f.clone());
-                std::thread::spawn(move || {
-                    f(rank, TcpCommunicator::connect(&slot, rank, &addrs).unwrap())
-                })
+            .map(|seat| {
+                let f = f.clone();
+                std::thread::spawn(move || f(seat.rank(), seat.join().unwrap()))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()

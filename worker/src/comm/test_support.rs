@@ -1,0 +1,50 @@
+//! Test support, not used by the worker itself: a TCP mesh of ranks on 127.0.0.1 inside one
+//! process, each rank on its own thread.
+//!
+//! The communicator's unit tests and the integration tests that join engines over TCP
+//! (`worker/tests`) both need it, and integration tests cannot see `#[cfg(test)]` items, so it
+//! is an ordinary public module (hidden from the docs).
+
+use anyhow::Result;
+
+use super::{TcpCommunicator, TcpListenerSlot};
+
+/// One rank's place in a local mesh: its bound listener and every rank's address, what a worker
+/// holds at Init.
+pub struct LocalSeat {
+    rank: usize,
+    slot: TcpListenerSlot,
+    addrs: Vec<String>,
+}
+
+impl LocalSeat {
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Joins the mesh. Blocks until every other rank joins too, so call it on one thread per
+    /// rank.
+    pub fn join(self) -> Result<TcpCommunicator> {
+        TcpCommunicator::connect(&self.slot, self.rank, &self.addrs)
+    }
+}
+
+/// The seats of a `world`-rank mesh on free ports of 127.0.0.1, by rank.
+pub fn local_mesh(world: usize) -> Result<Vec<LocalSeat>> {
+    let slots = (0..world)
+        .map(|_| TcpListenerSlot::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>>>()?;
+    let addrs = slots
+        .iter()
+        .map(|s| Ok(s.local_addr()?.to_string()))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(slots
+        .into_iter()
+        .enumerate()
+        .map(|(rank, slot)| LocalSeat {
+            rank,
+            slot,
+            addrs: addrs.clone(),
+        })
+        .collect())
+}
