@@ -114,7 +114,8 @@ impl FrontDoor {
         self.0.replica.state()
     }
 
-    /// Resolves when the state changes (gRPC health follows it).
+    /// A receiver of the replica's snapshot that wakes on every change of its state (gRPC
+    /// health follows it).
     pub fn watch(&self) -> tokio::sync::watch::Receiver<ReplicaSnapshot> {
         self.0.replica.watch()
     }

@@ -495,9 +495,13 @@ async fn logits(a: LogitsArgs, observe: Observe) -> Result<()> {
     if a.ids.is_empty() {
         bail!("--ids is empty");
     }
-    let (front, _workers) = start_serving(&a.spawn, observe).await?;
+    let (front, workers) = start_serving(&a.spawn, observe).await?;
     let prompts = (0..=a.continuation.len()).map(|k| [&a.ids[..], &a.continuation[..k]].concat());
-    let rows = futures::future::try_join_all(prompts.map(|p| front.next_token_logits(p))).await?;
+    let rows = futures::future::try_join_all(prompts.map(|p| front.next_token_logits(p))).await;
+    // Done: the workers' going is no failure.
+    front.release_workers();
+    workers.stop(Duration::from_secs(5)).await;
+    let rows = rows?;
     if a.continuation.is_empty() {
         let logits = rows.into_iter().next().context("no logits")?;
         println!("{}", serde_json::json!({ "logits": logits }));

@@ -236,10 +236,6 @@ impl Scheduler {
         }
     }
 
-    pub fn max_batch_tokens(&self) -> usize {
-        self.config.max_batch_tokens
-    }
-
     pub fn num_free_blocks(&self) -> usize {
         self.blocks.num_free()
     }

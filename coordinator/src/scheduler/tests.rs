@@ -354,3 +354,46 @@ fn deadlines_drop_sequences_wherever_they_are() {
     assert_eq!(s.num_free_blocks(), 16);
     s.audit().unwrap();
 }
+
+#[test]
+fn logits_travel_only_for_the_sequences_that_ask_and_only_when_sampled() {
+    let mut s = sched(64, 4, 6);
+    let asks = SequenceParams {
+        return_logits: true,
+        ..params(2)
+    };
+    s.add(Sequence::new(1, vec![5; 9], asks)).unwrap();
+    s.add(Sequence::new(2, vec![6; 3], params(2))).unwrap();
+    // A fake rank 0 that returns a row for every sequence when asked, as the worker does.
+    let with_logits = |plan: &StepPlan| {
+        let mut r = answer(plan);
+        if plan.return_logits {
+            r.logits = plan
+                .seqs
+                .iter()
+                .map(|q| helios_proto::v1::Logits {
+                    seq_id: q.seq_id,
+                    values: vec![q.seq_id as f32; 3],
+                })
+                .collect();
+        }
+        r
+    };
+    // The first step reads only part of sequence 1's prompt: nothing of it is sampled yet.
+    let plan = s.schedule().unwrap().unwrap();
+    assert!(!plan.return_logits, "{plan:?}");
+    assert!(s.apply(with_logits(&plan)).unwrap().is_empty());
+    let mut rows = Vec::new();
+    while let Some(plan) = s.schedule().unwrap() {
+        let sampling_1 = plan.seqs.iter().any(|q| q.seq_id == 1 && q.sample);
+        assert_eq!(plan.return_logits, sampling_1, "{plan:?}");
+        for t in s.apply(with_logits(&plan)).unwrap() {
+            rows.push((t.token.seq_id, t.logits));
+        }
+        s.audit().unwrap();
+    }
+    assert!(rows.contains(&(1, Some(vec![1.0; 3]))), "{rows:?}");
+    assert!(rows.iter().filter(|r| r.0 == 1).all(|r| r.1.is_some()));
+    assert!(rows.iter().filter(|r| r.0 == 2).all(|r| r.1.is_none()));
+    assert_eq!(rows.len(), 4, "two tokens each: {rows:?}");
+}
