@@ -189,6 +189,8 @@ struct Planned {
     id: u64,
     tokens: usize,
     sample: bool,
+    /// It samples and wants the logits it samples from.
+    logits: bool,
 }
 
 struct PlannedStep {
@@ -437,9 +439,7 @@ impl Scheduler {
         }
         let step_id = self.next_step;
         self.next_step += 1;
-        let return_logits = planned
-            .iter()
-            .any(|p| p.sample && self.seqs[&p.id].params.return_logits);
+        let return_logits = planned.iter().any(|p| p.logits);
         self.planned.push_back(PlannedStep {
             step_id,
             seqs: planned,
@@ -541,6 +541,7 @@ impl Scheduler {
             id,
             tokens: n,
             sample,
+            logits: sample && s.params.return_logits,
         });
         Ok(())
     }
@@ -588,11 +589,8 @@ impl Scheduler {
             seqs: Vec::new(),
         });
         let mut tokens = result.tokens.into_iter();
-        let mut logits: HashMap<u64, Vec<f32>> = result
-            .logits
-            .into_iter()
-            .map(|l| (l.seq_id, l.values))
-            .collect();
+        // Rows come in plan order (when some sequence asked): each is found by reading on.
+        let mut rows = result.logits.into_iter();
         let mut out = Vec::new();
         for p in step.seqs {
             let t = if p.sample { tokens.next() } else { None };
@@ -617,8 +615,8 @@ impl Scheduler {
             } else {
                 None
             };
-            let logits = if s.params.return_logits {
-                logits.remove(&p.id)
+            let logits = if p.logits {
+                rows.find(|l| l.seq_id == p.id).map(|l| l.values)
             } else {
                 None
             };
