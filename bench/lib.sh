@@ -6,7 +6,9 @@
 #   machine_line                      prints cores, CPU, date, commit and load average
 #   start_helios ARGS...              starts `helios serve --host 127.0.0.1 --port 0
 #                                     --http-port 0 ARGS`, waits for its ready line and sets
-#                                     GRPC_ADDR (host:port) and HTTP_URL (http://host:port)
+#                                     GRPC_ADDR (host:port) and HTTP_URL (http://host:port);
+#                                     HELIOS_BIN (default target/release/helios) and
+#                                     HELIOS_WORKER_BIN pick other binaries
 #   check_runs FILE                   exits, naming them, if any run in FILE (`helios-bench
 #                                     serve --json` lines) had failed requests
 #   start_server CMD...               starts any server in the background as $server
@@ -51,7 +53,7 @@ stop_server() {
 trap 'stop_server; rm -rf "$work"' EXIT
 
 start_helios() {
-  start_server target/release/helios serve --host 127.0.0.1 --port 0 --http-port 0 "$@"
+  start_server "${HELIOS_BIN:-target/release/helios}" serve --host 127.0.0.1 --port 0 --http-port 0 "$@"
   local line=""
   for _ in $(seq 900); do
     line=$(grep -m1 '^HELIOS_READY ' "$work/server.out" || true)

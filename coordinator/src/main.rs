@@ -489,8 +489,8 @@ async fn generate(a: GenerateArgs, observe: Observe) -> Result<()> {
 }
 
 /// Teacher forcing through the serving path: the logits after the prompt, and after each
-/// prefix of the continuation, each as a request of one token (they run batched; the prefix
-/// cache shares what they have in common).
+/// prefix of the continuation, each as a request of one token. They run batched; one admitted
+/// after an earlier one's answer takes the shared prefix from the prefix cache.
 async fn logits(a: LogitsArgs, observe: Observe) -> Result<()> {
     if a.ids.is_empty() {
         bail!("--ids is empty");

@@ -238,18 +238,8 @@ impl Scheduler {
         }
     }
 
-    pub fn num_free_blocks(&self) -> usize {
-        self.blocks.num_free()
-    }
-
-    pub fn num_running(&self) -> usize {
-        self.running.len()
-    }
-
-    pub fn num_waiting(&self) -> usize {
-        self.waiting.len()
-    }
-
+    /// What it holds now (running, waiting, free blocks) and its counters: the one way to read
+    /// its numbers, for the replica's snapshot and for tests alike.
     pub fn stats(&self) -> SchedulerStats {
         let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
         SchedulerStats {

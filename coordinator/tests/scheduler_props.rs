@@ -267,7 +267,10 @@ impl Harness {
             self.run(Op::Answer)?;
         }
         prop_assert!(self.sched.is_idle(), "stuck: requests left after 20k steps");
-        prop_assert_eq!(self.sched.num_free_blocks(), self.total_blocks);
+        prop_assert_eq!(
+            self.sched.stats().kv_blocks_free as usize,
+            self.total_blocks
+        );
         for (&id, prompt) in &self.prompts {
             let out = self.outputs.get(&id).cloned().unwrap_or_default();
             let want: Vec<u32> = (0..out.len() as u32).map(|i| token(id, i)).collect();

@@ -71,14 +71,14 @@ fn finished_sequences_give_back_their_blocks() {
         vec![(8, None), (8, None), (8, Some(FinishReason::Length))]
     );
     assert!(s.is_idle());
-    assert_eq!(s.num_free_blocks(), 16);
+    assert_eq!(s.stats().kv_blocks_free as usize, 16);
     // With its first token as a stop token, a sequence ends at the first sample.
     let mut p = params(10);
     p.stop_token_ids = vec![9];
     s.add(Sequence::new(8, vec![2; 5], p)).unwrap();
     let (_, out) = step(&mut s);
     assert_eq!(out[0].finish, Some(FinishReason::Eos));
-    assert_eq!(s.num_free_blocks(), 16);
+    assert_eq!(s.stats().kv_blocks_free as usize, 16);
 }
 
 #[test]
@@ -117,7 +117,7 @@ fn a_malformed_answer_fails_exactly_the_planned_sequences() {
     let failed = s.apply(short).unwrap_err();
     assert_eq!(failed.seq_ids, vec![3, 4]);
     assert!(s.is_idle());
-    assert_eq!(s.num_free_blocks(), 16);
+    assert_eq!(s.stats().kv_blocks_free as usize, 16);
     s.audit().unwrap();
     s.add(Sequence::new(5, vec![1; 2], params(4))).unwrap();
     let plan = s.schedule().unwrap().unwrap();
@@ -220,7 +220,7 @@ fn out_of_blocks_the_newest_is_preempted_and_recomputes_with_its_tokens() {
         vec![3; 5],
         "the preempted one still gets all its tokens"
     );
-    assert_eq!(s.num_free_blocks(), 3);
+    assert_eq!(s.stats().kv_blocks_free as usize, 3);
     // The older sequence kept running when the newer one was preempted.
     let plan = preempted_plan.unwrap();
     assert!(plan.seqs.iter().any(|q| q.seq_id == 1));
@@ -350,8 +350,8 @@ fn deadlines_drop_sequences_wherever_they_are() {
     let mut gone = s.expire(now);
     gone.sort();
     assert_eq!(gone, vec![1, 2]);
-    assert_eq!((s.num_running(), s.num_waiting()), (0, 1));
-    assert_eq!(s.num_free_blocks(), 16);
+    assert_eq!((s.stats().running, s.stats().waiting), (0, 1));
+    assert_eq!(s.stats().kv_blocks_free as usize, 16);
     s.audit().unwrap();
 }
 
