@@ -84,6 +84,7 @@ impl Worker for FakeWorker {
             initialized: false,
             rank: -1,
             nccl_id: Vec::new(),
+            generation: 0,
         }))
     }
 

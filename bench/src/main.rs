@@ -24,9 +24,10 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use helios_coordinator::front_door::{FrontDoor, ServingOptions};
-use helios_coordinator::local_workers::LocalReplica;
+use helios_coordinator::membership::local::{resolve_model_path, LocalOptions};
+use helios_coordinator::membership::{LocalWorkers, Membership};
 use helios_coordinator::output::collect;
-use helios_coordinator::replica::ReplicaOptions;
+use helios_coordinator::replica::{RecoveryOptions, ReplicaOptions};
 use helios_coordinator::scheduler::SchedulerConfig;
 use helios_coordinator::sharded_client::InitOptions;
 use helios_coordinator::tokenizer::TextTokenizer;
@@ -146,22 +147,20 @@ fn exact_request(prompt: Vec<u32>, n: usize) -> GenerateRequest {
 
 async fn engine(a: EngineArgs) -> Result<()> {
     let model = a.model.to_string_lossy().into_owned();
-    let LocalReplica {
-        workers: _workers,
-        client,
-        init,
-    } = LocalReplica::spawn(
-        a.tp,
-        a.threads,
-        InitOptions {
-            model_path: model.clone(),
-            block_size: helios_proto::DEFAULT_BLOCK_SIZE,
-            num_kv_blocks: 0,
-            kv_cache_memory_bytes: 512 << 20,
-            dequantize: a.dequantize,
-        },
-        LogFormat::Text,
-    )
+    let mut init = InitOptions {
+        model_path: model.clone(),
+        block_size: helios_proto::DEFAULT_BLOCK_SIZE,
+        num_kv_blocks: 0,
+        kv_cache_memory_bytes: 512 << 20,
+        dequantize: a.dequantize,
+    };
+    resolve_model_path(&mut init)?;
+    let workers = LocalWorkers::spawn(LocalOptions {
+        tp: a.tp,
+        threads: a.threads,
+        log_format: LogFormat::Text,
+        max_restarts: 0,
+    })
     .await?;
     // The model, never the cache: no prefix caching, and a whole prompt in one step.
     let opts = ServingOptions {
@@ -175,11 +174,12 @@ async fn engine(a: EngineArgs) -> Result<()> {
             },
             overlap: true,
             tracing: false,
+            recovery: RecoveryOptions::default(),
         },
         log_prompts: false,
     };
     let tokenizer = TextTokenizer::from_model_path(&a.model)?;
-    let front = FrontDoor::start(client, &init, tokenizer, &opts).await?;
+    let front = FrontDoor::start(Membership::Local(workers), &init, tokenizer, &opts).await?;
     let facts = front.replica().info().facts.clone();
     let vocab = facts.vocab_size as usize;
     let one_token = |p: Vec<u32>| {
@@ -265,6 +265,7 @@ async fn engine(a: EngineArgs) -> Result<()> {
             println!("decode batch {b}: {t:.1} tokens/s");
         }
     }
+    front.release_workers(Duration::from_secs(5)).await;
     Ok(())
 }
 

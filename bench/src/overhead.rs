@@ -31,6 +31,7 @@ use anyhow::{bail, Context, Result};
 use helios_coordinator::admission::Admitted;
 use helios_coordinator::block_manager::BlockManager;
 use helios_coordinator::front_door::{FrontDoor, ServingOptions};
+use helios_coordinator::membership::{FixedAddresses, Membership};
 use helios_coordinator::metrics::Metrics;
 use helios_coordinator::output::RequestOutput;
 use helios_coordinator::replica::ReplicaOptions;
@@ -38,7 +39,7 @@ use helios_coordinator::request_trace::{Arrival, RequestTrace};
 use helios_coordinator::scheduler::{
     Sampled, Scheduler, SchedulerConfig, Sequence, SequenceParams,
 };
-use helios_coordinator::sharded_client::{InitOptions, ShardedClient};
+use helios_coordinator::sharded_client::InitOptions;
 use helios_coordinator::tokenizer::TextTokenizer;
 use helios_coordinator::{grpc, shutdown};
 use helios_proto::v1::generation_client::GenerationClient;
@@ -280,7 +281,7 @@ async fn measure(
     }
     let recorder = ranks[0].recorder.clone();
     let addrs: Vec<String> = ranks.iter().map(|r| format!("http://{}", r.addr)).collect();
-    let client = ShardedClient::connect(&addrs).await?;
+    let membership = Membership::Static(FixedAddresses::new(&addrs)?);
     let init = InitOptions {
         model_path: "fake".into(),
         block_size: block_size as u32,
@@ -300,10 +301,11 @@ async fn measure(
             },
             overlap: true,
             tracing: false,
+            recovery: Default::default(),
         },
         log_prompts: false,
     };
-    let front = FrontDoor::start(client, &init, tokenizer, &opts).await?;
+    let front = FrontDoor::start(membership, &init, tokenizer, &opts).await?;
 
     let request = |i: usize| GenerateRequest {
         request_id: format!("overhead-{i}"),

@@ -209,6 +209,15 @@ impl BlockManager {
         }
     }
 
+    /// Empties the prefix cache: the ranks' KV is gone (the replica was rebuilt), so no block's
+    /// content can be reused. Blocks keep their places in the free queue.
+    pub fn forget_cached(&mut self) {
+        for block in &mut self.blocks {
+            block.key = None;
+        }
+        self.cached.clear();
+    }
+
     /// Checks every invariant against the tables of all sequences: each block's reference
     /// count is the number of tables holding it, the free queue holds exactly the unreferenced
     /// blocks once each, and the cache index and the blocks' keys agree.

@@ -17,12 +17,13 @@ use tokio::sync::oneshot;
 
 use crate::admission::{self, Limits};
 use crate::error::ServeError;
+use crate::membership::Membership;
 use crate::metrics::Metrics;
 use crate::output::{RequestOutput, ResponseReceiver};
 use crate::replica::step_loop::NewRequest;
 use crate::replica::{Replica, ReplicaOptions, ReplicaSnapshot, ReplicaState};
 use crate::request_trace::{Arrival, RequestTrace};
-use crate::sharded_client::{InitOptions, ShardedClient};
+use crate::sharded_client::InitOptions;
 use crate::tokenizer::TextTokenizer;
 
 /// The largest request a client may send, gRPC message or HTTP body alike (gRPC's default):
@@ -62,17 +63,17 @@ struct Inner {
 }
 
 impl FrontDoor {
-    /// Loads the model on the workers of `client` as one replica and serves it.
+    /// Loads the model on the workers `membership` finds, as one replica, and serves it.
     pub async fn start(
-        client: ShardedClient,
+        membership: Membership,
         init: &InitOptions,
         tokenizer: TextTokenizer,
         opts: &ServingOptions,
     ) -> Result<Self> {
         let tokenizer = Arc::new(tokenizer);
-        let metrics = Arc::new(Metrics::new(client.world_size()));
+        let metrics = Arc::new(Metrics::new(membership.world_size()));
         let replica = Replica::start(
-            client,
+            membership,
             init,
             opts.replica,
             tokenizer.clone(),
@@ -239,9 +240,10 @@ impl FrontDoor {
         self.0.replica.drain(grace).await;
     }
 
-    /// The workers are about to be stopped on purpose (after a drain).
-    pub fn release_workers(&self) {
-        self.0.replica.release_workers();
+    /// Lets the workers go (after a drain); workers spawned here exit, and are killed after
+    /// `grace`.
+    pub async fn release_workers(&self, grace: Duration) {
+        self.0.replica.release_workers(grace).await;
     }
 }
 

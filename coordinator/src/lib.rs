@@ -5,8 +5,9 @@
 //! tokens (with the model's chat template, [`tokenizer`]) and checks its parameters, and which
 //! hands it to a [`replica`]. There it waits in the [`scheduler`] until the KV cache can hold
 //! it; the replica's step loop plans each step over the blocks [`block_manager`] hands out, and
-//! the [`sharded_client`] sends it to every worker rank (spawned by [`local_workers`]) and
-//! brings back rank 0's sampled tokens. [`output`] turns them back into text as they arrive
+//! the [`sharded_client`] sends it to every worker rank (found through [`membership`]: spawned
+//! here, listed, or registered in etcd) and brings back rank 0's sampled tokens; a rank that is
+//! lost is replaced and the replica rebuilt without losing a request (`replica::recovery`). [`output`] turns them back into text as they arrive
 //! (the [`detokenizer`], with [`stop`] watching for stop strings) and streams it to the client.
 //! Anything that goes wrong is a [`error::ServeError`], which each front door maps to its
 //! transport in one place.
@@ -21,7 +22,7 @@ pub mod detokenizer;
 pub mod error;
 pub mod front_door;
 pub mod grpc;
-pub mod local_workers;
+pub mod membership;
 pub mod metrics;
 pub mod openai;
 pub mod output;

@@ -17,13 +17,14 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use futures::{Stream, StreamExt};
 use helios_coordinator::front_door::{CallContext, FrontDoor, ServingOptions};
-use helios_coordinator::local_workers::{LocalReplica, LocalWorkers};
+use helios_coordinator::membership::local::{resolve_model_path, LocalOptions};
+use helios_coordinator::membership::{FixedAddresses, LocalWorkers, Membership};
 use helios_coordinator::output::{finish_name, ResponseStream};
-use helios_coordinator::replica::ReplicaOptions;
+use helios_coordinator::replica::{RecoveryOptions, ReplicaOptions};
 use helios_coordinator::scheduler::{
     SchedulerConfig, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RUNNING, DEFAULT_MAX_WAITING,
 };
-use helios_coordinator::sharded_client::{InitOptions, ShardedClient};
+use helios_coordinator::sharded_client::InitOptions;
 use helios_coordinator::tokenizer::TextTokenizer;
 use helios_coordinator::{grpc, openai, shutdown};
 use helios_proto::telemetry::{LogDefault, LogFormat, Telemetry};
@@ -107,6 +108,14 @@ struct ReplicaArgs {
     /// Put each request's prompt text in its log line (off by default: prompts may be private).
     #[arg(long)]
     log_prompts: bool,
+    /// Seconds requests wait for a lost worker to be replaced; then they are answered
+    /// UNAVAILABLE (the replica keeps trying and serves again once rebuilt).
+    #[arg(long, default_value_t = 60.0)]
+    recovery_timeout: f64,
+    /// Seconds a step may take before its ranks are taken for lost even though they answer
+    /// health probes (a stopped or unreachable worker is found within seconds anyway).
+    #[arg(long, default_value_t = 300.0)]
+    step_timeout: f64,
 }
 
 impl ReplicaArgs {
@@ -132,10 +141,19 @@ impl ReplicaArgs {
                 },
                 overlap: !self.no_overlap,
                 tracing: observe.tracing,
+                recovery: RecoveryOptions {
+                    step_timeout: seconds(self.step_timeout),
+                    recovery_timeout: seconds(self.recovery_timeout),
+                },
             },
             log_prompts: self.log_prompts,
         }
     }
+}
+
+/// A duration of `s` seconds; negative or NaN is zero, huge is capped.
+fn seconds(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s.max(0.0)).unwrap_or(Duration::MAX)
 }
 
 /// Worker processes spawned on this host.
@@ -149,6 +167,9 @@ struct SpawnArgs {
     /// Compute threads per worker (default: the cores divided among the workers).
     #[arg(long)]
     threads_per_worker: Option<usize>,
+    /// Times a lost worker is spawned again, per rank, before the replica gives up on it.
+    #[arg(long, default_value_t = 10)]
+    max_worker_restarts: u32,
 }
 
 #[derive(Args)]
@@ -277,21 +298,27 @@ async fn main() {
     }
 }
 
-/// Spawns the workers and serves them as one replica behind a front door; the workers live as
-/// long as the handle.
-async fn start_serving(a: &SpawnArgs, observe: Observe) -> Result<(FrontDoor, LocalWorkers)> {
+/// Spawns the workers and serves them as one replica behind a front door (which respawns a
+/// lost one); [`FrontDoor::release_workers`] lets them go.
+async fn start_serving(a: &SpawnArgs, observe: Observe) -> Result<FrontDoor> {
     let tokenizer = TextTokenizer::from_model_path(&a.replica.model)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = a.threads_per_worker.unwrap_or((cores / a.tp.max(1)).max(1));
-    let LocalReplica {
-        workers,
-        client,
-        init,
-    } = LocalReplica::spawn(a.tp, threads, a.replica.init_options(), observe.log_format).await?;
+    let mut init = a.replica.init_options();
+    resolve_model_path(&mut init)?;
+    let workers = LocalWorkers::spawn(LocalOptions {
+        tp: a.tp,
+        threads,
+        log_format: observe.log_format,
+        max_restarts: a.max_worker_restarts,
+    })
+    .await?;
     let opts = a.replica.serving_options(observe);
-    let front = FrontDoor::start(client, &init, tokenizer, &opts).await?;
-    Ok((front, workers))
+    FrontDoor::start(Membership::Local(workers), &init, tokenizer, &opts).await
 }
+
+/// How long workers spawned here get to exit on their own once let go.
+const WORKER_EXIT_GRACE: Duration = Duration::from_secs(5);
 
 async fn listen_and_serve(listen: &ListenArgs, front: FrontDoor, what: &str) -> Result<()> {
     let grpc_listener = shutdown::bind(SocketAddr::new(listen.host, listen.port)).await?;
@@ -319,32 +346,30 @@ async fn listen_and_serve(listen: &ListenArgs, front: FrontDoor, what: &str) -> 
 }
 
 async fn serve(a: ServeArgs, observe: Observe) -> Result<()> {
-    let (front, workers) = start_serving(&a.spawn, observe).await?;
+    let front = start_serving(&a.spawn, observe).await?;
     let what = format!("{} at tp {}", a.spawn.replica.model.display(), a.spawn.tp);
     let served = listen_and_serve(&a.listen, front.clone(), &what).await;
     // Drained: the workers may exit on their own (sending their last spans) before we do.
-    front.release_workers();
-    workers.stop(Duration::from_secs(5)).await;
+    front.release_workers(WORKER_EXIT_GRACE).await;
     served
 }
 
 async fn coordinator(a: CoordinatorArgs, observe: Observe) -> Result<()> {
     let tokenizer = TextTokenizer::from_model_path(&a.replica.model)?;
-    let addrs: Vec<String> = a
-        .workers
-        .iter()
-        .map(|w| {
-            if w.contains("://") {
-                w.clone()
-            } else {
-                format!("http://{w}")
-            }
-        })
-        .collect();
-    let client = ShardedClient::connect(&addrs).await?;
+    let workers = FixedAddresses::new(&a.workers)?;
+    let what = format!(
+        "{} over {} workers",
+        a.replica.model.display(),
+        workers.world_size()
+    );
     let opts = a.replica.serving_options(observe);
-    let front = FrontDoor::start(client, &a.replica.init_options(), tokenizer, &opts).await?;
-    let what = format!("{} over {} workers", a.replica.model.display(), addrs.len());
+    let front = FrontDoor::start(
+        Membership::Static(workers),
+        &a.replica.init_options(),
+        tokenizer,
+        &opts,
+    )
+    .await?;
     listen_and_serve(&a.listen, front, &what).await
 }
 
@@ -354,8 +379,8 @@ type AnyResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse>> + S
 /// workers it spawned (the same path a server's requests take).
 enum Backend {
     Remote(GenerationClient<tonic::transport::Channel>),
-    /// The workers are held so they live as long as the request.
-    Local(FrontDoor, #[allow(dead_code)] LocalWorkers),
+    /// Over workers spawned for the request.
+    Local(FrontDoor),
 }
 
 impl Backend {
@@ -365,7 +390,7 @@ impl Backend {
                 let r = c.tokenize(req).await.map_err(status_error)?;
                 r.into_inner().token_ids
             }
-            Backend::Local(front, _) => front.tokenize(req.prompt, req.messages).await?,
+            Backend::Local(front) => front.tokenize(req.prompt, req.messages).await?,
         })
     }
 
@@ -375,7 +400,7 @@ impl Backend {
                 let stream = c.generate_stream(req).await.map_err(status_error)?;
                 Box::pin(stream.into_inner().map(|r| r.map_err(status_error)))
             }
-            Backend::Local(front, _) => {
+            Backend::Local(front) => {
                 let rx = front.generate(req, CallContext::default()).await?;
                 Box::pin(ResponseStream::new(rx).map(|r| r.map_err(anyhow::Error::from)))
             }
@@ -400,10 +425,7 @@ async fn generate(a: GenerateArgs, observe: Observe) -> Result<()> {
                 .with_context(|| format!("connecting to {url}"))?;
             Backend::Remote(client)
         }
-        None => {
-            let (front, workers) = start_serving(&a.spawn, observe).await?;
-            Backend::Local(front, workers)
-        }
+        None => Backend::Local(start_serving(&a.spawn, observe).await?),
     };
     let (prompt, messages) = if a.chat {
         let user = ChatMessage {
@@ -444,6 +466,20 @@ async fn generate(a: GenerateArgs, observe: Observe) -> Result<()> {
         }),
         ..Default::default()
     };
+    let streamed = stream_answer(&a, &mut backend, req, prompt_ids).await;
+    if let Backend::Local(front) = &backend {
+        front.release_workers(WORKER_EXIT_GRACE).await;
+    }
+    streamed
+}
+
+/// Streams the answer to the terminal (or prints it as one JSON object with `--json`).
+async fn stream_answer(
+    a: &GenerateArgs,
+    backend: &mut Backend,
+    req: GenerateRequest,
+    prompt_ids: Vec<u32>,
+) -> Result<()> {
     let mut stream = backend.generate(req).await?;
     let (mut text, mut ids, mut logprobs) = (String::new(), Vec::new(), Vec::new());
     let mut last = None;
@@ -495,12 +531,11 @@ async fn logits(a: LogitsArgs, observe: Observe) -> Result<()> {
     if a.ids.is_empty() {
         bail!("--ids is empty");
     }
-    let (front, workers) = start_serving(&a.spawn, observe).await?;
+    let front = start_serving(&a.spawn, observe).await?;
     let prompts = (0..=a.continuation.len()).map(|k| [&a.ids[..], &a.continuation[..k]].concat());
     let rows = futures::future::try_join_all(prompts.map(|p| front.next_token_logits(p))).await;
     // Done: the workers' going is no failure.
-    front.release_workers();
-    workers.stop(Duration::from_secs(5)).await;
+    front.release_workers(WORKER_EXIT_GRACE).await;
     let rows = rows?;
     if a.continuation.is_empty() {
         let logits = rows.into_iter().next().context("no logits")?;

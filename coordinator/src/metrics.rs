@@ -40,6 +40,12 @@ const REQUEST_BUCKETS: &[f64] = &[
     60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
 ];
 
+/// Recoveries: a respawn and reload take about a second on CPU with a small model, minutes with
+/// a large one.
+const RECOVERY_BUCKETS: &[f64] = &[
+    0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
 /// Step-level times: 50 µs doubling up to ~6.5 s (a GPU decode step to a long CPU prefill).
 fn step_buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(50e-6, 2.0, 18)
@@ -77,7 +83,11 @@ pub struct Metrics {
     prefix_cache_queries: Counter,
     prefix_cache_hits: Counter,
     preemptions: Counter,
+    requeued: Counter,
     steps: Counter,
+    /// Recoveries from a lost rank that rebuilt the replica, and how long each took.
+    recoveries: Counter,
+    recovery_duration: Histogram,
 }
 
 /// One rank's series of the `{rank}`-labelled families.
@@ -259,12 +269,33 @@ impl Metrics {
                 None,
                 Counter::default(),
             ),
+            requeued: add(
+                r,
+                "sequences_requeued",
+                "Running requests sent back to the queue (tokens kept) because the replica lost a rank",
+                None,
+                Counter::default(),
+            ),
             steps: add(
                 r,
                 "steps",
                 "Steps the replica ran",
                 None,
                 Counter::default(),
+            ),
+            recoveries: add(
+                r,
+                "recoveries",
+                "Times the replica lost a rank and was rebuilt",
+                None,
+                Counter::default(),
+            ),
+            recovery_duration: add(
+                r,
+                "recovery_duration",
+                "Time from losing a rank to serving again",
+                secs(),
+                histogram(RECOVERY_BUCKETS),
             ),
             registry: std::mem::take(r),
         }
@@ -298,6 +329,7 @@ impl Metrics {
         store(&self.prefix_cache_queries, s.prefix_query_tokens);
         store(&self.prefix_cache_hits, s.prefix_hit_tokens);
         store(&self.preemptions, s.preemptions);
+        store(&self.requeued, s.requeued);
         store(&self.steps, now.steps.steps);
         for (series, &up) in self.ranks.iter().zip(&now.ranks_up) {
             series.up.set(i64::from(up));
@@ -314,6 +346,12 @@ impl Metrics {
             let _ = prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry);
             (text, "text/plain; version=0.0.4; charset=utf-8")
         }
+    }
+
+    /// Records a recovery that rebuilt the replica in `took`.
+    pub fn recovered(&self, took: std::time::Duration) {
+        self.recoveries.inc();
+        self.recovery_duration.observe(took.as_secs_f64());
     }
 
     /// Records one answered step: the slowest rank's time (`slowest_us`), and every rank's own.

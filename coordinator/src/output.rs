@@ -103,6 +103,11 @@ impl RequestOutput {
         self.trace.preempted();
     }
 
+    /// Its replica lost a rank: it waits again, to be recomputed.
+    pub fn requeued(&mut self) {
+        self.trace.requeued();
+    }
+
     /// The client went away (cancelled, disconnected, or its deadline passed).
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()

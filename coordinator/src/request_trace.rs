@@ -46,6 +46,8 @@ pub struct RequestTrace {
     prompt_tokens: u32,
     completion_tokens: u32,
     preemptions: u32,
+    /// Times it went back to the queue because its replica lost a rank.
+    requeues: u32,
     arrival: Instant,
     scheduled: Option<Instant>,
     first_token: Option<Instant>,
@@ -76,6 +78,7 @@ impl RequestTrace {
             output_tokens = Empty,
             finish_reason = Empty,
             preemptions = Empty,
+            requeues = Empty,
             otel.status_code = Empty,
         );
         if let Some(parent) = a.parent {
@@ -108,6 +111,7 @@ impl RequestTrace {
             prompt_tokens: a.prompt_tokens,
             completion_tokens: 0,
             preemptions: 0,
+            requeues: 0,
             arrival: a.arrival,
             scheduled: None,
             first_token: None,
@@ -168,6 +172,15 @@ impl RequestTrace {
     }
 
     /// It gave its blocks back and waits again.
+    /// Its replica lost a rank: it waits again, its tokens kept, to be recomputed.
+    pub fn requeued(&mut self) {
+        self.requeues += 1;
+        tracing::info!(request_id = %self.request_id, "requeued: the replica lost a rank");
+        if self.phase != Phase::Ended {
+            self.enter(Phase::Queue);
+        }
+    }
+
     pub fn preempted(&mut self) {
         self.preemptions += 1;
         tracing::debug!(request_id = %self.request_id, "preempted");
@@ -231,6 +244,7 @@ impl RequestTrace {
         span.record("output_tokens", self.completion_tokens);
         span.record("finish_reason", reason);
         span.record("preemptions", self.preemptions);
+        span.record("requeues", self.requeues);
         let ttft_ms = self
             .first_token
             .map(|t| t.duration_since(self.arrival).as_secs_f64() * 1e3);

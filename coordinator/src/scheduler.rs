@@ -179,6 +179,8 @@ pub struct SchedulerStats {
     pub kv_blocks_free: u32,
     pub kv_blocks_total: u32,
     pub preemptions: u64,
+    /// Sequences sent back to the queue because the replica lost a rank.
+    pub requeued: u64,
     /// Tokens of sequences looked up in the prefix cache when (re)admitted, and those found.
     pub prefix_query_tokens: u64,
     pub prefix_hit_tokens: u64,
@@ -345,6 +347,33 @@ impl Scheduler {
         Some(id)
     }
 
+    /// The ranks lost their KV (the replica lost a rank and is rebuilt): every running sequence
+    /// returns to the waiting queue with the tokens it has, as in preemption; unanswered steps
+    /// are forgotten (the tokens they would have sampled are sampled again, at the same output
+    /// index, so the same for a greedy or seeded request); the prefix cache is emptied, and the
+    /// ranks, which start the new build with no block tables, are sent every table whole.
+    /// Returns the sequences that were running.
+    pub fn requeue_all(&mut self) -> Vec<u64> {
+        self.planned.clear();
+        self.forgotten.clear();
+        let running = std::mem::take(&mut self.running);
+        for &id in &running {
+            if let Some(mut s) = self.seqs.remove(&id) {
+                self.free_blocks(&mut s);
+                self.waiting.insert(s.key());
+                self.seqs.insert(id, s);
+            }
+        }
+        // `free_blocks` noted the tables as ranks' to forget: the new build holds none.
+        self.forgotten.clear();
+        for s in self.seqs.values_mut() {
+            s.pending = 0;
+        }
+        self.blocks.forget_cached();
+        self.stats.requeued += running.len() as u64;
+        running
+    }
+
     /// The sequences preempted since the previous call, in order (a request's trace shows it).
     pub fn take_preempted(&mut self) -> Vec<u64> {
         std::mem::take(&mut self.preempted)
@@ -440,6 +469,8 @@ impl Scheduler {
             return_logits,
             finished_seq_ids: std::mem::take(&mut self.forgotten),
             trace_context: Default::default(),
+            // The sharded client stamps the build of the replica it sends the plan to.
+            generation: 0,
         }))
     }
 

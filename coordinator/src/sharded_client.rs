@@ -3,12 +3,20 @@
 //! As in TGI's sharded client, the coordinator sends every rank the same StepPlan over a
 //! long-lived bidirectional stream and waits for all of them: ranks run the step in lockstep
 //! (they meet in every all-reduce), rank 0's answer carries the sampled tokens.
+//!
+//! Channels connect lazily and reconnect by themselves, resolving the address's name at every
+//! connect. Every [`ShardedClient::init`] builds the replica anew under a **generation**
+//! number: every rank joins a new mesh, new step streams open, and every plan carries the
+//! generation, so a rank of another build refuses it. Rebuilding after a lost rank is an init
+//! with one rank's address replaced ([`ShardedClient::set_rank`]).
 
 use anyhow::{bail, Context, Result};
-use futures::future::join_all;
+use futures::future::{join_all, try_join_all};
 use helios_proto::v1::worker_client::WorkerClient;
-use helios_proto::v1::{HealthRequest, InitRequest, ModelFacts, StepPlan, StepResult};
-use std::sync::atomic::{AtomicBool, Ordering};
+use helios_proto::v1::{
+    HealthRequest, HealthResponse, InitRequest, ModelFacts, StepPlan, StepResult,
+};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +56,7 @@ impl ReplicaInfo {
 
 struct Shard {
     rank: usize,
+    addr: String,
     client: WorkerClient<Channel>,
     /// Plans go out on `plans`; a reader task forwards the rank's answers to `results`.
     stream: Option<(mpsc::Sender<StepPlan>, mpsc::Receiver<StepResult>)>,
@@ -56,9 +65,13 @@ struct Shard {
 /// Every rank of one replica, addressed as one.
 pub struct ShardedClient {
     shards: Vec<Shard>,
-    /// The first failure of any rank's step stream (it ended or broke: the rank is gone).
+    /// The first failure of any rank's step stream in this generation (it ended or broke).
     failure: Arc<watch::Sender<Option<String>>>,
     closing: Closing,
+    /// The build of the replica the open step streams belong to (0 before the first init).
+    generation: u64,
+    /// The same, for the stream readers: one of an older build reports nothing.
+    current: Arc<AtomicU64>,
 }
 
 /// Set when the ranks are being stopped on purpose (shutdown): a step stream that ends from
@@ -86,35 +99,61 @@ pub struct RankTimes {
 }
 
 impl ShardedClient {
-    /// Connects to the workers at `addrs` (indexed by rank).
-    pub async fn connect(addrs: &[String]) -> Result<Self> {
-        let mut shards = Vec::with_capacity(addrs.len());
-        for (rank, addr) in addrs.iter().enumerate() {
-            let channel = Endpoint::from_shared(addr.clone())
-                .with_context(|| format!("rank {rank}: bad address {addr:?}"))?
-                // A peer that vanishes without closing its socket (a lost node) is noticed
-                // within seconds, not at the next TCP timeout.
-                .http2_keep_alive_interval(Duration::from_secs(2))
-                .keep_alive_timeout(Duration::from_secs(5))
-                .keep_alive_while_idle(true)
-                .connect()
-                .await
-                .with_context(|| format!("connecting to rank {rank} at {addr}"))?;
-            let client = WorkerClient::new(channel)
-                .max_decoding_message_size(helios_proto::MAX_WORKER_MESSAGE_BYTES)
-                .max_encoding_message_size(helios_proto::MAX_WORKER_MESSAGE_BYTES);
-            shards.push(Shard {
-                rank,
-                client,
-                stream: None,
-            });
-        }
+    /// A client of the workers at `addrs` (`http://host:port`, by rank). Nothing connects
+    /// until the first call.
+    pub fn new(addrs: &[String]) -> Result<Self> {
+        let shards = addrs
+            .iter()
+            .enumerate()
+            .map(|(rank, addr)| {
+                Ok(Shard {
+                    rank,
+                    addr: addr.clone(),
+                    client: worker_client(rank, addr)?,
+                    stream: None,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let (failure, _) = watch::channel(None);
         Ok(Self {
             shards,
             failure: Arc::new(failure),
             closing: Closing::default(),
+            generation: 0,
+            current: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Rank `rank` is now served at `addr` (its replacement); the next init uses it.
+    pub fn set_rank(&mut self, rank: usize, addr: &str) -> Result<()> {
+        let shard = self
+            .shards
+            .get_mut(rank)
+            .with_context(|| format!("no rank {rank}"))?;
+        shard.client = worker_client(rank, addr)?;
+        shard.addr = addr.to_string();
+        shard.stream = None;
+        Ok(())
+    }
+
+    /// Each rank's address, by rank.
+    pub fn addresses(&self) -> Vec<String> {
+        self.shards.iter().map(|s| s.addr.clone()).collect()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Asks every rank for its health at once; `None` for a rank that does not answer within
+    /// `timeout` (gone, stopped, unreachable).
+    pub async fn probe(&self, timeout: Duration) -> Vec<Option<HealthResponse>> {
+        probe_all(self.health_clients(), timeout).await
+    }
+
+    /// Clients for health probes, usable while a step is awaited.
+    pub fn health_clients(&self) -> Vec<WorkerClient<Channel>> {
+        self.shards.iter().map(|s| s.client.clone()).collect()
     }
 
     pub fn world_size(&self) -> usize {
@@ -131,27 +170,43 @@ impl ShardedClient {
         self.failure.subscribe()
     }
 
-    /// Hands every rank its place and its peers, loads the model everywhere, opens the step
-    /// streams. Whether each rank's stream is open goes to `published` (`ranks_up`).
-    #[tracing::instrument(skip_all, fields(world = self.shards.len()))]
+    /// Builds the replica under a generation newer than any its ranks have seen: hands every
+    /// rank its place and its peers, loads the model where it is not loaded yet (a rank that
+    /// has it keeps it and only joins the new mesh), opens the step streams. Fails as soon as
+    /// any rank fails. Whether each rank's stream is open goes to `published` (`ranks_up`).
+    #[tracing::instrument(skip_all, fields(world = self.shards.len(), generation = tracing::field::Empty))]
     pub async fn init(&mut self, opts: &InitOptions, published: &Published) -> Result<ReplicaInfo> {
         let world = self.shards.len();
-        let healths = join_all(self.shards.iter_mut().map(|s| async move {
+        // The old generation's streams close; their readers report nothing from now on.
+        for s in &mut self.shards {
+            s.stream = None;
+        }
+        let (failure, _) = watch::channel(None);
+        self.failure = Arc::new(failure);
+        let healths = try_join_all(self.shards.iter_mut().map(|s| async move {
             let h = s
                 .client
                 .health(HealthRequest {})
                 .await
-                .with_context(|| format!("health of rank {}", s.rank))?;
+                .map_err(|st| anyhow::anyhow!("{}", st.message()))
+                .with_context(|| format!("health of rank {} at {}", s.rank, s.addr))?;
             anyhow::Ok(h.into_inner())
         }))
-        .await;
-        let healths = healths.into_iter().collect::<Result<Vec<_>>>()?;
+        .await?;
+        let generation = healths
+            .iter()
+            .map(|h| h.generation)
+            .chain([self.generation])
+            .max()
+            .unwrap_or(0)
+            + 1;
+        tracing::Span::current().record("generation", generation);
         let peer_addrs: Vec<String> = healths.iter().map(|h| h.comm_addr.clone()).collect();
         let nccl_id = healths
             .first()
             .map(|h| h.nccl_id.clone())
             .unwrap_or_default();
-        let inits = join_all(self.shards.iter_mut().map(|s| {
+        let inits = try_join_all(self.shards.iter_mut().map(|s| {
             let req = InitRequest {
                 rank: s.rank as u32,
                 world_size: world as u32,
@@ -162,6 +217,7 @@ impl ShardedClient {
                 block_size: opts.block_size,
                 dequantize: opts.dequantize,
                 nccl_id: nccl_id.clone(),
+                generation,
             };
             async move {
                 let r = s
@@ -173,14 +229,14 @@ impl ShardedClient {
                 anyhow::Ok(r.into_inner())
             }
         }))
-        .await;
-        let inits = inits.into_iter().collect::<Result<Vec<_>>>()?;
+        .await?;
         let num_kv_blocks = inits.iter().map(|r| r.num_kv_blocks).min().unwrap_or(0);
         let facts = inits
             .into_iter()
             .next()
             .and_then(|r| r.model)
             .context("rank 0 reported no model facts")?;
+        self.current.store(generation, Ordering::SeqCst);
         for s in &mut self.shards {
             let (plans_tx, plans_rx) = mpsc::channel(2);
             let mut answers = s
@@ -192,6 +248,7 @@ impl ShardedClient {
             let (results_tx, results_rx) = mpsc::channel(2);
             let (rank, failure) = (s.rank, self.failure.clone());
             let (published, closing) = (published.clone(), self.closing.clone());
+            let current = self.current.clone();
             published.set_rank_up(rank, true);
             tokio::spawn(async move {
                 let why = loop {
@@ -205,6 +262,9 @@ impl ShardedClient {
                         Err(st) => break format!("rank {rank}: {}", st.message()),
                     }
                 };
+                if current.load(Ordering::SeqCst) != generation {
+                    return; // a stream of an older build, closed by the rebuild
+                }
                 published.set_rank_up(rank, false);
                 if closing.is_closing() {
                     tracing::debug!("{why} (shutting down)");
@@ -215,6 +275,7 @@ impl ShardedClient {
             });
             s.stream = Some((plans_tx, results_rx));
         }
+        self.generation = generation;
         Ok(ReplicaInfo {
             facts,
             num_kv_blocks,
@@ -224,8 +285,9 @@ impl ShardedClient {
     /// Hands a plan to every rank without waiting for the answers: the coordinator plans the
     /// next step meanwhile. Answers come back in order through [`Self::receive`].
     #[tracing::instrument(level = "debug", skip_all, fields(step = plan.step_id, seqs = plan.seqs.len()))]
-    pub async fn send(&mut self, plan: StepPlan) -> Result<()> {
+    pub async fn send(&mut self, mut plan: StepPlan) -> Result<()> {
         let n = self.shards.len();
+        plan.generation = self.generation;
         let mut plan = Some(plan);
         for (rank, s) in self.shards.iter_mut().enumerate() {
             // The last rank takes the plan itself: one deep copy fewer per step.
@@ -298,4 +360,34 @@ impl ShardedClient {
         r.compute_us = times.iter().map(|t| t.compute_us).max().unwrap_or(0);
         Ok((r, times))
     }
+}
+
+/// A lazily connecting client of the worker at `addr`.
+fn worker_client(rank: usize, addr: &str) -> Result<WorkerClient<Channel>> {
+    let channel = Endpoint::from_shared(addr.to_string())
+        .with_context(|| format!("rank {rank}: bad address {addr:?}"))?
+        .connect_timeout(Duration::from_secs(2))
+        // A peer that vanishes without closing its socket (a lost node) is noticed within
+        // seconds, not at the next TCP timeout.
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect_lazy();
+    Ok(WorkerClient::new(channel)
+        .max_decoding_message_size(helios_proto::MAX_WORKER_MESSAGE_BYTES)
+        .max_encoding_message_size(helios_proto::MAX_WORKER_MESSAGE_BYTES))
+}
+
+/// Every client's health at once; `None` where there is no answer within `timeout`.
+pub async fn probe_all(
+    clients: Vec<WorkerClient<Channel>>,
+    timeout: Duration,
+) -> Vec<Option<HealthResponse>> {
+    join_all(clients.into_iter().map(|mut c| async move {
+        match tokio::time::timeout(timeout, c.health(HealthRequest {})).await {
+            Ok(Ok(h)) => Some(h.into_inner()),
+            _ => None,
+        }
+    }))
+    .await
 }

@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 use anyhow::{bail, Context, Result};
 
 pub mod otlp;
+pub mod recovery;
 pub mod server;
 
 pub fn repo_root() -> PathBuf {

@@ -140,13 +140,25 @@ impl Process {
         self.child.id()
     }
 
-    /// Child processes (a `helios serve`'s workers, in spawn order, i.e. by rank).
+    /// Child processes (a `helios serve`'s workers, in spawn order: by rank until one is
+    /// replaced).
     pub fn children(&self) -> Vec<u32> {
-        let path = format!("/proc/{0}/task/{0}/children", self.pid());
-        let text = std::fs::read_to_string(&path).unwrap_or_default();
-        text.split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect()
+        // Every thread's children: a worker spawned again after a loss comes from whichever
+        // runtime thread did it. Sorted by pid, i.e. by spawn order while pids do not wrap.
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid()));
+        let mut pids: Vec<u32> = tasks
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+            .flat_map(|text| {
+                text.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect();
+        pids.sort_unstable();
+        pids
     }
 
     /// Waits up to `limit` for the process to exit; its status, if it did.

@@ -1,5 +1,6 @@
-//! A worker that dies takes its replica down, not the coordinator: requests in flight and new
-//! ones are answered UNAVAILABLE, health turns NOT_SERVING, everything else keeps answering.
+//! A worker that dies and cannot come back (no restarts allowed) takes its replica down, not
+//! the coordinator: requests in flight and new ones are answered UNAVAILABLE, health turns
+//! NOT_SERVING, everything else keeps answering. (Workers that come back: `recovery.rs`.)
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use tonic_health::pb::HealthCheckRequest;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_is_noticed_and_answered_unavailable() {
-    let mut server = Process::serve_default("3", &[]);
+    let mut server = Process::serve_default("3", &["--max-worker-restarts", "0"]);
     let workers = server.children();
     assert_eq!(workers.len(), 3, "expected 3 worker processes: {workers:?}");
     let mut client = server.client().await;
@@ -78,7 +79,7 @@ async fn a_killed_worker_is_noticed_and_answered_unavailable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_dies_while_idle_is_noticed_too() {
-    let server = Process::serve_default("3", &[]);
+    let server = Process::serve_default("3", &["--max-worker-restarts", "0"]);
     let workers = server.children();
     assert_eq!(workers.len(), 3);
     send_signal(workers[2], "-KILL");

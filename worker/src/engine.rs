@@ -127,6 +127,24 @@ impl Engine {
         })
     }
 
+    /// Joins a new mesh (the replica was rebuilt after losing a rank), keeping the weights and
+    /// the KV memory. What the ranks held of the old one goes: block tables (the coordinator
+    /// resends every table whole) and rank 0's latest sampled tokens.
+    pub fn rejoin(&mut self, comm: Box<dyn Communicator>) -> Result<()> {
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        if (comm.rank(), comm.world_size()) != (rank, world) {
+            bail!(
+                "rank {rank} of {world} cannot rejoin as rank {} of {}",
+                comm.rank(),
+                comm.world_size()
+            );
+        }
+        self.comm = Timed::new(comm);
+        self.tables = BlockTables::default();
+        self.sampled.clear();
+        Ok(())
+    }
+
     pub fn num_blocks(&self) -> usize {
         self.cache.num_blocks
     }

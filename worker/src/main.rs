@@ -1,10 +1,17 @@
 //! `helios-worker`: serves one rank of a model to a coordinator.
 //!
 //! Started by `helios serve`/`helios generate` (one child process per rank) or by hand / by
-//! Kubernetes with static addresses. Prints one line to stdout once it listens:
+//! Kubernetes with static addresses. Prints one line to stdout once it listens, with the
+//! addresses the coordinator and its peers reach it at:
 //! `HELIOS_WORKER_READY grpc=HOST:PORT comm=HOST:PORT`.
+//!
+//! Those addresses are advertised, not merely bound: a worker bound to one address is reached
+//! at that address; one bound to every interface (`0.0.0.0`, `::`) advertises `--advertise`,
+//! else the pod IP from the environment (`POD_IP`, as a Kubernetes downward-API variable),
+//! else its hostname. Never `0.0.0.0`, which means nothing to a peer on another host.
 
 use std::io::Write;
+use std::net::SocketAddr;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -24,9 +31,19 @@ struct Args {
     /// gRPC address to serve the coordinator on (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
-    /// Address for the peer-to-peer all-reduce (port 0: any free port).
-    #[arg(long, default_value = "127.0.0.1:0")]
-    comm_listen: String,
+    /// Address for the peer-to-peer all-reduce (port 0: any free port); default: the host of
+    /// `--listen`, any free port.
+    #[arg(long)]
+    comm_listen: Option<String>,
+    /// The host (name or IP) the coordinator and peers reach this worker at, when it listens
+    /// on every interface. Default: `$POD_IP`, else the hostname.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Compute threads. Default: the CPUs this process may use (its affinity and its
+    /// cgroup's CPU quota, as a container's limit sets it). Several workers on one host
+    /// should share its cores: give each its part.
+    #[arg(long)]
+    threads: Option<usize>,
     /// `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -50,19 +67,69 @@ fn parse_device(s: &str) -> Result<Device> {
     bail!("unknown device {s:?} (cpu or cuda:N)")
 }
 
+/// `--threads`, else the CPUs this process may use: the standard library's count honours the
+/// affinity mask and the cgroup's CPU quota (`cpu.max`), which is what a container limit sets.
+fn compute_threads(flag: Option<usize>) -> Result<usize> {
+    match flag {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(n) => Ok(n),
+        None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+    }
+}
+
+/// The address others reach a listener bound at `bound` at: `bound` itself when it names one
+/// address; for every interface, `advertise`, else `$POD_IP`, else the hostname.
+fn advertised(bound: SocketAddr, advertise: Option<&str>) -> Result<String> {
+    let host = match advertise {
+        Some(h) if !h.is_empty() => h.to_string(),
+        _ if !bound.ip().is_unspecified() => bound.ip().to_string(),
+        _ => match std::env::var("POD_IP") {
+            Ok(ip) if !ip.is_empty() => ip,
+            _ => hostname()?,
+        },
+    };
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]") // an IPv6 address
+    } else {
+        host
+    };
+    Ok(format!("{host}:{}", bound.port()))
+}
+
+fn hostname() -> Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .context("this worker listens on every interface and knows no name to advertise: pass --advertise")?;
+    let name = name.trim();
+    if name.is_empty() {
+        bail!("the hostname is empty: pass --advertise");
+    }
+    Ok(name.to_string())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    let threads = compute_threads(args.threads)?;
+    // Before anything starts a thread pool: candle's and rayon's pools both read it.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     // Spans go out over OTLP only when OTEL_EXPORTER_OTLP_ENDPOINT is set (helios_proto::telemetry).
     let telemetry = Telemetry::init("helios-worker", args.log_format, LogDefault::Server)?;
     let device = parse_device(&args.device)?;
-    let slot = TcpListenerSlot::bind(&args.comm_listen)?;
-    let comm_addr = slot.local_addr()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let grpc_addr = listener.local_addr()?;
-    let service = WorkerService::new(slot, device)?;
+    let grpc_bound = listener.local_addr()?;
+    let comm_listen = args
+        .comm_listen
+        .clone()
+        .unwrap_or_else(|| SocketAddr::new(grpc_bound.ip(), 0).to_string());
+    let slot = TcpListenerSlot::bind(&comm_listen)?;
+    let comm_bound = slot.local_addr()?;
+    let grpc_addr = advertised(grpc_bound, args.advertise.as_deref())?;
+    let comm_addr = advertised(comm_bound, args.advertise.as_deref())?;
+    tracing::info!(%grpc_addr, %comm_addr, threads, "listening");
+    let service = WorkerService::new(slot, comm_addr.clone(), device);
     println!("HELIOS_WORKER_READY grpc={grpc_addr} comm={comm_addr}");
     std::io::stdout().flush()?;
     if args.exit_with_stdin {

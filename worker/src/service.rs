@@ -2,8 +2,11 @@
 //!
 //! The forward pass is synchronous and CPU- or GPU-bound, so it runs on tokio's blocking pool;
 //! the engine sits behind a mutex that only one step holds at a time. A refused plan is answered
-//! in-band (`StepResult.error`); any other failure leaves this rank out of step with its peers,
-//! so the process exits: peers see the connection drop and the coordinator sees the rank go.
+//! in-band (`StepResult.error`); any other failure (a peer lost mid-collective) leaves this rank
+//! out of step with its peers: it closes its end of the mesh (so peers blocked on it fail too),
+//! ends the step stream with the error and waits, weights loaded, for the coordinator to
+//! rebuild the replica under a new generation (`InitRequest.generation`). Plans of another
+//! generation are refused, so a stale plan never runs on a new mesh.
 //!
 //! Every result says how long this rank waited for its plan since it sent the previous result
 //! (`wait_us`), how long the step took (`compute_us`) and how much of that went to collectives
@@ -14,6 +17,7 @@
 //! this rank's `worker_step` span is then its child, with the same times as attributes, so a
 //! request's trace shows every rank's part of its steps. Untraced plans make no span.
 
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,30 +33,80 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::batch::InvalidPlan;
-use crate::comm::{Communicator, SingleRank, TcpCommunicator, TcpListenerSlot};
+use crate::comm::{
+    Communicator, MeshAbort, MeshCall, SingleRank, TcpCommunicator, TcpListenerSlot,
+};
 use crate::engine::{Engine, EngineOptions};
 
 pub struct WorkerService {
+    /// The communicator address peers dial: the advertised host, the bound port.
     comm_addr: String,
-    /// CUDA: an NCCL unique id made here, offered in Health (used if this worker is rank 0).
-    nccl_id: Vec<u8>,
     device: Device,
-    /// The communicator listener, consumed by Init.
-    comm_slot: Mutex<Option<TcpListenerSlot>>,
-    engine: Arc<Mutex<Option<Engine>>>,
-    rank: Mutex<Option<u32>>,
+    /// The communicator listener; every generation's mesh accepts on it.
+    comm_slot: Arc<TcpListenerSlot>,
+    /// The newest generation an Init asked for: a mesh of an older one being built gives up.
+    newest: Arc<AtomicU64>,
+    /// Closes the current mesh's sockets: a new Init frees a step blocked on a lost peer.
+    mesh_abort: Mutex<Option<Arc<MeshAbort>>>,
+    /// One Init at a time.
+    init_lock: tokio::sync::Mutex<()>,
+    loaded: Arc<Mutex<Option<Loaded>>>,
+    /// The rank of the latest Init that succeeded; -1 before.
+    rank: AtomicI32,
+}
+
+/// This rank's engine and the replica build (generation) it belongs to.
+struct Loaded {
+    engine: Engine,
+    shape: InitShape,
+    generation: u64,
+    /// Closes this generation's mesh (none for one rank, or NCCL).
+    mesh: Option<Arc<MeshAbort>>,
+    /// Why this rank left its mesh (a step failed mid-collective): it takes no more steps
+    /// until an Init of a newer generation.
+    broken: Option<String>,
+}
+
+/// What an Init loads: a later Init with the same shape keeps the weights and KV memory and
+/// only joins the new mesh.
+#[derive(Debug, Clone, PartialEq)]
+struct InitShape {
+    rank: usize,
+    world: usize,
+    model_path: String,
+    block_size: u32,
+    num_kv_blocks: u32,
+    kv_cache_memory_bytes: u64,
+    dequantize: bool,
+}
+
+impl InitShape {
+    fn of(req: &InitRequest) -> Self {
+        Self {
+            rank: req.rank as usize,
+            world: req.world_size as usize,
+            model_path: req.model_path.clone(),
+            block_size: req.block_size,
+            num_kv_blocks: req.num_kv_blocks,
+            kv_cache_memory_bytes: req.kv_cache_memory_bytes,
+            dequantize: req.dequantize,
+        }
+    }
 }
 
 impl WorkerService {
-    pub fn new(comm_slot: TcpListenerSlot, device: Device) -> anyhow::Result<Self> {
-        Ok(Self {
-            comm_addr: comm_slot.local_addr()?.to_string(),
-            nccl_id: nccl_id_for(&device)?,
+    /// `comm_addr` is the communicator address peers dial (see `helios-worker --advertise`).
+    pub fn new(comm_slot: TcpListenerSlot, comm_addr: String, device: Device) -> Self {
+        Self {
+            comm_addr,
             device,
-            comm_slot: Mutex::new(Some(comm_slot)),
-            engine: Arc::new(Mutex::new(None)),
-            rank: Mutex::new(None),
-        })
+            comm_slot: Arc::new(comm_slot),
+            newest: Arc::new(AtomicU64::new(0)),
+            mesh_abort: Mutex::new(None),
+            init_lock: tokio::sync::Mutex::new(()),
+            loaded: Arc::new(Mutex::new(None)),
+            rank: AtomicI32::new(-1),
+        }
     }
 }
 
@@ -63,16 +117,18 @@ fn internal(e: impl std::fmt::Display) -> Status {
 #[tonic::async_trait]
 impl Worker for WorkerService {
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
-        let rank = *self.rank.lock().map_err(internal)?;
+        // Not from `loaded`: a step holds that lock, and Health answers during steps.
+        let rank = self.rank.load(Ordering::SeqCst);
         Ok(Response::new(HealthResponse {
             comm_addr: self.comm_addr.clone(),
-            initialized: rank.is_some(),
-            rank: rank.map_or(-1, |r| r as i32),
-            nccl_id: self.nccl_id.clone(),
+            initialized: rank >= 0,
+            rank,
+            nccl_id: nccl_id_for(&self.device).map_err(internal)?,
+            generation: self.newest.load(Ordering::SeqCst),
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(rank = req.get_ref().rank, world = req.get_ref().world_size))]
+    #[tracing::instrument(skip_all, fields(rank = req.get_ref().rank, world = req.get_ref().world_size, generation = req.get_ref().generation))]
     async fn init(&self, req: Request<InitRequest>) -> Result<Response<InitResponse>, Status> {
         let req = req.into_inner();
         let (rank, world) = (req.rank as usize, req.world_size as usize);
@@ -82,16 +138,23 @@ impl Worker for WorkerService {
                 req.peer_addrs.len()
             )));
         }
-        let slot = self
-            .comm_slot
-            .lock()
-            .map_err(internal)?
-            .take()
-            .ok_or_else(|| Status::failed_precondition("this worker is already initialized"))?;
+        let generation = req.generation;
+        let previous = self.newest.fetch_max(generation, Ordering::SeqCst);
+        if generation <= previous {
+            return Err(Status::failed_precondition(format!(
+                "generation {generation} is not newer than generation {previous} this worker was asked for"
+            )));
+        }
+        // Leave the current mesh: a step blocked on a lost peer fails now and frees the engine.
+        if let Some(abort) = self.mesh_abort.lock().map_err(internal)?.take() {
+            abort.abort();
+        }
+        let _one_init = self.init_lock.lock().await;
+        let shape = InitShape::of(&req);
         let opts = EngineOptions {
             model_path: req.model_path.clone().into(),
             block_size: if req.block_size == 0 {
-                16
+                helios_proto::DEFAULT_BLOCK_SIZE as usize
             } else {
                 req.block_size as usize
             },
@@ -100,22 +163,45 @@ impl Worker for WorkerService {
             dequantize: req.dequantize,
             device: self.device.clone(),
         };
-        let peers = req.peer_addrs.clone();
-        let nccl_id = req.nccl_id.clone();
-        let engine = tokio::task::spawn_blocking(move || -> anyhow::Result<Engine> {
-            let comm = communicator(&opts.device, &slot, rank, &peers, &nccl_id)?;
-            Engine::load(&opts, comm)
+        let join = MeshJoin {
+            slot: self.comm_slot.clone(),
+            newest: self.newest.clone(),
+            peers: req.peer_addrs.clone(),
+            nccl_id: req.nccl_id.clone(),
+            generation,
+        };
+        let loaded = self.loaded.clone();
+        let (resp, abort) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            // Waits for a step still running (it fails fast: its mesh was closed above).
+            let mut guard = loaded.lock().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let (comm, abort) = join.communicator(&opts.device, rank)?;
+            let engine = match guard.take() {
+                Some(mut l) if l.shape == shape => {
+                    l.engine.rejoin(comm)?;
+                    tracing::info!("rejoined with the weights kept");
+                    l.engine
+                }
+                _ => Engine::load(&opts, comm)?,
+            };
+            let resp = InitResponse {
+                num_kv_blocks: engine.num_blocks() as u32,
+                model: Some(engine.facts()),
+            };
+            *guard = Some(Loaded {
+                engine,
+                shape,
+                generation,
+                mesh: abort.clone(),
+                broken: None,
+            });
+            Ok((resp, abort))
         })
         .await
         .map_err(internal)?
         .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
-        let resp = InitResponse {
-            num_kv_blocks: engine.num_blocks() as u32,
-            model: Some(engine.facts()),
-        };
+        *self.mesh_abort.lock().map_err(internal)? = abort;
+        self.rank.store(rank as i32, Ordering::SeqCst);
         tracing::info!(blocks = resp.num_kv_blocks, "initialized");
-        *self.engine.lock().map_err(internal)? = Some(engine);
-        *self.rank.lock().map_err(internal)? = Some(rank as u32);
         Ok(Response::new(resp))
     }
 
@@ -126,20 +212,67 @@ impl Worker for WorkerService {
         req: Request<Streaming<StepPlan>>,
     ) -> Result<Response<Self::StepStream>, Status> {
         let (tx, rx) = mpsc::channel(4);
-        let rank = *self.rank.lock().map_err(internal)?;
-        let rank = rank.map_or(-1, i64::from);
-        tokio::spawn(step_loop(req.into_inner(), self.engine.clone(), tx, rank));
+        tokio::spawn(step_loop(req.into_inner(), self.loaded.clone(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
+/// How to join the mesh of one generation.
+struct MeshJoin {
+    slot: Arc<TcpListenerSlot>,
+    newest: Arc<AtomicU64>,
+    peers: Vec<String>,
+    nccl_id: Vec<u8>,
+    generation: u64,
+}
+
+impl MeshJoin {
+    /// The all-reduce for this rank (none alone, NCCL between GPUs, the TCP mesh on the CPU)
+    /// and, for the TCP mesh, the handle that closes it.
+    fn communicator(
+        &self,
+        device: &Device,
+        rank: usize,
+    ) -> anyhow::Result<(Box<dyn Communicator>, Option<Arc<MeshAbort>>)> {
+        let world = self.peers.len();
+        if world == 1 {
+            return Ok((Box::new(SingleRank), None));
+        }
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            let comm =
+                crate::comm::NcclCommunicator::from_id_bytes(device, rank, world, &self.nccl_id)?;
+            return Ok((Box::new(comm), None));
+        }
+        let _ = (device, &self.nccl_id);
+        let call = MeshCall {
+            rank,
+            peer_addrs: &self.peers,
+            generation: self.generation,
+            newest: &self.newest,
+        };
+        let comm = TcpCommunicator::connect(&self.slot, &call)?;
+        let abort = comm.abort_handle();
+        Ok((Box::new(comm), Some(abort)))
+    }
+}
+
 /// Steps the plans of one stream in order, answering each on `tx`, timed (see the module docs).
+///
+/// A plan of another generation than this rank's is refused and ends the stream. A step that
+/// fails other than by refusing its plan (a peer was lost mid-collective) leaves this rank out
+/// of step with its peers: the rank takes no more steps until the coordinator rebuilds the
+/// replica (an Init of a newer generation), and the stream ends with the error. The process
+/// stays up, with its weights, for that rebuild.
 async fn step_loop(
     mut plans: impl Stream<Item = Result<StepPlan, Status>> + Unpin,
-    engine: Arc<Mutex<Option<Engine>>>,
+    loaded: Arc<Mutex<Option<Loaded>>>,
     tx: mpsc::Sender<Result<StepResult, Status>>,
-    rank: i64,
 ) {
+    let rank = match loaded.lock() {
+        Ok(l) => l.as_ref().map_or(-1, |l| l.shape.rank as i64),
+        Err(_) => -1,
+    };
     // When the previous result was handed to the stream; `None` before the first plan.
     let mut sent_at: Option<Instant> = None;
     while let Some(plan) = plans.next().await {
@@ -152,49 +285,79 @@ async fn step_loop(
         };
         let wait_us = sent_at.map_or(0, |t| micros(t.elapsed()));
         let span = step_span(&plan, rank, wait_us);
-        let engine = engine.clone();
+        let loaded = loaded.clone();
         let started = Instant::now();
         // The blocking step, with its hop to the blocking pool and the engine lock.
-        let result = tokio::task::spawn_blocking(move || {
-            let mut guard = engine.lock().map_err(|e| anyhow::anyhow!("{e}"))?;
-            let engine = guard
-                .as_mut()
-                .ok_or_else(|| anyhow::anyhow!("step before init"))?;
-            let step_id = plan.step_id;
-            engine
-                .step(plan)
-                .or_else(|e| match e.downcast_ref::<InvalidPlan>() {
-                    Some(inv) => Ok(StepResult {
-                        step_id,
-                        error: inv.to_string(),
-                        ..Default::default()
-                    }),
-                    None => Err(e),
-                })
-        })
-        .await;
+        let result = tokio::task::spawn_blocking(move || step_one(&loaded, plan)).await;
         let compute_us = micros(started.elapsed());
-        match result {
-            Ok(Ok(r)) => {
-                span.record("forward_us", compute_us);
-                span.record("allreduce_us", r.allreduce_us);
-                if !r.error.is_empty() {
-                    span.record("error", r.error.as_str());
-                }
-                drop(span);
-                let r = StepResult {
-                    wait_us,
-                    compute_us,
-                    ..r
-                };
-                if tx.send(Ok(r)).await.is_err() {
-                    return;
-                }
-                sent_at = Some(Instant::now());
+        let r = match result {
+            Ok(Ok(r)) => r,
+            Ok(Err(status)) => {
+                tracing::error!("leaving the step stream: {}", status.message());
+                let _ = tx.send(Err(status)).await;
+                return;
             }
-            Ok(Err(e)) => fatal(&tx, format!("{e:#}")).await,
-            Err(e) => fatal(&tx, format!("step task failed: {e}")).await,
+            Err(e) => {
+                let _ = tx
+                    .send(Err(internal(format!("step task failed: {e}"))))
+                    .await;
+                return;
+            }
+        };
+        span.record("forward_us", compute_us);
+        span.record("allreduce_us", r.allreduce_us);
+        if !r.error.is_empty() {
+            span.record("error", r.error.as_str());
         }
+        drop(span);
+        let r = StepResult {
+            wait_us,
+            compute_us,
+            ..r
+        };
+        if tx.send(Ok(r)).await.is_err() {
+            return;
+        }
+        sent_at = Some(Instant::now());
+    }
+}
+
+/// Runs one plan on this rank's engine (see [`step_loop`] for what is refused).
+fn step_one(loaded: &Mutex<Option<Loaded>>, plan: StepPlan) -> Result<StepResult, Status> {
+    let mut guard = loaded.lock().map_err(internal)?;
+    let l = guard
+        .as_mut()
+        .ok_or_else(|| Status::failed_precondition("step before init"))?;
+    if let Some(why) = &l.broken {
+        return Err(Status::failed_precondition(format!(
+            "this rank left generation {} ({why}) and waits to be initialized again",
+            l.generation
+        )));
+    }
+    if plan.generation != l.generation {
+        return Err(Status::failed_precondition(format!(
+            "a plan of generation {} reached a rank of generation {}",
+            plan.generation, l.generation
+        )));
+    }
+    let step_id = plan.step_id;
+    match l.engine.step(plan) {
+        Ok(r) => Ok(r),
+        Err(e) => match e.downcast_ref::<InvalidPlan>() {
+            Some(inv) => Ok(StepResult {
+                step_id,
+                error: inv.to_string(),
+                ..Default::default()
+            }),
+            None => {
+                let why = format!("{e:#}");
+                if let Some(mesh) = &l.mesh {
+                    mesh.abort();
+                }
+                l.broken = Some(why.clone());
+                Err(Status::internal(why))
+            }
+        },
     }
 }
 
@@ -218,28 +381,6 @@ fn step_span(plan: &StepPlan, rank: i64, wait_us: u64) -> tracing::Span {
     span
 }
 
-/// The all-reduce for this rank: none alone, NCCL between GPUs, the TCP mesh on the CPU.
-fn communicator(
-    device: &Device,
-    slot: &TcpListenerSlot,
-    rank: usize,
-    peers: &[String],
-    nccl_id: &[u8],
-) -> anyhow::Result<Box<dyn Communicator>> {
-    let world = peers.len();
-    if world == 1 {
-        return Ok(Box::new(SingleRank));
-    }
-    #[cfg(feature = "cuda")]
-    if device.is_cuda() {
-        return Ok(Box::new(crate::comm::NcclCommunicator::from_id_bytes(
-            device, rank, world, nccl_id,
-        )?));
-    }
-    let _ = (device, nccl_id);
-    Ok(Box::new(TcpCommunicator::connect(slot, rank, peers)?))
-}
-
 fn nccl_id_for(device: &Device) -> anyhow::Result<Vec<u8>> {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
@@ -251,14 +392,6 @@ fn nccl_id_for(device: &Device) -> anyhow::Result<Vec<u8>> {
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
-/// This rank can no longer keep in step with its peers: say why, then exit.
-async fn fatal(tx: &mpsc::Sender<Result<StepResult, Status>>, msg: String) -> ! {
-    tracing::error!("fatal step error, exiting: {msg}");
-    let _ = tx.send(Err(Status::internal(msg))).await;
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    std::process::exit(1)
 }
 
 #[cfg(test)]
@@ -275,11 +408,17 @@ mod tests {
         let engine = Engine::load(&EngineOptions::cpu(dir.path()), Box::new(SingleRank)).unwrap();
         let (plan_tx, plan_rx) = mpsc::channel(4);
         let (tx, mut results) = mpsc::channel(4);
+        let loaded = Loaded {
+            engine,
+            shape: InitShape::of(&InitRequest::default()),
+            generation: 0,
+            mesh: None,
+            broken: None,
+        };
         tokio::spawn(step_loop(
             ReceiverStream::new(plan_rx),
-            Arc::new(Mutex::new(Some(engine))),
+            Arc::new(Mutex::new(Some(loaded))),
             tx,
-            0,
         ));
         let plan = |step_id: u64, token_ids: Vec<u32>| StepPlan {
             step_id,

@@ -56,6 +56,7 @@ use self::types::{ChatRequest, Common, CompletionRequest, ModelCard, ModelList};
 use crate::error::ServeError;
 use crate::front_door::{CallContext, FrontDoor};
 use crate::output::collect;
+use crate::replica::ReplicaState;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -179,9 +180,10 @@ async fn health(State(app): State<App>) -> Response {
     if let Some(why) = state.reason() {
         body["reason"] = why.into();
     }
-    let status = match state.refusal() {
-        None => StatusCode::OK,
-        Some(_) => StatusCode::SERVICE_UNAVAILABLE,
+    let status = if state == ReplicaState::Serving {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
 }

@@ -1,13 +1,17 @@
-//! A replica: the sharded client, scheduler and step loop of one tensor-parallel group of
-//! workers, behind one handle ([`Replica`]) that the front door hands requests to.
+//! A replica: the ranks (sharded client and membership), scheduler and step loop of one
+//! tensor-parallel group of workers, behind one handle ([`Replica`]) that the front door hands
+//! requests to.
 //!
 //! Its lifecycle is explicit ([`ReplicaState`]): **starting** while its ranks load the model,
-//! then **serving**; **down** when a rank or the step loop fails (every request it holds is
-//! answered, and every later one is refused); **draining** on shutdown (new requests refused,
-//! those in flight finish, then the rest are cancelled). **Recovering** is where a replica that
-//! lost a rank will wait while it rebuilds itself; nothing enters it yet. Everything a replica
-//! shows the world, its state included, is one [`ReplicaSnapshot`] ([`snapshot`]).
+//! then **serving**; **recovering** after it lost a rank, while it rebuilds itself (requests
+//! wait in the queue: [`step_loop`], [`ranks`]); **down** when it cannot be rebuilt in time
+//! or the step loop fails (every request it holds is answered, every later one refused);
+//! **draining** on shutdown (new requests refused, those in flight finish, then the rest are
+//! cancelled). Everything a replica shows the world, its state included, is one
+//! [`ReplicaSnapshot`] ([`snapshot`]).
 
+pub mod ranks;
+mod requests;
 mod snapshot;
 pub mod step_loop;
 
@@ -15,16 +19,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
+use self::ranks::Ranks;
+pub use self::ranks::RecoveryOptions;
 pub use self::snapshot::{Published, ReplicaSnapshot, ReplicaState, StepTotals};
 use self::step_loop::{LoopMessage, NewRequest, Observers, StepLoop};
 use crate::admission::Limits;
 use crate::error::ServeError;
+use crate::membership::Membership;
 use crate::metrics::Metrics;
 use crate::output::InFlight;
 use crate::scheduler::SchedulerConfig;
-use crate::sharded_client::{Closing, InitOptions, ReplicaInfo, ShardedClient};
+use crate::sharded_client::{Closing, InitOptions, ReplicaInfo};
 use crate::tokenizer::TextTokenizer;
 
 /// How a replica schedules and reports its steps.
@@ -35,6 +42,7 @@ pub struct ReplicaOptions {
     pub overlap: bool,
     /// Spans are exported (`helios_proto::telemetry`): steps get spans too.
     pub tracing: bool,
+    pub recovery: RecoveryOptions,
 }
 
 /// One tensor-parallel replica; cheap to clone (every clone is the same replica).
@@ -52,19 +60,21 @@ struct Inner {
 }
 
 impl Replica {
-    /// Loads the model on every rank of `client` (starting), then starts the step loop
-    /// (serving). The step loop detokenizes with `tokenizer` and records steps in `metrics`.
+    /// Finds its workers through `membership` and loads the model on every rank (starting),
+    /// then starts the step loop (serving). The step loop detokenizes with `tokenizer` and
+    /// records steps in `metrics`.
     pub async fn start(
-        mut client: ShardedClient,
+        membership: Membership,
         init: &InitOptions,
         opts: ReplicaOptions,
         tokenizer: Arc<TextTokenizer>,
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
-        let world_size = client.world_size();
+        let world_size = membership.world_size();
         let published = Published::new(world_size);
-        let info = client.init(init, &published).await?;
-        let closing = client.closing().clone();
+        let (ranks, info) =
+            Ranks::start(membership, init.clone(), opts.recovery, &published).await?;
+        let closing = ranks.client().closing().clone();
         let scheduler = info.scheduler(opts.scheduler);
         published.update(|s| s.scheduler = scheduler.stats());
         let (requests, rx) = mpsc::unbounded_channel();
@@ -73,7 +83,15 @@ impl Replica {
             metrics,
             tracing: opts.tracing,
         };
-        let step_loop = StepLoop::new(client, scheduler, tokenizer, rx, observers, opts.overlap);
+        let step_loop = StepLoop::new(
+            ranks,
+            scheduler,
+            tokenizer,
+            rx,
+            observers,
+            opts.overlap,
+            opts.recovery.recovery_timeout,
+        );
         let task = tokio::spawn(step_loop.run());
         // A step loop that panics (a bug) takes the replica down visibly: health, ModelInfo
         // and new requests say so, and streams in flight end with an error (ResponseStream).
@@ -173,9 +191,18 @@ impl Replica {
         }
     }
 
-    /// The workers are about to be stopped on purpose (after a drain): their going is no
-    /// failure, and is not logged as one.
-    pub fn release_workers(&self) {
+    /// Lets the workers go (after a drain): their going is no failure, and is not logged as
+    /// one. Workers spawned here exit, and are killed after `grace`.
+    pub async fn release_workers(&self, grace: Duration) {
         self.0.closing.close();
+        let (done, gone) = oneshot::channel();
+        if self
+            .0
+            .requests
+            .send(LoopMessage::Release(grace, done))
+            .is_ok()
+        {
+            let _ = gone.await;
+        }
     }
 }

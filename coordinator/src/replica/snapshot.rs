@@ -31,13 +31,14 @@ pub enum ReplicaState {
 }
 
 impl ReplicaState {
-    /// Why a new request cannot be accepted now, if it cannot.
+    /// Why a new request cannot be accepted now, if it cannot. A recovering replica accepts
+    /// requests: they wait in its queue until it serves again.
     pub fn refusal(&self) -> Option<ServeError> {
         match self {
             Self::Serving => None,
             Self::Starting => Some(ServeError::Starting),
             Self::Draining => Some(ServeError::Draining),
-            Self::Recovering(why) => Some(ServeError::Recovering(why.clone())),
+            Self::Recovering(_) => None,
             Self::Down(why) => Some(ServeError::ReplicaDown(why.clone())),
         }
     }

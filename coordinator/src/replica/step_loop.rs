@@ -23,34 +23,45 @@
 //! life in its own trace; in a batch the steps are shared out among the requests' traces,
 //! and the links lead from any of them to the rest.
 //!
-//! A rank that fails (its step stream ends: the process died, the connection broke) takes the
-//! replica down: every accepted request is answered [`ServeError::ReplicaDown`], the replica's
-//! state says so (health turns NOT_SERVING), and every later request is refused at once. The
-//! coordinator itself keeps serving everything else.
+//! **A lost rank** (its step stream ends, it stops answering health probes, its lease
+//! expires: [`super::ranks`]) costs a pause, not a request. The replica turns *recovering*:
+//! every running sequence goes back to the waiting queue with its tokens, as in preemption, and
+//! the KV and prefix cache are dropped ([`Scheduler::requeue_all`]); the ranks are rebuilt
+//! ([`Ranks::rebuild`]) while new requests queue, clients may leave and deadlines pass as ever;
+//! then the replica serves on. A requeued request recomputes its prompt and output and samples
+//! on at the same output index, so it gets exactly the tokens it would have had. If the rank is
+//! not back within `--recovery-timeout`, every request held is answered UNAVAILABLE, the
+//! replica is *down* (refusing new requests) and keeps rebuilding; once rebuilt it serves
+//! again. A rank that can never come back (a restart limit) leaves the replica down for good.
 //!
 //! This is the only place steps are driven: servers, `helios generate` without a server, the
 //! `helios logits` debugging command and the engine benchmark all come here through the front
 //! door.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use helios_proto::telemetry;
 use helios_proto::v1::StepPlan;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::field::Empty;
 use tracing::Span;
 
+use super::ranks::{Ranks, StepError};
+use super::requests::Requests;
 use super::{Published, ReplicaState};
 use crate::admission::Admitted;
 use crate::error::ServeError;
 use crate::metrics::Metrics;
 use crate::output::RequestOutput;
 use crate::request_trace::RequestTrace;
-use crate::scheduler::{AddError, Sampled, Scheduler, Sequence};
-use crate::sharded_client::ShardedClient;
+use crate::scheduler::{Sampled, Scheduler};
 use crate::tokenizer::TextTokenizer;
+
+/// While the ranks are rebuilt, clients that left and deadlines that passed are looked for
+/// this often.
+const RECOVERY_TICK: Duration = Duration::from_millis(100);
 
 /// Most links from a step's span to the traced requests it served besides its parent's.
 const MAX_STEP_LINKS: usize = 32;
@@ -66,6 +77,8 @@ pub enum LoopMessage {
     Request(Box<NewRequest>),
     /// End every request now with finish reason CANCELLED (shutdown after its grace period).
     CancelAll,
+    /// Let the workers go (after a drain) and stop; answered once they are gone.
+    Release(Duration, oneshot::Sender<()>),
 }
 
 /// A step the ranks are running.
@@ -80,7 +93,7 @@ struct InFlight {
 
 /// What the step loop reports beside its answers.
 pub struct Observers {
-    /// The replica's snapshot: the scheduler's numbers, step totals, going down.
+    /// The replica's snapshot: the scheduler's numbers, step totals, its state.
     pub published: Published,
     pub metrics: Arc<Metrics>,
     /// Spans are exported: steps get spans, and plans carry their context to the ranks.
@@ -88,74 +101,105 @@ pub struct Observers {
 }
 
 pub struct StepLoop {
-    client: ShardedClient,
-    scheduler: Scheduler,
+    ranks: Ranks,
+    requests: Requests,
     tokenizer: Arc<TextTokenizer>,
-    requests: mpsc::UnboundedReceiver<LoopMessage>,
-    outputs: HashMap<u64, RequestOutput>,
-    next_seq: u64,
+    inbox: mpsc::UnboundedReceiver<LoopMessage>,
     published: Published,
     metrics: Arc<Metrics>,
     tracing: bool,
     overlap: bool,
+    recovery_timeout: Duration,
 }
 
-/// The ranks are gone: the loop ends and the replica goes down.
-struct Lost;
+/// Why [`StepLoop::serve`] returned.
+enum Stop {
+    /// Every request sender is gone, or the workers were released: the loop ends.
+    Done,
+    /// A rank is lost: the replica must be rebuilt.
+    Lost(String),
+}
+
+/// How a recovery ended.
+enum Recovery {
+    Rebuilt,
+    /// A rank cannot come back.
+    Failed(String),
+    /// Shutdown came first (the workers are released) or every sender is gone.
+    Stopped,
+}
 
 impl StepLoop {
     pub fn new(
-        client: ShardedClient,
+        ranks: Ranks,
         scheduler: Scheduler,
         tokenizer: Arc<TextTokenizer>,
-        requests: mpsc::UnboundedReceiver<LoopMessage>,
+        inbox: mpsc::UnboundedReceiver<LoopMessage>,
         observers: Observers,
         overlap: bool,
+        recovery_timeout: Duration,
     ) -> Self {
         Self {
-            client,
-            scheduler,
+            ranks,
+            requests: Requests::new(scheduler),
             tokenizer,
-            requests,
-            outputs: HashMap::new(),
-            next_seq: 0,
+            inbox,
             published: observers.published,
             metrics: observers.metrics,
             tracing: observers.tracing,
             overlap,
+            recovery_timeout,
         }
     }
 
-    /// Runs until every request sender is gone.
+    /// Runs until every request sender is gone or the workers are released, rebuilding the
+    /// ranks whenever one is lost.
     pub async fn run(mut self) {
-        let mut failure = self.client.failure();
+        loop {
+            let why = match self.serve().await {
+                Stop::Done => return,
+                Stop::Lost(why) => why,
+            };
+            match self.recover(why).await {
+                Recovery::Rebuilt => continue,
+                Recovery::Stopped => return,
+                Recovery::Failed(why) => return self.down(why).await,
+            }
+        }
+    }
+
+    /// Steps until a rank is lost or the loop is told to stop.
+    async fn serve(&mut self) -> Stop {
+        let mut failure = self.ranks.client().failure();
         // Steps the ranks hold, oldest first: with overlap the next one waits at the ranks
         // while they run the current one.
         let depth = if self.overlap { 2 } else { 1 };
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut idled = true;
         loop {
-            while let Ok(m) = self.requests.try_recv() {
-                self.take(m);
+            while let Ok(m) = self.inbox.try_recv() {
+                if let Some(stop) = self.take(m).await {
+                    return stop;
+                }
             }
-            self.drop_gone();
+            self.requests.drop_gone();
             if in_flight.len() < depth {
-                let plan = match self.scheduler.schedule() {
+                let plan = match self.requests.scheduler.schedule() {
                     Ok(plan) => plan,
                     Err(e) => {
-                        self.fail_all(ServeError::Internal(format!("scheduling failed: {e:#}")));
+                        self.requests
+                            .fail_all(ServeError::Internal(format!("scheduling failed: {e:#}")));
                         continue;
                     }
                 };
-                self.note_preemptions();
+                self.requests.note_preemptions();
                 self.publish_stats();
                 if let Some(mut plan) = plan {
                     self.mark_scheduled(&plan);
                     let span = self.step_span(&mut plan);
                     let step_id = plan.step_id;
-                    if let Err(e) = self.client.send(plan).await {
-                        tracing::error!("sending step {step_id}: {e:#}");
-                        break;
+                    if let Err(e) = self.ranks.client_mut().send(plan).await {
+                        return Stop::Lost(format!("sending step {step_id}: {e:#}"));
                     }
                     in_flight.push_back(InFlight {
                         step_id,
@@ -168,54 +212,61 @@ impl StepLoop {
             }
             let Some(step) = in_flight.pop_front() else {
                 idled = true;
-                tokio::select! {
-                    m = self.requests.recv() => match m {
-                        Some(m) => self.take(m),
-                        None => return,
-                    },
-                    _ = failure.wait_for(Option::is_some) => break,
+                let message = tokio::select! {
+                    m = self.inbox.recv() => m,
+                    why = failure.wait_for(Option::is_some) => {
+                        let why = why.ok().and_then(|w| w.clone()).unwrap_or_default();
+                        return Stop::Lost(why);
+                    }
+                    rank = self.ranks.lost() => {
+                        return Stop::Lost(format!("rank {rank}: its lease expired"));
+                    }
+                };
+                match message {
+                    Some(m) => {
+                        if let Some(stop) = self.take(m).await {
+                            return stop;
+                        }
+                    }
+                    None => return Stop::Done,
                 }
                 continue;
             };
             // A step failed before this one was answered and took its sequences with it:
             // this answer only keeps the stream in order.
-            let stale = self.scheduler.num_unanswered() <= in_flight.len();
+            let stale = self.requests.scheduler.num_unanswered() <= in_flight.len();
             match self.collect(step, stale).await {
                 Ok(sampled) => self.stream(sampled),
-                Err(Lost) => break,
+                Err(why) => return Stop::Lost(why),
             }
         }
-        let why = failure
-            .borrow()
-            .clone()
-            .unwrap_or_else(|| "a rank stopped taking steps".into());
-        self.down(why).await;
     }
 
     /// Waits for the answer to a step in flight and applies it. A refused plan or a malformed
     /// answer fails that step's sequences (and those of the step sent after it); the replica
-    /// goes on.
-    async fn collect(&mut self, step: InFlight, stale: bool) -> Result<Vec<Sampled>, Lost> {
-        let result = self.client.receive(step.step_id).await;
-        if self.client.failure().borrow().is_some() {
-            return Err(Lost);
-        }
-        let (result, times) = match result {
+    /// goes on. A lost rank is the error.
+    async fn collect(&mut self, step: InFlight, stale: bool) -> Result<Vec<Sampled>, String> {
+        let (result, times) = match self.ranks.receive(step.step_id).await {
             Ok(r) => r,
-            Err(_) if stale => return Ok(Vec::new()),
-            Err(e) if self.client.closing().is_closing() => {
+            Err(StepError::Lost(why)) => {
+                step.span.record("error", why.as_str());
+                return Err(why);
+            }
+            Err(StepError::Failed(_)) if stale => return Ok(Vec::new()),
+            Err(StepError::Failed(e)) if self.ranks.client().closing().is_closing() => {
                 // Shutting down: the ranks stopped mid-step on purpose.
                 tracing::debug!("step {} unanswered at shutdown: {e:#}", step.step_id);
-                for id in self.scheduler.fail_planned() {
-                    self.finish_with(id, ServeError::Draining);
+                for id in self.requests.scheduler.fail_planned() {
+                    self.requests.finish_with(id, ServeError::Draining);
                 }
                 return Ok(Vec::new());
             }
-            Err(e) => {
+            Err(StepError::Failed(e)) => {
                 tracing::error!("step {} failed: {e:#}", step.step_id);
                 step.span.record("error", format!("{e:#}"));
-                for id in self.scheduler.fail_planned() {
-                    self.finish_with(id, ServeError::Internal(format!("{e:#}")));
+                for id in self.requests.scheduler.fail_planned() {
+                    self.requests
+                        .finish_with(id, ServeError::Internal(format!("{e:#}")));
                 }
                 return Ok(Vec::new());
             }
@@ -241,82 +292,129 @@ impl StepLoop {
         if stale {
             return Ok(Vec::new());
         }
-        match self.scheduler.apply(result) {
+        match self.requests.scheduler.apply(result) {
             Ok(sampled) => Ok(sampled),
             Err(failed) => {
                 let why = failed.to_string();
                 tracing::error!("step {} failed: {why}", step.step_id);
                 for id in failed.seq_ids {
-                    self.finish_with(id, ServeError::Internal(why.clone()));
+                    self.requests
+                        .finish_with(id, ServeError::Internal(why.clone()));
                 }
                 Ok(Vec::new())
             }
         }
     }
 
-    fn take(&mut self, m: LoopMessage) {
+    /// Handles one message; `Some` when the loop must stop.
+    async fn take(&mut self, m: LoopMessage) -> Option<Stop> {
         match m {
-            LoopMessage::Request(r) => self.add(*r),
-            LoopMessage::CancelAll => {
-                self.scheduler.abort_all();
-                for (_, out) in self.outputs.drain() {
-                    out.cancel();
+            LoopMessage::Request(r) => self.requests.add(*r),
+            LoopMessage::CancelAll => self.requests.cancel_all(),
+            LoopMessage::Release(grace, done) => {
+                self.ranks.release(grace).await;
+                let _ = done.send(());
+                return Some(Stop::Done);
+            }
+        }
+        None
+    }
+
+    /// Rebuilds the ranks after one was lost (see the module doc), taking in, dropping and
+    /// expiring requests meanwhile.
+    async fn recover(&mut self, why: String) -> Recovery {
+        let started = Instant::now();
+        tracing::warn!("lost a rank ({why}); recovering");
+        self.published
+            .set_state(ReplicaState::Recovering(why.clone()));
+        let requeued = self.requests.scheduler.requeue_all();
+        for id in &requeued {
+            if let Some(out) = self.requests.outputs.get_mut(id) {
+                out.requeued();
+            }
+        }
+        self.publish_stats();
+        let span = tracing::info_span!(
+            "recovery",
+            reason = why.as_str(),
+            requeued = requeued.len(),
+            generation = Empty,
+            duration_ms = Empty,
+            outcome = Empty,
+        );
+        let deadline = started + self.recovery_timeout;
+        let timeout = self.recovery_timeout;
+        let Self {
+            ranks,
+            requests,
+            inbox,
+            published,
+            ..
+        } = self;
+        let mut gave_up = false;
+        let mut release = None;
+        let rebuilt = {
+            let rebuild = ranks.rebuild(published);
+            tokio::pin!(rebuild);
+            let mut tick = tokio::time::interval(RECOVERY_TICK);
+            loop {
+                tokio::select! {
+                    r = &mut rebuild => break Some(r),
+                    m = inbox.recv() => match m {
+                        Some(LoopMessage::Request(r)) if gave_up => {
+                            r.output.fail(published.state().refusal().unwrap_or(
+                                ServeError::Recovering(why.clone()),
+                            ));
+                        }
+                        Some(LoopMessage::Request(r)) => requests.add(*r),
+                        Some(LoopMessage::CancelAll) => requests.cancel_all(),
+                        Some(LoopMessage::Release(grace, done)) => {
+                            release = Some((grace, done));
+                            break None;
+                        }
+                        None => break None,
+                    },
+                    _ = tokio::time::sleep_until(deadline.into()), if !gave_up => {
+                        gave_up = true;
+                        let late = format!("{why}; not rebuilt within {timeout:?}");
+                        tracing::error!("{late}: answering every request UNAVAILABLE");
+                        requests.fail_all(ServeError::Recovering(late.clone()));
+                        published.set_state(ReplicaState::Down(late));
+                    }
+                    _ = tick.tick() => requests.drop_gone(),
                 }
             }
-        }
-    }
-
-    fn add(&mut self, r: NewRequest) {
-        let id = self.next_seq;
-        self.next_seq += 1;
-        let seq = Sequence::new(id, r.admitted.prompt_ids, r.admitted.params);
-        match self.scheduler.add(seq) {
-            Ok(()) => {
-                tracing::debug!(request_id = r.output.request_id(), seq = id, "queued");
-                self.outputs.insert(id, r.output);
+        };
+        let elapsed = started.elapsed();
+        span.record("duration_ms", elapsed.as_millis() as u64);
+        let outcome = match rebuilt {
+            None => {
+                if let Some((grace, done)) = release {
+                    ranks.release(grace).await;
+                    let _ = done.send(());
+                }
+                span.record("outcome", "stopped");
+                Recovery::Stopped
             }
-            Err(AddError::QueueFull(n)) => r.output.fail(ServeError::QueueFull(n)),
-            Err(e) => r.output.fail(ServeError::invalid_request(e.to_string())),
-        }
-    }
-
-    /// Frees the blocks of every request whose client is gone or whose deadline passed.
-    fn drop_gone(&mut self) {
-        let gone: Vec<u64> = self
-            .outputs
-            .iter()
-            .filter(|(_, o)| o.is_closed())
-            .map(|(&id, _)| id)
-            .collect();
-        for id in gone {
-            self.scheduler.abort(id);
-            if let Some(out) = self.outputs.remove(&id) {
-                tracing::debug!(
-                    request_id = out.request_id(),
-                    seq = id,
-                    "client left; freeing its blocks"
+            Some(Err(e)) => {
+                span.record("outcome", "failed");
+                Recovery::Failed(format!("{why}; the replica cannot be rebuilt: {e:#}"))
+            }
+            Some(Ok(_)) => {
+                span.record("outcome", "rebuilt");
+                span.record("generation", ranks.client().generation());
+                tracing::warn!(
+                    generation = ranks.client().generation(),
+                    "replica rebuilt in {elapsed:?}; {} requests requeued",
+                    requeued.len()
                 );
+                self.metrics.recovered(elapsed);
+                self.published.set_state(ReplicaState::Serving);
+                Recovery::Rebuilt
             }
-        }
-        for id in self.scheduler.expire(Instant::now()) {
-            if let Some(out) = self.outputs.remove(&id) {
-                tracing::debug!(
-                    request_id = out.request_id(),
-                    seq = id,
-                    "deadline passed; freeing its blocks"
-                );
-                out.fail(ServeError::DeadlineExceeded);
-            }
-        }
-    }
-
-    /// Tells the requests the scheduler preempted: they wait again.
-    fn note_preemptions(&mut self) {
-        for id in self.scheduler.take_preempted() {
-            if let Some(out) = self.outputs.get_mut(&id) {
-                out.preempted();
-            }
-        }
+        };
+        self.publish_stats();
+        outcome
     }
 
     /// The step's span (see the module doc), its context put in the plan for the ranks. A
@@ -328,7 +426,12 @@ impl StepLoop {
         let traced: Vec<&RequestTrace> = plan
             .seqs
             .iter()
-            .filter_map(|s| self.outputs.get(&s.seq_id).map(RequestOutput::trace))
+            .filter_map(|s| {
+                self.requests
+                    .outputs
+                    .get(&s.seq_id)
+                    .map(RequestOutput::trace)
+            })
             .filter(|t| t.exported().is_some())
             .collect();
         // The first traced request reading its prompt, else the first traced one at all.
@@ -371,17 +474,18 @@ impl StepLoop {
         // A table sent whole: the sequence's first step (or its first after a preemption,
         // which does not move its queue time). Its start may be past 0: a prefix-cache hit.
         for s in plan.seqs.iter().filter(|s| !s.append_blocks) {
-            if let Some(o) = self.outputs.get_mut(&s.seq_id) {
+            if let Some(o) = self.requests.outputs.get_mut(&s.seq_id) {
                 o.mark_scheduled(now);
             }
         }
     }
 
     fn stream(&mut self, sampled: Vec<Sampled>) {
+        let requests = &mut self.requests;
         for s in sampled {
             let id = s.token.seq_id;
-            let Some(out) = self.outputs.get_mut(&id) else {
-                self.scheduler.abort(id);
+            let Some(out) = requests.outputs.get_mut(&id) else {
+                requests.scheduler.abort(id);
                 continue;
             };
             let retired = s.finish.is_some();
@@ -390,47 +494,40 @@ impl StepLoop {
                 Ok(Some(_)) => {
                     // The scheduler already retired sequences at EOS or length.
                     if !retired {
-                        self.scheduler.abort(id);
+                        requests.scheduler.abort(id);
                     }
-                    self.outputs.remove(&id);
+                    requests.outputs.remove(&id);
                 }
                 Err(e) => {
-                    self.finish_with(id, ServeError::Internal(format!("detokenizing: {e:#}")))
+                    requests.finish_with(id, ServeError::Internal(format!("detokenizing: {e:#}")))
                 }
             }
         }
     }
 
-    fn finish_with(&mut self, id: u64, error: ServeError) {
-        self.scheduler.abort(id);
-        if let Some(out) = self.outputs.remove(&id) {
-            out.fail(error);
-        }
-    }
-
-    fn fail_all(&mut self, error: ServeError) {
-        self.scheduler.abort_all();
-        for (_, out) in self.outputs.drain() {
-            out.fail(error.clone());
-        }
-    }
-
     /// The scheduler's numbers into the replica's snapshot.
     fn publish_stats(&self) {
-        let stats = self.scheduler.stats();
+        let stats = self.requests.scheduler.stats();
         self.published.update(|s| s.scheduler = stats);
     }
 
-    /// The replica is down: answer everyone, now and from now on.
+    /// The replica is down for good: answer everyone, now and from now on (a release still
+    /// lets the workers go).
     async fn down(mut self, why: String) {
         tracing::error!("replica down: {why}");
         self.published.set_state(ReplicaState::Down(why.clone()));
         let error = ServeError::ReplicaDown(why);
-        self.fail_all(error.clone());
+        self.requests.fail_all(error.clone());
         self.publish_stats();
-        while let Some(m) = self.requests.recv().await {
-            if let LoopMessage::Request(r) = m {
-                r.output.fail(error.clone());
+        while let Some(m) = self.inbox.recv().await {
+            match m {
+                LoopMessage::Request(r) => r.output.fail(error.clone()),
+                LoopMessage::CancelAll => {}
+                LoopMessage::Release(grace, done) => {
+                    self.ranks.release(grace).await;
+                    let _ = done.send(());
+                    return;
+                }
             }
         }
     }

@@ -28,7 +28,7 @@ use candle_core::{Device, Tensor};
 
 #[cfg(feature = "cuda")]
 pub use self::nccl::NcclCommunicator;
-pub use self::tcp::{TcpCommunicator, TcpListenerSlot};
+pub use self::tcp::{MeshAbort, MeshCall, TcpCommunicator, TcpListenerSlot};
 
 pub trait Communicator: Send {
     fn rank(&self) -> usize;

@@ -8,9 +8,17 @@
 //!
 //! Rendezvous: each worker binds its listener at start-up ([`TcpListenerSlot`]) and reports the
 //! address; at Init every rank gets all addresses, dials the lower ranks and accepts the higher.
+//! The listener lives as long as the worker: a replica that lost a rank builds a new mesh over
+//! the same listeners, under a new **generation** number. Every connection opens with a hello
+//! (magic, generation, rank) that the accepting rank answers in kind, so a peer of another
+//! generation (a stale rank, a late dial from an abandoned attempt) is turned away, and a rank
+//! that is asked for a newer generation gives up on the older one at once ([`MeshCall`]).
+//! [`MeshAbort`] closes a mesh's sockets from outside, which frees a rank blocked in a
+//! collective on a peer that stopped answering.
 
 use std::io::{BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -21,7 +29,7 @@ use candle_core::{DType, Tensor};
 
 use super::Communicator;
 
-/// The listener a worker binds before it knows its rank.
+/// The listener a worker binds before it knows its rank; every generation's mesh accepts on it.
 pub struct TcpListenerSlot {
     listener: TcpListener,
 }
@@ -38,6 +46,37 @@ impl TcpListenerSlot {
     }
 }
 
+/// Which mesh to build: this rank's place, every rank's address, the generation, and the
+/// newest generation this worker has been asked for (when it passes `generation`, the attempt
+/// is abandoned).
+pub struct MeshCall<'a> {
+    pub rank: usize,
+    pub peer_addrs: &'a [String],
+    pub generation: u64,
+    pub newest: &'a AtomicU64,
+}
+
+impl MeshCall<'_> {
+    fn superseded(&self) -> bool {
+        self.newest.load(Ordering::SeqCst) > self.generation
+    }
+}
+
+/// Closes every socket of a mesh, from any thread: a rank blocked in a collective (a peer
+/// stopped, not gone) returns with an error at once.
+#[derive(Default)]
+pub struct MeshAbort {
+    streams: Vec<TcpStream>,
+}
+
+impl MeshAbort {
+    pub fn abort(&self) {
+        for s in &self.streams {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
 struct Peer {
     reader: BufReader<TcpStream>,
     sender: mpsc::Sender<Arc<Vec<u8>>>,
@@ -51,40 +90,68 @@ pub struct TcpCommunicator {
     /// Indexed by rank; `None` at our own rank.
     peers: Vec<Option<Peer>>,
     recv_buf: Vec<u8>,
+    abort: Arc<MeshAbort>,
 }
 
+/// How long ranks wait for each other to join a mesh.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a dialer may take to say hello once accepted.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Opens every hello, both ways.
+const MAGIC: [u8; 4] = *b"HLX1";
+const HELLO_LEN: usize = 16;
+
+fn hello(generation: u64, rank: usize) -> [u8; HELLO_LEN] {
+    let mut b = [0u8; HELLO_LEN];
+    b[..4].copy_from_slice(&MAGIC);
+    b[4..12].copy_from_slice(&generation.to_le_bytes());
+    b[12..].copy_from_slice(&(rank as u32).to_le_bytes());
+    b
+}
+
+/// (generation, rank) of a hello, if it is one.
+fn parse_hello(b: &[u8; HELLO_LEN]) -> Option<(u64, usize)> {
+    if b[..4] != MAGIC {
+        return None;
+    }
+    let generation = u64::from_le_bytes(b[4..12].try_into().ok()?);
+    let rank = u32::from_le_bytes(b[12..].try_into().ok()?) as usize;
+    Some((generation, rank))
+}
 
 impl TcpCommunicator {
-    /// Joins the mesh: dials every lower rank, accepts every higher one.
-    pub fn connect(
-        slot: &TcpListenerSlot,
-        rank: usize,
-        peer_addrs: &[String],
-    ) -> Result<TcpCommunicator> {
-        let world = peer_addrs.len();
+    /// Joins the mesh of `call.generation`: dials every lower rank, accepts every higher one.
+    pub fn connect(slot: &TcpListenerSlot, call: &MeshCall) -> Result<TcpCommunicator> {
+        let (rank, world) = (call.rank, call.peer_addrs.len());
         if rank >= world {
             bail!("rank {rank} is outside a world of {world}");
         }
-        let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
-        for (r, addr) in peer_addrs.iter().enumerate().take(rank) {
-            let mut s =
-                dial(addr).with_context(|| format!("rank {rank} dialing rank {r} at {addr}"))?;
-            s.write_all(&(rank as u32).to_le_bytes())?;
-            streams[r] = Some(s);
-        }
         let deadline = Instant::now() + CONNECT_TIMEOUT;
-        for _ in rank + 1..world {
-            let mut s = accept_until(&slot.listener, deadline)
-                .with_context(|| format!("rank {rank} waiting for higher ranks to dial in"))?;
-            let mut b = [0u8; 4];
-            s.read_exact(&mut b)?;
-            let r = u32::from_le_bytes(b) as usize;
-            if r <= rank || r >= world || streams[r].is_some() {
-                bail!("rank {rank}: unexpected hello from rank {r}");
-            }
+        let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+        for (r, addr) in call.peer_addrs.iter().enumerate().take(rank) {
+            let s = dial(addr, r, call, deadline)
+                .with_context(|| format!("rank {rank} dialing rank {r} at {addr}"))?;
             streams[r] = Some(s);
         }
+        let mut missing = world - rank - 1;
+        while missing > 0 {
+            let s = accept_until(&slot.listener, call, deadline)
+                .with_context(|| format!("rank {rank} waiting for higher ranks to dial in"))?;
+            match greet(s, call, &streams) {
+                Ok((r, s)) => {
+                    streams[r] = Some(s);
+                    missing -= 1;
+                }
+                Err(e) => tracing::warn!("rank {rank}: turned a peer away: {e:#}"),
+            }
+        }
+        let abort = Arc::new(MeshAbort {
+            streams: streams
+                .iter()
+                .flatten()
+                .map(TcpStream::try_clone)
+                .collect::<std::io::Result<_>>()?,
+        });
         let peers = streams
             .into_iter()
             .map(|s| s.map(Peer::start).transpose())
@@ -94,7 +161,13 @@ impl TcpCommunicator {
             world,
             peers,
             recv_buf: Vec::new(),
+            abort,
         })
+    }
+
+    /// Closes this mesh's sockets from elsewhere (see [`MeshAbort`]).
+    pub fn abort_handle(&self) -> Arc<MeshAbort> {
+        self.abort.clone()
     }
 
     /// Sends `bytes` to every peer and hands each peer's equally long message to `f`, in rank
@@ -155,16 +228,44 @@ impl Peer {
     }
 }
 
-fn accept_until(listener: &TcpListener, deadline: Instant) -> Result<TcpStream> {
+/// Reads a higher rank's hello and answers it: the rank it dialed from, if it belongs in this
+/// mesh (same generation, a higher rank not yet joined).
+fn greet(
+    mut s: TcpStream,
+    call: &MeshCall,
+    joined: &[Option<TcpStream>],
+) -> Result<(usize, TcpStream)> {
+    s.set_read_timeout(Some(HELLO_TIMEOUT))?;
+    let mut b = [0u8; HELLO_LEN];
+    s.read_exact(&mut b).context("reading its hello")?;
+    let (generation, r) = parse_hello(&b).context("not a Helios communicator hello")?;
+    if generation != call.generation {
+        bail!(
+            "rank {r} of generation {generation}, not {}",
+            call.generation
+        );
+    }
+    if r <= call.rank || r >= joined.len() || joined[r].is_some() {
+        bail!("unexpected hello from rank {r}");
+    }
+    s.write_all(&hello(call.generation, call.rank))?;
+    s.set_read_timeout(None)?;
+    Ok((r, s))
+}
+
+fn accept_until(listener: &TcpListener, call: &MeshCall, deadline: Instant) -> Result<TcpStream> {
     listener.set_nonblocking(true)?;
     loop {
+        if call.superseded() {
+            bail!("generation {} was superseded", call.generation);
+        }
         match listener.accept() {
             Ok((s, _)) => {
                 s.set_nonblocking(false)?;
                 return Ok(s);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => bail!("timed out"),
             Err(e) => return Err(e.into()),
@@ -172,18 +273,59 @@ fn accept_until(listener: &TcpListener, deadline: Instant) -> Result<TcpStream> 
     }
 }
 
-fn dial(addr: &str) -> Result<TcpStream> {
-    let deadline = Instant::now() + CONNECT_TIMEOUT;
+/// Dials rank `r` until it accepts this rank into the mesh of `call.generation` (it turns
+/// away, by closing, a dial it does not expect yet: it may still be leaving an older mesh).
+fn dial(addr: &str, r: usize, call: &MeshCall, deadline: Instant) -> Result<TcpStream> {
     loop {
-        match TcpStream::connect(addr) {
+        if call.superseded() {
+            bail!("generation {} was superseded", call.generation);
+        }
+        let err = match try_dial(addr, r, call, deadline) {
             Ok(s) => return Ok(s),
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!("retrying {addr}: {e}");
-                std::thread::sleep(Duration::from_millis(50));
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            return Err(err);
+        }
+        tracing::debug!("retrying {addr}: {err:#}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn try_dial(addr: &str, r: usize, call: &MeshCall, deadline: Instant) -> Result<TcpStream> {
+    let mut s = TcpStream::connect(addr)?;
+    s.write_all(&hello(call.generation, call.rank))?;
+    // The answer comes once rank `r` reaches its accept loop: wait for it in slices, so that
+    // a newer generation or the deadline ends the wait.
+    s.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let mut b = [0u8; HELLO_LEN];
+    let mut got = 0;
+    while got < HELLO_LEN {
+        match s.read(&mut b[got..]) {
+            Ok(0) => bail!("turned away"),
+            Ok(n) => got += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if call.superseded() || Instant::now() >= deadline {
+                    bail!("no answer");
+                }
             }
             Err(e) => return Err(e.into()),
         }
     }
+    match parse_hello(&b) {
+        Some((g, rank)) if g == call.generation && rank == r => {}
+        other => bail!(
+            "answered {other:?}, expected rank {r} of generation {}",
+            call.generation
+        ),
+    }
+    s.set_read_timeout(None)?;
+    Ok(s)
 }
 
 impl Communicator for TcpCommunicator {
@@ -240,6 +382,7 @@ mod tests {
     use super::*;
     use crate::comm::test_support::local_mesh;
     use candle_core::Device;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     /// Runs `f(rank, communicator)` on `world` threads joined in a mesh; results by rank.
     fn on_ranks<T: Send + 'static>(
@@ -332,5 +475,77 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&one_rank));
         }
+    }
+
+    #[test]
+    fn a_new_generation_meshes_over_the_same_listeners_and_turns_the_old_one_away() {
+        let seats = local_mesh(2).unwrap();
+        let newest = Arc::new(AtomicU64::new(0));
+        let handles: Vec<_> = seats
+            .into_iter()
+            .map(|seat| {
+                let newest = newest.clone();
+                std::thread::spawn(move || {
+                    let first = seat.join_generation(0, &newest).unwrap();
+                    drop(first);
+                    newest.store(1, Ordering::SeqCst);
+                    let mut second = seat.join_generation(1, &newest).unwrap();
+                    let x = Tensor::new(&[seat.rank() as f32 + 1.0], &Device::Cpu).unwrap();
+                    let sum = second.all_reduce_sum(&x).unwrap().to_vec1::<f32>().unwrap();
+                    // A rank that asks for the mesh of a superseded generation gives up.
+                    let stale = seat.join_generation(0, &newest);
+                    (sum, stale.is_err())
+                })
+            })
+            .collect();
+        for h in handles {
+            let (sum, stale_refused) = h.join().unwrap();
+            assert_eq!(sum, vec![3.0]);
+            assert!(stale_refused);
+        }
+    }
+
+    #[test]
+    fn a_peer_of_another_generation_is_turned_away() {
+        let seats = local_mesh(2).unwrap();
+        let addr0 = seats[0].local_addr_for_tests();
+        let mut seats = seats.into_iter();
+        let (seat0, seat1) = (seats.next().unwrap(), seats.next().unwrap());
+        let rank0 = std::thread::spawn(move || seat0.join_generation(5, &AtomicU64::new(5)));
+        // A stale rank 1 (generation 4) says hello first: rank 0 closes on it.
+        let mut stale = TcpStream::connect(&addr0).unwrap();
+        stale.write_all(&hello(4, 1)).unwrap();
+        let mut b = [0u8; 1];
+        stale
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(
+            stale.read(&mut b).unwrap_or(0),
+            0,
+            "a stale peer was answered"
+        );
+        // The rank 1 of generation 5 joins.
+        let mut c1 = seat1.join_generation(5, &AtomicU64::new(5)).unwrap();
+        let mut c0 = rank0.join().unwrap().unwrap();
+        let t = std::thread::spawn(move || c0.barrier());
+        c1.barrier().unwrap();
+        t.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn abort_frees_a_rank_blocked_on_a_silent_peer() {
+        let seats = local_mesh(2).unwrap();
+        let handles: Vec<_> = seats
+            .into_iter()
+            .map(|seat| std::thread::spawn(move || seat.join().unwrap()))
+            .collect();
+        let mut comms: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let _silent = comms.pop().unwrap(); // rank 1 never enters the collective
+        let mut rank0 = comms.pop().unwrap();
+        let abort = rank0.abort_handle();
+        let blocked = std::thread::spawn(move || rank0.barrier());
+        std::thread::sleep(Duration::from_millis(100));
+        abort.abort();
+        assert!(blocked.join().unwrap().is_err());
     }
 }

@@ -5,15 +5,18 @@
 //! (`worker/tests`) both need it, and integration tests cannot see `#[cfg(test)]` items, so it
 //! is an ordinary public module (hidden from the docs).
 
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
 use anyhow::Result;
 
-use super::{TcpCommunicator, TcpListenerSlot};
+use super::{MeshCall, TcpCommunicator, TcpListenerSlot};
 
 /// One rank's place in a local mesh: its bound listener and every rank's address, what a worker
 /// holds at Init.
 pub struct LocalSeat {
     rank: usize,
-    slot: TcpListenerSlot,
+    slot: Arc<TcpListenerSlot>,
     addrs: Vec<String>,
 }
 
@@ -22,10 +25,27 @@ impl LocalSeat {
         self.rank
     }
 
+    /// Its listener's address.
+    pub fn local_addr_for_tests(&self) -> String {
+        self.addrs[self.rank].clone()
+    }
+
     /// Joins the mesh. Blocks until every other rank joins too, so call it on one thread per
     /// rank.
     pub fn join(self) -> Result<TcpCommunicator> {
-        TcpCommunicator::connect(&self.slot, self.rank, &self.addrs)
+        self.join_generation(0, &AtomicU64::new(0))
+    }
+
+    /// Joins the mesh of `generation` (the seat can join again: its listener stays bound);
+    /// `newest` is the newest generation this rank was asked for.
+    pub fn join_generation(&self, generation: u64, newest: &AtomicU64) -> Result<TcpCommunicator> {
+        let call = MeshCall {
+            rank: self.rank,
+            peer_addrs: &self.addrs,
+            generation,
+            newest,
+        };
+        TcpCommunicator::connect(&self.slot, &call)
     }
 }
 
@@ -43,7 +63,7 @@ pub fn local_mesh(world: usize) -> Result<Vec<LocalSeat>> {
         .enumerate()
         .map(|(rank, slot)| LocalSeat {
             rank,
-            slot,
+            slot: Arc::new(slot),
             addrs: addrs.clone(),
         })
         .collect())

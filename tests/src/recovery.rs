@@ -1,0 +1,135 @@
+//! Helpers for the tests that lose a worker while requests run: a fixed workload of streams
+//! (greedy and seeded, short and long prompts), run concurrently while the test breaks
+//! something, and compared with the same workload run undisturbed.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use helios_proto::v1::generation_client::GenerationClient;
+use helios_proto::v1::{FinishReason, GenerateRequest, GenerationParameters};
+use tonic::transport::Channel;
+use tonic::Status;
+
+use crate::server::{prompt_request, Streamed};
+
+/// `n` requests: even ones greedy, odd ones seeded sampling; every fourth has a long prompt
+/// (read in several chunks under a small `--max-batch-tokens`, so some are still reading their
+/// prompt when a worker is lost). Each generates exactly `max_new_tokens`.
+pub fn workload(n: usize, max_new_tokens: u32) -> Vec<GenerateRequest> {
+    (0..n)
+        .map(|i| {
+            let prompt = if i % 4 == 3 {
+                format!(
+                    "Request {i}. {}",
+                    "Tell me about lighthouses and the sea. ".repeat(8)
+                )
+            } else {
+                format!("Request {i}: a short story about a fox.")
+            };
+            let sampled = i % 2 == 1;
+            prompt_request(
+                &prompt,
+                GenerationParameters {
+                    max_new_tokens: Some(max_new_tokens),
+                    ignore_eos: true,
+                    temperature: if sampled { 0.9 } else { 0.0 },
+                    seed: sampled.then_some(1000 + i as u64),
+                    ..Default::default()
+                },
+            )
+        })
+        .collect()
+}
+
+/// Runs every request as a stream at once; `responses` counts the responses received so far
+/// (a test waits on it to break something mid-run). Each stream's whole answer, or its error.
+pub async fn run_streams(
+    client: &GenerationClient<Channel>,
+    requests: Vec<GenerateRequest>,
+    responses: Arc<AtomicUsize>,
+) -> Vec<Result<Streamed, Status>> {
+    let runs = requests.into_iter().map(|req| {
+        let mut client = client.clone();
+        let responses = responses.clone();
+        async move {
+            let mut stream = client.generate_stream(req).await?.into_inner();
+            let mut out = Streamed::default();
+            while let Some(resp) = stream.next().await {
+                let resp = resp?;
+                responses.fetch_add(1, Ordering::SeqCst);
+                assert!(out.finish_reason.is_none(), "a response after the last one");
+                out.responses += 1;
+                out.text.push_str(&resp.text);
+                out.token_ids.extend(&resp.token_ids);
+                if resp.finish_reason != FinishReason::Unspecified as i32 {
+                    out.finish_reason = FinishReason::try_from(resp.finish_reason).ok();
+                    out.usage = resp.usage;
+                }
+            }
+            Ok(out)
+        }
+    });
+    futures::future::join_all(runs).await
+}
+
+/// Waits (at most `limit`) until `responses` reaches `n`.
+pub async fn wait_for_responses(responses: &AtomicUsize, n: usize, limit: Duration) {
+    let reached = async {
+        while responses.load(Ordering::SeqCst) < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(limit, reached)
+        .await
+        .unwrap_or_else(|_| panic!("fewer than {n} responses within {limit:?}"));
+}
+
+/// Every stream finished with exactly the tokens and usage of its undisturbed run.
+pub fn assert_same_streams(got: &[Result<Streamed, Status>], want: &[Result<Streamed, Status>]) {
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let w = w
+            .as_ref()
+            .unwrap_or_else(|e| panic!("undisturbed stream {i}: {e:?}"));
+        let g = g
+            .as_ref()
+            .unwrap_or_else(|e| panic!("stream {i} failed: {e:?}"));
+        assert_eq!(g.finish_reason, Some(FinishReason::Length), "stream {i}");
+        assert_eq!(
+            g.token_ids, w.token_ids,
+            "stream {i}: other tokens than undisturbed"
+        );
+        assert_eq!(g.text, w.text, "stream {i}");
+        assert_eq!(g.usage, w.usage, "stream {i}: usage");
+    }
+}
+
+/// `GET /metrics` from the HTTP API at `http_url` (`http://host:port`), as text.
+pub fn metrics_text(http_url: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = http_url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connecting to the HTTP API");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read /metrics");
+    text
+}
+
+/// The value of the sample `series` (name with labels, as written) in Prometheus text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
