@@ -1,4 +1,5 @@
-//! Helios wire formats, generated from `proto/helios/v1/*.proto` at build time.
+//! Helios wire formats, generated from `proto/helios/v1/*.proto` at build time; the etcd v3
+//! client stubs (`proto/etcd/`) and the cluster membership built on them ([`membership`]).
 
 /// `helios.v1`: the client API (`Generation`) and the coordinator <-> worker protocol (`Worker`).
 pub mod v1 {
@@ -34,4 +35,22 @@ pub const MAX_WORKER_MESSAGE_BYTES: usize = 256 << 20;
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/helios_descriptor.bin"));
 
+pub mod membership;
 pub mod telemetry;
+
+/// The etcd v3 API (client stubs only), generated from the protos vendored in `proto/etcd/`:
+/// what [`membership`] speaks to etcd, without a system `protoc`.
+pub mod etcd {
+    /// `etcdserverpb`: the KV, Watch and Lease services (and the rest of etcd's v3 API).
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+    /// `mvccpb`: a stored key-value and a watch event.
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    /// `authpb`: users and roles (the generated `etcdserverpb` refers to it).
+    pub mod authpb {
+        tonic::include_proto!("authpb");
+    }
+}

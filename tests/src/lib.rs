@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 
+pub mod etcd;
 pub mod otlp;
 pub mod recovery;
 pub mod server;

