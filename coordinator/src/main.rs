@@ -18,7 +18,9 @@ use clap::{Args, Parser, Subcommand};
 use futures::{Stream, StreamExt};
 use helios_coordinator::front_door::{CallContext, FrontDoor, ServingOptions};
 use helios_coordinator::membership::local::{resolve_model_path, LocalOptions};
-use helios_coordinator::membership::{FixedAddresses, LocalWorkers, Membership};
+use helios_coordinator::membership::{
+    EtcdMembers, EtcdOptions, FixedAddresses, LocalWorkers, Membership,
+};
 use helios_coordinator::output::{finish_name, ResponseStream};
 use helios_coordinator::replica::{RecoveryOptions, ReplicaOptions};
 use helios_coordinator::scheduler::{
@@ -27,6 +29,7 @@ use helios_coordinator::scheduler::{
 use helios_coordinator::sharded_client::InitOptions;
 use helios_coordinator::tokenizer::TextTokenizer;
 use helios_coordinator::{grpc, openai, shutdown};
+use helios_proto::membership::model_fingerprint;
 use helios_proto::telemetry::{LogDefault, LogFormat, Telemetry};
 use helios_proto::v1::generation_client::GenerationClient;
 use helios_proto::v1::{
@@ -201,9 +204,28 @@ struct CoordinatorArgs {
     /// The model, as this process reads it for its tokenizer and as the workers read it.
     #[command(flatten)]
     replica: ReplicaArgs,
-    /// gRPC addresses of the workers, in rank order (`host:port,host:port,...`).
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// gRPC addresses of the workers, in rank order (`host:port,host:port,...`); names are
+    /// resolved at every connect.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "etcd",
+        conflicts_with = "etcd"
+    )]
     workers: Vec<String>,
+    /// etcd endpoints (`http://host:port,...`): find the workers there instead, as they
+    /// register (`helios-worker --etcd`).
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// The cluster's name in etcd (keys under `/helios/CLUSTER/`).
+    #[arg(long, default_value = "helios")]
+    cluster: String,
+    /// Which replica of the cluster this coordinator serves.
+    #[arg(long = "replica", default_value_t = 0)]
+    replica_index: u32,
+    /// Ranks in the replica (etcd mode; static mode counts `--workers`).
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
     #[command(flatten)]
     listen: ListenArgs,
 }
@@ -356,20 +378,33 @@ async fn serve(a: ServeArgs, observe: Observe) -> Result<()> {
 
 async fn coordinator(a: CoordinatorArgs, observe: Observe) -> Result<()> {
     let tokenizer = TextTokenizer::from_model_path(&a.replica.model)?;
-    let workers = FixedAddresses::new(&a.workers)?;
+    let mut init = a.replica.init_options();
+    let membership = if a.etcd.is_empty() {
+        Membership::Static(FixedAddresses::new(&a.workers)?)
+    } else {
+        let model_fingerprint = model_fingerprint(&a.replica.model)?;
+        // Each worker loads the model it registered with (checked against ours above).
+        init.model_path = String::new();
+        Membership::Etcd(
+            EtcdMembers::start(EtcdOptions {
+                endpoints: a.etcd.clone(),
+                cluster: a.cluster.clone(),
+                replica: a.replica_index,
+                world: a.tp,
+                model_fingerprint,
+                model_path: a.replica.model.display().to_string(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .await?,
+        )
+    };
     let what = format!(
         "{} over {} workers",
         a.replica.model.display(),
-        workers.world_size()
+        membership.world_size()
     );
     let opts = a.replica.serving_options(observe);
-    let front = FrontDoor::start(
-        Membership::Static(workers),
-        &a.replica.init_options(),
-        tokenizer,
-        &opts,
-    )
-    .await?;
+    let front = FrontDoor::start(membership, &init, tokenizer, &opts).await?;
     listen_and_serve(&a.listen, front, &what).await
 }
 

@@ -12,10 +12,14 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Parser;
+use helios_proto::membership::{
+    claim, instance_id, model_fingerprint, RankKey, Registration, WorkerRecord,
+};
 use helios_proto::telemetry::{LogDefault, LogFormat, Telemetry};
 use helios_proto::v1::worker_server::WorkerServer;
 use helios_worker::comm::TcpListenerSlot;
@@ -51,6 +55,25 @@ struct Args {
     /// worker never outlives it.
     #[arg(long)]
     exit_with_stdin: bool,
+    /// etcd endpoints (`http://host:port,...`): register there as rank `--rank` of replica
+    /// `--replica` of cluster `--cluster`, for a coordinator started with `--etcd` to find.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    #[arg(long, default_value = "helios")]
+    cluster: String,
+    #[arg(long, default_value_t = 0)]
+    replica: u32,
+    /// This worker's rank in its replica (etcd mode).
+    #[arg(long)]
+    rank: Option<u32>,
+    /// The model this worker serves (etcd mode: registered with its fingerprint, and loaded
+    /// when the coordinator names none).
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// Seconds the etcd lease lives without a renewal: a worker that hangs or is cut off is
+    /// taken for lost after this.
+    #[arg(long, default_value_t = 5)]
+    lease_ttl: u64,
     /// `text` or `json` (one object per line) on stderr; `RUST_LOG` filters.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
@@ -129,7 +152,15 @@ async fn main() -> Result<()> {
     let grpc_addr = advertised(grpc_bound, args.advertise.as_deref())?;
     let comm_addr = advertised(comm_bound, args.advertise.as_deref())?;
     tracing::info!(%grpc_addr, %comm_addr, threads, "listening");
-    let service = WorkerService::new(slot, comm_addr.clone(), device);
+    let mut service = WorkerService::new(slot, comm_addr.clone(), device);
+    if let Some(model) = &args.model {
+        service = service.with_model(model.to_string_lossy().into_owned());
+    }
+    let registration = if args.etcd.is_empty() {
+        None
+    } else {
+        Some(register(&args, &grpc_addr, &comm_addr).await?)
+    };
     println!("HELIOS_WORKER_READY grpc={grpc_addr} comm={comm_addr}");
     std::io::stdout().flush()?;
     if args.exit_with_stdin {
@@ -153,5 +184,31 @@ async fn main() -> Result<()> {
             },
         )
         .await?;
+    if let Some(registration) = registration {
+        // Leaving on purpose: the rank is free at once, not when the lease runs out.
+        if let Err(e) = registration.release().await {
+            tracing::warn!("releasing the etcd registration: {e:#}");
+        }
+    }
     Ok(())
+}
+
+/// Claims this worker's rank in etcd (see `helios_proto::membership`): the claim fails if
+/// another worker holds the rank, saying which.
+async fn register(args: &Args, grpc_addr: &str, comm_addr: &str) -> Result<Registration> {
+    let rank = args.rank.context("--etcd needs --rank")?;
+    let model = args.model.as_ref().context("--etcd needs --model")?;
+    let key = RankKey::new(&args.cluster, args.replica, rank)?;
+    let record = WorkerRecord {
+        grpc_addr: grpc_addr.to_string(),
+        comm_addr: comm_addr.to_string(),
+        model_path: model.display().to_string(),
+        model_fingerprint: model_fingerprint(model)?,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        instance: instance_id(),
+    };
+    let ttl = Duration::from_secs(args.lease_ttl.max(1));
+    let registration = claim(&args.etcd, key, record, ttl).await?;
+    tracing::info!(rank, replica = args.replica, cluster = %args.cluster, "registered in etcd");
+    Ok(registration)
 }

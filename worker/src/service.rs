@@ -53,6 +53,8 @@ pub struct WorkerService {
     loaded: Arc<Mutex<Option<Loaded>>>,
     /// The rank of the latest Init that succeeded; -1 before.
     rank: AtomicI32,
+    /// The model this worker was started with (`--model`): loaded when an Init names none.
+    model: Option<String>,
 }
 
 /// This rank's engine and the replica build (generation) it belongs to.
@@ -106,6 +108,15 @@ impl WorkerService {
             init_lock: tokio::sync::Mutex::new(()),
             loaded: Arc::new(Mutex::new(None)),
             rank: AtomicI32::new(-1),
+            model: None,
+        }
+    }
+
+    /// Loads `model` when an Init names no model (etcd mode: the worker registered it).
+    pub fn with_model(self, model: String) -> Self {
+        Self {
+            model: Some(model),
+            ..self
         }
     }
 }
@@ -137,6 +148,14 @@ impl Worker for WorkerService {
                 "rank {rank} of world {world} with {} peer addresses",
                 req.peer_addrs.len()
             )));
+        }
+        let mut req = req;
+        if req.model_path.is_empty() {
+            req.model_path = self.model.clone().ok_or_else(|| {
+                Status::invalid_argument(
+                    "no model named, and this worker was started without --model",
+                )
+            })?;
         }
         let generation = req.generation;
         let previous = self.newest.fetch_max(generation, Ordering::SeqCst);

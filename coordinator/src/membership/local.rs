@@ -116,30 +116,35 @@ impl LocalWorkers {
             .collect()
     }
 
-    /// Kills rank `rank`'s process if it still runs, then starts a new one after the backoff.
+    /// Kills rank `rank`'s process if it still runs, then starts a new one after the backoff,
+    /// again until one starts or the rank's restarts run out.
     pub async fn respawn(&mut self, rank: usize) -> Result<String> {
-        let restarts = self
-            .restarts
-            .get_mut(rank)
-            .with_context(|| format!("no rank {rank}"))?;
-        if *restarts >= self.opts.max_restarts {
-            bail!(
-                "rank {rank} was restarted {} times, the limit (--max-worker-restarts)",
-                self.opts.max_restarts
-            );
-        }
-        let backoff = FIRST_BACKOFF
-            .saturating_mul(1 << (*restarts).min(16))
-            .min(MAX_BACKOFF);
-        *restarts += 1;
-        if let Some(mut old) = self.children[rank].take() {
+        if let Some(mut old) = self.children.get_mut(rank).and_then(Option::take) {
             let _ = old.start_kill();
             let _ = old.wait().await;
         }
-        tracing::warn!(rank, "restarting the worker in {backoff:?}");
-        tokio::time::sleep(backoff).await;
-        self.start(rank).await?;
-        Ok(self.addrs[rank].clone())
+        loop {
+            let restarts = self
+                .restarts
+                .get_mut(rank)
+                .with_context(|| format!("no rank {rank}"))?;
+            if *restarts >= self.opts.max_restarts {
+                bail!(
+                    "rank {rank} was restarted {} times, the limit (--max-worker-restarts)",
+                    self.opts.max_restarts
+                );
+            }
+            let backoff = FIRST_BACKOFF
+                .saturating_mul(1 << (*restarts).min(16))
+                .min(MAX_BACKOFF);
+            *restarts += 1;
+            tracing::warn!(rank, "restarting the worker in {backoff:?}");
+            tokio::time::sleep(backoff).await;
+            match self.start(rank).await {
+                Ok(()) => return Ok(self.addrs[rank].clone()),
+                Err(e) => tracing::warn!(rank, "the restarted worker failed: {e:#}"),
+            }
+        }
     }
 
     /// Starts rank `rank`'s process and reads its ready line.

@@ -15,6 +15,7 @@
 //!   version, and takes a lease that expires as a lost rank. A lost rank is replaced by the
 //!   next worker that claims it.
 
+mod etcd;
 mod fixed;
 pub mod local;
 
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+pub use self::etcd::{EtcdMembers, EtcdOptions};
 pub use self::fixed::FixedAddresses;
 pub use self::local::LocalWorkers;
 
@@ -29,6 +31,7 @@ pub use self::local::LocalWorkers;
 pub enum Membership {
     Local(LocalWorkers),
     Static(FixedAddresses),
+    Etcd(EtcdMembers),
 }
 
 impl Membership {
@@ -37,6 +40,7 @@ impl Membership {
         match self {
             Self::Local(m) => m.world_size(),
             Self::Static(m) => m.world_size(),
+            Self::Etcd(m) => m.world_size(),
         }
     }
 
@@ -45,6 +49,7 @@ impl Membership {
         match self {
             Self::Local(m) => Ok(m.addresses()),
             Self::Static(m) => Ok(m.addresses()),
+            Self::Etcd(m) => m.addresses().await,
         }
     }
 
@@ -55,6 +60,7 @@ impl Membership {
         match self {
             Self::Local(m) => m.respawn(rank).await,
             Self::Static(m) => m.address(rank),
+            Self::Etcd(m) => m.replacement(rank).await,
         }
     }
 
@@ -63,6 +69,7 @@ impl Membership {
     /// stream and in its health.
     pub async fn lost(&mut self) -> usize {
         match self {
+            Self::Etcd(m) => m.lost().await,
             Self::Local(_) | Self::Static(_) => std::future::pending().await,
         }
     }

@@ -1,0 +1,200 @@
+//! A replica whose workers find their coordinator through etcd (a real etcd server): workers
+//! on three "hosts" register their ranks, a lost one is replaced by a new process claiming its
+//! rank, an etcd restart loses nothing, and a worker that cannot join is refused, saying why.
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use helios_tests::etcd::EtcdServer;
+use helios_tests::recovery::{
+    assert_same_streams, metric, metrics_text, run_streams, wait_for_responses, workload,
+};
+use helios_tests::server::{model_info, wait_until_idle, Process};
+use helios_tests::{binary, make_tiny_model};
+
+/// A tiny model that splits three ways.
+const TP3_MODEL: [&str; 8] = [
+    "--hidden",
+    "48",
+    "--heads",
+    "6",
+    "--kv-heads",
+    "3",
+    "--intermediate",
+    "96",
+];
+const STREAMS: usize = 12;
+const TOKENS: u32 = 24;
+
+/// `helios-worker` on `host` registering as `rank` of replica `replica` of cluster `test`.
+fn worker_command(etcd: &str, host: &str, replica: u32, rank: u32, model: &str) -> Command {
+    let mut cmd = Command::new(binary("helios-worker"));
+    cmd.args(["--listen", &format!("{host}:0"), "--threads", "1"])
+        .args(["--etcd", etcd, "--cluster", "test", "--lease-ttl", "2"])
+        .args([
+            "--replica",
+            &replica.to_string(),
+            "--rank",
+            &rank.to_string(),
+        ])
+        .args(["--model", model]);
+    cmd
+}
+
+fn worker(etcd: &str, host: &str, rank: u32, model: &str) -> Process {
+    Process::start(
+        worker_command(etcd, host, 0, rank, model),
+        "HELIOS_WORKER_READY ",
+    )
+}
+
+fn coordinator_command(etcd: &str, replica: u32, tp: &str, model: &str) -> Command {
+    let replica = replica.to_string();
+    Process::helios_command(
+        "coordinator",
+        &[
+            "--model",
+            model,
+            "--etcd",
+            etcd,
+            "--cluster",
+            "test",
+            "--replica",
+            &replica,
+            "--tp",
+            tp,
+            "--max-batch-tokens",
+            "32",
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_found_through_etcd_survive_an_etcd_restart_and_a_lost_rank() {
+    let mut etcd = EtcdServer::start().expect("etcd");
+    let endpoint = etcd.endpoint();
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_tiny_model(dir.path(), 51, &TP3_MODEL).expect("tiny model");
+    let model = dir.path().to_str().expect("utf-8");
+    let mut workers: Vec<Option<Process>> = (0..3)
+        .map(|r| Some(worker(&endpoint, &format!("127.0.0.{}", r + 2), r, model)))
+        .collect();
+    let server = Process::start(
+        coordinator_command(&endpoint, 0, "3", model),
+        "HELIOS_READY ",
+    );
+    let client = server.client().await;
+    let undisturbed = run_streams(&client, workload(STREAMS, TOKENS), Default::default()).await;
+
+    // etcd goes away and comes back while streams run: nothing is lost.
+    let responses = Arc::new(AtomicUsize::new(0));
+    let run = tokio::spawn({
+        let (client, responses) = (client.clone(), responses.clone());
+        async move { run_streams(&client, workload(STREAMS, TOKENS), responses).await }
+    });
+    wait_for_responses(&responses, STREAMS, Duration::from_secs(60)).await;
+    etcd.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    etcd.restart().expect("etcd restart");
+    let through_outage = run.await.expect("run");
+    assert_same_streams(&through_outage, &undisturbed);
+    let http = server.http_url();
+    assert_eq!(
+        metric(&metrics_text(&http), "helios_recoveries_total"),
+        Some(0.0)
+    );
+
+    // A second worker claiming a held rank is refused, naming the holder.
+    let out = worker_command(&endpoint, "127.0.0.5", 0, 1, model)
+        .output()
+        .expect("a second rank-1 worker");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rank 1 of replica 0") && err.contains("already held"),
+        "{err}"
+    );
+
+    // Membership works after the restart: rank 1 dies mid-run, a new process claims it.
+    let responses = Arc::new(AtomicUsize::new(0));
+    let run = tokio::spawn({
+        let (client, responses) = (client.clone(), responses.clone());
+        async move { run_streams(&client, workload(STREAMS, TOKENS), responses).await }
+    });
+    wait_for_responses(&responses, STREAMS, Duration::from_secs(60)).await;
+    drop(workers[1].take()); // SIGKILL: its lease runs out within 2 s
+    let replaced = Instant::now();
+    let claim_retry = async {
+        loop {
+            let cmd = worker_command(&endpoint, "127.0.0.3", 0, 1, model);
+            if let Some(p) = Process::try_start(cmd, "HELIOS_WORKER_READY ", Stdio::null()) {
+                return p;
+            }
+            assert!(
+                replaced.elapsed() < Duration::from_secs(30),
+                "rank 1 never free"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    workers[1] = Some(claim_retry.await);
+    let disturbed = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the streams did not end")
+        .expect("run");
+    assert_same_streams(&disturbed, &undisturbed);
+    let mut c = client.clone();
+    let total = model_info(&mut c).await.kv_blocks_total;
+    assert!(wait_until_idle(&mut c, total, Duration::from_secs(10))
+        .await
+        .is_some());
+    assert_eq!(
+        metric(&metrics_text(&http), "helios_recoveries_total"),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn a_worker_of_another_model_is_refused_naming_both() {
+    let etcd = EtcdServer::start().expect("etcd");
+    let endpoint = etcd.endpoint();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ours, theirs) = (dir.path().join("ours"), dir.path().join("theirs"));
+    make_tiny_model(&ours, 61, &[]).expect("tiny model");
+    make_tiny_model(&theirs, 62, &[]).expect("tiny model");
+    let (ours, theirs) = (
+        ours.to_str().expect("utf-8"),
+        theirs.to_str().expect("utf-8"),
+    );
+    let _other = Process::start(
+        worker_command(&endpoint, "127.0.0.2", 7, 0, theirs),
+        "HELIOS_WORKER_READY ",
+    );
+    let log = dir.path().join("coordinator.log");
+    let mut cmd = coordinator_command(&endpoint, 7, "1", ours);
+    let mut coordinator = cmd
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("coordinator");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("refusing") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = coordinator.kill();
+    let _ = coordinator.wait();
+    assert!(
+        text.contains("refusing the worker registered for rank 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains(theirs) && text.contains(ours),
+        "both models named: {text}"
+    );
+}
