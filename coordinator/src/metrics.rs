@@ -376,6 +376,7 @@ mod tests {
         m.generation_tokens.inc_by(3);
         m.finished("length");
         m.time_to_first_token.observe(0.2);
+        m.recovered(std::time::Duration::from_millis(700));
         let now = ReplicaSnapshot {
             scheduler: crate::scheduler::SchedulerStats {
                 running: 2,
@@ -385,6 +386,7 @@ mod tests {
                 prefix_query_tokens: 40,
                 prefix_hit_tokens: 10,
                 preemptions: 4,
+                requeued: 5,
             },
             steps: crate::replica::StepTotals {
                 steps: 9,
@@ -404,6 +406,10 @@ mod tests {
             "helios_prefix_cache_hit_ratio 0.25",
             "helios_preemptions_total 4",
             "helios_steps_total 9",
+            "helios_sequences_requeued_total 5",
+            "helios_recoveries_total 1",
+            "helios_recovery_duration_seconds_bucket{le=\"1\"} 1",
+            "helios_recovery_duration_seconds_bucket{le=\"0.5\"} 0",
             "helios_worker_up{rank=\"0\"} 1",
             "helios_worker_up{rank=\"1\"} 0",
             "helios_time_to_first_token_seconds_count 1",

@@ -236,6 +236,9 @@ impl Worker for WorkerService {
     }
 }
 
+/// A rank's communicator and, for the TCP mesh, the handle that closes it.
+type Joined = (Box<dyn Communicator>, Option<Arc<MeshAbort>>);
+
 /// How to join the mesh of one generation.
 struct MeshJoin {
     slot: Arc<TcpListenerSlot>,
@@ -248,11 +251,7 @@ struct MeshJoin {
 impl MeshJoin {
     /// The all-reduce for this rank (none alone, NCCL between GPUs, the TCP mesh on the CPU)
     /// and, for the TCP mesh, the handle that closes it.
-    fn communicator(
-        &self,
-        device: &Device,
-        rank: usize,
-    ) -> anyhow::Result<(Box<dyn Communicator>, Option<Arc<MeshAbort>>)> {
+    fn communicator(&self, device: &Device, rank: usize) -> anyhow::Result<Joined> {
         let world = self.peers.len();
         if world == 1 {
             return Ok((Box::new(SingleRank), None));

@@ -51,10 +51,27 @@ impl Default for RecoveryOptions {
     }
 }
 
+/// A rank was lost: why, and which ranks are known not to answer (empty: not known; the
+/// rebuild probes them all).
+#[derive(Debug, Clone, Default)]
+pub struct Loss {
+    pub why: String,
+    pub silent: Vec<usize>,
+}
+
+impl Loss {
+    pub fn new(why: impl Into<String>) -> Self {
+        Self {
+            why: why.into(),
+            silent: Vec::new(),
+        }
+    }
+}
+
 /// Why a step did not come back.
 pub enum StepError {
     /// A rank is lost: the replica must be rebuilt.
-    Lost(String),
+    Lost(Loss),
     /// The step failed on the ranks (a refused plan, a malformed answer); they are fine.
     Failed(anyhow::Error),
 }
@@ -118,26 +135,32 @@ impl Ranks {
             tokio::select! {
                 r = &mut answer => {
                     return r.map_err(|e| match failure.borrow().clone() {
-                        Some(why) => StepError::Lost(why),
+                        Some(why) => StepError::Lost(Loss::new(why)),
                         None => StepError::Failed(e),
                     });
                 }
                 rank = membership.lost() => {
-                    return Err(StepError::Lost(format!("rank {rank}: its lease expired")));
+                    return Err(StepError::Lost(Loss::new(format!(
+                        "rank {rank}: its lease expired"
+                    ))));
                 }
                 _ = tokio::time::sleep_until(next_probe.into()) => {
                     if started.elapsed() >= opts.step_timeout {
-                        return Err(StepError::Lost(format!(
+                        return Err(StepError::Lost(Loss::new(format!(
                             "step {step_id} took longer than the step timeout ({:?})",
                             opts.step_timeout
-                        )));
+                        ))));
                     }
                     let healths = probe_all(probes.clone(), PROBE_TIMEOUT).await;
-                    if let Some(rank) = healths.iter().position(Option::is_none) {
-                        return Err(StepError::Lost(format!(
+                    let silent: Vec<usize> = (0..healths.len())
+                        .filter(|&r| healths[r].is_none())
+                        .collect();
+                    if let Some(rank) = silent.first() {
+                        let why = format!(
                             "rank {rank} stopped answering (step {step_id} waited {:?})",
                             started.elapsed()
-                        )));
+                        );
+                        return Err(StepError::Lost(Loss { why, silent }));
                     }
                     next_probe = Instant::now() + PROBE_AFTER;
                 }
@@ -150,17 +173,24 @@ impl Ranks {
         self.membership.lost().await
     }
 
-    /// Replaces the ranks that do not answer and builds the replica again under a new
-    /// generation, until it works. An error means a rank cannot come back at all.
+    /// Replaces the ranks that do not answer (at first those `loss` names, if it names any)
+    /// and builds the replica again under a new generation, until it works. An error means a
+    /// rank cannot come back at all.
     #[tracing::instrument(skip_all, fields(generation = tracing::field::Empty))]
-    pub async fn rebuild(&mut self, published: &Published) -> Result<ReplicaInfo> {
+    pub async fn rebuild(&mut self, loss: &Loss, published: &Published) -> Result<ReplicaInfo> {
         let mut backoff = RETRY_BACKOFF;
+        let mut known = Some(loss.silent.clone()).filter(|s| !s.is_empty());
         loop {
-            let healths = self.client.probe(PROBE_TIMEOUT).await;
-            for (rank, h) in healths.iter().enumerate() {
-                if h.is_some() {
-                    continue;
+            let silent: Vec<usize> = match known.take() {
+                Some(silent) => silent,
+                None => {
+                    let healths = self.client.probe(PROBE_TIMEOUT).await;
+                    (0..healths.len())
+                        .filter(|&r| healths[r].is_none())
+                        .collect()
                 }
+            };
+            for rank in silent {
                 published.set_rank_up(rank, false);
                 tracing::warn!(rank, "rank lost; waiting for its replacement");
                 let addr = self

@@ -48,7 +48,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::field::Empty;
 use tracing::Span;
 
-use super::ranks::{Ranks, StepError};
+use super::ranks::{Loss, Ranks, StepError};
 use super::requests::Requests;
 use super::{Published, ReplicaState};
 use crate::admission::Admitted;
@@ -117,7 +117,7 @@ enum Stop {
     /// Every request sender is gone, or the workers were released: the loop ends.
     Done,
     /// A rank is lost: the replica must be rebuilt.
-    Lost(String),
+    Lost(Loss),
 }
 
 /// How a recovery ended.
@@ -156,11 +156,11 @@ impl StepLoop {
     /// ranks whenever one is lost.
     pub async fn run(mut self) {
         loop {
-            let why = match self.serve().await {
+            let loss = match self.serve().await {
                 Stop::Done => return,
-                Stop::Lost(why) => why,
+                Stop::Lost(loss) => loss,
             };
-            match self.recover(why).await {
+            match self.recover(loss).await {
                 Recovery::Rebuilt => continue,
                 Recovery::Stopped => return,
                 Recovery::Failed(why) => return self.down(why).await,
@@ -199,7 +199,7 @@ impl StepLoop {
                     let span = self.step_span(&mut plan);
                     let step_id = plan.step_id;
                     if let Err(e) = self.ranks.client_mut().send(plan).await {
-                        return Stop::Lost(format!("sending step {step_id}: {e:#}"));
+                        return Stop::Lost(Loss::new(format!("sending step {step_id}: {e:#}")));
                     }
                     in_flight.push_back(InFlight {
                         step_id,
@@ -216,10 +216,10 @@ impl StepLoop {
                     m = self.inbox.recv() => m,
                     why = failure.wait_for(Option::is_some) => {
                         let why = why.ok().and_then(|w| w.clone()).unwrap_or_default();
-                        return Stop::Lost(why);
+                        return Stop::Lost(Loss::new(why));
                     }
                     rank = self.ranks.lost() => {
-                        return Stop::Lost(format!("rank {rank}: its lease expired"));
+                        return Stop::Lost(Loss::new(format!("rank {rank}: its lease expired")));
                     }
                 };
                 match message {
@@ -237,7 +237,7 @@ impl StepLoop {
             let stale = self.requests.scheduler.num_unanswered() <= in_flight.len();
             match self.collect(step, stale).await {
                 Ok(sampled) => self.stream(sampled),
-                Err(why) => return Stop::Lost(why),
+                Err(loss) => return Stop::Lost(loss),
             }
         }
     }
@@ -245,12 +245,12 @@ impl StepLoop {
     /// Waits for the answer to a step in flight and applies it. A refused plan or a malformed
     /// answer fails that step's sequences (and those of the step sent after it); the replica
     /// goes on. A lost rank is the error.
-    async fn collect(&mut self, step: InFlight, stale: bool) -> Result<Vec<Sampled>, String> {
+    async fn collect(&mut self, step: InFlight, stale: bool) -> Result<Vec<Sampled>, Loss> {
         let (result, times) = match self.ranks.receive(step.step_id).await {
             Ok(r) => r,
-            Err(StepError::Lost(why)) => {
-                step.span.record("error", why.as_str());
-                return Err(why);
+            Err(StepError::Lost(loss)) => {
+                step.span.record("error", loss.why.as_str());
+                return Err(loss);
             }
             Err(StepError::Failed(_)) if stale => return Ok(Vec::new()),
             Err(StepError::Failed(e)) if self.ranks.client().closing().is_closing() => {
@@ -322,8 +322,9 @@ impl StepLoop {
 
     /// Rebuilds the ranks after one was lost (see the module doc), taking in, dropping and
     /// expiring requests meanwhile.
-    async fn recover(&mut self, why: String) -> Recovery {
+    async fn recover(&mut self, loss: Loss) -> Recovery {
         let started = Instant::now();
+        let why = loss.why.clone();
         tracing::warn!("lost a rank ({why}); recovering");
         self.published
             .set_state(ReplicaState::Recovering(why.clone()));
@@ -354,7 +355,7 @@ impl StepLoop {
         let mut gave_up = false;
         let mut release = None;
         let rebuilt = {
-            let rebuild = ranks.rebuild(published);
+            let rebuild = ranks.rebuild(&loss, published);
             tokio::pin!(rebuild);
             let mut tick = tokio::time::interval(RECOVERY_TICK);
             loop {

@@ -397,3 +397,65 @@ fn logits_travel_only_for_the_sequences_that_ask_and_only_when_sampled() {
     assert!(rows.iter().filter(|r| r.0 == 2).all(|r| r.1.is_none()));
     assert_eq!(rows.len(), 4, "two tokens each: {rows:?}");
 }
+
+#[test]
+fn requeued_after_a_lost_rank_every_sequence_recomputes_and_samples_on() {
+    // Answers that depend on the length a sequence reaches (a seeded sampler's output
+    // index): a lost or repeated token would show.
+    let answer_by_context = |plan: &StepPlan| {
+        answer_with(plan, |q| {
+            let len = q.start_pos + q.token_ids.len() as u32 + u32::from(q.feed_sampled);
+            (q.seq_id as u32 * 7 + len) % 50 + 1
+        })
+    };
+    let run = |lose_at: Option<usize>| {
+        let mut s = sched(32, 4, 6);
+        for id in 1..=3 {
+            s.add(Sequence::new(id, vec![id as u32; 9], params(6)))
+                .unwrap();
+        }
+        let mut tokens: HashMap<u64, Vec<u32>> = HashMap::new();
+        let mut steps = 0;
+        let mut in_flight: VecDeque<StepPlan> = VecDeque::new();
+        loop {
+            // Two steps in flight, as with overlap: the older is answered after the newer is
+            // planned.
+            while in_flight.len() < 2 {
+                match s.schedule().unwrap() {
+                    Some(plan) => in_flight.push_back(plan),
+                    None => break,
+                }
+            }
+            let Some(plan) = in_flight.pop_front() else {
+                break;
+            };
+            steps += 1;
+            if Some(steps) == lose_at {
+                // The ranks are lost with both steps unanswered.
+                let running = s.requeue_all();
+                assert!(!running.is_empty());
+                in_flight.clear();
+                s.audit().unwrap();
+                assert_eq!(s.stats().running, 0);
+                assert_eq!(s.stats().kv_blocks_free, 32);
+                continue;
+            }
+            for t in s.apply(answer_by_context(&plan)).unwrap() {
+                tokens
+                    .entry(t.token.seq_id)
+                    .or_default()
+                    .push(t.token.token_id);
+            }
+            s.audit().unwrap();
+        }
+        assert!(s.is_idle());
+        (tokens, s.stats())
+    };
+    let (undisturbed, _) = run(None);
+    for lose_at in [2, 4, 6, 9] {
+        let (tokens, stats) = run(Some(lose_at));
+        assert_eq!(tokens, undisturbed, "lost at step {lose_at}");
+        assert!(stats.requeued >= 1);
+        assert_eq!(stats.kv_blocks_free, 32);
+    }
+}
