@@ -68,6 +68,17 @@ impl Loss {
     }
 }
 
+/// How a rebuild went.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Rebuilt {
+    /// Finding the lost ranks and waiting for their replacements (a respawn, a restart, a
+    /// registration), over every attempt.
+    pub replace: Duration,
+    /// The last, successful init: survivors joining the new mesh, newcomers loading the model.
+    pub init: Duration,
+    pub attempts: u32,
+}
+
 /// Why a step did not come back.
 pub enum StepError {
     /// A rank is lost: the replica must be rebuilt.
@@ -177,10 +188,13 @@ impl Ranks {
     /// and builds the replica again under a new generation, until it works. An error means a
     /// rank cannot come back at all.
     #[tracing::instrument(skip_all, fields(generation = tracing::field::Empty))]
-    pub async fn rebuild(&mut self, loss: &Loss, published: &Published) -> Result<ReplicaInfo> {
+    pub async fn rebuild(&mut self, loss: &Loss, published: &Published) -> Result<Rebuilt> {
         let mut backoff = RETRY_BACKOFF;
         let mut known = Some(loss.silent.clone()).filter(|s| !s.is_empty());
+        let mut times = Rebuilt::default();
         loop {
+            times.attempts += 1;
+            let replacing = Instant::now();
             let silent: Vec<usize> = match known.take() {
                 Some(silent) => silent,
                 None => {
@@ -200,11 +214,15 @@ impl Ranks {
                     .with_context(|| format!("replacing rank {rank}"))?;
                 self.client.set_rank(rank, &addr)?;
             }
-            match self.client.init(&self.init, published).await {
+            times.replace += replacing.elapsed();
+            let init = Instant::now();
+            let result = self.client.init(&self.init, published).await;
+            times.init = init.elapsed();
+            match result {
                 Ok(info) => {
                     self.check_same(&info)?;
                     tracing::Span::current().record("generation", self.client.generation());
-                    return Ok(info);
+                    return Ok(times);
                 }
                 Err(e) => {
                     tracing::warn!("rebuilding the replica failed, trying again: {e:#}");

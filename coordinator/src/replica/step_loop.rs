@@ -401,11 +401,14 @@ impl StepLoop {
                 span.record("outcome", "failed");
                 Recovery::Failed(format!("{why}; the replica cannot be rebuilt: {e:#}"))
             }
-            Some(Ok(_)) => {
+            Some(Ok(rebuilt)) => {
                 span.record("outcome", "rebuilt");
                 span.record("generation", ranks.client().generation());
                 tracing::warn!(
                     generation = ranks.client().generation(),
+                    replace_ms = rebuilt.replace.as_millis() as u64,
+                    init_ms = rebuilt.init.as_millis() as u64,
+                    attempts = rebuilt.attempts,
                     "replica rebuilt in {elapsed:?}; {} requests requeued",
                     requeued.len()
                 );
