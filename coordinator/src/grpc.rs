@@ -194,6 +194,9 @@ pub fn model_info(front: &FrontDoor) -> ModelInfoResponse {
         step_compute_seconds_total: secs(t.compute_us),
         step_gap_seconds_total: secs(t.gap_us),
         step_rank_wait_seconds_total: secs(t.rank_wait_us),
+        state: now.state.name().to_string(),
+        state_reason: now.state.reason().unwrap_or_default().to_string(),
+        requests_requeued_total: s.requeued,
     }
 }
 

@@ -11,7 +11,7 @@ use helios_tests::etcd::EtcdServer;
 use helios_tests::recovery::{
     assert_same_streams, metric, metrics_text, run_streams, wait_for_responses, workload,
 };
-use helios_tests::server::{model_info, wait_until_idle, Process};
+use helios_tests::server::{model_info, send_signal, wait_until_idle, Process};
 use helios_tests::{binary, make_tiny_model};
 
 /// A tiny model that splits three ways.
@@ -197,4 +197,60 @@ fn a_worker_of_another_model_is_refused_naming_both() {
         text.contains(theirs) && text.contains(ours),
         "both models named: {text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_worker_is_lost_when_its_lease_expires_even_while_idle() {
+    let etcd = EtcdServer::start().expect("etcd");
+    let endpoint = etcd.endpoint();
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_tiny_model(dir.path(), 53, &[]).expect("tiny model");
+    let model = dir.path().to_str().expect("utf-8");
+    let hosts = ["127.0.0.2", "127.0.0.3"];
+    let mut workers: Vec<Process> = (0..2)
+        .map(|r| worker(&endpoint, hosts[r], r as u32, model))
+        .collect();
+    let server = Process::start(
+        coordinator_command(&endpoint, 0, "2", model),
+        "HELIOS_READY ",
+    );
+    let mut client = server.client().await;
+    assert!(model_info(&mut client).await.ready);
+
+    // Rank 1 hangs while nothing runs: no step notices, its lease (2 s) does.
+    send_signal(workers[1].pid(), "-STOP");
+    let hung = Instant::now();
+    let recovering = async {
+        loop {
+            let info = model_info(&mut client).await;
+            if info.state == "recovering" {
+                return info;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let info = tokio::time::timeout(Duration::from_secs(20), recovering)
+        .await
+        .expect("not recovering 20 s after rank 1 hung");
+    assert!(!info.ready);
+    assert!(info.state_reason.contains("lease"), "{}", info.state_reason);
+    eprintln!(
+        "the hung rank was taken for lost after {:?}",
+        hung.elapsed()
+    );
+
+    // A request meanwhile waits in the queue; a new worker for rank 1 brings the replica back
+    // and the request is answered.
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move { run_streams(&client, workload(1, 4), Default::default()).await }
+    });
+    drop(workers.remove(1)); // the hung process is killed for good
+    let _new = worker(&endpoint, "127.0.0.4", 1, model);
+    let done = tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("the waiting request was not answered")
+        .expect("run");
+    assert!(done[0].is_ok(), "{done:?}");
+    assert!(model_info(&mut client).await.ready);
 }

@@ -47,3 +47,62 @@ fn a_coordinator_over_static_workers_answers_like_a_local_replica() {
     assert_eq!(remote["finish_reason"], "length");
     assert_eq!(remote["usage"]["completion_tokens"], 12);
 }
+
+#[test]
+fn a_worker_on_every_interface_advertises_a_reachable_address_never_0_0_0_0() {
+    let advertised = |envs: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = Command::new(binary("helios-worker"));
+        cmd.args(["--listen", "0.0.0.0:0"]).args(args);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let w = Process::start(cmd, "HELIOS_WORKER_READY ");
+        let comm = w
+            .ready_line
+            .split("comm=")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        (w.addr.clone(), comm)
+    };
+    let host = |addr: &str| addr.rsplit_once(':').map(|(h, _)| h.to_string());
+    // The pod IP a Kubernetes downward-API variable gives.
+    let (grpc, comm) = advertised(&[("POD_IP", "127.0.0.9")], &[]);
+    assert_eq!(host(&grpc).as_deref(), Some("127.0.0.9"), "{grpc}");
+    assert_eq!(host(&comm).as_deref(), Some("127.0.0.9"), "{comm}");
+    // A flag wins over it.
+    let (grpc, _) = advertised(&[("POD_IP", "127.0.0.9")], &["--advertise", "127.0.0.8"]);
+    assert_eq!(host(&grpc).as_deref(), Some("127.0.0.8"), "{grpc}");
+    // Neither: the hostname, never the unspecified address.
+    let (grpc, comm) = advertised(&[("POD_IP", "")], &[]);
+    for a in [&grpc, &comm] {
+        let h = host(a).unwrap_or_default();
+        assert!(!h.is_empty() && h != "0.0.0.0" && h != "[::]", "{a}");
+    }
+    // The advertised address reaches the worker: a coordinator can use it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_tiny_model(dir.path(), 33, &[]).expect("tiny model");
+    let model = dir.path().to_str().expect("utf-8");
+    let mut cmd = Command::new(binary("helios-worker"));
+    cmd.args(["--listen", "0.0.0.0:0"])
+        .env("POD_IP", "127.0.0.7");
+    let worker = Process::start(cmd, "HELIOS_WORKER_READY ");
+    assert!(worker.addr.starts_with("127.0.0.7:"), "{}", worker.addr);
+    let args = ["--model", model, "--workers", &worker.addr];
+    let coordinator = Process::start(
+        Process::helios_command("coordinator", &args),
+        "HELIOS_READY ",
+    );
+    let out = helios_json(&[
+        "generate",
+        "--addr",
+        &coordinator.addr,
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "3",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert_eq!(out["generated_ids"].as_array().map(Vec::len), Some(3));
+}
