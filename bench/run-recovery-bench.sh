@@ -56,7 +56,7 @@ for line in open(sys.argv[1]):
         o = json.loads(line)
     except ValueError:
         continue
-    if o.get("fields", {}).get("message") == "listening":
+    if o.get("message") == "listening":
         last = o["timestamp"]
 print(datetime.datetime.fromisoformat(last.replace("Z", "+00:00")).timestamp())
 PY

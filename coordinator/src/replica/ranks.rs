@@ -25,9 +25,9 @@ use crate::membership::Membership;
 use crate::sharded_client::{probe_all, InitOptions, RankTimes, ReplicaInfo, ShardedClient};
 
 /// A step unanswered for this long has its ranks' health probed, and again at this interval.
-pub const PROBE_AFTER: Duration = Duration::from_secs(1);
+pub const PROBE_AFTER: Duration = Duration::from_millis(500);
 /// A rank that does not answer a health probe within this is lost.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The wait between two failed rebuild attempts, at first; it doubles up to a second.
 const RETRY_BACKOFF: Duration = Duration::from_millis(50);
 
