@@ -4,8 +4,9 @@
 //! Each child binds free ports and announces them on its first stdout line; its stdin is a pipe
 //! it watches, so a worker never outlives the coordinator that spawned it, even one killed with
 //! SIGKILL. Children are killed when this handle is dropped. A lost rank is killed for good (a
-//! stopped process would still hold its ports and its peers' sockets) and spawned again, after
-//! a backoff that doubles with each restart of that rank, at most `max_restarts` times.
+//! stopped process would still hold its ports and its peers' sockets) and spawned again: at
+//! once the first time, then after a backoff that doubles with each restart of that rank, at
+//! most `max_restarts` times.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -20,7 +21,8 @@ use crate::sharded_client::InitOptions;
 
 /// How long a spawned worker may take to announce its ports.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// The first restart's backoff; it doubles with each restart of the same rank, up to the cap.
+/// The second restart's backoff (the first is immediate); it doubles with each further
+/// restart of the same rank, up to the cap.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -134,9 +136,12 @@ impl LocalWorkers {
                     self.opts.max_restarts
                 );
             }
-            let backoff = FIRST_BACKOFF
-                .saturating_mul(1 << (*restarts).min(16))
-                .min(MAX_BACKOFF);
+            // The first restart at once (a lost worker is usually a one-off); then backing off,
+            // so a worker that cannot start does not spin.
+            let backoff = match *restarts {
+                0 => Duration::ZERO,
+                n => FIRST_BACKOFF.saturating_mul(1 << (n - 1).min(16)).min(MAX_BACKOFF),
+            };
             *restarts += 1;
             tracing::warn!(rank, "restarting the worker in {backoff:?}");
             tokio::time::sleep(backoff).await;
