@@ -136,11 +136,6 @@ impl ShardedClient {
         Ok(())
     }
 
-    /// Each rank's address, by rank.
-    pub fn addresses(&self) -> Vec<String> {
-        self.shards.iter().map(|s| s.addr.clone()).collect()
-    }
-
     pub fn generation(&self) -> u64 {
         self.generation
     }
@@ -176,7 +171,6 @@ impl ShardedClient {
     /// any rank fails. Whether each rank's stream is open goes to `published` (`ranks_up`).
     #[tracing::instrument(skip_all, fields(world = self.shards.len(), generation = tracing::field::Empty))]
     pub async fn init(&mut self, opts: &InitOptions, published: &Published) -> Result<ReplicaInfo> {
-        let world = self.shards.len();
         // The old generation's streams close; their readers report nothing from now on.
         for s in &mut self.shards {
             s.stream = None;
@@ -201,6 +195,33 @@ impl ShardedClient {
             .unwrap_or(0)
             + 1;
         tracing::Span::current().record("generation", generation);
+        let info = self.init_all(opts, &healths, generation).await?;
+        self.current.store(generation, Ordering::SeqCst);
+        for s in &mut self.shards {
+            s.stream = Some(
+                open_stream(
+                    s,
+                    generation,
+                    self.failure.clone(),
+                    &self.closing,
+                    &self.current,
+                    published,
+                )
+                .await?,
+            );
+        }
+        self.generation = generation;
+        Ok(info)
+    }
+
+    /// `Init` on every rank at once, with the peers' communicator addresses from `healths`.
+    async fn init_all(
+        &mut self,
+        opts: &InitOptions,
+        healths: &[HealthResponse],
+        generation: u64,
+    ) -> Result<ReplicaInfo> {
+        let world = self.shards.len();
         let peer_addrs: Vec<String> = healths.iter().map(|h| h.comm_addr.clone()).collect();
         let nccl_id = healths
             .first()
@@ -236,46 +257,6 @@ impl ShardedClient {
             .next()
             .and_then(|r| r.model)
             .context("rank 0 reported no model facts")?;
-        self.current.store(generation, Ordering::SeqCst);
-        for s in &mut self.shards {
-            let (plans_tx, plans_rx) = mpsc::channel(2);
-            let mut answers = s
-                .client
-                .step(ReceiverStream::new(plans_rx))
-                .await
-                .with_context(|| format!("opening the step stream of rank {}", s.rank))?
-                .into_inner();
-            let (results_tx, results_rx) = mpsc::channel(2);
-            let (rank, failure) = (s.rank, self.failure.clone());
-            let (published, closing) = (published.clone(), self.closing.clone());
-            let current = self.current.clone();
-            published.set_rank_up(rank, true);
-            tokio::spawn(async move {
-                let why = loop {
-                    match answers.message().await {
-                        Ok(Some(r)) => {
-                            if results_tx.send(r).await.is_err() {
-                                return; // the client is gone
-                            }
-                        }
-                        Ok(None) => break format!("rank {rank}: step stream ended"),
-                        Err(st) => break format!("rank {rank}: {}", st.message()),
-                    }
-                };
-                if current.load(Ordering::SeqCst) != generation {
-                    return; // a stream of an older build, closed by the rebuild
-                }
-                published.set_rank_up(rank, false);
-                if closing.is_closing() {
-                    tracing::debug!("{why} (shutting down)");
-                    return;
-                }
-                tracing::error!("{why}");
-                failure.send_if_modified(|f| f.is_none() && f.replace(why).is_none());
-            });
-            s.stream = Some((plans_tx, results_rx));
-        }
-        self.generation = generation;
         Ok(ReplicaInfo {
             facts,
             num_kv_blocks,
@@ -390,4 +371,52 @@ pub async fn probe_all(
         }
     }))
     .await
+}
+
+/// Opens rank `s`'s step stream of `generation`: plans go out on the sender; a reader task
+/// forwards the answers to the receiver, and reports the stream's end as the generation's
+/// failure (unless a newer generation replaced it, or the ranks are being let go).
+async fn open_stream(
+    s: &mut Shard,
+    generation: u64,
+    failure: Arc<watch::Sender<Option<String>>>,
+    closing: &Closing,
+    current: &Arc<AtomicU64>,
+    published: &Published,
+) -> Result<(mpsc::Sender<StepPlan>, mpsc::Receiver<StepResult>)> {
+    let (plans_tx, plans_rx) = mpsc::channel(2);
+    let mut answers = s
+        .client
+        .step(ReceiverStream::new(plans_rx))
+        .await
+        .with_context(|| format!("opening the step stream of rank {}", s.rank))?
+        .into_inner();
+    let (results_tx, results_rx) = mpsc::channel(2);
+    let rank = s.rank;
+    let (published, closing, current) = (published.clone(), closing.clone(), current.clone());
+    published.set_rank_up(rank, true);
+    tokio::spawn(async move {
+        let why = loop {
+            match answers.message().await {
+                Ok(Some(r)) => {
+                    if results_tx.send(r).await.is_err() {
+                        return; // the client is gone
+                    }
+                }
+                Ok(None) => break format!("rank {rank}: step stream ended"),
+                Err(st) => break format!("rank {rank}: {}", st.message()),
+            }
+        };
+        if current.load(Ordering::SeqCst) != generation {
+            return; // a stream of an older build, closed by the rebuild
+        }
+        published.set_rank_up(rank, false);
+        if closing.is_closing() {
+            tracing::debug!("{why} (shutting down)");
+            return;
+        }
+        tracing::error!("{why}");
+        failure.send_if_modified(|f| f.is_none() && f.replace(why).is_none());
+    });
+    Ok((plans_tx, results_rx))
 }

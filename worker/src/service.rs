@@ -170,18 +170,7 @@ impl Worker for WorkerService {
         }
         let _one_init = self.init_lock.lock().await;
         let shape = InitShape::of(&req);
-        let opts = EngineOptions {
-            model_path: req.model_path.clone().into(),
-            block_size: if req.block_size == 0 {
-                helios_proto::DEFAULT_BLOCK_SIZE as usize
-            } else {
-                req.block_size as usize
-            },
-            num_kv_blocks: (req.num_kv_blocks > 0).then_some(req.num_kv_blocks as usize),
-            kv_cache_memory_bytes: req.kv_cache_memory_bytes,
-            dequantize: req.dequantize,
-            device: self.device.clone(),
-        };
+        let opts = engine_options(&req, &self.device);
         let join = MeshJoin {
             slot: self.comm_slot.clone(),
             newest: self.newest.clone(),
@@ -190,34 +179,11 @@ impl Worker for WorkerService {
             generation,
         };
         let loaded = self.loaded.clone();
-        let (resp, abort) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            // Waits for a step still running (it fails fast: its mesh was closed above).
-            let mut guard = loaded.lock().map_err(|e| anyhow::anyhow!("{e}"))?;
-            let (comm, abort) = join.communicator(&opts.device, rank)?;
-            let engine = match guard.take() {
-                Some(mut l) if l.shape == shape => {
-                    l.engine.rejoin(comm)?;
-                    tracing::info!("rejoined with the weights kept");
-                    l.engine
-                }
-                _ => Engine::load(&opts, comm)?,
-            };
-            let resp = InitResponse {
-                num_kv_blocks: engine.num_blocks() as u32,
-                model: Some(engine.facts()),
-            };
-            *guard = Some(Loaded {
-                engine,
-                shape,
-                generation,
-                mesh: abort.clone(),
-                broken: None,
-            });
-            Ok((resp, abort))
-        })
-        .await
-        .map_err(internal)?
-        .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+        let (resp, abort) =
+            tokio::task::spawn_blocking(move || load_or_rejoin(&loaded, &join, &opts, shape))
+                .await
+                .map_err(internal)?
+                .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
         *self.mesh_abort.lock().map_err(internal)? = abort;
         self.rank.store(rank as i32, Ordering::SeqCst);
         tracing::info!(blocks = resp.num_kv_blocks, "initialized");
@@ -234,6 +200,55 @@ impl Worker for WorkerService {
         tokio::spawn(step_loop(req.into_inner(), self.loaded.clone(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+}
+
+/// What an Init asks the engine for.
+fn engine_options(req: &InitRequest, device: &Device) -> EngineOptions {
+    EngineOptions {
+        model_path: req.model_path.clone().into(),
+        block_size: if req.block_size == 0 {
+            helios_proto::DEFAULT_BLOCK_SIZE as usize
+        } else {
+            req.block_size as usize
+        },
+        num_kv_blocks: (req.num_kv_blocks > 0).then_some(req.num_kv_blocks as usize),
+        kv_cache_memory_bytes: req.kv_cache_memory_bytes,
+        dequantize: req.dequantize,
+        device: device.clone(),
+    }
+}
+
+/// Joins the mesh of `join.generation`, then keeps the engine already loaded with `shape`
+/// (only its mesh changes) or loads one. Blocks: waits for a step still running (it fails fast,
+/// its mesh being closed) and for the model to load.
+fn load_or_rejoin(
+    loaded: &Mutex<Option<Loaded>>,
+    join: &MeshJoin,
+    opts: &EngineOptions,
+    shape: InitShape,
+) -> anyhow::Result<(InitResponse, Option<Arc<MeshAbort>>)> {
+    let mut guard = loaded.lock().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (comm, abort) = join.communicator(&opts.device, shape.rank)?;
+    let engine = match guard.take() {
+        Some(mut l) if l.shape == shape => {
+            l.engine.rejoin(comm)?;
+            tracing::info!("rejoined with the weights kept");
+            l.engine
+        }
+        _ => Engine::load(opts, comm)?,
+    };
+    let resp = InitResponse {
+        num_kv_blocks: engine.num_blocks() as u32,
+        model: Some(engine.facts()),
+    };
+    *guard = Some(Loaded {
+        engine,
+        shape,
+        generation: join.generation,
+        mesh: abort.clone(),
+        broken: None,
+    });
+    Ok((resp, abort))
 }
 
 /// A rank's communicator and, for the TCP mesh, the handle that closes it.

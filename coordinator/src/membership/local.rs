@@ -110,14 +110,6 @@ impl LocalWorkers {
         self.addrs.clone()
     }
 
-    /// Process ids by rank (tests stop and kill workers by it).
-    pub fn pids(&self) -> Vec<Option<u32>> {
-        self.children
-            .iter()
-            .map(|c| c.as_ref().and_then(Child::id))
-            .collect()
-    }
-
     /// Kills rank `rank`'s process if it still runs, then starts a new one after the backoff,
     /// again until one starts or the rank's restarts run out.
     pub async fn respawn(&mut self, rank: usize) -> Result<String> {
@@ -140,7 +132,9 @@ impl LocalWorkers {
             // so a worker that cannot start does not spin.
             let backoff = match *restarts {
                 0 => Duration::ZERO,
-                n => FIRST_BACKOFF.saturating_mul(1 << (n - 1).min(16)).min(MAX_BACKOFF),
+                n => FIRST_BACKOFF
+                    .saturating_mul(1 << (n - 1).min(16))
+                    .min(MAX_BACKOFF),
             };
             *restarts += 1;
             tracing::warn!(rank, "restarting the worker in {backoff:?}");

@@ -48,7 +48,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::field::Empty;
 use tracing::Span;
 
-use super::ranks::{Loss, Ranks, StepError};
+use super::ranks::{Loss, Ranks, Rebuilt, StepError};
 use super::requests::Requests;
 use super::{Published, ReplicaState};
 use crate::admission::Admitted;
@@ -118,6 +118,14 @@ enum Stop {
     Done,
     /// A rank is lost: the replica must be rebuilt.
     Lost(Loss),
+}
+
+/// How the wait for a rebuild ended.
+enum Meanwhile {
+    Rebuilt(anyhow::Result<Rebuilt>),
+    /// Shutdown came first (the workers are to be released, then this answered), or every
+    /// request sender is gone.
+    Released(Option<(Duration, oneshot::Sender<()>)>),
 }
 
 /// How a recovery ended.
@@ -343,69 +351,28 @@ impl StepLoop {
             duration_ms = Empty,
             outcome = Empty,
         );
-        let deadline = started + self.recovery_timeout;
-        let timeout = self.recovery_timeout;
-        let Self {
-            ranks,
-            requests,
-            inbox,
-            published,
-            ..
-        } = self;
-        let mut gave_up = false;
-        let mut release = None;
-        let rebuilt = {
-            let rebuild = ranks.rebuild(&loss, published);
-            tokio::pin!(rebuild);
-            let mut tick = tokio::time::interval(RECOVERY_TICK);
-            loop {
-                tokio::select! {
-                    r = &mut rebuild => break Some(r),
-                    m = inbox.recv() => match m {
-                        Some(LoopMessage::Request(r)) if gave_up => {
-                            r.output.fail(published.state().refusal().unwrap_or(
-                                ServeError::Recovering(why.clone()),
-                            ));
-                        }
-                        Some(LoopMessage::Request(r)) => requests.add(*r),
-                        Some(LoopMessage::CancelAll) => requests.cancel_all(),
-                        Some(LoopMessage::Release(grace, done)) => {
-                            release = Some((grace, done));
-                            break None;
-                        }
-                        None => break None,
-                    },
-                    _ = tokio::time::sleep_until(deadline.into()), if !gave_up => {
-                        gave_up = true;
-                        let late = format!("{why}; not rebuilt within {timeout:?}");
-                        tracing::error!("{late}: answering every request UNAVAILABLE");
-                        requests.fail_all(ServeError::Recovering(late.clone()));
-                        published.set_state(ReplicaState::Down(late));
-                    }
-                    _ = tick.tick() => requests.drop_gone(),
-                }
-            }
-        };
+        let rebuilt = self.rebuild_meanwhile(&loss, started).await;
         let elapsed = started.elapsed();
         span.record("duration_ms", elapsed.as_millis() as u64);
         let outcome = match rebuilt {
-            None => {
+            Meanwhile::Released(release) => {
                 if let Some((grace, done)) = release {
-                    ranks.release(grace).await;
+                    self.ranks.release(grace).await;
                     let _ = done.send(());
                 }
                 span.record("outcome", "stopped");
                 Recovery::Stopped
             }
-            Some(Err(e)) => {
+            Meanwhile::Rebuilt(Err(e)) => {
                 span.record("outcome", "failed");
                 Recovery::Failed(format!("{why}; the replica cannot be rebuilt: {e:#}"))
             }
-            Some(Ok(rebuilt)) => {
+            Meanwhile::Rebuilt(Ok(rebuilt)) => {
+                let generation = self.ranks.client().generation();
                 span.record("outcome", "rebuilt");
-                span.record("generation", ranks.client().generation());
+                span.record("generation", generation);
                 tracing::warn!(
-                    generation = ranks.client().generation(),
+                    generation,
                     replace_ms = rebuilt.replace.as_millis() as u64,
                     init_ms = rebuilt.init.as_millis() as u64,
                     attempts = rebuilt.attempts,
@@ -419,6 +386,50 @@ impl StepLoop {
         };
         self.publish_stats();
         outcome
+    }
+
+    /// Rebuilds the ranks while requests keep arriving (they queue), leaving and expiring.
+    /// Once the recovery timeout passes, every request held is answered UNAVAILABLE and the
+    /// replica is down, refusing new ones, while the rebuild goes on.
+    async fn rebuild_meanwhile(&mut self, loss: &Loss, started: Instant) -> Meanwhile {
+        let timeout = self.recovery_timeout;
+        let deadline = started + timeout;
+        let Self {
+            ranks,
+            requests,
+            inbox,
+            published,
+            ..
+        } = self;
+        let mut gave_up = false;
+        let rebuild = ranks.rebuild(loss, published);
+        tokio::pin!(rebuild);
+        let mut tick = tokio::time::interval(RECOVERY_TICK);
+        loop {
+            tokio::select! {
+                r = &mut rebuild => return Meanwhile::Rebuilt(r),
+                m = inbox.recv() => match m {
+                    Some(LoopMessage::Request(r)) if gave_up => {
+                        let refused = published.state().refusal();
+                        r.output.fail(refused.unwrap_or(ServeError::Recovering(loss.why.clone())));
+                    }
+                    Some(LoopMessage::Request(r)) => requests.add(*r),
+                    Some(LoopMessage::CancelAll) => requests.cancel_all(),
+                    Some(LoopMessage::Release(grace, done)) => {
+                        return Meanwhile::Released(Some((grace, done)));
+                    }
+                    None => return Meanwhile::Released(None),
+                },
+                _ = tokio::time::sleep_until(deadline.into()), if !gave_up => {
+                    gave_up = true;
+                    let late = format!("{}; not rebuilt within {timeout:?}", loss.why);
+                    tracing::error!("{late}: answering every request UNAVAILABLE");
+                    requests.fail_all(ServeError::Recovering(late.clone()));
+                    published.set_state(ReplicaState::Down(late));
+                }
+                _ = tick.tick() => requests.drop_gone(),
+            }
+        }
     }
 
     /// The step's span (see the module doc), its context put in the plan for the ranks. A
