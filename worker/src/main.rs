@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Parser;
 use helios_proto::membership::{
-    claim, instance_id, model_fingerprint, RankKey, Registration, WorkerRecord,
+    claim, instance_id, model_fingerprint, ClaimError, RankKey, Registration, WorkerRecord,
 };
 use helios_proto::telemetry::{LogDefault, LogFormat, Telemetry};
 use helios_proto::v1::worker_server::WorkerServer;
@@ -71,7 +71,8 @@ struct Args {
     #[arg(long)]
     model: Option<std::path::PathBuf>,
     /// Seconds the etcd lease lives without a renewal: a worker that hangs or is cut off is
-    /// taken for lost after this.
+    /// taken for lost after this. A worker whose rank is held waits this long (and 2 s more)
+    /// for the holder's lease to run out, then gives up, naming the holder.
     #[arg(long, default_value_t = 5)]
     lease_ttl: u64,
     /// `text` or `json` (one object per line) on stderr; `RUST_LOG` filters.
@@ -208,7 +209,22 @@ async fn register(args: &Args, grpc_addr: &str, comm_addr: &str) -> Result<Regis
         instance: instance_id(),
     };
     let ttl = Duration::from_secs(args.lease_ttl.max(1));
-    let registration = claim(&args.etcd, key, record, ttl).await?;
+    // A rank held by a worker that just died frees itself when that worker's lease runs out:
+    // a replacement started at once waits that long, then gives up on a holder that is alive.
+    let patience = ttl + CLAIM_GRACE;
+    let started = std::time::Instant::now();
+    let registration = loop {
+        match claim(&args.etcd, key.clone(), record.clone(), ttl).await {
+            Err(ClaimError::Taken { holder, .. }) if started.elapsed() < patience => {
+                tracing::info!(holder = %holder.instance, "rank {rank} is held; waiting for its lease");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => break other?,
+        }
+    };
     tracing::info!(rank, replica = args.replica, cluster = %args.cluster, "registered in etcd");
     Ok(registration)
 }
+
+/// How much longer than its own lease a worker waits for a held rank to be freed.
+const CLAIM_GRACE: Duration = Duration::from_secs(2);
