@@ -124,8 +124,9 @@ async fn workers_found_through_etcd_survive_an_etcd_restart_and_a_lost_rank() {
         async move { run_streams(&client, workload(STREAMS, TOKENS), responses).await }
     });
     wait_for_responses(&responses, STREAMS, Duration::from_secs(60)).await;
-    drop(workers[1].take()); // SIGKILL: its lease runs out within 2 s
-    // Started at once, the replacement waits for that lease, then claims the rank.
+    // SIGKILL: its lease runs out within 2 s. Started at once, the replacement waits for that
+    // lease, then claims the rank.
+    drop(workers[1].take());
     workers[1] = Some(worker(&endpoint, "127.0.0.3", 1, model));
     let disturbed = tokio::time::timeout(Duration::from_secs(120), run)
         .await
