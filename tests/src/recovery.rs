@@ -106,8 +106,9 @@ pub fn assert_same_streams(got: &[Result<Streamed, Status>], want: &[Result<Stre
     }
 }
 
-/// `GET /metrics` from the HTTP API at `http_url` (`http://host:port`), as text.
-pub fn metrics_text(http_url: &str) -> String {
+/// `GET PATH` from the HTTP API at `http_url` (`http://host:port`): the status line's code and
+/// the whole response as text.
+pub fn http_get(http_url: &str, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let addr = http_url.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).expect("connecting to the HTTP API");
@@ -115,12 +116,22 @@ pub fn metrics_text(http_url: &str) -> String {
         .expect("timeout");
     write!(
         s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
     .expect("send");
     let mut text = String::new();
-    s.read_to_string(&mut text).expect("read /metrics");
-    text
+    s.read_to_string(&mut text).expect("read the response");
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+/// `GET /metrics` from the HTTP API at `http_url`, as text.
+pub fn metrics_text(http_url: &str) -> String {
+    http_get(http_url, "/metrics").1
 }
 
 /// The value of the sample `series` (name with labels, as written) in Prometheus text.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use helios_tests::etcd::EtcdServer;
 use helios_tests::recovery::{
-    assert_same_streams, metric, metrics_text, run_streams, wait_for_responses, workload,
+    assert_same_streams, http_get, metric, metrics_text, run_streams, wait_for_responses, workload,
 };
 use helios_tests::server::{model_info, send_signal, wait_until_idle, Process};
 use helios_tests::{binary, make_tiny_model};
@@ -222,6 +222,9 @@ async fn a_hung_worker_is_lost_when_its_lease_expires_even_while_idle() {
         .expect("not recovering 20 s after rank 1 hung");
     assert!(!info.ready);
     assert!(info.state_reason.contains("lease"), "{}", info.state_reason);
+    let (code, health) = http_get(&server.http_url(), "/health");
+    assert_eq!(code, 503, "{health}");
+    assert!(health.contains("\"recovering\""), "{health}");
     eprintln!(
         "the hung rank was taken for lost after {:?}",
         hung.elapsed()

@@ -19,11 +19,17 @@ fn a_coordinator_over_static_workers_answers_like_a_local_replica() {
             )
         })
         .collect();
+    // One address as a name: names are resolved when the coordinator connects.
     let addrs = workers
         .iter()
-        .map(|w| w.addr.clone())
+        .enumerate()
+        .map(|(i, w)| match i {
+            0 => w.addr.replacen("127.0.0.1", "localhost", 1),
+            _ => w.addr.clone(),
+        })
         .collect::<Vec<_>>()
         .join(",");
+    assert!(addrs.starts_with("localhost:"), "{addrs}");
     let cmd = Process::helios_command("coordinator", &["--model", model, "--workers", &addrs]);
     let coordinator = Process::start(cmd, "HELIOS_READY ");
 
