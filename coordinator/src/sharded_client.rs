@@ -415,7 +415,8 @@ async fn open_stream(
             tracing::debug!("{why} (shutting down)");
             return;
         }
-        tracing::error!("{why}");
+        // A warning: the replica recovers (its recovery logs what it lost and how it went).
+        tracing::warn!("{why}");
         failure.send_if_modified(|f| f.is_none() && f.replace(why).is_none());
     });
     Ok((plans_tx, results_rx))
