@@ -15,23 +15,24 @@ py=.venv-ref/bin/python
 [[ -x $py ]] || py=python3
 prepare
 
-# Seconds since the epoch of the first JSON log line in FILE whose message contains TEXT (and,
-# given, whose fields contain FIELD).
-log_time() {
-  "$py" - "$@" <<'PY'
+# The seconds since the epoch of the JSON log lines in FILE that mark the recovery: the first
+# "lost a rank", the last "listening" (the respawned worker's), the first "replica rebuilt".
+recovery_times() {
+  "$py" - "$1" <<'PY'
 import json, sys, datetime
-path, text = sys.argv[1], sys.argv[2]
-field = sys.argv[3] if len(sys.argv) > 3 else ""
-for line in open(path):
+first, last = {}, {}
+for line in open(sys.argv[1]):
     try:
         o = json.loads(line)
     except ValueError:
         continue
-    msg = json.dumps(o)
-    if text in msg and field in msg:
-        ts = o["timestamp"].replace("Z", "+00:00")
-        print(datetime.datetime.fromisoformat(ts).timestamp())
-        break
+    msg = o.get("message", "")
+    for mark in ("lost a rank", "listening", "replica rebuilt"):
+        if msg.startswith(mark):
+            t = datetime.datetime.fromisoformat(o["timestamp"].replace("Z", "+00:00")).timestamp()
+            first.setdefault(mark, t)
+            last[mark] = t
+print(first["lost a rank"], last["listening"], first["replica rebuilt"])
 PY
 }
 
@@ -45,23 +46,7 @@ for sig in SIGKILL SIGSTOP; do
     rank1=$(sed -n 2p <<<"$workers")
     undisturbed=$("$py" bench/recovery_bench.py "$GRPC_ADDR" 0 SIGCONT 100000 "$tokens")
     out=$("$py" bench/recovery_bench.py "$GRPC_ADDR" "$rank1" "$sig" 32 "$tokens")
-    err="$work/server.err"
-    lost=$(log_time "$err" "lost a rank")
-    # The respawned worker's "listening" line is the last one.
-    listening=$("$py" - "$err" <<'PY'
-import json, sys, datetime
-last = None
-for line in open(sys.argv[1]):
-    try:
-        o = json.loads(line)
-    except ValueError:
-        continue
-    if o.get("message") == "listening":
-        last = o["timestamp"]
-print(datetime.datetime.fromisoformat(last.replace("Z", "+00:00")).timestamp())
-PY
-)
-    rebuilt=$(log_time "$err" "replica rebuilt")
+    read -r lost listening rebuilt < <(recovery_times "$work/server.err")
     "$py" - "$sig" "$run" "$lost" "$listening" "$rebuilt" "$out" "$undisturbed" <<'PY'
 import json, statistics, sys
 sig, run, lost, listening, rebuilt = sys.argv[1], sys.argv[2], *map(float, sys.argv[3:6])

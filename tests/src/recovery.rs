@@ -6,13 +6,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use helios_proto::v1::generation_client::GenerationClient;
 use helios_proto::v1::{FinishReason, GenerateRequest, GenerationParameters};
 use tonic::transport::Channel;
 use tonic::Status;
 
-use crate::server::{prompt_request, Streamed};
+use crate::server::{prompt_request, stream_all_counted, Streamed};
 
 /// `n` requests: even ones greedy, odd ones seeded sampling; every fourth has a long prompt
 /// (read in several chunks under a small `--max-batch-tokens`, so some are still reading their
@@ -43,47 +42,66 @@ pub fn workload(n: usize, max_new_tokens: u32) -> Vec<GenerateRequest> {
         .collect()
 }
 
-/// Runs every request as a stream at once; `responses` counts the responses received so far
-/// (a test waits on it to break something mid-run). Each stream's whole answer, or its error.
+/// Every stream's whole answer, or its error, in request order.
+pub type Answers = Vec<Result<Streamed, Status>>;
+
+/// Runs every request as a stream at once, to the end.
 pub async fn run_streams(
     client: &GenerationClient<Channel>,
     requests: Vec<GenerateRequest>,
-    responses: Arc<AtomicUsize>,
-) -> Vec<Result<Streamed, Status>> {
+) -> Answers {
+    run_counted(client, requests, &AtomicUsize::new(0)).await
+}
+
+async fn run_counted(
+    client: &GenerationClient<Channel>,
+    requests: Vec<GenerateRequest>,
+    responses: &AtomicUsize,
+) -> Answers {
     let runs = requests.into_iter().map(|req| {
         let mut client = client.clone();
-        let responses = responses.clone();
-        async move {
-            let mut stream = client.generate_stream(req).await?.into_inner();
-            let mut out = Streamed::default();
-            while let Some(resp) = stream.next().await {
-                let resp = resp?;
-                responses.fetch_add(1, Ordering::SeqCst);
-                assert!(out.finish_reason.is_none(), "a response after the last one");
-                out.responses += 1;
-                out.text.push_str(&resp.text);
-                out.token_ids.extend(&resp.token_ids);
-                if resp.finish_reason != FinishReason::Unspecified as i32 {
-                    out.finish_reason = FinishReason::try_from(resp.finish_reason).ok();
-                    out.usage = resp.usage;
-                }
-            }
-            Ok(out)
-        }
+        async move { stream_all_counted(&mut client, req, responses).await }
     });
     futures::future::join_all(runs).await
 }
 
-/// Waits (at most `limit`) until `responses` reaches `n`.
-pub async fn wait_for_responses(responses: &AtomicUsize, n: usize, limit: Duration) {
-    let reached = async {
-        while responses.load(Ordering::SeqCst) < n {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(limit, reached)
-        .await
-        .unwrap_or_else(|_| panic!("fewer than {n} responses within {limit:?}"));
+/// Streams running in the background while a test breaks something.
+pub struct Running {
+    /// Responses received so far, over all streams.
+    responses: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<Answers>,
+}
+
+impl Running {
+    /// Starts every request as a stream at once.
+    pub fn start(client: &GenerationClient<Channel>, requests: Vec<GenerateRequest>) -> Self {
+        let responses = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn({
+            let (client, responses) = (client.clone(), responses.clone());
+            async move { run_counted(&client, requests, &responses).await }
+        });
+        Self { responses, task }
+    }
+
+    /// Waits (at most `limit`) until `n` responses have come back.
+    pub async fn wait_for(&self, n: usize, limit: Duration) {
+        let reached = async {
+            while self.responses.load(Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(limit, reached)
+            .await
+            .unwrap_or_else(|_| panic!("fewer than {n} responses within {limit:?}"));
+    }
+
+    /// Every stream's answer, once all have ended (at most `limit` from now).
+    pub async fn finish(self, limit: Duration) -> Answers {
+        tokio::time::timeout(limit, self.task)
+            .await
+            .unwrap_or_else(|_| panic!("the streams did not end within {limit:?}"))
+            .expect("the streams' task panicked")
+    }
 }
 
 /// Every stream finished with exactly the tokens and usage of its undisturbed run.

@@ -6,6 +6,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -294,10 +295,21 @@ pub async fn stream_all(
     client: &mut GenerationClient<Channel>,
     req: impl tonic::IntoRequest<GenerateRequest>,
 ) -> Result<Streamed, Status> {
+    stream_all_counted(client, req, &AtomicUsize::new(0)).await
+}
+
+/// [`stream_all`], counting every response in `responses` as it comes (a test that breaks
+/// something mid-stream waits on it).
+pub async fn stream_all_counted(
+    client: &mut GenerationClient<Channel>,
+    req: impl tonic::IntoRequest<GenerateRequest>,
+    responses: &AtomicUsize,
+) -> Result<Streamed, Status> {
     let mut stream = client.generate_stream(req).await?.into_inner();
     let mut out = Streamed::default();
     while let Some(resp) = stream.next().await {
         let resp = resp?;
+        responses.fetch_add(1, Ordering::SeqCst);
         assert!(out.finish_reason.is_none(), "a response after the last one");
         out.responses += 1;
         out.text.push_str(&resp.text);

@@ -3,13 +3,11 @@
 //! rank, an etcd restart loses nothing, and a worker that cannot join is refused, saying why.
 
 use std::process::{Command, Stdio};
-use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use helios_tests::etcd::EtcdServer;
 use helios_tests::recovery::{
-    assert_same_streams, http_get, metric, metrics_text, run_streams, wait_for_responses, workload,
+    assert_same_streams, http_get, metric, metrics_text, run_streams, workload, Running,
 };
 use helios_tests::server::{model_info, send_signal, wait_until_idle, Process};
 use helios_tests::{binary, make_tiny_model};
@@ -86,19 +84,15 @@ async fn workers_found_through_etcd_survive_an_etcd_restart_and_a_lost_rank() {
         "HELIOS_READY ",
     );
     let client = server.client().await;
-    let undisturbed = run_streams(&client, workload(STREAMS, TOKENS), Default::default()).await;
+    let undisturbed = run_streams(&client, workload(STREAMS, TOKENS)).await;
 
     // etcd goes away and comes back while streams run: nothing is lost.
-    let responses = Arc::new(AtomicUsize::new(0));
-    let run = tokio::spawn({
-        let (client, responses) = (client.clone(), responses.clone());
-        async move { run_streams(&client, workload(STREAMS, TOKENS), responses).await }
-    });
-    wait_for_responses(&responses, STREAMS, Duration::from_secs(60)).await;
+    let run = Running::start(&client, workload(STREAMS, TOKENS));
+    run.wait_for(STREAMS, Duration::from_secs(60)).await;
     etcd.kill();
     tokio::time::sleep(Duration::from_secs(1)).await;
     etcd.restart().expect("etcd restart");
-    let through_outage = run.await.expect("run");
+    let through_outage = run.finish(Duration::from_secs(120)).await;
     assert_same_streams(&through_outage, &undisturbed);
     let http = server.http_url();
     assert_eq!(
@@ -118,20 +112,13 @@ async fn workers_found_through_etcd_survive_an_etcd_restart_and_a_lost_rank() {
     );
 
     // Membership works after the restart: rank 1 dies mid-run, a new process claims it.
-    let responses = Arc::new(AtomicUsize::new(0));
-    let run = tokio::spawn({
-        let (client, responses) = (client.clone(), responses.clone());
-        async move { run_streams(&client, workload(STREAMS, TOKENS), responses).await }
-    });
-    wait_for_responses(&responses, STREAMS, Duration::from_secs(60)).await;
+    let run = Running::start(&client, workload(STREAMS, TOKENS));
+    run.wait_for(STREAMS, Duration::from_secs(60)).await;
     // SIGKILL: its lease runs out within 2 s. Started at once, the replacement waits for that
     // lease, then claims the rank.
     drop(workers[1].take());
     workers[1] = Some(worker(&endpoint, "127.0.0.3", 1, model));
-    let disturbed = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("the streams did not end")
-        .expect("run");
+    let disturbed = run.finish(Duration::from_secs(120)).await;
     assert_same_streams(&disturbed, &undisturbed);
     let mut c = client.clone();
     let total = model_info(&mut c).await.kv_blocks_total;
@@ -232,16 +219,10 @@ async fn a_hung_worker_is_lost_when_its_lease_expires_even_while_idle() {
 
     // A request meanwhile waits in the queue; a new worker for rank 1 brings the replica back
     // and the request is answered.
-    let waiting = tokio::spawn({
-        let client = client.clone();
-        async move { run_streams(&client, workload(1, 4), Default::default()).await }
-    });
+    let waiting = Running::start(&client, workload(1, 4));
     drop(workers.remove(1)); // the hung process is killed for good
     let _new = worker(&endpoint, "127.0.0.4", 1, model);
-    let done = tokio::time::timeout(Duration::from_secs(60), waiting)
-        .await
-        .expect("the waiting request was not answered")
-        .expect("run");
+    let done = waiting.finish(Duration::from_secs(60)).await;
     assert!(done[0].is_ok(), "{done:?}");
     assert!(model_info(&mut client).await.ready);
 }

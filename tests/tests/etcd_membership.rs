@@ -46,6 +46,14 @@ async fn wait_until<T: std::fmt::Debug>(
     }
 }
 
+/// The lease a registration holds its key under; panics if it is not registered.
+fn lease_of(state: &watch::Receiver<RegistrationState>) -> i64 {
+    match *state.borrow() {
+        RegistrationState::Registered { lease_id } => lease_id,
+        ref other => panic!("not registered: {other:?}"),
+    }
+}
+
 async fn client(etcd: &EtcdServer) -> EtcdClient {
     EtcdClient::connect(&[etcd.endpoint()], DEFAULT_RPC_TIMEOUT)
         .await
@@ -88,9 +96,7 @@ async fn a_claim_is_seen_by_the_watch() {
         .unwrap()
         .expect("the key exists");
     assert_eq!(WorkerRecord::from_json(&kv.value).unwrap(), a);
-    let RegistrationState::Registered { lease_id } = *reg.state().borrow() else {
-        panic!("not registered");
-    };
+    let lease_id = lease_of(&reg.state());
     assert_eq!(kv.lease, lease_id);
 
     // A watch on another replica of the same cluster does not see it.
@@ -231,9 +237,7 @@ async fn both_sides_ride_out_an_etcd_restart() {
     .await
     .unwrap();
     let mut state = reg.state();
-    let RegistrationState::Registered { lease_id: first } = *state.borrow() else {
-        panic!("not registered");
-    };
+    let first = lease_of(&state);
     wait_until(&mut members, PROMPTLY, "rank 0 appears", |m| {
         m.contains_key(&0)
     })
@@ -271,9 +275,7 @@ async fn both_sides_ride_out_an_etcd_restart() {
     .await;
 
     // The key is held again under the registration's (current) lease, and is renewed.
-    let RegistrationState::Registered { lease_id } = *state.borrow() else {
-        panic!("not registered");
-    };
+    let lease_id = lease_of(&state);
     let kv = client(&etcd)
         .await
         .get(&key("demo", 0).key())
@@ -330,9 +332,7 @@ async fn a_lost_lease_is_claimed_again_unless_the_rank_was_taken() {
     .await
     .unwrap();
     let mut state = reg.state();
-    let RegistrationState::Registered { lease_id: first } = *state.borrow() else {
-        panic!("not registered");
-    };
+    let first = lease_of(&state);
 
     // The lease vanishes (as if it expired): the key goes, and the worker claims it again.
     assert!(c.lease_revoke(first).await.unwrap());
@@ -347,9 +347,7 @@ async fn a_lost_lease_is_claimed_again_unless_the_rank_was_taken() {
         m.get(&0) == Some(&a)
     })
     .await;
-    let RegistrationState::Registered { lease_id: second } = *state.borrow() else {
-        panic!("not registered");
-    };
+    let second = lease_of(&state);
 
     // Another worker's record replaces the key, then the lease vanishes: the worker does not
     // take the rank back, it reports who holds it (and keeps running).
@@ -436,11 +434,7 @@ async fn malformed_keys_and_values_are_skipped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claiming_without_etcd_fails_clearly_in_bounded_time() {
     // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = helios_tests::free_port("127.0.0.1").unwrap();
     let endpoints = vec![format!("http://127.0.0.1:{port}")];
     let start = Instant::now();
     let e = claim_with_retry(

@@ -2,17 +2,14 @@
 //! (respawned here, restarted at its address, or a new registration) and rebuilds itself, and
 //! every stream finishes with exactly the tokens of an undisturbed run.
 
-use std::net::TcpListener;
 use std::process::Command;
-use std::sync::atomic::AtomicUsize;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use helios_tests::recovery::{
-    assert_same_streams, metric, metrics_text, run_streams, wait_for_responses, workload,
+    assert_same_streams, metric, metrics_text, run_streams, workload, Answers, Running,
 };
 use helios_tests::server::{model_info, send_signal, wait_until_idle, Process};
-use helios_tests::{binary, make_tiny_model};
+use helios_tests::{binary, free_port, make_tiny_model};
 
 /// Streams in every run, and tokens each generates.
 const STREAMS: usize = 16;
@@ -22,27 +19,13 @@ const SERVE_FLAGS: [&str; 4] = ["--max-batch-tokens", "32", "--recovery-timeout"
 
 /// Runs the workload undisturbed, then again while `disturb` breaks the replica once a few
 /// responses have come back; both results.
-async fn disturbed_run(
-    server: &Process,
-    disturb: impl FnOnce(),
-) -> (
-    Vec<Result<helios_tests::server::Streamed, tonic::Status>>,
-    Vec<Result<helios_tests::server::Streamed, tonic::Status>>,
-) {
+async fn disturbed_run(server: &Process, disturb: impl FnOnce()) -> (Answers, Answers) {
     let client = server.client().await;
-    let undisturbed = run_streams(&client, workload(STREAMS, TOKENS), Default::default()).await;
-    let responses = Arc::new(AtomicUsize::new(0));
-    let run = tokio::spawn({
-        let (client, responses) = (client.clone(), responses.clone());
-        async move { run_streams(&client, workload(STREAMS, TOKENS), responses).await }
-    });
-    wait_for_responses(&responses, STREAMS, Duration::from_secs(120)).await;
+    let undisturbed = run_streams(&client, workload(STREAMS, TOKENS)).await;
+    let run = Running::start(&client, workload(STREAMS, TOKENS));
+    run.wait_for(STREAMS, Duration::from_secs(120)).await;
     disturb();
-    let disturbed = tokio::time::timeout(Duration::from_secs(180), run)
-        .await
-        .expect("the disturbed run did not end within 180 s")
-        .expect("the run panicked");
-    (undisturbed, disturbed)
+    (undisturbed, run.finish(Duration::from_secs(180)).await)
 }
 
 /// Nothing held once the requests are done, and the replica serves.
@@ -143,12 +126,6 @@ const TP3_MODEL: [&str; 8] = [
     "96",
 ];
 
-/// A free port on `host` (bound, then let go).
-fn free_port(host: &str) -> u16 {
-    let l = TcpListener::bind((host, 0)).expect("a free port");
-    l.local_addr().expect("addr").port()
-}
-
 /// `helios-worker` listening on `addr` (its communicator on the same host).
 fn worker_at(addr: &str) -> Process {
     let mut cmd = Command::new(binary("helios-worker"));
@@ -163,7 +140,7 @@ fn static_replica(model: &str, extra: &[&str]) -> (Vec<String>, Vec<Process>, Pr
     let addrs: Vec<String> = (2..5)
         .map(|h| {
             let host = format!("127.0.0.{h}");
-            format!("{host}:{}", free_port(&host))
+            format!("{host}:{}", free_port(&host).expect("a free port"))
         })
         .collect();
     let workers: Vec<Process> = addrs.iter().map(|a| worker_at(a)).collect();
@@ -217,19 +194,12 @@ async fn a_rank_that_never_returns_fails_its_requests_after_the_recovery_timeout
     let flags = ["--max-batch-tokens", "64", "--recovery-timeout", "3"];
     let (addrs, mut workers, coordinator) = static_replica(model, &flags);
     let client = coordinator.client().await;
-    let responses = Arc::new(AtomicUsize::new(0));
-    let run = tokio::spawn({
-        let (client, responses) = (client.clone(), responses.clone());
-        // Short prompts (the tiny model holds 512 positions), long answers.
-        async move { run_streams(&client, workload(3, 450), responses).await }
-    });
-    wait_for_responses(&responses, 3, Duration::from_secs(60)).await;
+    // Short prompts (the tiny model holds 512 positions), long answers.
+    let run = Running::start(&client, workload(3, 450));
+    run.wait_for(3, Duration::from_secs(60)).await;
     drop(workers.remove(1));
     let lost = Instant::now();
-    let results = tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("requests not answered within 30 s of the loss")
-        .expect("run");
+    let results = run.finish(Duration::from_secs(30)).await;
     let waited = lost.elapsed();
     for r in &results {
         let e = r.as_ref().expect_err("a request finished without its rank");
@@ -259,6 +229,6 @@ async fn a_rank_that_never_returns_fails_its_requests_after_the_recovery_timeout
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let done = run_streams(&client, workload(2, 4), Default::default()).await;
+    let done = run_streams(&client, workload(2, 4)).await;
     assert!(done.iter().all(Result::is_ok), "{done:?}");
 }

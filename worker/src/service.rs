@@ -3,10 +3,11 @@
 //! The forward pass is synchronous and CPU- or GPU-bound, so it runs on tokio's blocking pool;
 //! the engine sits behind a mutex that only one step holds at a time. A refused plan is answered
 //! in-band (`StepResult.error`); any other failure (a peer lost mid-collective) leaves this rank
-//! out of step with its peers: it closes its end of the mesh (so peers blocked on it fail too),
-//! ends the step stream with the error and waits, weights loaded, for the coordinator to
-//! rebuild the replica under a new generation (`InitRequest.generation`). Plans of another
-//! generation are refused, so a stale plan never runs on a new mesh.
+//! out of step with its peers: it ends the step stream with the error and waits, weights
+//! loaded, for the coordinator to rebuild the replica under a new generation
+//! (`InitRequest.generation`). That Init first closes every rank's current mesh, which frees a
+//! peer still blocked in a collective. Plans of another generation are refused, so a stale plan
+//! never runs on a new mesh.
 //!
 //! Every result says how long this rank waited for its plan since it sent the previous result
 //! (`wait_us`), how long the step took (`compute_us`) and how much of that went to collectives
@@ -62,8 +63,6 @@ struct Loaded {
     engine: Engine,
     shape: InitShape,
     generation: u64,
-    /// Closes this generation's mesh (none for one rank, or NCCL).
-    mesh: Option<Arc<MeshAbort>>,
     /// Why this rank left its mesh (a step failed mid-collective): it takes no more steps
     /// until an Init of a newer generation.
     broken: Option<String>,
@@ -245,7 +244,6 @@ fn load_or_rejoin(
         engine,
         shape,
         generation: join.generation,
-        mesh: abort.clone(),
         broken: None,
     });
     Ok((resp, abort))
@@ -384,9 +382,6 @@ fn step_one(loaded: &Mutex<Option<Loaded>>, plan: StepPlan) -> Result<StepResult
             }),
             None => {
                 let why = format!("{e:#}");
-                if let Some(mesh) = &l.mesh {
-                    mesh.abort();
-                }
                 l.broken = Some(why.clone());
                 Err(Status::internal(why))
             }
@@ -445,7 +440,6 @@ mod tests {
             engine,
             shape: InitShape::of(&InitRequest::default()),
             generation: 0,
-            mesh: None,
             broken: None,
         };
         tokio::spawn(step_loop(

@@ -4,10 +4,8 @@
 //! **Detection.** A rank is lost when its step stream ends or breaks (the process died, the
 //! connection broke), when its etcd lease expires (membership), or when it stops answering:
 //! while a step is awaited longer than [`PROBE_AFTER`], every rank's health is probed each
-//! [`PROBE_AFTER`], and a rank that does not answer within [`PROBE_TIMEOUT`] is lost (a
-//! stopped process holds its sockets open, so nothing else would notice; the health service
-//! runs beside the forward pass, so a slow step still answers). `--step-timeout` bounds any
-//! step as a last resort.
+//! [`PROBE_AFTER`], and a rank that does not answer within [`PROBE_TIMEOUT`] is lost (the
+//! sharded client's [`StepWatch`]). `--step-timeout` bounds any step as a last resort.
 //!
 //! **Rebuild.** The ranks that do not answer a probe are replaced through the membership (local:
 //! killed and spawned again; static: waited for at the same address; etcd: the next worker to
@@ -18,11 +16,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use helios_proto::v1::StepResult;
+use helios_proto::v1::{StepPlan, StepResult};
 
 use super::snapshot::Published;
 use crate::membership::Membership;
-use crate::sharded_client::{probe_all, InitOptions, RankTimes, ReplicaInfo, ShardedClient};
+use crate::sharded_client::{InitOptions, RankTimes, ReplicaInfo, ShardedClient, StepWatch};
+pub use crate::sharded_client::{Loss, StepError};
 
 /// A step unanswered for this long has its ranks' health probed, and again at this interval.
 pub const PROBE_AFTER: Duration = Duration::from_millis(500);
@@ -42,28 +41,22 @@ pub struct RecoveryOptions {
     pub recovery_timeout: Duration,
 }
 
+impl RecoveryOptions {
+    /// How the sharded client watches for a step's answer.
+    fn step_watch(&self) -> StepWatch {
+        StepWatch {
+            probe_after: PROBE_AFTER,
+            probe_timeout: PROBE_TIMEOUT,
+            step_timeout: self.step_timeout,
+        }
+    }
+}
+
 impl Default for RecoveryOptions {
     fn default() -> Self {
         Self {
             step_timeout: Duration::from_secs(300),
             recovery_timeout: Duration::from_secs(60),
-        }
-    }
-}
-
-/// A rank was lost: why, and which ranks are known not to answer (empty: not known; the
-/// rebuild probes them all).
-#[derive(Debug, Clone, Default)]
-pub struct Loss {
-    pub why: String,
-    pub silent: Vec<usize>,
-}
-
-impl Loss {
-    pub fn new(why: impl Into<String>) -> Self {
-        Self {
-            why: why.into(),
-            silent: Vec::new(),
         }
     }
 }
@@ -77,14 +70,6 @@ pub struct Rebuilt {
     /// The last, successful init: survivors joining the new mesh, newcomers loading the model.
     pub init: Duration,
     pub attempts: u32,
-}
-
-/// Why a step did not come back.
-pub enum StepError {
-    /// A rank is lost: the replica must be rebuilt.
-    Lost(Loss),
-    /// The step failed on the ranks (a refused plan, a malformed answer); they are fine.
-    Failed(anyhow::Error),
 }
 
 pub struct Ranks {
@@ -121,61 +106,22 @@ impl Ranks {
         &self.client
     }
 
-    pub fn client_mut(&mut self) -> &mut ShardedClient {
-        &mut self.client
+    /// Hands a plan to every rank (see [`ShardedClient::send`]).
+    pub async fn send(&mut self, plan: StepPlan) -> Result<()> {
+        self.client.send(plan).await
     }
 
-    /// Waits for the answer to step `step_id`, probing the ranks while it is long in coming.
+    /// Waits for the answer to step `step_id`; a rank whose lease expires meanwhile is lost too.
     pub async fn receive(
         &mut self,
         step_id: u64,
     ) -> Result<(StepResult, Vec<RankTimes>), StepError> {
-        let probes = self.client.health_clients();
-        let failure = self.client.failure();
-        let started = Instant::now();
-        let Self {
-            client,
-            membership,
-            opts,
-            ..
-        } = self;
-        let answer = client.receive(step_id);
-        tokio::pin!(answer);
-        let mut next_probe = started + PROBE_AFTER;
-        loop {
-            tokio::select! {
-                r = &mut answer => {
-                    return r.map_err(|e| match failure.borrow().clone() {
-                        Some(why) => StepError::Lost(Loss::new(why)),
-                        None => StepError::Failed(e),
-                    });
-                }
-                rank = membership.lost() => {
-                    return Err(StepError::Lost(Loss::new(format!(
-                        "rank {rank}: its lease expired"
-                    ))));
-                }
-                _ = tokio::time::sleep_until(next_probe.into()) => {
-                    if started.elapsed() >= opts.step_timeout {
-                        return Err(StepError::Lost(Loss::new(format!(
-                            "step {step_id} took longer than the step timeout ({:?})",
-                            opts.step_timeout
-                        ))));
-                    }
-                    let healths = probe_all(probes.clone(), PROBE_TIMEOUT).await;
-                    let silent: Vec<usize> = (0..healths.len())
-                        .filter(|&r| healths[r].is_none())
-                        .collect();
-                    if let Some(rank) = silent.first() {
-                        let why = format!(
-                            "rank {rank} stopped answering (step {step_id} waited {:?})",
-                            started.elapsed()
-                        );
-                        return Err(StepError::Lost(Loss { why, silent }));
-                    }
-                    next_probe = Instant::now() + PROBE_AFTER;
-                }
-            }
+        let watch = self.opts.step_watch();
+        tokio::select! {
+            r = self.client.receive(step_id, &watch) => r,
+            rank = self.membership.lost() => Err(StepError::Lost(Loss::new(format!(
+                "rank {rank}: its lease expired"
+            )))),
         }
     }
 
@@ -197,12 +143,7 @@ impl Ranks {
             let replacing = Instant::now();
             let silent: Vec<usize> = match known.take() {
                 Some(silent) => silent,
-                None => {
-                    let healths = self.client.probe(PROBE_TIMEOUT).await;
-                    (0..healths.len())
-                        .filter(|&r| healths[r].is_none())
-                        .collect()
-                }
+                None => self.client.silent(PROBE_TIMEOUT).await,
             };
             for rank in silent {
                 published.set_rank_up(rank, false);

@@ -206,7 +206,7 @@ impl StepLoop {
                     self.mark_scheduled(&plan);
                     let span = self.step_span(&mut plan);
                     let step_id = plan.step_id;
-                    if let Err(e) = self.ranks.client_mut().send(plan).await {
+                    if let Err(e) = self.ranks.send(plan).await {
                         return Stop::Lost(Loss::new(format!("sending step {step_id}: {e:#}")));
                     }
                     in_flight.push_back(InFlight {
