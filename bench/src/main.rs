@@ -15,13 +15,14 @@ mod fake_worker;
 mod load;
 mod otlp_sink;
 mod overhead;
+mod router;
 mod sampling;
 mod scheduler;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use helios_coordinator::front_door::{FrontDoor, ServingOptions};
 use helios_coordinator::membership::local::{resolve_model_path, LocalOptions};
@@ -56,6 +57,8 @@ enum Command {
     Sampling(sampling::SamplingArgs),
     /// The scheduler's decision time per decode step (schedule + apply), in-process.
     Scheduler(scheduler::SchedulerArgs),
+    /// The router's decision time per request over many replicas' prefix caches, in-process.
+    Router(router::RouterArgs),
     /// An OTLP trace endpoint that counts the spans it is sent (what exporting costs).
     OtlpSink(otlp_sink::SinkArgs),
 }
@@ -113,6 +116,7 @@ fn main() -> Result<()> {
         Command::Kernel(a) => kernel(a),
         Command::Sampling(a) => sampling::run(a),
         Command::Scheduler(a) => scheduler::run(a),
+        Command::Router(a) => router::run(a),
         Command::OtlpSink(a) => runtime()?.block_on(otlp_sink::run(a)),
         // Builds a runtime per configuration.
         Command::Overhead(a) => overhead::run(a),
@@ -176,11 +180,13 @@ async fn engine(a: EngineArgs) -> Result<()> {
             tracing: false,
             recovery: RecoveryOptions::default(),
         },
+        router: Default::default(),
         log_prompts: false,
     };
     let tokenizer = TextTokenizer::from_model_path(&a.model)?;
-    let front = FrontDoor::start(Membership::Local(workers), &init, tokenizer, &opts).await?;
-    let facts = front.replica().info().facts.clone();
+    let front = FrontDoor::start(vec![Membership::Local(workers)], &init, tokenizer, &opts).await?;
+    let replica = front.replicas().into_iter().next().context("no replica")?;
+    let facts = replica.info().facts.clone();
     let vocab = facts.vocab_size as usize;
     let one_token = |p: Vec<u32>| {
         let front = front.clone();

@@ -303,9 +303,10 @@ async fn measure(
             tracing: false,
             recovery: Default::default(),
         },
+        router: Default::default(),
         log_prompts: false,
     };
-    let front = FrontDoor::start(membership, &init, tokenizer, &opts).await?;
+    let front = FrontDoor::start(vec![membership], &init, tokenizer, &opts).await?;
 
     let request = |i: usize| GenerateRequest {
         request_id: format!("overhead-{i}"),
@@ -542,7 +543,7 @@ fn push_cost(model: &std::path::Path, text: &[u32]) -> Result<f64> {
             prompt_text: None,
             arrival: Instant::now(),
         },
-        Arc::new(Metrics::new(1)),
+        Arc::new(Metrics::new()),
     );
     let mut out = RequestOutput::new(tx, &admitted, trace, &Default::default());
     let t = Instant::now();

@@ -17,8 +17,10 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 
 use anyhow::{bail, Result};
 
+use crate::prefix_index::PrefixIndex;
+
 /// The parent hash of a sequence's first block.
-const ROOT: u64 = 0x6865_6c69_6f73_0001;
+pub const ROOT_HASH: u64 = 0x6865_6c69_6f73_0001;
 /// "No block" in the free queue's links.
 const NIL: u32 = u32::MAX;
 
@@ -59,6 +61,8 @@ pub struct BlockManager {
     head: u32,
     tail: u32,
     num_free: usize,
+    /// Where the keys of `cached` are mirrored for the router (a replica's; none in tests).
+    index: Option<PrefixIndex>,
 }
 
 impl BlockManager {
@@ -70,6 +74,7 @@ impl BlockManager {
             head: NIL,
             tail: NIL,
             num_free: 0,
+            index: None,
         };
         for b in 0..num_blocks as u32 {
             m.blocks.push(Block {
@@ -81,6 +86,15 @@ impl BlockManager {
             m.push_back(b);
         }
         m
+    }
+
+    /// Mirrors the hashes of the cached blocks into `index` from now on.
+    pub fn publish_to(&mut self, index: PrefixIndex) {
+        index.clear();
+        for &hash in self.cached.keys() {
+            index.insert(hash);
+        }
+        self.index = Some(index);
     }
 
     pub fn block_size(&self) -> usize {
@@ -123,7 +137,7 @@ impl BlockManager {
         hashes: &mut Vec<u64>,
     ) -> usize {
         debug_assert!(table.is_empty() && hashes.is_empty());
-        let mut parent = ROOT;
+        let mut parent = ROOT_HASH;
         for chunk in tokens.chunks_exact(self.block_size).take(max_blocks) {
             let hash = block_hash(parent, chunk);
             let Some(&b) = self.cached.get(&hash) else {
@@ -164,6 +178,9 @@ impl BlockManager {
             let block = &mut self.blocks[b as usize];
             if let Some(key) = block.key.take() {
                 self.cached.remove(&key.hash);
+                if let Some(index) = &self.index {
+                    index.remove(key.hash);
+                }
             }
             block.refs = 1;
             table.push(b);
@@ -176,7 +193,7 @@ impl BlockManager {
     /// next block's parent. If another block already caches the same tokens this one stays
     /// private; its hash is the same.
     pub fn register(&mut self, block: u32, parent: Option<u64>, tokens: &[u32]) -> u64 {
-        let parent = parent.unwrap_or(ROOT);
+        let parent = parent.unwrap_or(ROOT_HASH);
         let hash = block_hash(parent, tokens);
         let Some(b) = self.blocks.get_mut(block as usize) else {
             return hash;
@@ -188,6 +205,9 @@ impl BlockManager {
                 tokens: tokens.into(),
             });
             self.cached.insert(hash, block);
+            if let Some(index) = &self.index {
+                index.insert(hash);
+            }
         }
         hash
     }
@@ -216,6 +236,9 @@ impl BlockManager {
             block.key = None;
         }
         self.cached.clear();
+        if let Some(index) = &self.index {
+            index.clear();
+        }
     }
 
     /// Checks every invariant against the tables of all sequences: each block's reference

@@ -1,19 +1,23 @@
 //! The front door: the one type the gRPC server, the OpenAI-compatible HTTP API and
 //! `helios generate` talk to. It admits a request (tokenizes it, renders the chat template,
-//! checks its parameters: [`admission`]) in the caller's task and hands it to a replica.
+//! checks its parameters: [`admission`]) in the caller's task, and the [`router`] chooses the
+//! replica it goes to.
 //!
-//! It holds the replicas. There is one today; choosing among several (the router) belongs
-//! here, so that neither gRPC nor HTTP changes when replicas come and go. Tokenizing runs on
-//! the blocking pool: a long prompt costs its own request time, never the runtime's other
-//! tasks.
+//! It holds the replicas ([`Replicas`]), which come and go at run time: one joins once its
+//! workers are ready ([`FrontDoor::add_replica`]), one leaves after draining
+//! ([`FrontDoor::remove_replica`]), and neither gRPC nor HTTP notices. A replica that is lost
+//! (down, or recovering for longer than `--failover-after`) hands its requests back here, and
+//! [`move_requests`] moves them to another replica with their tokens. Tokenizing runs on the
+//! blocking pool: a long prompt costs its own request time, never the runtime's other tasks.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use helios_proto::v1::{ChatMessage, GenerateRequest};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::admission::{self, Limits};
 use crate::error::ServeError;
@@ -21,8 +25,10 @@ use crate::membership::Membership;
 use crate::metrics::Metrics;
 use crate::output::{RequestOutput, ResponseReceiver};
 use crate::replica::step_loop::NewRequest;
-use crate::replica::{Replica, ReplicaOptions, ReplicaSnapshot, ReplicaState};
+use crate::replica::{Failover, Moved, Replica, ReplicaOptions, ReplicaState};
+use crate::replicas::Replicas;
 use crate::request_trace::{Arrival, RequestTrace};
+use crate::router::{Accepts, Reason, ReplicaView, RouteRequest, Router, RouterOptions};
 use crate::sharded_client::InitOptions;
 use crate::tokenizer::TextTokenizer;
 
@@ -30,12 +36,16 @@ use crate::tokenizer::TextTokenizer;
 /// a bigger one is refused by the transport.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 
-/// How the front door and its replica serve.
+/// How often requests that no replica could take yet are offered again.
+const PARKED_RETRY: Duration = Duration::from_millis(100);
+
+/// How the front door and its replicas serve.
 #[derive(Debug, Clone)]
 pub struct ServingOptions {
     /// The model as the server was started with it (ModelInfo, the HTTP API's model id).
     pub model_name: String,
     pub replica: ReplicaOptions,
+    pub router: RouterOptions,
     /// Put prompt text in the log line of every request (off: it may be private).
     pub log_prompts: bool,
 }
@@ -56,38 +66,96 @@ pub struct FrontDoor(Arc<Inner>);
 struct Inner {
     tokenizer: Arc<TextTokenizer>,
     model_name: String,
-    replica: Replica,
+    init: InitOptions,
+    replica_opts: ReplicaOptions,
+    replicas: Arc<Replicas>,
+    router: Router,
+    /// Where lost replicas hand their requests (with failover).
+    failover: Option<Failover>,
     metrics: Arc<Metrics>,
     log_prompts: bool,
     next_request: AtomicU64,
 }
 
 impl FrontDoor {
-    /// Loads the model on the workers `membership` finds, as one replica, and serves it.
+    /// A front door with no replica yet (it answers UNAVAILABLE, starting, until one joins).
+    pub fn new(init: &InitOptions, tokenizer: TextTokenizer, opts: &ServingOptions) -> Self {
+        let (moved_tx, moved_rx) = mpsc::unbounded_channel();
+        let failover = opts.router.failover_after.map(|after| Failover {
+            after,
+            elsewhere: moved_tx,
+        });
+        let front = Self(Arc::new(Inner {
+            tokenizer: Arc::new(tokenizer),
+            model_name: opts.model_name.clone(),
+            init: init.clone(),
+            replica_opts: opts.replica,
+            replicas: Arc::default(),
+            router: Router::new(opts.router, init.block_size as usize),
+            failover,
+            metrics: Arc::new(Metrics::new()),
+            log_prompts: opts.log_prompts,
+            next_request: AtomicU64::new(0),
+        }));
+        if front.0.failover.is_some() {
+            tokio::spawn(move_requests(Arc::downgrade(&front.0), moved_rx));
+        }
+        front
+    }
+
+    /// Loads the model on the workers each of `memberships` finds, as replicas 0, 1, ...,
+    /// and serves them.
     pub async fn start(
-        membership: Membership,
+        memberships: Vec<Membership>,
         init: &InitOptions,
         tokenizer: TextTokenizer,
         opts: &ServingOptions,
     ) -> Result<Self> {
-        let tokenizer = Arc::new(tokenizer);
-        let metrics = Arc::new(Metrics::new(membership.world_size()));
+        let front = Self::new(init, tokenizer, opts);
+        let starts = memberships
+            .into_iter()
+            .enumerate()
+            .map(|(id, m)| front.add_replica(id as u32, m));
+        futures::future::try_join_all(starts).await?;
+        Ok(front)
+    }
+
+    /// Starts replica `id` over the workers `membership` finds; it takes requests once its
+    /// ranks have loaded the model.
+    pub async fn add_replica(&self, id: u32, membership: Membership) -> Result<Replica> {
+        let inner = &self.0;
         let replica = Replica::start(
+            id,
             membership,
-            init,
-            opts.replica,
-            tokenizer.clone(),
-            metrics.clone(),
+            &inner.init,
+            inner.replica_opts,
+            inner.failover.clone(),
+            inner.tokenizer.clone(),
+            &inner.metrics,
         )
         .await?;
-        Ok(Self(Arc::new(Inner {
-            tokenizer,
-            model_name: opts.model_name.clone(),
-            replica,
-            metrics,
-            log_prompts: opts.log_prompts,
-            next_request: AtomicU64::new(0),
-        })))
+        if inner.replicas.is_draining() {
+            replica.release_workers(Duration::ZERO).await;
+            bail!("shutting down");
+        }
+        inner.replicas.add(replica.clone());
+        tracing::info!(replica = id, "replica {id} joined");
+        Ok(replica)
+    }
+
+    /// Replica `id` leaves: it takes no new requests, those it holds get up to `grace` to
+    /// finish (then are cancelled), and its workers are let go. False if there is no such
+    /// replica.
+    pub async fn remove_replica(&self, id: u32, grace: Duration) -> bool {
+        let Some(replica) = self.0.replicas.get(id) else {
+            return false;
+        };
+        tracing::info!(replica = id, "replica {id} is draining to leave");
+        replica.drain(grace).await;
+        self.0.replicas.remove(id);
+        replica.release_workers(grace).await;
+        tracing::info!(replica = id, "replica {id} left");
+        true
     }
 
     /// The model's tokenizer (the HTTP API shows logprobs' tokens as text).
@@ -100,25 +168,45 @@ impl FrontDoor {
         &self.0.model_name
     }
 
-    /// The replica requests go to.
-    pub fn replica(&self) -> &Replica {
-        &self.0.replica
+    /// It is shutting down (replicas no longer join).
+    pub fn is_draining(&self) -> bool {
+        self.0.replicas.is_draining()
     }
 
-    /// What a request must fit in.
-    pub fn limits(&self) -> Limits {
-        self.0.replica.limits()
+    /// Every replica now, in id order.
+    pub fn replicas(&self) -> Vec<Replica> {
+        self.0.replicas.all()
     }
 
-    /// Whether it takes requests: the state of its replica.
+    pub fn router_options(&self) -> &RouterOptions {
+        self.0.router.options()
+    }
+
+    /// Requests moved off lost replicas since start.
+    pub fn moved_total(&self) -> u64 {
+        self.0.metrics.moved_total()
+    }
+
+    /// What a request must fit in: the smallest of the replicas' (`None` before one joins).
+    pub fn limits(&self) -> Option<Limits> {
+        self.replicas()
+            .iter()
+            .map(Replica::limits)
+            .reduce(|a, b| Limits {
+                max_model_len: a.max_model_len.min(b.max_model_len),
+                vocab_size: a.vocab_size.min(b.vocab_size),
+                kv_capacity: a.kv_capacity.min(b.kv_capacity),
+            })
+    }
+
+    /// Whether it takes requests: the best of its replicas' states.
     pub fn state(&self) -> ReplicaState {
-        self.0.replica.state()
+        self.0.replicas.state()
     }
 
-    /// A receiver of the replica's snapshot that wakes on every change of its state (gRPC
-    /// health follows it).
-    pub fn watch(&self) -> tokio::sync::watch::Receiver<ReplicaSnapshot> {
-        self.0.replica.watch()
+    /// A receiver of that state, woken when it changes (gRPC health follows it).
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<ReplicaState> {
+        self.0.replicas.watch()
     }
 
     /// Admits a request and returns its stream of responses. Past `call.deadline` it is dropped
@@ -157,11 +245,11 @@ impl FrontDoor {
         logits: Option<oneshot::Sender<Vec<f32>>>,
     ) -> Result<ResponseReceiver, ServeError> {
         let arrival = Instant::now();
-        let replica = &self.0.replica;
-        if let Some(refused) = replica.state().refusal() {
+        if let Some(refused) = self.state().refusal() {
             return Err(refused);
         }
-        let (tokenizer, limits) = (self.0.tokenizer.clone(), replica.limits());
+        let limits = self.limits().ok_or(ServeError::Starting)?;
+        let tokenizer = self.0.tokenizer.clone();
         let (req, admitted) = tokio::task::spawn_blocking(move || {
             let admitted = admission::admit(&tokenizer, &req, &limits);
             (req, admitted)
@@ -171,6 +259,13 @@ impl FrontDoor {
         let mut admitted = admitted?;
         admitted.params.deadline = call.deadline;
         admitted.params.return_logits = logits.is_some();
+        let session = (!req.session_id.is_empty()).then_some(req.session_id.as_str());
+        let (replica, reason) = self.route(RouteRequest {
+            prompt: &admitted.prompt_ids,
+            session,
+            not: None,
+        })?;
+        self.0.metrics.routed(replica.id(), reason.name());
         let prompt_text = self.0.log_prompts.then(|| prompt_text(&req));
         let request_id = if req.request_id.is_empty() {
             let n = self.0.next_request.fetch_add(1, Ordering::Relaxed);
@@ -198,6 +293,17 @@ impl FrontDoor {
         Ok(rx)
     }
 
+    /// The replica for a request, and why; or why none can take it.
+    fn route(&self, req: RouteRequest<'_>) -> Result<(Replica, Reason), ServeError> {
+        let replicas = self.replicas();
+        let chosen = route(&self.0.router, &replicas, req);
+        chosen.ok_or_else(|| {
+            self.state()
+                .refusal()
+                .unwrap_or_else(|| ServeError::ReplicaDown("no replica takes requests".into()))
+        })
+    }
+
     /// The token ids of a prompt or of chat messages (rendered with the chat template).
     pub async fn tokenize(
         &self,
@@ -214,7 +320,7 @@ impl FrontDoor {
 
     /// The text of token ids.
     pub fn detokenize(&self, token_ids: &[u32]) -> Result<String, ServeError> {
-        let vocab_size = self.limits().vocab_size;
+        let vocab_size = self.limits().ok_or(ServeError::Starting)?.vocab_size;
         if let Some(bad) = token_ids.iter().find(|&&t| t as usize >= vocab_size) {
             return Err(ServeError::invalid(
                 "token_ids",
@@ -229,21 +335,122 @@ impl FrontDoor {
 
     /// `/metrics`: the text and its content type (OpenMetrics when `openmetrics`).
     pub fn metrics_text(&self, openmetrics: bool) -> (String, &'static str) {
-        self.0
-            .metrics
-            .render(&self.0.replica.snapshot(), openmetrics)
+        let now: Vec<_> = self
+            .replicas()
+            .iter()
+            .map(|r| (r.id(), r.snapshot()))
+            .collect();
+        self.0.metrics.render(&now, openmetrics)
     }
 
     /// Stops admitting, lets requests in flight finish for up to `grace`, then ends the rest
     /// with finish reason CANCELLED.
     pub async fn drain(&self, grace: Duration) {
-        self.0.replica.drain(grace).await;
+        self.0.replicas.set_draining();
+        let replicas = self.replicas();
+        futures::future::join_all(replicas.iter().map(|r| r.drain(grace))).await;
     }
 
     /// Lets the workers go (after a drain); workers spawned here exit, and are killed after
     /// `grace`.
     pub async fn release_workers(&self, grace: Duration) {
-        self.0.replica.release_workers(grace).await;
+        let replicas = self.replicas();
+        futures::future::join_all(replicas.iter().map(|r| r.release_workers(grace))).await;
+    }
+}
+
+/// The replica among `replicas` that `router` chooses for `req`.
+pub fn route(
+    router: &Router,
+    replicas: &[Replica],
+    req: RouteRequest<'_>,
+) -> Option<(Replica, Reason)> {
+    let failover_after = router.options().failover_after;
+    let views: Vec<ReplicaView<'_>> = replicas
+        .iter()
+        .map(|r| {
+            let (accepts, kv_free) = r.read(|s| {
+                (
+                    Accepts::of(s, failover_after),
+                    s.scheduler.kv_blocks_free as usize,
+                )
+            });
+            ReplicaView {
+                id: r.id(),
+                accepts,
+                load: r.in_flight().count(),
+                kv_blocks_free: kv_free,
+                cached_blocks: r.prefixes().len(),
+                prefixes: r.prefixes(),
+            }
+        })
+        .collect();
+    let (i, reason) = router.choose(&views, req)?;
+    Some((replicas[i].clone(), reason))
+}
+
+/// Moves the requests lost replicas hand back to other replicas, with their tokens. A request
+/// no replica can take yet waits here, offered again every [`PARKED_RETRY`], for up to the
+/// recovery timeout; then it is answered UNAVAILABLE. Ends with the front door.
+async fn move_requests(front: Weak<Inner>, mut moved: mpsc::UnboundedReceiver<Moved>) {
+    let mut parked: VecDeque<(Moved, Instant)> = VecDeque::new();
+    let mut tick = tokio::time::interval(PARKED_RETRY);
+    loop {
+        tokio::select! {
+            m = moved.recv() => {
+                let Some(m) = m else { return };
+                let Some(inner) = front.upgrade() else { return };
+                inner.metrics.moved(m.from);
+                if let Some(from) = inner.replicas.get(m.from) {
+                    from.count_moved_out();
+                }
+                if let Some(m) = place(&inner, m) {
+                    parked.push_back((m, Instant::now()));
+                }
+            }
+            _ = tick.tick(), if !parked.is_empty() => {
+                let Some(inner) = front.upgrade() else { return };
+                let timeout = inner.replica_opts.recovery.recovery_timeout;
+                for (m, since) in std::mem::take(&mut parked) {
+                    if m.output.is_closed() {
+                        continue;
+                    }
+                    if let Some(m) = place(&inner, m) {
+                        if since.elapsed() < timeout {
+                            parked.push_back((m, since));
+                        } else {
+                            m.output.fail(ServeError::ReplicaDown(format!(
+                                "its replica was lost and no other took it within {timeout:?}"
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Hands a moved request to the replica the router chooses (not the one it left, unless that
+/// one serves again); gives it back when none takes requests.
+fn place(inner: &Inner, m: Moved) -> Option<Moved> {
+    let replicas = inner.replicas.all();
+    let failover_after = inner.router.options().failover_after;
+    let back = replicas
+        .iter()
+        .find(|r| r.id() == m.from)
+        .is_some_and(|r| r.read(|s| Accepts::of(s, failover_after)) == Accepts::Serving);
+    let req = RouteRequest {
+        prompt: &m.departing.tokens,
+        session: None,
+        not: (!back).then_some(m.from),
+    };
+    match route(&inner.router, &replicas, req) {
+        Some((to, _)) => {
+            inner.metrics.routed(to.id(), Reason::Moved.name());
+            to.resume(m);
+            None
+        }
+        None => Some(m),
     }
 }
 

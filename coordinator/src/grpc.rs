@@ -15,7 +15,7 @@ use helios_proto::telemetry;
 use helios_proto::v1::generation_server::{Generation, GenerationServer};
 use helios_proto::v1::{
     DetokenizeRequest, DetokenizeResponse, GenerateRequest, GenerateResponse, ModelInfoRequest,
-    ModelInfoResponse, TokenizeRequest, TokenizeResponse,
+    ModelInfoResponse, ReplicaStatus, TokenizeRequest, TokenizeResponse,
 };
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
@@ -25,7 +25,7 @@ use tonic_health::ServingStatus;
 use crate::error::ServeError;
 use crate::front_door::{CallContext, FrontDoor, MAX_REQUEST_BYTES};
 use crate::output::{collect, ResponseStream};
-use crate::replica::ReplicaState;
+use crate::replica::{Replica, ReplicaSnapshot, ReplicaState};
 
 /// The gRPC status of a [`ServeError`]: the one place the core's errors become gRPC's.
 pub fn status(e: ServeError) -> Status {
@@ -166,36 +166,71 @@ impl Generation for GenerationService {
     }
 }
 
-/// ModelInfo: the model, and the replica's snapshot.
+/// ModelInfo: the model, each replica's snapshot, and their sums.
 pub fn model_info(front: &FrontDoor) -> ModelInfoResponse {
-    let replica = front.replica();
-    let (facts, now) = (&replica.info().facts, replica.snapshot());
-    let (s, t) = (&now.scheduler, &now.steps);
+    let replicas = front.replicas();
+    let now: Vec<_> = replicas.iter().map(|r| (r, r.snapshot())).collect();
     let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     let secs = |us: u64| us as f64 / 1e6;
-    ModelInfoResponse {
+    let sum32 = |f: fn(&ReplicaSnapshot) -> u32| now.iter().map(|(_, s)| f(s)).sum::<u32>();
+    let sum64 = |f: fn(&ReplicaSnapshot) -> u64| now.iter().map(|(_, s)| f(s)).sum::<u64>();
+    let (hits, queries) = (
+        sum64(|s| s.scheduler.prefix_hit_tokens),
+        sum64(|s| s.scheduler.prefix_query_tokens),
+    );
+    let state = front.state();
+    let mut info = ModelInfoResponse {
         model: front.model_name().to_string(),
-        architecture: facts.architecture.clone(),
-        tensor_parallel_size: replica.world_size() as u32,
-        max_model_len: facts.max_position_embeddings,
-        vocab_size: facts.vocab_size,
-        dtype: facts.dtype.clone(),
-        kv_block_size: facts.block_size,
+        tensor_parallel_size: replicas.first().map_or(0, |r| r.world_size() as u32),
+        kv_blocks_total: sum32(|s| s.scheduler.kv_blocks_total),
+        kv_blocks_free: sum32(|s| s.scheduler.kv_blocks_free),
+        requests_running: sum32(|s| s.scheduler.running),
+        requests_waiting: sum32(|s| s.scheduler.waiting),
+        ready: state == ReplicaState::Serving,
+        prefix_cache_query_tokens: queries,
+        prefix_cache_hit_tokens: hits,
+        prefix_cache_hit_ratio: ratio(hits, queries),
+        preemptions_total: sum64(|s| s.scheduler.preemptions),
+        steps_total: sum64(|s| s.steps.steps),
+        step_compute_seconds_total: secs(sum64(|s| s.steps.compute_us)),
+        step_gap_seconds_total: secs(sum64(|s| s.steps.gap_us)),
+        step_rank_wait_seconds_total: secs(sum64(|s| s.steps.rank_wait_us)),
+        state: state.name().to_string(),
+        state_reason: state.reason().unwrap_or_default().to_string(),
+        requests_requeued_total: sum64(|s| s.scheduler.requeued),
+        data_parallel_size: replicas.len() as u32,
+        replicas: now.iter().map(|(r, s)| replica_status(r, s)).collect(),
+        requests_moved_total: front.moved_total(),
+        router_policy: front.router_options().policy.name().to_string(),
+        ..Default::default()
+    };
+    if let Some(r) = replicas.first() {
+        let facts = &r.info().facts;
+        info.architecture = facts.architecture.clone();
+        info.max_model_len = facts.max_position_embeddings;
+        info.vocab_size = facts.vocab_size;
+        info.dtype = facts.dtype.clone();
+        info.kv_block_size = facts.block_size;
+    }
+    info
+}
+
+fn replica_status(r: &Replica, now: &ReplicaSnapshot) -> ReplicaStatus {
+    let s = &now.scheduler;
+    ReplicaStatus {
+        id: r.id(),
+        state: now.state.name().to_string(),
+        state_reason: now.state.reason().unwrap_or_default().to_string(),
+        tensor_parallel_size: r.world_size() as u32,
         kv_blocks_total: s.kv_blocks_total,
         kv_blocks_free: s.kv_blocks_free,
         requests_running: s.running,
         requests_waiting: s.waiting,
-        ready: now.state == ReplicaState::Serving,
         prefix_cache_query_tokens: s.prefix_query_tokens,
         prefix_cache_hit_tokens: s.prefix_hit_tokens,
-        prefix_cache_hit_ratio: ratio(s.prefix_hit_tokens, s.prefix_query_tokens),
+        requests_routed_total: r.routed_total(),
+        requests_moved_out_total: r.moved_out_total(),
         preemptions_total: s.preemptions,
-        steps_total: t.steps,
-        step_compute_seconds_total: secs(t.compute_us),
-        step_gap_seconds_total: secs(t.gap_us),
-        step_rank_wait_seconds_total: secs(t.rank_wait_us),
-        state: now.state.name().to_string(),
-        state_reason: now.state.reason().unwrap_or_default().to_string(),
         requests_requeued_total: s.requeued,
     }
 }
@@ -218,7 +253,7 @@ pub async fn serve_until(
     let mut snapshot = front.watch();
     tokio::spawn(async move {
         loop {
-            let status = match snapshot.borrow_and_update().state {
+            let status = match *snapshot.borrow_and_update() {
                 ReplicaState::Serving => ServingStatus::Serving,
                 _ => ServingStatus::NotServing,
             };

@@ -3,7 +3,8 @@
 //! A request's way: a front door, the gRPC server ([`grpc`]), the OpenAI-compatible HTTP API
 //! ([`openai`]) or the CLI, hands it to the [`front_door`], where [`admission`] turns text into
 //! tokens (with the model's chat template, [`tokenizer`]) and checks its parameters, and which
-//! hands it to a [`replica`]. There it waits in the [`scheduler`] until the KV cache can hold
+//! hands it to the replica the [`router`] chooses among the [`replicas`] (the one holding the
+//! longest cached prefix of the prompt, [`prefix_index`], within a load balance). There it waits in the [`scheduler`] until the KV cache can hold
 //! it; the replica's step loop plans each step over the blocks [`block_manager`] hands out, and
 //! the [`sharded_client`] sends it to every worker rank (found through [`membership`]: spawned
 //! here, listed, or registered in etcd) and brings back rank 0's sampled tokens; a rank that is
@@ -26,8 +27,11 @@ pub mod membership;
 pub mod metrics;
 pub mod openai;
 pub mod output;
+pub mod prefix_index;
 pub mod replica;
+pub mod replicas;
 pub mod request_trace;
+pub mod router;
 pub mod scheduler;
 pub mod sharded_client;
 pub mod shutdown;

@@ -1,9 +1,10 @@
 //! `helios`: the coordinator's command line.
 //!
-//! - `helios serve` spawns a tensor-parallel replica of worker processes and serves the gRPC API
-//!   and the OpenAI-compatible HTTP API.
-//! - `helios coordinator` serves the same APIs over workers started separately (static
-//!   addresses).
+//! - `helios serve` spawns `--dp` tensor-parallel replicas of `--tp` worker processes and
+//!   serves the gRPC API and the OpenAI-compatible HTTP API.
+//! - `helios coordinator` serves the same APIs over workers started separately (listed, one
+//!   `--workers` list per replica, or registered in etcd, where replicas come and go).
+//! - `helios drain` marks a replica of an etcd cluster to drain and leave (or to join again).
 //! - `helios generate` streams one answer to the terminal: from a running server with `--addr`,
 //!   or from a replica it spawns for the occasion.
 
@@ -19,17 +20,18 @@ use futures::{Stream, StreamExt};
 use helios_coordinator::front_door::{CallContext, FrontDoor, ServingOptions};
 use helios_coordinator::membership::local::{resolve_model_path, LocalOptions};
 use helios_coordinator::membership::{
-    EtcdMembers, EtcdOptions, FixedAddresses, LocalWorkers, Membership,
+    discovery, EtcdOptions, FixedAddresses, LocalWorkers, Membership,
 };
 use helios_coordinator::output::{finish_name, ResponseStream};
-use helios_coordinator::replica::{RecoveryOptions, ReplicaOptions};
+use helios_coordinator::replica::{RecoveryOptions, ReplicaOptions, ReplicaState};
+use helios_coordinator::router::{Policy, RouterOptions, DEFAULT_BALANCE};
 use helios_coordinator::scheduler::{
     SchedulerConfig, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RUNNING, DEFAULT_MAX_WAITING,
 };
 use helios_coordinator::sharded_client::InitOptions;
 use helios_coordinator::tokenizer::TextTokenizer;
 use helios_coordinator::{grpc, openai, shutdown};
-use helios_proto::membership::model_fingerprint;
+use helios_proto::membership::{model_fingerprint, EtcdClient, RankKey, DEFAULT_RPC_TIMEOUT};
 use helios_proto::telemetry::{LogDefault, LogFormat, Telemetry};
 use helios_proto::v1::generation_client::GenerationClient;
 use helios_proto::v1::{
@@ -68,6 +70,9 @@ enum Command {
     Serve(ServeArgs),
     /// Serve the gRPC and HTTP APIs from `helios-worker` processes started separately.
     Coordinator(CoordinatorArgs),
+    /// Mark a replica of an etcd cluster to drain: its coordinator stops sending it requests,
+    /// lets those it holds finish, and lets its workers go (`--undo`: it may join again).
+    Drain(DrainArgs),
     /// Stream the answer to one prompt: from a server (`--addr`) or a replica spawned here.
     Generate(GenerateArgs),
     /// Print the last-position logits of a token sequence as JSON; with `--continuation`, the
@@ -119,6 +124,18 @@ struct ReplicaArgs {
     /// health probes (a stopped or unreachable worker is found within seconds anyway).
     #[arg(long, default_value_t = 300.0)]
     step_timeout: f64,
+    /// How a request's replica is chosen, with several: the one holding the longest cached
+    /// prefix of its prompt (within --router-balance), the least loaded, or each in turn.
+    #[arg(long, value_enum, default_value_t = Policy::CacheAware)]
+    router: Policy,
+    /// cache-aware: requests a replica may hold beyond the least loaded one and still be chosen
+    /// for its cached prefix.
+    #[arg(long, default_value_t = DEFAULT_BALANCE)]
+    router_balance: usize,
+    /// With several replicas: seconds a replica may spend recovering from a lost worker before
+    /// it gets no new requests and its own move to other replicas (tokens kept).
+    #[arg(long, default_value_t = 5.0)]
+    failover_after: f64,
 }
 
 impl ReplicaArgs {
@@ -132,8 +149,14 @@ impl ReplicaArgs {
         }
     }
 
-    fn serving_options(&self, observe: Observe) -> ServingOptions {
+    /// How to serve; `several`: there may be more than one replica (failover is on).
+    fn serving_options(&self, observe: Observe, several: bool) -> ServingOptions {
         ServingOptions {
+            router: RouterOptions {
+                policy: self.router,
+                balance: self.router_balance,
+                failover_after: several.then(|| seconds(self.failover_after)),
+            },
             model_name: self.model.to_string_lossy().into_owned(),
             replica: ReplicaOptions {
                 scheduler: SchedulerConfig {
@@ -164,9 +187,12 @@ fn seconds(s: f64) -> Duration {
 struct SpawnArgs {
     #[command(flatten)]
     replica: ReplicaArgs,
-    /// Tensor-parallel degree: worker processes to spawn.
+    /// Tensor-parallel degree: worker processes per replica.
     #[arg(long, default_value_t = 1)]
     tp: usize,
+    /// Data-parallel degree: replicas, each of --tp workers, behind the router.
+    #[arg(long, default_value_t = 1)]
+    dp: usize,
     /// Compute threads per worker (default: the cores divided among the workers).
     #[arg(long)]
     threads_per_worker: Option<usize>,
@@ -204,30 +230,39 @@ struct CoordinatorArgs {
     /// The model, as this process reads it for its tokenizer and as the workers read it.
     #[command(flatten)]
     replica: ReplicaArgs,
-    /// gRPC addresses of the workers, in rank order (`host:port,host:port,...`); names are
-    /// resolved at every connect.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        required_unless_present = "etcd",
-        conflicts_with = "etcd"
-    )]
+    /// gRPC addresses of one replica's workers, in rank order (`host:port,host:port,...`);
+    /// repeat for each replica. Names are resolved at every connect.
+    #[arg(long, required_unless_present = "etcd", conflicts_with = "etcd")]
     workers: Vec<String>,
     /// etcd endpoints (`http://host:port,...`): find the workers there instead, as they
-    /// register (`helios-worker --etcd`).
+    /// register (`helios-worker --etcd`); every replica of the cluster is served as it
+    /// registers, and leaves when marked to (`helios drain`).
     #[arg(long, value_delimiter = ',')]
     etcd: Vec<String>,
     /// The cluster's name in etcd (keys under `/helios/CLUSTER/`).
     #[arg(long, default_value = "helios")]
     cluster: String,
-    /// Which replica of the cluster this coordinator serves.
-    #[arg(long = "replica", default_value_t = 0)]
-    replica_index: u32,
-    /// Ranks in the replica (etcd mode; static mode counts `--workers`).
+    /// Ranks per replica (etcd mode; static mode counts each `--workers` list).
     #[arg(long, default_value_t = 1)]
     tp: usize,
+    /// etcd mode: replicas to wait for before serving (more join as they register).
+    #[arg(long, default_value_t = 1)]
+    dp: usize,
     #[command(flatten)]
     listen: ListenArgs,
+}
+
+#[derive(Args)]
+struct DrainArgs {
+    #[arg(long, value_delimiter = ',', required = true)]
+    etcd: Vec<String>,
+    #[arg(long, default_value = "helios")]
+    cluster: String,
+    #[arg(long)]
+    replica: u32,
+    /// Remove the mark instead: the replica joins again once its ranks are registered.
+    #[arg(long)]
+    undo: bool,
 }
 
 #[derive(Args)]
@@ -289,7 +324,7 @@ async fn main() {
     let cli = Cli::parse();
     let default = match cli.command {
         Command::Serve(_) | Command::Coordinator(_) => LogDefault::Server,
-        Command::Generate(_) | Command::Logits(_) => LogDefault::Quiet,
+        Command::Generate(_) | Command::Logits(_) | Command::Drain(_) => LogDefault::Quiet,
     };
     let mut telemetry = match Telemetry::init("helios-coordinator", cli.log_format, default) {
         Ok(t) => t,
@@ -305,6 +340,7 @@ async fn main() {
     let result = match cli.command {
         Command::Serve(a) => serve(a, observe).await,
         Command::Coordinator(a) => coordinator(a, observe).await,
+        Command::Drain(a) => drain(a).await,
         Command::Generate(a) => generate(a, observe).await,
         Command::Logits(a) => logits(a, observe).await,
     };
@@ -320,23 +356,33 @@ async fn main() {
     }
 }
 
-/// Spawns the workers and serves them as one replica behind a front door (which respawns a
-/// lost one); [`FrontDoor::release_workers`] lets them go.
+/// Spawns `--dp` replicas of `--tp` workers and serves them behind a front door (which
+/// respawns a lost one); [`FrontDoor::release_workers`] lets them go.
 async fn start_serving(a: &SpawnArgs, observe: Observe) -> Result<FrontDoor> {
+    if a.dp == 0 {
+        bail!("--dp must be at least 1");
+    }
     let tokenizer = TextTokenizer::from_model_path(&a.replica.model)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = a.threads_per_worker.unwrap_or((cores / a.tp.max(1)).max(1));
+    let workers = a.tp.max(1) * a.dp;
+    let threads = a.threads_per_worker.unwrap_or((cores / workers).max(1));
     let mut init = a.replica.init_options();
     resolve_model_path(&mut init)?;
-    let workers = LocalWorkers::spawn(LocalOptions {
-        tp: a.tp,
-        threads,
-        log_format: observe.log_format,
-        max_restarts: a.max_worker_restarts,
-    })
-    .await?;
-    let opts = a.replica.serving_options(observe);
-    FrontDoor::start(Membership::Local(workers), &init, tokenizer, &opts).await
+    let spawns = (0..a.dp).map(|_| {
+        LocalWorkers::spawn(LocalOptions {
+            tp: a.tp,
+            threads,
+            log_format: observe.log_format,
+            max_restarts: a.max_worker_restarts,
+        })
+    });
+    let memberships = futures::future::try_join_all(spawns)
+        .await?
+        .into_iter()
+        .map(Membership::Local)
+        .collect();
+    let opts = a.replica.serving_options(observe, a.dp > 1);
+    FrontDoor::start(memberships, &init, tokenizer, &opts).await
 }
 
 /// How long workers spawned here get to exit on their own once let go.
@@ -369,7 +415,12 @@ async fn listen_and_serve(listen: &ListenArgs, front: FrontDoor, what: &str) -> 
 
 async fn serve(a: ServeArgs, observe: Observe) -> Result<()> {
     let front = start_serving(&a.spawn, observe).await?;
-    let what = format!("{} at tp {}", a.spawn.replica.model.display(), a.spawn.tp);
+    let what = format!(
+        "{} at dp {} × tp {}",
+        a.spawn.replica.model.display(),
+        a.spawn.dp,
+        a.spawn.tp
+    );
     let served = listen_and_serve(&a.listen, front.clone(), &what).await;
     // Drained: the workers may exit on their own (sending their last spans) before we do.
     front.release_workers(WORKER_EXIT_GRACE).await;
@@ -379,33 +430,80 @@ async fn serve(a: ServeArgs, observe: Observe) -> Result<()> {
 async fn coordinator(a: CoordinatorArgs, observe: Observe) -> Result<()> {
     let tokenizer = TextTokenizer::from_model_path(&a.replica.model)?;
     let mut init = a.replica.init_options();
-    let membership = if a.etcd.is_empty() {
-        Membership::Static(FixedAddresses::new(&a.workers)?)
-    } else {
-        let model_fingerprint = model_fingerprint(&a.replica.model)?;
-        // Each worker loads the model it registered with (checked against ours above).
-        init.model_path = String::new();
-        Membership::Etcd(
-            EtcdMembers::start(EtcdOptions {
-                endpoints: a.etcd.clone(),
-                cluster: a.cluster.clone(),
-                replica: a.replica_index,
-                world: a.tp,
-                model_fingerprint,
-                model_path: a.replica.model.display().to_string(),
-                version: env!("CARGO_PKG_VERSION").to_string(),
+    if a.etcd.is_empty() {
+        let memberships = a
+            .workers
+            .iter()
+            .map(|list| {
+                let addrs: Vec<String> = list.split(',').map(str::to_string).collect();
+                FixedAddresses::new(&addrs).map(Membership::Static)
             })
-            .await?,
-        )
+            .collect::<Result<Vec<_>>>()?;
+        let what = format!(
+            "{} over {} replicas of {} workers",
+            a.replica.model.display(),
+            memberships.len(),
+            memberships.first().map_or(0, Membership::world_size)
+        );
+        let opts = a.replica.serving_options(observe, memberships.len() > 1);
+        let front = FrontDoor::start(memberships, &init, tokenizer, &opts).await?;
+        return listen_and_serve(&a.listen, front, &what).await;
+    }
+    let model_fingerprint = model_fingerprint(&a.replica.model)?;
+    // Each worker loads the model it registered with (checked against ours above).
+    init.model_path = String::new();
+    let template = EtcdOptions {
+        endpoints: a.etcd.clone(),
+        cluster: a.cluster.clone(),
+        replica: 0,
+        world: a.tp,
+        model_fingerprint,
+        model_path: a.replica.model.display().to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
     };
+    let opts = a.replica.serving_options(observe, true);
+    let front = FrontDoor::new(&init, tokenizer, &opts);
+    let grace = seconds(a.listen.shutdown_grace);
+    tokio::spawn(discovery::follow(front.clone(), template, grace));
+    wait_for_replicas(&front, a.dp).await;
     let what = format!(
-        "{} over {} workers",
+        "{} over the replicas of cluster {:?} (tp {})",
         a.replica.model.display(),
-        membership.world_size()
+        a.cluster,
+        a.tp
     );
-    let opts = a.replica.serving_options(observe);
-    let front = FrontDoor::start(membership, &init, tokenizer, &opts).await?;
     listen_and_serve(&a.listen, front, &what).await
+}
+
+/// Waits until `n` replicas serve.
+async fn wait_for_replicas(front: &FrontDoor, n: usize) {
+    tracing::info!("waiting for {n} replicas to register in etcd and load the model");
+    loop {
+        let serving = front
+            .replicas()
+            .iter()
+            .filter(|r| r.state() == ReplicaState::Serving)
+            .count();
+        if serving >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `helios drain`: writes (or deletes) the replica's drain mark.
+async fn drain(a: DrainArgs) -> Result<()> {
+    helios_proto::membership::validate_cluster(&a.cluster)?;
+    let etcd = EtcdClient::connect(&a.etcd, DEFAULT_RPC_TIMEOUT).await?;
+    let key = RankKey::drain_key(&a.cluster, a.replica);
+    if a.undo {
+        etcd.delete(&key).await?;
+        println!("replica {} may join again ({key} deleted)", a.replica);
+    } else {
+        etcd.put(&key, b"drain".to_vec(), 0).await?;
+        println!("replica {} is marked to drain ({key})", a.replica);
+    }
+    Ok(())
 }
 
 type AnyResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse>> + Send>>;

@@ -7,8 +7,13 @@
 //! - step numbers (step duration, every rank's forward and all-reduce time, from the ranks'
 //!   `StepResult`s) by the step loop as each answer comes back;
 //! - gauges and the scheduler's cumulative counts (running, waiting, KV cache usage, prefix
-//!   cache, preemptions, steps, worker up) are read at scrape time from the replica's
-//!   [`ReplicaSnapshot`], which the step loop publishes anyway, so serving never pays for them.
+//!   cache, preemptions, steps, worker up) are read at scrape time from each replica's
+//!   [`ReplicaSnapshot`], which the step loop publishes anyway, so serving never pays for them;
+//! - the router's choices and the requests moved off a lost replica, by the front door.
+//!
+//! Replica-level series carry a `replica` label (and `rank` for a rank's own), so one scrape
+//! shows every replica behind the coordinator; a request's own numbers do not (a request may
+//! move between replicas), and are the coordinator's whole.
 //!
 //! The text is Prometheus' format 0.0.4, or OpenMetrics 1.0 when the scraper asks for it
 //! (`Accept: application/openmetrics-text`), as the Prometheus server does.
@@ -52,8 +57,21 @@ fn step_buckets() -> impl Iterator<Item = f64> {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaLabel {
+    pub replica: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RankLabel {
+    pub replica: u32,
     pub rank: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub replica: u32,
+    /// Why the router chose it (`router::Reason`).
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -72,29 +90,47 @@ pub struct Metrics {
     pub generation_tokens: Counter,
     /// Every request that was accepted ends here once, by how it ended.
     requests_finished: Family<FinishLabel, Counter>,
-    step_duration: Histogram,
-    /// Each rank's series, made once: a step observes them without a lookup.
-    ranks: Vec<RankSeries>,
+    routed: Family<RouteLabel, Counter>,
+    moved: Family<ReplicaLabel, Counter>,
+    /// The sum of `moved` over replicas (ModelInfo's total).
+    moved_total: AtomicU64,
+    replica: ReplicaFamilies,
+}
+
+/// The replica-level families, `{replica}`- or `{replica, rank}`-labelled.
+struct ReplicaFamilies {
+    step_duration: Family<ReplicaLabel, Histogram, fn() -> Histogram>,
+    forward: Family<RankLabel, Histogram, fn() -> Histogram>,
+    allreduce: Family<RankLabel, Histogram, fn() -> Histogram>,
+    up: Family<RankLabel, Gauge>,
     // Read at scrape time (`ReplicaSnapshot`).
-    requests_running: Gauge,
-    requests_waiting: Gauge,
-    kv_cache_usage: Gauge<f64, AtomicU64>,
-    prefix_cache_hit_ratio: Gauge<f64, AtomicU64>,
-    prefix_cache_queries: Counter,
-    prefix_cache_hits: Counter,
-    preemptions: Counter,
-    requeued: Counter,
-    steps: Counter,
+    requests_running: Family<ReplicaLabel, Gauge>,
+    requests_waiting: Family<ReplicaLabel, Gauge>,
+    kv_cache_usage: Family<ReplicaLabel, Gauge<f64, AtomicU64>>,
+    prefix_cache_hit_ratio: Family<ReplicaLabel, Gauge<f64, AtomicU64>>,
+    prefix_cache_queries: Family<ReplicaLabel, Counter>,
+    prefix_cache_hits: Family<ReplicaLabel, Counter>,
+    preemptions: Family<ReplicaLabel, Counter>,
+    requeued: Family<ReplicaLabel, Counter>,
+    steps: Family<ReplicaLabel, Counter>,
     /// Recoveries from a lost rank that rebuilt the replica, and how long each took.
+    recoveries: Family<ReplicaLabel, Counter>,
+    recovery_duration: Family<ReplicaLabel, Histogram, fn() -> Histogram>,
+}
+
+/// One replica's series that its step loop records into, made once: a step observes them
+/// without a lookup.
+pub struct ReplicaMetrics {
+    step_duration: Histogram,
+    ranks: Vec<RankSeries>,
     recoveries: Counter,
     recovery_duration: Histogram,
 }
 
-/// One rank's series of the `{rank}`-labelled families.
+/// One rank's series of the `{replica, rank}`-labelled families.
 struct RankSeries {
     forward: Histogram,
     allreduce: Histogram,
-    up: Gauge,
 }
 
 /// Registers `metric` as `helios_NAME` (with `_UNIT` appended when it has one) and returns it.
@@ -113,15 +149,11 @@ fn add<M: Metric + Clone>(
 }
 
 impl Metrics {
-    /// The metrics of a replica of `world` ranks.
-    pub fn new(world: usize) -> Self {
+    pub fn new() -> Self {
         let mut r = Registry::with_prefix("helios");
         let r = &mut r;
         let secs = || Some(Unit::Seconds);
         let histogram = |b: &[f64]| Histogram::new(b.iter().copied());
-        let per_rank = || -> Family<RankLabel, Histogram, fn() -> Histogram> {
-            Family::new_with_constructor(|| Histogram::new(step_buckets()))
-        };
         let queue_time = add(
             r,
             "request_queue_time",
@@ -172,44 +204,24 @@ impl Metrics {
             None,
             Family::default(),
         );
-        let step_duration = add(
+        let routed = add(
             r,
-            "step_duration",
-            "Time the slowest rank spent on a step",
-            secs(),
-            Histogram::new(step_buckets()),
-        );
-        let forward = add(
-            r,
-            "worker_forward_duration",
-            "Time a rank spent on a step (its forward pass and sampling)",
-            secs(),
-            per_rank(),
-        );
-        let allreduce = add(
-            r,
-            "allreduce_duration",
-            "Time a rank spent in collectives during a step (on CUDA, issuing them)",
-            secs(),
-            per_rank(),
-        );
-        let up: Family<RankLabel, Gauge> = add(
-            r,
-            "worker_up",
-            "1 while a rank takes steps, 0 once it is gone",
+            "requests_routed",
+            "Requests the router sent to a replica, by replica and why: cache (the longest \
+             cached prefix), load (the least loaded), session (a session's replica), \
+             round_robin, moved (off a lost replica)",
             None,
             Family::default(),
         );
-        let ranks = (0..world as u32)
-            .map(|rank| {
-                let label = RankLabel { rank };
-                RankSeries {
-                    forward: forward.get_or_create(&label).clone(),
-                    allreduce: allreduce.get_or_create(&label).clone(),
-                    up: up.get_or_create(&label).clone(),
-                }
-            })
-            .collect();
+        let moved = add(
+            r,
+            "requests_moved",
+            "Requests moved off a replica that was lost (down, or recovering too long), by the \
+             replica they left",
+            None,
+            Family::default(),
+        );
+        let replica = ReplicaFamilies::register(r);
         Self {
             queue_time,
             time_to_first_token,
@@ -218,87 +230,50 @@ impl Metrics {
             prompt_tokens,
             generation_tokens,
             requests_finished,
-            step_duration,
-            ranks,
-            requests_running: add(
-                r,
-                "requests_running",
-                "Requests in the running batch",
-                None,
-                Gauge::default(),
-            ),
-            requests_waiting: add(
-                r,
-                "requests_waiting",
-                "Requests waiting to be scheduled",
-                None,
-                Gauge::default(),
-            ),
-            kv_cache_usage: add(
-                r,
-                "kv_cache_usage_ratio",
-                "Fraction of KV cache blocks in use by requests (0 to 1)",
-                None,
-                Gauge::default(),
-            ),
-            prefix_cache_hit_ratio: add(
-                r,
-                "prefix_cache_hit_ratio",
-                "Prompt tokens found in the prefix cache over prompt tokens looked up, since start",
-                None,
-                Gauge::default(),
-            ),
-            prefix_cache_queries: add(
-                r,
-                "prefix_cache_queries",
-                "Prompt tokens looked up in the prefix cache",
-                None,
-                Counter::default(),
-            ),
-            prefix_cache_hits: add(
-                r,
-                "prefix_cache_hits",
-                "Prompt tokens found in the prefix cache",
-                None,
-                Counter::default(),
-            ),
-            preemptions: add(
-                r,
-                "preemptions",
-                "Running requests preempted to free KV blocks",
-                None,
-                Counter::default(),
-            ),
-            requeued: add(
-                r,
-                "sequences_requeued",
-                "Running requests sent back to the queue (tokens kept) because the replica lost a rank",
-                None,
-                Counter::default(),
-            ),
-            steps: add(
-                r,
-                "steps",
-                "Steps the replica ran",
-                None,
-                Counter::default(),
-            ),
-            recoveries: add(
-                r,
-                "recoveries",
-                "Times the replica lost a rank and was rebuilt",
-                None,
-                Counter::default(),
-            ),
-            recovery_duration: add(
-                r,
-                "recovery_duration",
-                "Time from losing a rank to serving again",
-                secs(),
-                histogram(RECOVERY_BUCKETS),
-            ),
+            routed,
+            moved,
+            moved_total: AtomicU64::new(0),
+            replica,
             registry: std::mem::take(r),
         }
+    }
+
+    /// The series replica `replica` of `world` ranks records its steps and recoveries into.
+    pub fn replica(&self, replica: u32, world: usize) -> ReplicaMetrics {
+        let f = &self.replica;
+        let label = ReplicaLabel { replica };
+        ReplicaMetrics {
+            step_duration: f.step_duration.get_or_create(&label).clone(),
+            ranks: (0..world as u32)
+                .map(|rank| {
+                    let label = RankLabel { replica, rank };
+                    RankSeries {
+                        forward: f.forward.get_or_create(&label).clone(),
+                        allreduce: f.allreduce.get_or_create(&label).clone(),
+                    }
+                })
+                .collect(),
+            recoveries: f.recoveries.get_or_create(&label).clone(),
+            recovery_duration: f.recovery_duration.get_or_create(&label).clone(),
+        }
+    }
+
+    /// Counts a request routed to `replica`, and why.
+    pub fn routed(&self, replica: u32, reason: &'static str) {
+        self.routed
+            .get_or_create(&RouteLabel { replica, reason })
+            .inc();
+    }
+
+    /// Counts a request moved off `replica`.
+    pub fn moved(&self, replica: u32) {
+        self.moved.get_or_create(&ReplicaLabel { replica }).inc();
+        self.moved_total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests moved off a lost replica since start, over every replica.
+    pub fn moved_total(&self) -> u64 {
+        self.moved_total.load(Ordering::Relaxed)
     }
 
     /// Counts a request that ended, by how.
@@ -310,29 +285,16 @@ impl Metrics {
             .inc();
     }
 
-    /// The metrics as text: OpenMetrics when `openmetrics`, else Prometheus 0.0.4. Returns the
-    /// text and its content type.
-    pub fn render(&self, now: &ReplicaSnapshot, openmetrics: bool) -> (String, &'static str) {
-        let s = &now.scheduler;
-        self.requests_running.set(s.running.into());
-        self.requests_waiting.set(s.waiting.into());
-        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
-        let used = s.kv_blocks_total.saturating_sub(s.kv_blocks_free);
-        self.kv_cache_usage
-            .set(ratio(used.into(), s.kv_blocks_total.into()));
-        self.prefix_cache_hit_ratio.set(ratio(
-            s.prefix_hit_tokens as f64,
-            s.prefix_query_tokens as f64,
-        ));
-        // The scheduler's counts are cumulative already: the counters take their values.
-        let store = |c: &Counter, v: u64| c.inner().store(v, Ordering::Relaxed);
-        store(&self.prefix_cache_queries, s.prefix_query_tokens);
-        store(&self.prefix_cache_hits, s.prefix_hit_tokens);
-        store(&self.preemptions, s.preemptions);
-        store(&self.requeued, s.requeued);
-        store(&self.steps, now.steps.steps);
-        for (series, &up) in self.ranks.iter().zip(&now.ranks_up) {
-            series.up.set(i64::from(up));
+    /// The metrics as text: OpenMetrics when `openmetrics`, else Prometheus 0.0.4, with each
+    /// replica's gauges and counts read from `replicas` (id, snapshot). Returns the text and
+    /// its content type.
+    pub fn render(
+        &self,
+        replicas: &[(u32, ReplicaSnapshot)],
+        openmetrics: bool,
+    ) -> (String, &'static str) {
+        for (id, now) in replicas {
+            self.replica.read(*id, now);
         }
         let mut text = String::new();
         // Writing into a String cannot fail.
@@ -347,7 +309,171 @@ impl Metrics {
             (text, "text/plain; version=0.0.4; charset=utf-8")
         }
     }
+}
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ReplicaFamilies {
+    fn register(r: &mut Registry) -> Self {
+        let secs = || Some(Unit::Seconds);
+        fn steps() -> Histogram {
+            Histogram::new(step_buckets())
+        }
+        fn recoveries() -> Histogram {
+            Histogram::new(RECOVERY_BUCKETS.iter().copied())
+        }
+        Self {
+            step_duration: add(
+                r,
+                "step_duration",
+                "Time the slowest rank spent on a step",
+                secs(),
+                Family::new_with_constructor(steps),
+            ),
+            forward: add(
+                r,
+                "worker_forward_duration",
+                "Time a rank spent on a step (its forward pass and sampling)",
+                secs(),
+                Family::new_with_constructor(steps),
+            ),
+            allreduce: add(
+                r,
+                "allreduce_duration",
+                "Time a rank spent in collectives during a step (on CUDA, issuing them)",
+                secs(),
+                Family::new_with_constructor(steps),
+            ),
+            up: add(
+                r,
+                "worker_up",
+                "1 while a rank takes steps, 0 once it is gone",
+                None,
+                Family::default(),
+            ),
+            requests_running: add(
+                r,
+                "requests_running",
+                "Requests in the running batch",
+                None,
+                Family::default(),
+            ),
+            requests_waiting: add(
+                r,
+                "requests_waiting",
+                "Requests waiting to be scheduled",
+                None,
+                Family::default(),
+            ),
+            kv_cache_usage: add(
+                r,
+                "kv_cache_usage_ratio",
+                "Fraction of KV cache blocks in use by requests (0 to 1)",
+                None,
+                Family::default(),
+            ),
+            prefix_cache_hit_ratio: add(
+                r,
+                "prefix_cache_hit_ratio",
+                "Prompt tokens found in the prefix cache over prompt tokens looked up, since start",
+                None,
+                Family::default(),
+            ),
+            prefix_cache_queries: add(
+                r,
+                "prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache",
+                None,
+                Family::default(),
+            ),
+            prefix_cache_hits: add(
+                r,
+                "prefix_cache_hits",
+                "Prompt tokens found in the prefix cache",
+                None,
+                Family::default(),
+            ),
+            preemptions: add(
+                r,
+                "preemptions",
+                "Running requests preempted to free KV blocks",
+                None,
+                Family::default(),
+            ),
+            requeued: add(
+                r,
+                "sequences_requeued",
+                "Running requests sent back to the queue (tokens kept) because the replica lost a rank",
+                None,
+                Family::default(),
+            ),
+            steps: add(
+                r,
+                "steps",
+                "Steps the replica ran",
+                None,
+                Family::default(),
+            ),
+            recoveries: add(
+                r,
+                "recoveries",
+                "Times the replica lost a rank and was rebuilt",
+                None,
+                Family::default(),
+            ),
+            recovery_duration: add(
+                r,
+                "recovery_duration",
+                "Time from losing a rank to serving again",
+                secs(),
+                Family::new_with_constructor(recoveries),
+            ),
+        }
+    }
+
+    /// Sets replica `replica`'s scrape-time series from its snapshot.
+    fn read(&self, replica: u32, now: &ReplicaSnapshot) {
+        let label = ReplicaLabel { replica };
+        let s = &now.scheduler;
+        self.requests_running
+            .get_or_create(&label)
+            .set(s.running.into());
+        self.requests_waiting
+            .get_or_create(&label)
+            .set(s.waiting.into());
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        let used = s.kv_blocks_total.saturating_sub(s.kv_blocks_free);
+        self.kv_cache_usage
+            .get_or_create(&label)
+            .set(ratio(used.into(), s.kv_blocks_total.into()));
+        self.prefix_cache_hit_ratio.get_or_create(&label).set(ratio(
+            s.prefix_hit_tokens as f64,
+            s.prefix_query_tokens as f64,
+        ));
+        // The scheduler's counts are cumulative already: the counters take their values.
+        let store = |c: &Family<ReplicaLabel, Counter>, v: u64| {
+            c.get_or_create(&label).inner().store(v, Ordering::Relaxed)
+        };
+        store(&self.prefix_cache_queries, s.prefix_query_tokens);
+        store(&self.prefix_cache_hits, s.prefix_hit_tokens);
+        store(&self.preemptions, s.preemptions);
+        store(&self.requeued, s.requeued);
+        store(&self.steps, now.steps.steps);
+        for (rank, &up) in now.ranks_up.iter().enumerate() {
+            let label = RankLabel {
+                replica,
+                rank: rank as u32,
+            };
+            self.up.get_or_create(&label).set(i64::from(up));
+        }
+    }
+}
+
+impl ReplicaMetrics {
     /// Records a recovery that rebuilt the replica in `took`.
     pub fn recovered(&self, took: std::time::Duration) {
         self.recoveries.inc();
@@ -371,12 +497,15 @@ mod tests {
 
     #[test]
     fn names_follow_the_design_and_counters_end_in_total() {
-        let m = Metrics::new(2);
+        let m = Metrics::new();
+        let replica = m.replica(0, 2);
         m.prompt_tokens.inc_by(7);
         m.generation_tokens.inc_by(3);
         m.finished("length");
         m.time_to_first_token.observe(0.2);
-        m.recovered(std::time::Duration::from_millis(700));
+        replica.recovered(std::time::Duration::from_millis(700));
+        m.routed(1, "cache");
+        m.moved(1);
         let now = ReplicaSnapshot {
             scheduler: crate::scheduler::SchedulerStats {
                 running: 2,
@@ -395,31 +524,34 @@ mod tests {
             ranks_up: vec![true, false],
             ..Default::default()
         };
-        let (text, _) = m.render(&now, false);
+        let (text, _) = m.render(&[(0, now.clone())], false);
         for line in [
             "helios_prompt_tokens_total 7",
             "helios_generation_tokens_total 3",
             "helios_requests_finished_total{finish_reason=\"length\"} 1",
-            "helios_requests_running 2",
-            "helios_requests_waiting 1",
-            "helios_kv_cache_usage_ratio 0.4",
-            "helios_prefix_cache_hit_ratio 0.25",
-            "helios_preemptions_total 4",
-            "helios_steps_total 9",
-            "helios_sequences_requeued_total 5",
-            "helios_recoveries_total 1",
-            "helios_recovery_duration_seconds_bucket{le=\"1\"} 1",
-            "helios_recovery_duration_seconds_bucket{le=\"0.5\"} 0",
-            "helios_worker_up{rank=\"0\"} 1",
-            "helios_worker_up{rank=\"1\"} 0",
+            "helios_requests_running{replica=\"0\"} 2",
+            "helios_requests_waiting{replica=\"0\"} 1",
+            "helios_kv_cache_usage_ratio{replica=\"0\"} 0.4",
+            "helios_prefix_cache_hit_ratio{replica=\"0\"} 0.25",
+            "helios_preemptions_total{replica=\"0\"} 4",
+            "helios_steps_total{replica=\"0\"} 9",
+            "helios_sequences_requeued_total{replica=\"0\"} 5",
+            "helios_recoveries_total{replica=\"0\"} 1",
+            "helios_recovery_duration_seconds_bucket{replica=\"0\",le=\"1\"} 1",
+            "helios_recovery_duration_seconds_bucket{replica=\"0\",le=\"0.5\"} 0",
+            "helios_worker_up{replica=\"0\",rank=\"0\"} 1",
+            "helios_worker_up{replica=\"0\",rank=\"1\"} 0",
             "helios_time_to_first_token_seconds_count 1",
+            "helios_requests_routed_total{replica=\"1\",reason=\"cache\"} 1",
+            "helios_requests_moved_total{replica=\"1\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
                 "{line} missing from\n{text}"
             );
         }
-        let (om, content_type) = m.render(&now, true);
+        assert_eq!(m.moved_total(), 1);
+        let (om, content_type) = m.render(&[(0, now)], true);
         assert!(content_type.starts_with("application/openmetrics-text"));
         assert!(om.ends_with("# EOF\n"));
     }

@@ -108,6 +108,17 @@ impl RequestOutput {
         self.trace.requeued();
     }
 
+    /// The router chose replica `replica` for it.
+    pub fn routed(&mut self, replica: u32) {
+        self.trace.routed(replica);
+    }
+
+    /// Its replica was lost: it moves from `from` to `to`, and counts as `to`'s in flight.
+    pub fn moved(&mut self, from: u32, to: u32, in_flight: &InFlight) {
+        self._in_flight = in_flight.enter();
+        self.trace.moved(from, to);
+    }
+
     /// The client went away (cancelled, disconnected, or its deadline passed).
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()

@@ -48,6 +48,8 @@ pub struct RequestTrace {
     preemptions: u32,
     /// Times it went back to the queue because its replica lost a rank.
     requeues: u32,
+    /// Times it moved to another replica because its own was lost.
+    moves: u32,
     arrival: Instant,
     scheduled: Option<Instant>,
     first_token: Option<Instant>,
@@ -79,6 +81,8 @@ impl RequestTrace {
             finish_reason = Empty,
             preemptions = Empty,
             requeues = Empty,
+            replica = Empty,
+            moved = Empty,
             otel.status_code = Empty,
         );
         if let Some(parent) = a.parent {
@@ -112,6 +116,7 @@ impl RequestTrace {
             completion_tokens: 0,
             preemptions: 0,
             requeues: 0,
+            moves: 0,
             arrival: a.arrival,
             scheduled: None,
             first_token: None,
@@ -181,6 +186,26 @@ impl RequestTrace {
         }
     }
 
+    /// The router chose replica `replica` for it (at arrival, or after a move).
+    pub fn routed(&mut self, replica: u32) {
+        self.span.record("replica", replica);
+    }
+
+    /// Its replica was lost: it moves to `to` with its tokens, waits there and is recomputed.
+    pub fn moved(&mut self, from: u32, to: u32) {
+        self.moves += 1;
+        self.span.record("replica", to);
+        tracing::info!(
+            request_id = %self.request_id,
+            from,
+            to,
+            "moved to another replica: its own was lost"
+        );
+        if self.phase != Phase::Ended {
+            self.enter(Phase::Queue);
+        }
+    }
+
     pub fn preempted(&mut self) {
         self.preemptions += 1;
         tracing::debug!(request_id = %self.request_id, "preempted");
@@ -245,6 +270,7 @@ impl RequestTrace {
         span.record("finish_reason", reason);
         span.record("preemptions", self.preemptions);
         span.record("requeues", self.requeues);
+        span.record("moved", self.moves > 0);
         let ttft_ms = self
             .first_token
             .map(|t| t.duration_since(self.arrival).as_secs_f64() * 1e3);
@@ -255,6 +281,7 @@ impl RequestTrace {
                 prompt_tokens = self.prompt_tokens,
                 output_tokens = self.completion_tokens,
                 preemptions = self.preemptions,
+                moves = self.moves,
                 ttft_ms,
                 e2e_ms = e2e.as_secs_f64() * 1e3,
                 "request finished"

@@ -111,6 +111,15 @@ impl Sequence {
     }
 }
 
+/// A sequence on its way to another replica: its prompt and the tokens generated so far
+/// (`tokens[..prompt_len]` is the prompt), and what it asks.
+#[derive(Debug, Clone)]
+pub struct Departing {
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    pub params: SequenceParams,
+}
+
 /// A token rank 0 sampled for a sequence, and whether that ended it.
 #[derive(Debug, Clone)]
 pub struct Sampled {
@@ -371,6 +380,68 @@ impl Scheduler {
         self.blocks.forget_cached();
         self.stats.requeued += running.len() as u64;
         running
+    }
+
+    /// Takes every sequence out, to move it to another replica (this one is lost): each leaves
+    /// with the tokens it has (unanswered steps are forgotten, as in [`Self::requeue_all`]) and
+    /// its parameters, in (priority, arrival) order. An unseeded sampled sequence keeps the
+    /// seed it had here (its id), so it samples on the same draws elsewhere.
+    pub fn take_all(&mut self) -> Vec<(u64, Departing)> {
+        let mut ids: Vec<(i32, u64)> = self.seqs.values().map(Sequence::key).collect();
+        ids.sort_unstable();
+        let mut out = Vec::with_capacity(ids.len());
+        for (_, id) in ids {
+            let Some(mut s) = self.seqs.remove(&id) else {
+                continue;
+            };
+            if let Some(d) = s.params.deadline {
+                self.deadlines.remove(&(d, id));
+            }
+            if s.running {
+                self.free_blocks(&mut s);
+            }
+            self.waiting.remove(&s.key());
+            s.params.sampling.seed.get_or_insert(id);
+            out.push((
+                id,
+                Departing {
+                    tokens: s.tokens,
+                    prompt_len: s.prompt_len,
+                    params: s.params,
+                },
+            ));
+        }
+        self.running.clear();
+        self.planned.clear();
+        self.forgotten.clear();
+        out
+    }
+
+    /// Queues a sequence that comes from another replica with the tokens it had there; it
+    /// recomputes them and samples on. Like a preempted sequence it is not held to the waiting
+    /// limit: it was accepted already.
+    pub fn add_resumed(&mut self, id: u64, d: Departing) -> Result<(), AddError> {
+        let mut seq = Sequence::new(id, d.tokens, d.params);
+        seq.prompt_len = d.prompt_len.min(seq.tokens.len());
+        let need = seq.final_len().div_ceil(self.blocks.block_size());
+        if need > self.blocks.num_total() {
+            return Err(AddError::NeverFits {
+                need,
+                len: seq.final_len(),
+                total: self.blocks.num_total(),
+            });
+        }
+        self.waiting.insert(seq.key());
+        if let Some(d) = seq.params.deadline {
+            self.deadlines.insert((d, seq.id));
+        }
+        self.seqs.insert(seq.id, seq);
+        Ok(())
+    }
+
+    /// Mirrors the prefix cache's block hashes into `index` (the router reads it).
+    pub fn publish_prefixes(&mut self, index: crate::prefix_index::PrefixIndex) {
+        self.blocks.publish_to(index);
     }
 
     /// The sequences preempted since the previous call, in order (a request's trace shows it).

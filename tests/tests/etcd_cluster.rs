@@ -48,8 +48,8 @@ fn worker(etcd: &str, host: &str, rank: u32, model: &str) -> Process {
     )
 }
 
-fn coordinator_command(etcd: &str, replica: u32, tp: &str, model: &str) -> Command {
-    let replica = replica.to_string();
+/// A coordinator serving every replica of cluster `test`, `tp` ranks each.
+fn coordinator_command(etcd: &str, tp: &str, model: &str) -> Command {
     Process::helios_command(
         "coordinator",
         &[
@@ -59,8 +59,6 @@ fn coordinator_command(etcd: &str, replica: u32, tp: &str, model: &str) -> Comma
             etcd,
             "--cluster",
             "test",
-            "--replica",
-            &replica,
             "--tp",
             tp,
             "--max-batch-tokens",
@@ -79,10 +77,7 @@ async fn workers_found_through_etcd_survive_an_etcd_restart_and_a_lost_rank() {
     let mut workers: Vec<Option<Process>> = (0..3)
         .map(|r| Some(worker(&endpoint, &format!("127.0.0.{}", r + 2), r, model)))
         .collect();
-    let server = Process::start(
-        coordinator_command(&endpoint, 0, "3", model),
-        "HELIOS_READY ",
-    );
+    let server = Process::start(coordinator_command(&endpoint, "3", model), "HELIOS_READY ");
     let client = server.client().await;
     let undisturbed = run_streams(&client, workload(STREAMS, TOKENS)).await;
 
@@ -96,7 +91,10 @@ async fn workers_found_through_etcd_survive_an_etcd_restart_and_a_lost_rank() {
     assert_same_streams(&through_outage, &undisturbed);
     let http = server.http_url();
     assert_eq!(
-        metric(&metrics_text(&http), "helios_recoveries_total"),
+        metric(
+            &metrics_text(&http),
+            "helios_recoveries_total{replica=\"0\"}"
+        ),
         Some(0.0)
     );
 
@@ -126,7 +124,10 @@ async fn workers_found_through_etcd_survive_an_etcd_restart_and_a_lost_rank() {
         .await
         .is_some());
     assert_eq!(
-        metric(&metrics_text(&http), "helios_recoveries_total"),
+        metric(
+            &metrics_text(&http),
+            "helios_recoveries_total{replica=\"0\"}"
+        ),
         Some(1.0)
     );
 }
@@ -148,7 +149,7 @@ fn a_worker_of_another_model_is_refused_naming_both() {
         "HELIOS_WORKER_READY ",
     );
     let log = dir.path().join("coordinator.log");
-    let mut cmd = coordinator_command(&endpoint, 7, "1", ours);
+    let mut cmd = coordinator_command(&endpoint, "1", ours);
     let mut coordinator = cmd
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log"))
@@ -185,10 +186,7 @@ async fn a_hung_worker_is_lost_when_its_lease_expires_even_while_idle() {
     let mut workers: Vec<Process> = (0..2)
         .map(|r| worker(&endpoint, hosts[r], r as u32, model))
         .collect();
-    let server = Process::start(
-        coordinator_command(&endpoint, 0, "2", model),
-        "HELIOS_READY ",
-    );
+    let server = Process::start(coordinator_command(&endpoint, "2", model), "HELIOS_READY ");
     let mut client = server.client().await;
     assert!(model_info(&mut client).await.ready);
 

@@ -393,28 +393,34 @@ async fn metrics_count_a_known_workload_and_logs_name_requests_not_prompts() {
             let key = format!("helios_requests_finished_total{{finish_reason=\"{reason}\"}}");
             assert_eq!(at(&key), *count as f64, "{format}: {reason}");
         }
-        assert_eq!(at("helios_requests_running"), 0.0);
-        assert_eq!(at("helios_requests_waiting"), 0.0);
-        let steps = at("helios_steps_total");
+        assert_eq!(at("helios_requests_running{replica=\"0\"}"), 0.0);
+        assert_eq!(at("helios_requests_waiting{replica=\"0\"}"), 0.0);
+        let steps = at("helios_steps_total{replica=\"0\"}");
         assert!(
             steps >= completion_tokens as f64 / 2.0,
             "{format}: {steps} steps"
         );
-        assert_eq!(at("helios_step_duration_seconds_count"), steps, "{format}");
+        assert_eq!(
+            at("helios_step_duration_seconds_count{replica=\"0\"}"),
+            steps,
+            "{format}"
+        );
         for rank in 0..3 {
             assert_eq!(
-                at(&format!("helios_worker_up{{rank=\"{rank}\"}}")),
+                at(&format!(
+                    "helios_worker_up{{replica=\"0\",rank=\"{rank}\"}}"
+                )),
                 1.0,
                 "{format}"
             );
             for h in ["worker_forward_duration", "allreduce_duration"] {
-                let key = format!("helios_{h}_seconds_count{{rank=\"{rank}\"}}");
+                let key = format!("helios_{h}_seconds_count{{replica=\"0\",rank=\"{rank}\"}}");
                 assert_eq!(at(&key), steps, "{format}: {key}");
-                let sum = format!("helios_{h}_seconds_sum{{rank=\"{rank}\"}}");
+                let sum = format!("helios_{h}_seconds_sum{{replica=\"0\",rank=\"{rank}\"}}");
                 assert!(at(&sum) > 0.0, "{format}: {sum}");
             }
         }
-        let usage = at("helios_kv_cache_usage_ratio");
+        let usage = at("helios_kv_cache_usage_ratio{replica=\"0\"}");
         assert!((0.0..=1.0).contains(&usage), "{format}: usage {usage}");
     }
     let types = &scraped["types"];

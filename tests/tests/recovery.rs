@@ -39,7 +39,11 @@ async fn assert_idle_and_serving(server: &Process) {
 }
 
 fn recoveries(server: &Process) -> f64 {
-    metric(&metrics_text(&server.http_url()), "helios_recoveries_total").unwrap_or(0.0)
+    metric(
+        &metrics_text(&server.http_url()),
+        "helios_recoveries_total{replica=\"0\"}",
+    )
+    .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,12 +59,15 @@ async fn a_killed_local_worker_is_respawned_and_no_stream_notices() {
     assert_idle_and_serving(&server).await;
     let text = metrics_text(&server.http_url());
     assert_eq!(
-        metric(&text, "helios_recoveries_total"),
+        metric(&text, "helios_recoveries_total{replica=\"0\"}"),
         Some(1.0),
         "{text}"
     );
-    assert!(metric(&text, "helios_sequences_requeued_total").unwrap_or(0.0) >= 1.0);
-    assert_eq!(metric(&text, "helios_worker_up{rank=\"1\"}"), Some(1.0));
+    assert!(metric(&text, "helios_sequences_requeued_total{replica=\"0\"}").unwrap_or(0.0) >= 1.0);
+    assert_eq!(
+        metric(&text, "helios_worker_up{replica=\"0\",rank=\"1\"}"),
+        Some(1.0)
+    );
     let now = server.children();
     assert_eq!(now.len(), 3, "{now:?}");
     assert!(!now.contains(&workers[1]), "rank 1 was not replaced");

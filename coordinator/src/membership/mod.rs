@@ -13,8 +13,10 @@
 //! - **etcd** ([`EtcdMembers`]): workers register themselves under a lease; the coordinator
 //!   watches its replica's prefix, waits for every rank, refuses a worker of another model or
 //!   version, and takes a lease that expires as a lost rank. A lost rank is replaced by the
-//!   next worker that claims it.
+//!   next worker that claims it. Replicas join when all their ranks are registered and
+//!   leave, drained, when marked to ([`discovery`]).
 
+pub mod discovery;
 mod etcd;
 mod fixed;
 pub mod local;

@@ -76,7 +76,7 @@ struct ModelNames {
 }
 
 impl ModelNames {
-    fn new(full: &str, max_model_len: u32) -> Self {
+    fn new(full: &str) -> Self {
         let file = Path::new(full)
             .file_name()
             .map_or_else(|| full.to_string(), |n| n.to_string_lossy().into_owned());
@@ -89,8 +89,16 @@ impl ModelNames {
                 object: "model",
                 created: unix_now(),
                 owned_by: "helios",
-                max_model_len,
+                max_model_len: 0,
             },
+        }
+    }
+
+    /// The model card, with the length the replicas allow now.
+    fn card(&self, front: &FrontDoor) -> ModelCard {
+        ModelCard {
+            max_model_len: front.limits().map_or(0, |l| l.max_model_len as u32),
+            ..self.card.clone()
         }
     }
 
@@ -132,9 +140,8 @@ fn new_id(prefix: &str) -> String {
 /// endpoints are one more `.route(...)` here and share [`App`] and the error shape through the
 /// fallbacks.
 pub fn router(front: FrontDoor) -> Router {
-    let max_model_len = front.limits().max_model_len as u32;
     let app = App {
-        model: Arc::new(ModelNames::new(front.model_name(), max_model_len)),
+        model: Arc::new(ModelNames::new(front.model_name())),
         front,
     };
     Router::new()
@@ -202,13 +209,13 @@ async fn metrics(State(app): State<App>, headers: HeaderMap) -> Response {
 async fn models(State(app): State<App>) -> Json<ModelList> {
     Json(ModelList {
         object: "list",
-        data: vec![app.model.card.clone()],
+        data: vec![app.model.card(&app.front)],
     })
 }
 
 async fn model(State(app): State<App>, UrlPath(id): UrlPath<String>) -> Response {
     if app.model.accepts(&id) {
-        Json(app.model.card.clone()).into_response()
+        Json(app.model.card(&app.front)).into_response()
     } else {
         ApiError::model_not_found(&id, &app.model.card.id).into_response()
     }
@@ -281,7 +288,7 @@ mod tests {
 
     #[test]
     fn a_model_is_named_by_its_file_stem_or_as_started() {
-        let m = ModelNames::new("models/SmolLM2-135M-Instruct.Q4_1.gguf", 8192);
+        let m = ModelNames::new("models/SmolLM2-135M-Instruct.Q4_1.gguf");
         assert_eq!(m.card.id, "SmolLM2-135M-Instruct.Q4_1");
         for ok in [
             "SmolLM2-135M-Instruct.Q4_1",
@@ -294,7 +301,7 @@ mod tests {
         let e = m.check(Some("gpt-4o")).unwrap_err();
         assert_eq!((e.status.as_u16(), e.code), (404, Some("model_not_found")));
         // A directory keeps its dots (no extension to strip).
-        let d = ModelNames::new("/models/SOLAR-10.7B-Instruct-v1.0/", 4096);
+        let d = ModelNames::new("/models/SOLAR-10.7B-Instruct-v1.0/");
         assert_eq!(d.card.id, "SOLAR-10.7B-Instruct-v1.0");
     }
 

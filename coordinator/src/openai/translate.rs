@@ -197,6 +197,7 @@ fn finish(
             request_id: request_id.to_string(),
             parameters: Some(parameters),
             priority: c.priority.unwrap_or(0),
+            session_id: c.user.unwrap_or_default(),
             ..input
         },
         stream,

@@ -57,7 +57,8 @@ pub struct Common {
     pub logit_bias: Option<serde_json::Map<String, Value>>,
     /// OpenAI allows any integer; a negative seed is used as its two's complement.
     pub seed: Option<i64>,
-    /// Accepted and ignored (OpenAI uses it for abuse monitoring).
+    /// The end user: with several replicas, one user's requests go to the same replica while
+    /// it serves (the gRPC API's `session_id`). Never logged.
     pub user: Option<String>,
     // vLLM's extensions.
     /// 0 or -1 = off.

@@ -8,13 +8,18 @@
 //! or the step loop fails (every request it holds is answered, every later one refused);
 //! **draining** on shutdown (new requests refused, those in flight finish, then the rest are
 //! cancelled). Everything a replica shows the world, its state included, is one
-//! [`ReplicaSnapshot`] ([`snapshot`]).
+//! [`ReplicaSnapshot`] ([`snapshot`]); what its prefix cache holds, for the router, is its
+//! [`PrefixIndex`].
+//!
+//! Behind a front door of several replicas, each has an id, and a lost one hands its requests
+//! back to the front door for another ([`Failover`], [`Moved`]; see [`step_loop`]).
 
 pub mod ranks;
 mod requests;
 mod snapshot;
 pub mod step_loop;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,13 +29,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use self::ranks::Ranks;
 pub use self::ranks::RecoveryOptions;
 pub use self::snapshot::{Published, ReplicaSnapshot, ReplicaState, StepTotals};
-use self::step_loop::{LoopMessage, NewRequest, Observers, StepLoop};
+use self::step_loop::{LoopMessage, NewRequest, Observers, Placement, StepLoop};
 use crate::admission::Limits;
 use crate::error::ServeError;
 use crate::membership::Membership;
 use crate::metrics::Metrics;
-use crate::output::InFlight;
-use crate::scheduler::SchedulerConfig;
+use crate::output::{InFlight, RequestOutput};
+use crate::prefix_index::PrefixIndex;
+use crate::scheduler::{Departing, SchedulerConfig};
 use crate::sharded_client::{Closing, InitOptions, ReplicaInfo};
 use crate::tokenizer::TextTokenizer;
 
@@ -45,11 +51,36 @@ pub struct ReplicaOptions {
     pub recovery: RecoveryOptions,
 }
 
+/// Where a lost replica's requests go: after `after` of recovering (or at once when it is down
+/// for good) it hands each to `elsewhere`, the front door, which moves it to another replica.
+#[derive(Clone)]
+pub struct Failover {
+    pub after: Duration,
+    pub elsewhere: mpsc::UnboundedSender<Moved>,
+}
+
+impl Failover {
+    fn send(&self, m: Moved) {
+        if let Err(mpsc::error::SendError(m)) = self.elsewhere.send(m) {
+            m.output
+                .fail(ServeError::ReplicaDown("no replica can take it".into()));
+        }
+    }
+}
+
+/// A request leaving a lost replica (`from`) for another, with its tokens so far.
+pub struct Moved {
+    pub from: u32,
+    pub departing: Departing,
+    pub output: RequestOutput,
+}
+
 /// One tensor-parallel replica; cheap to clone (every clone is the same replica).
 #[derive(Clone)]
 pub struct Replica(Arc<Inner>);
 
 struct Inner {
+    id: u32,
     info: ReplicaInfo,
     world_size: usize,
     requests: mpsc::UnboundedSender<LoopMessage>,
@@ -57,37 +88,53 @@ struct Inner {
     /// Requests accepted and not yet ended.
     in_flight: InFlight,
     closing: Closing,
+    prefixes: PrefixIndex,
+    /// Requests the router sent here, and requests moved away from here.
+    routed: AtomicU64,
+    moved_out: AtomicU64,
 }
 
 impl Replica {
     /// Finds its workers through `membership` and loads the model on every rank (starting),
     /// then starts the step loop (serving). The step loop detokenizes with `tokenizer` and
     /// records steps in `metrics`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
+        id: u32,
         membership: Membership,
         init: &InitOptions,
         opts: ReplicaOptions,
+        failover: Option<Failover>,
         tokenizer: Arc<TextTokenizer>,
-        metrics: Arc<Metrics>,
+        metrics: &Metrics,
     ) -> Result<Self> {
         let world_size = membership.world_size();
         let published = Published::new(world_size);
         let (ranks, info) =
             Ranks::start(membership, init.clone(), opts.recovery, &published).await?;
         let closing = ranks.client().closing().clone();
-        let scheduler = info.scheduler(opts.scheduler);
+        let mut scheduler = info.scheduler(opts.scheduler);
+        let prefixes = PrefixIndex::default();
+        scheduler.publish_prefixes(prefixes.clone());
         published.update(|s| s.scheduler = scheduler.stats());
         let (requests, rx) = mpsc::unbounded_channel();
         let observers = Observers {
             published: published.clone(),
-            metrics,
+            metrics: metrics.replica(id, world_size),
             tracing: opts.tracing,
+        };
+        let in_flight = InFlight::default();
+        let placement = Placement {
+            id,
+            accepted: in_flight.clone(),
+            failover,
         };
         let step_loop = StepLoop::new(
             ranks,
             scheduler,
             tokenizer,
             rx,
+            placement,
             observers,
             opts.overlap,
             opts.recovery.recovery_timeout,
@@ -104,13 +151,41 @@ impl Replica {
         });
         published.transition(&ReplicaState::Starting, ReplicaState::Serving);
         Ok(Self(Arc::new(Inner {
+            id,
             info,
             world_size,
             requests,
             published,
-            in_flight: InFlight::default(),
+            in_flight,
             closing,
+            prefixes,
+            routed: AtomicU64::new(0),
+            moved_out: AtomicU64::new(0),
         })))
+    }
+
+    /// Its id among the front door's replicas.
+    pub fn id(&self) -> u32 {
+        self.0.id
+    }
+
+    /// The hashes of the blocks its prefix cache holds.
+    pub fn prefixes(&self) -> &PrefixIndex {
+        &self.0.prefixes
+    }
+
+    /// Requests the router sent here, and requests moved away from here, since start.
+    pub fn routed_total(&self) -> u64 {
+        self.0.routed.load(Ordering::Relaxed)
+    }
+
+    pub fn moved_out_total(&self) -> u64 {
+        self.0.moved_out.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request moved away from here.
+    pub fn count_moved_out(&self) {
+        self.0.moved_out.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The model's facts and the KV blocks every rank holds.
@@ -141,6 +216,11 @@ impl Replica {
         self.0.published.state()
     }
 
+    /// Reads its snapshot in place (the router, per request).
+    pub fn read<R>(&self, f: impl FnOnce(&ReplicaSnapshot) -> R) -> R {
+        self.0.published.read(f)
+    }
+
     /// A receiver of its snapshot that wakes on every lifecycle change.
     pub fn watch(&self) -> watch::Receiver<ReplicaSnapshot> {
         self.0.published.subscribe()
@@ -153,11 +233,13 @@ impl Replica {
 
     /// Hands an admitted request to the step loop, or answers it with the reason the replica
     /// cannot take it.
-    pub fn submit(&self, request: NewRequest) -> Result<(), ServeError> {
+    pub fn submit(&self, mut request: NewRequest) -> Result<(), ServeError> {
         if let Some(refused) = self.state().refusal() {
             request.output.fail(refused.clone());
             return Err(refused);
         }
+        self.0.routed.fetch_add(1, Ordering::Relaxed);
+        request.output.routed(self.0.id);
         let message = LoopMessage::Request(Box::new(request));
         if let Err(mpsc::error::SendError(message)) = self.0.requests.send(message) {
             let stopped = ServeError::ReplicaDown("the step loop has stopped".into());
@@ -167,6 +249,17 @@ impl Replica {
             return Err(stopped);
         }
         Ok(())
+    }
+
+    /// Takes a request moved from a lost replica; it waits here with its tokens.
+    pub fn resume(&self, moved: Moved) {
+        self.0.routed.fetch_add(1, Ordering::Relaxed);
+        if let Err(mpsc::error::SendError(LoopMessage::Resume(m))) =
+            self.0.requests.send(LoopMessage::Resume(Box::new(moved)))
+        {
+            m.output
+                .fail(ServeError::ReplicaDown("the step loop has stopped".into()));
+        }
     }
 
     /// Stops taking requests, lets those in flight finish for up to `grace`, then ends the

@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::step_loop::NewRequest;
+use super::Moved;
 use crate::error::ServeError;
-use crate::output::RequestOutput;
-use crate::scheduler::{AddError, Scheduler, Sequence};
+use crate::output::{InFlight, RequestOutput};
+use crate::scheduler::{AddError, Departing, Scheduler, Sequence};
 
 pub struct Requests {
     pub scheduler: Scheduler,
@@ -38,6 +39,41 @@ impl Requests {
             Err(AddError::QueueFull(n)) => r.output.fail(ServeError::QueueFull(n)),
             Err(e) => r.output.fail(ServeError::invalid_request(e.to_string())),
         }
+    }
+
+    /// Queues a request that comes from the lost replica `moved.from` with its tokens, as this
+    /// replica's (`id`, counted in `in_flight`); or answers it why not.
+    pub fn resume(&mut self, mut moved: Moved, id: u32, in_flight: &InFlight) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        moved.output.moved(moved.from, id, in_flight);
+        match self.scheduler.add_resumed(seq, moved.departing) {
+            Ok(()) => {
+                self.outputs.insert(seq, moved.output);
+            }
+            Err(e) => moved
+                .output
+                .fail(ServeError::invalid_request(e.to_string())),
+        }
+    }
+
+    /// Takes every request out to move it off this replica (`from`), which is lost.
+    pub fn take_all(&mut self, from: u32) -> Vec<Moved> {
+        let mut moved = Vec::new();
+        for (id, departing) in self.scheduler.take_all() {
+            if let Some(output) = self.outputs.remove(&id) {
+                moved.push(Moved {
+                    from,
+                    departing,
+                    output,
+                });
+            }
+        }
+        // Nothing else can be held; anything that is was never queued.
+        for (_, out) in self.outputs.drain() {
+            out.fail(ServeError::Internal("a request without a sequence".into()));
+        }
+        moved
     }
 
     /// Frees the blocks of every request whose client is gone or whose deadline passed.
@@ -100,6 +136,22 @@ impl Requests {
         self.scheduler.abort_all();
         for (_, out) in self.outputs.drain() {
             out.cancel();
+        }
+    }
+}
+
+impl Moved {
+    /// A request that was never queued here, moving on as it came.
+    pub fn unqueued(from: u32, r: NewRequest) -> Self {
+        let prompt_len = r.admitted.prompt_ids.len();
+        Self {
+            from,
+            departing: Departing {
+                tokens: r.admitted.prompt_ids,
+                prompt_len,
+                params: r.admitted.params,
+            },
+            output: r.output,
         }
     }
 }

@@ -9,6 +9,7 @@
 //! watcher.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::watch;
 
@@ -79,6 +80,8 @@ pub struct StepTotals {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplicaSnapshot {
     pub state: ReplicaState,
+    /// When it entered its state (the router stops sending to a replica recovering too long).
+    pub state_since: Option<Instant>,
     pub scheduler: SchedulerStats,
     pub steps: StepTotals,
     /// Whether each rank's step stream is open, in rank order (`helios_worker_up`).
@@ -116,7 +119,10 @@ impl Published {
 
     /// Moves the lifecycle to `state` and wakes every watcher.
     pub fn set_state(&self, state: ReplicaState) {
-        self.0.send_modify(|s| s.state = state);
+        self.0.send_modify(|s| {
+            s.state = state;
+            s.state_since = Some(Instant::now());
+        });
     }
 
     /// Moves the lifecycle from `from` to `to`, only if it is at `from`; whether it moved.
@@ -125,6 +131,7 @@ impl Published {
             let moved = s.state == *from;
             if moved {
                 s.state = to;
+                s.state_since = Some(Instant::now());
             }
             moved
         })
@@ -133,6 +140,11 @@ impl Published {
     /// The snapshot now.
     pub fn get(&self) -> ReplicaSnapshot {
         self.0.borrow().clone()
+    }
+
+    /// Reads the snapshot in place (no copy).
+    pub fn read<R>(&self, f: impl FnOnce(&ReplicaSnapshot) -> R) -> R {
+        f(&self.0.borrow())
     }
 
     /// The state now, without copying the rest.

@@ -34,6 +34,13 @@
 //! replica is *down* (refusing new requests) and keeps rebuilding; once rebuilt it serves
 //! again. A rank that can never come back (a restart limit) leaves the replica down for good.
 //!
+//! **Failover** (several replicas behind the front door): a replica still recovering after
+//! `--failover-after`, or down, hands every request it holds to the front door
+//! ([`Failover::elsewhere`]) with its tokens, and every request that reaches it from then on;
+//! the front door moves them to another replica, where they recompute and sample on at the
+//! same output index ([`Scheduler::take_all`]). Recovery goes on meanwhile, for the requests
+//! the router sends once the replica serves again.
+//!
 //! This is the only place steps are driven: servers, `helios generate` without a server, the
 //! `helios logits` debugging command and the engine benchmark all come here through the front
 //! door.
@@ -50,11 +57,11 @@ use tracing::Span;
 
 use super::ranks::{Loss, Ranks, Rebuilt, StepError};
 use super::requests::Requests;
-use super::{Published, ReplicaState};
+use super::{Failover, Moved, Published, ReplicaState};
 use crate::admission::Admitted;
 use crate::error::ServeError;
-use crate::metrics::Metrics;
-use crate::output::RequestOutput;
+use crate::metrics::ReplicaMetrics;
+use crate::output::{InFlight as Accepted, RequestOutput};
 use crate::request_trace::RequestTrace;
 use crate::scheduler::{Sampled, Scheduler};
 use crate::tokenizer::TextTokenizer;
@@ -75,6 +82,8 @@ pub struct NewRequest {
 /// What the step loop is told.
 pub enum LoopMessage {
     Request(Box<NewRequest>),
+    /// A request moved here from a lost replica, with its tokens.
+    Resume(Box<Moved>),
     /// End every request now with finish reason CANCELLED (shutdown after its grace period).
     CancelAll,
     /// Let the workers go (after a drain) and stop; answered once they are gone.
@@ -95,9 +104,17 @@ struct InFlight {
 pub struct Observers {
     /// The replica's snapshot: the scheduler's numbers, step totals, its state.
     pub published: Published,
-    pub metrics: Arc<Metrics>,
+    pub metrics: ReplicaMetrics,
     /// Spans are exported: steps get spans, and plans carry their context to the ranks.
     pub tracing: bool,
+}
+
+/// The replica among others: its id, its count of accepted requests (a request moved here
+/// counts in it), and where its requests go when it is lost (none with one replica).
+pub struct Placement {
+    pub id: u32,
+    pub accepted: Accepted,
+    pub failover: Option<Failover>,
 }
 
 pub struct StepLoop {
@@ -105,8 +122,9 @@ pub struct StepLoop {
     requests: Requests,
     tokenizer: Arc<TextTokenizer>,
     inbox: mpsc::UnboundedReceiver<LoopMessage>,
+    placement: Placement,
     published: Published,
-    metrics: Arc<Metrics>,
+    metrics: ReplicaMetrics,
     tracing: bool,
     overlap: bool,
     recovery_timeout: Duration,
@@ -128,6 +146,16 @@ enum Meanwhile {
     Released(Option<(Duration, oneshot::Sender<()>)>),
 }
 
+/// What became of a message that reached a lost replica.
+enum Forwarded {
+    /// A request, sent on to another replica (or nothing to do: a cancel).
+    Sent,
+    /// No failover: the message is the loop's to handle.
+    Kept(LoopMessage),
+    /// Let the workers go.
+    Release(Duration, oneshot::Sender<()>),
+}
+
 /// How a recovery ended.
 enum Recovery {
     Rebuilt,
@@ -138,11 +166,13 @@ enum Recovery {
 }
 
 impl StepLoop {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         ranks: Ranks,
         scheduler: Scheduler,
         tokenizer: Arc<TextTokenizer>,
         inbox: mpsc::UnboundedReceiver<LoopMessage>,
+        placement: Placement,
         observers: Observers,
         overlap: bool,
         recovery_timeout: Duration,
@@ -152,6 +182,7 @@ impl StepLoop {
             requests: Requests::new(scheduler),
             tokenizer,
             inbox,
+            placement,
             published: observers.published,
             metrics: observers.metrics,
             tracing: observers.tracing,
@@ -318,6 +349,10 @@ impl StepLoop {
     async fn take(&mut self, m: LoopMessage) -> Option<Stop> {
         match m {
             LoopMessage::Request(r) => self.requests.add(*r),
+            LoopMessage::Resume(m) => {
+                let p = &self.placement;
+                self.requests.resume(*m, p.id, &p.accepted);
+            }
             LoopMessage::CancelAll => self.requests.cancel_all(),
             LoopMessage::Release(grace, done) => {
                 self.ranks.release(grace).await;
@@ -394,14 +429,18 @@ impl StepLoop {
     async fn rebuild_meanwhile(&mut self, loss: &Loss, started: Instant) -> Meanwhile {
         let timeout = self.recovery_timeout;
         let deadline = started + timeout;
+        let failover_at = self.placement.failover.as_ref().map(|f| started + f.after);
         let Self {
             ranks,
             requests,
             inbox,
             published,
+            placement,
             ..
         } = self;
         let mut gave_up = false;
+        // Requests went elsewhere: every later one follows them.
+        let mut evacuated = false;
         let rebuild = ranks.rebuild(loss, published);
         tokio::pin!(rebuild);
         let mut tick = tokio::time::interval(RECOVERY_TICK);
@@ -409,17 +448,35 @@ impl StepLoop {
             tokio::select! {
                 r = &mut rebuild => return Meanwhile::Rebuilt(r),
                 m = inbox.recv() => match m {
+                    Some(m) if evacuated => {
+                        if let Forwarded::Release(grace, done) = placement.forward(m) {
+                            return Meanwhile::Released(Some((grace, done)));
+                        }
+                    }
                     Some(LoopMessage::Request(r)) if gave_up => {
                         let refused = published.state().refusal();
                         r.output.fail(refused.unwrap_or(ServeError::Recovering(loss.why.clone())));
                     }
                     Some(LoopMessage::Request(r)) => requests.add(*r),
+                    Some(LoopMessage::Resume(m)) => {
+                        requests.resume(*m, placement.id, &placement.accepted);
+                    }
                     Some(LoopMessage::CancelAll) => requests.cancel_all(),
                     Some(LoopMessage::Release(grace, done)) => {
                         return Meanwhile::Released(Some((grace, done)));
                     }
                     None => return Meanwhile::Released(None),
                 },
+                _ = tokio::time::sleep_until(failover_at.unwrap_or(deadline).into()),
+                    if failover_at.is_some() && !evacuated => {
+                    evacuated = true;
+                    let n = placement.evacuate(requests);
+                    tracing::warn!(
+                        "{}; still recovering after {:?}: moved {n} requests to other replicas",
+                        loss.why,
+                        started.elapsed()
+                    );
+                }
                 _ = tokio::time::sleep_until(deadline.into()), if !gave_up => {
                     gave_up = true;
                     let late = format!("{}; not rebuilt within {timeout:?}", loss.why);
@@ -526,17 +583,31 @@ impl StepLoop {
         self.published.update(|s| s.scheduler = stats);
     }
 
-    /// The replica is down for good: answer everyone, now and from now on (a release still
-    /// lets the workers go).
+    /// The replica is down for good: answer everyone, now and from now on, or, with other
+    /// replicas, move every request to them (a release still lets the workers go).
     async fn down(mut self, why: String) {
         tracing::error!("replica down: {why}");
         self.published.set_state(ReplicaState::Down(why.clone()));
         let error = ServeError::ReplicaDown(why);
+        if self.placement.failover.is_some() {
+            let n = self.placement.evacuate(&mut self.requests);
+            tracing::warn!("moved {n} requests to other replicas");
+        }
         self.requests.fail_all(error.clone());
         self.publish_stats();
         while let Some(m) = self.inbox.recv().await {
+            let m = match self.placement.forward(m) {
+                Forwarded::Sent => continue,
+                Forwarded::Kept(m) => m,
+                Forwarded::Release(grace, done) => {
+                    self.ranks.release(grace).await;
+                    let _ = done.send(());
+                    return;
+                }
+            };
             match m {
                 LoopMessage::Request(r) => r.output.fail(error.clone()),
+                LoopMessage::Resume(m) => m.output.fail(error.clone()),
                 LoopMessage::CancelAll => {}
                 LoopMessage::Release(grace, done) => {
                     self.ranks.release(grace).await;
@@ -545,5 +616,37 @@ impl StepLoop {
                 }
             }
         }
+    }
+}
+
+impl Placement {
+    /// Hands every request held to the front door for another replica; how many.
+    fn evacuate(&self, requests: &mut Requests) -> usize {
+        let Some(failover) = &self.failover else {
+            return 0;
+        };
+        let moved = requests.take_all(self.id);
+        let n = moved.len();
+        for m in moved {
+            failover.send(m);
+        }
+        n
+    }
+
+    /// With failover, sends a request that reached this lost replica on to another replica.
+    fn forward(&self, m: LoopMessage) -> Forwarded {
+        let Some(failover) = &self.failover else {
+            return Forwarded::Kept(m);
+        };
+        match m {
+            LoopMessage::Request(r) => failover.send(Moved::unqueued(self.id, *r)),
+            LoopMessage::Resume(mut m) => {
+                m.from = self.id;
+                failover.send(*m);
+            }
+            LoopMessage::CancelAll => {}
+            LoopMessage::Release(grace, done) => return Forwarded::Release(grace, done),
+        }
+        Forwarded::Sent
     }
 }

@@ -75,6 +75,22 @@ impl RankKey {
         format!("{}replicas/{replica}/", Self::cluster_prefix(cluster))
     }
 
+    /// The prefix of every replica's ranks: `/helios/{cluster}/replicas/`.
+    pub fn replicas_prefix(cluster: &str) -> String {
+        format!("{}replicas/", Self::cluster_prefix(cluster))
+    }
+
+    /// The key that tells the coordinators of a cluster to drain a replica and let it go
+    /// (`helios drain`): `/helios/{cluster}/drain/{replica}`. Its value does not matter.
+    pub fn drain_key(cluster: &str, replica: u32) -> String {
+        format!("{}drain/{replica}", Self::cluster_prefix(cluster))
+    }
+
+    /// The prefix of every drain key: `/helios/{cluster}/drain/`.
+    pub fn drain_prefix(cluster: &str) -> String {
+        format!("{}drain/", Self::cluster_prefix(cluster))
+    }
+
     /// The prefix of everything of one cluster: `/helios/{cluster}/`.
     pub fn cluster_prefix(cluster: &str) -> String {
         format!("{ROOT}{cluster}/")
