@@ -101,6 +101,7 @@ pub fn run(a: RouterArgs) -> Result<()> {
                 prompt: p,
                 session: None,
                 not: None,
+                moving: false,
             },
         );
         times.push(t.elapsed());

@@ -264,6 +264,7 @@ impl FrontDoor {
             prompt: &admitted.prompt_ids,
             session,
             not: None,
+            moving: false,
         })?;
         self.0.metrics.routed(replica.id(), reason.name());
         let prompt_text = self.0.log_prompts.then(|| prompt_text(&req));
@@ -443,6 +444,7 @@ fn place(inner: &Inner, m: Moved) -> Option<Moved> {
         prompt: &m.departing.tokens,
         session: None,
         not: (!back).then_some(m.from),
+        moving: true,
     };
     match route(&inner.router, &replicas, req) {
         Some((to, _)) => {

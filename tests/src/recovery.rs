@@ -127,14 +127,26 @@ pub fn assert_same_streams(got: &[Result<Streamed, Status>], want: &[Result<Stre
 /// `GET PATH` from the HTTP API at `http_url` (`http://host:port`): the status line's code and
 /// the whole response as text.
 pub fn http_get(http_url: &str, path: &str) -> (u16, String) {
+    http_call(http_url, &format!("GET {path}"), "")
+}
+
+/// `POST PATH` of the JSON `body` to the HTTP API at `http_url`: the status line's code and the
+/// whole response as text.
+pub fn http_post(http_url: &str, path: &str, body: &str) -> (u16, String) {
+    http_call(http_url, &format!("POST {path}"), body)
+}
+
+fn http_call(http_url: &str, request_line: &str, body: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let addr = http_url.trim_start_matches("http://");
     let mut s = std::net::TcpStream::connect(addr).expect("connecting to the HTTP API");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
+    s.set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{request_line} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )
     .expect("send");
     let mut text = String::new();

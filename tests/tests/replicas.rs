@@ -10,7 +10,7 @@ use helios_proto::v1::generation_client::GenerationClient;
 use helios_proto::v1::{GenerateRequest, GenerationParameters, ModelInfoResponse};
 use helios_tests::etcd::EtcdServer;
 use helios_tests::recovery::{
-    assert_same_streams, metric, metrics_text, run_streams, workload, Answers, Running,
+    assert_same_streams, http_post, metric, metrics_text, run_streams, workload, Answers, Running,
 };
 use helios_tests::server::{model_info, send_signal, stream_all, wait_until_idle, Process};
 use helios_tests::{binary, make_tiny_model};
@@ -272,13 +272,20 @@ async fn replicas_join_and_leave_through_etcd_without_failing_a_stream() {
     let dir = tempfile::tempdir().expect("tempdir");
     make_tiny_model(dir.path(), 81, &[]).expect("tiny model");
     let model = dir.path().to_str().expect("utf-8");
-    let _replica0 = etcd_worker(&endpoint, "127.0.0.2", 0, model);
+    let replica0 = etcd_worker(&endpoint, "127.0.0.2", 0, model);
     let server = Process::start(
         Process::helios_command(
             "coordinator",
             &["--model", model, "--etcd", &endpoint, "--cluster", "scale"]
                 .into_iter()
-                .chain(["--tp", "1", "--max-batch-tokens", "32"])
+                .chain([
+                    "--tp",
+                    "1",
+                    "--max-batch-tokens",
+                    "32",
+                    "--failover-after",
+                    "1",
+                ])
                 .collect::<Vec<_>>(),
         ),
         "HELIOS_READY ",
@@ -289,7 +296,7 @@ async fn replicas_join_and_leave_through_etcd_without_failing_a_stream() {
     // Scale out under load: replica 1 registers, joins, and takes requests.
     let run = Running::start(&client, workload(STREAMS, TOKENS));
     run.wait_for(STREAMS, Duration::from_secs(60)).await;
-    let _replica1 = etcd_worker(&endpoint, "127.0.0.3", 1, model);
+    let mut replica1 = Some(etcd_worker(&endpoint, "127.0.0.3", 1, model));
     wait_for_replicas(&mut client, &[0, 1]).await;
     let after_join = run_streams(&client, workload(STREAMS, TOKENS)).await;
     assert_same_streams(&after_join, &undisturbed);
@@ -300,22 +307,99 @@ async fn replicas_join_and_leave_through_etcd_without_failing_a_stream() {
     // Scale in under load: replica 0 drains, finishing its streams, and leaves.
     let run = Running::start(&client, workload(STREAMS, TOKENS));
     run.wait_for(STREAMS, Duration::from_secs(60)).await;
-    let drain = Command::new(binary("helios"))
-        .args([
-            "drain",
-            "--etcd",
-            &endpoint,
-            "--cluster",
-            "scale",
-            "--replica",
-            "0",
-        ])
-        .output()
-        .expect("helios drain");
-    assert!(drain.status.success(), "{drain:?}");
+    drain(&endpoint, &["--replica", "0"]);
     assert_same_streams(&run.finish(Duration::from_secs(120)).await, &undisturbed);
     wait_for_replicas(&mut client, &[1]).await;
     let later = run_streams(&client, workload(4, 8)).await;
     assert!(later.iter().all(Result::is_ok), "{later:?}");
     assert_no_leaks(&mut client).await;
+
+    // Replica 0 may join again (its worker kept its registration); then replica 1's worker
+    // dies for good. After --failover-after (1 s) of recovering, replica 1's requests move to
+    // replica 0 and finish there with their undisturbed tokens.
+    drain(&endpoint, &["--replica", "0", "--undo"]);
+    wait_for_replicas(&mut client, &[0, 1]).await;
+    let run = Running::start(&client, workload(STREAMS, TOKENS));
+    run.wait_for(STREAMS, Duration::from_secs(60)).await;
+    drop(replica1.take());
+    assert_same_streams(&run.finish(Duration::from_secs(120)).await, &undisturbed);
+    let info = model_info(&mut client).await;
+    assert!(info.requests_moved_total >= 1, "{info:?}");
+    let states: Vec<(u32, &str)> = info
+        .replicas
+        .iter()
+        .map(|r| (r.id, r.state.as_str()))
+        .collect();
+    assert_eq!(states, [(0, "serving"), (1, "recovering")]);
+    assert_eq!(
+        info.replicas[1].requests_moved_out_total,
+        info.requests_moved_total
+    );
+    drop(replica0);
+}
+
+/// `helios drain --etcd ENDPOINT --cluster scale ARGS`, which must succeed.
+fn drain(endpoint: &str, args: &[&str]) {
+    let out = Command::new(binary("helios"))
+        .args(["drain", "--etcd", endpoint, "--cluster", "scale"])
+        .args(args)
+        .output()
+        .expect("helios drain");
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_sticks_to_its_replica_over_grpc_and_http() {
+    let model = helios_tests::default_model();
+    // least-load alone would alternate between two idle replicas as their caches fill.
+    let server = Process::serve(&[
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--dp",
+        "2",
+        "--router",
+        "least-load",
+    ]);
+    let mut client = server.client().await;
+    let routed = |info: &ModelInfoResponse| -> Vec<u64> {
+        info.replicas
+            .iter()
+            .map(|r| r.requests_routed_total)
+            .collect()
+    };
+    for mut req in workload(6, 2) {
+        req.session_id = "alice".into();
+        stream_all(&mut client, req).await.expect("answered");
+    }
+    let after_grpc = routed(&model_info(&mut client).await);
+    assert!(
+        after_grpc.contains(&6) && after_grpc.contains(&0),
+        "{after_grpc:?}"
+    );
+    // The same over HTTP with OpenAI's `user`: bob's six land together too.
+    for i in 0..6 {
+        let body =
+            format!(r#"{{"prompt": "Turn {i} of a chat.", "max_tokens": 2, "user": "bob"}}"#);
+        let (code, text) = http_post(&server.http_url(), "/v1/completions", &body);
+        assert_eq!(code, 200, "{text}");
+    }
+    let after_http = routed(&model_info(&mut client).await);
+    let bob: Vec<u64> = after_http
+        .iter()
+        .zip(&after_grpc)
+        .map(|(a, b)| a - b)
+        .collect();
+    assert!(bob.contains(&6) && bob.contains(&0), "{bob:?}");
+    let text = metrics_text(&server.http_url());
+    let sticky: f64 = (0..2)
+        .filter_map(|id| {
+            let series =
+                format!("helios_requests_routed_total{{replica=\"{id}\",reason=\"session\"}}");
+            metric(&text, &series)
+        })
+        .sum();
+    assert_eq!(
+        sticky, 10.0,
+        "the first request of each session is routed by load"
+    );
 }

@@ -157,6 +157,9 @@ pub struct RouteRequest<'a> {
     pub session: Option<&'a str>,
     /// Never this replica (a request moving off it).
     pub not: Option<u32>,
+    /// A request moving off a lost replica: never to one recovering too long (which would only
+    /// hand it back), so it waits at the front door until one serves.
+    pub moving: bool,
 }
 
 pub struct Router {
@@ -193,9 +196,14 @@ impl Router {
                 .filter(|&i| replicas[i].accepts == level && Some(replicas[i].id) != req.not)
                 .collect()
         };
-        let candidates = [Accepts::Serving, Accepts::Queueing, Accepts::Late]
-            .into_iter()
-            .map(eligible)
+        let levels: &[Accepts] = if req.moving {
+            &[Accepts::Serving, Accepts::Queueing]
+        } else {
+            &[Accepts::Serving, Accepts::Queueing, Accepts::Late]
+        };
+        let candidates = levels
+            .iter()
+            .map(|&level| eligible(level))
             .find(|c| !c.is_empty())?;
         if let Some(session) = req.session {
             let sticky = self.sessions.get(session).and_then(|id| {

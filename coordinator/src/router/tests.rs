@@ -38,6 +38,7 @@ fn ask(prompt: &[u32]) -> RouteRequest<'_> {
         prompt,
         session: None,
         not: None,
+        moving: false,
     }
 }
 
@@ -97,6 +98,7 @@ fn a_session_sticks_to_its_replica_while_it_serves() {
         prompt: &[1, 2, 3],
         session: Some("alice"),
         not: None,
+        moving: false,
     };
     let views = [view(0, 5, &none), view(1, 0, &none)];
     assert_eq!(r.choose(&views, chat), Some((1, Reason::Load)));
@@ -144,8 +146,15 @@ fn only_serving_replicas_unless_none_serves() {
         prompt: &[1],
         session: None,
         not: Some(2),
+        moving: true,
     };
     assert_eq!(r.choose(&[serving, down], moving), None);
+    // Nor to a replica recovering too long, which would hand it back.
+    assert_eq!(r.choose(&[late, down], moving), None);
+    assert_eq!(
+        r.choose(&[late, recovering], moving),
+        Some((1, Reason::Load))
+    );
 }
 
 #[test]

@@ -459,3 +459,85 @@ fn requeued_after_a_lost_rank_every_sequence_recomputes_and_samples_on() {
         assert_eq!(stats.kv_blocks_free, 32);
     }
 }
+
+#[test]
+fn moved_to_another_replica_every_sequence_samples_on_at_its_output_index() {
+    // A fake rank 0 that samples like the real one: from (seed, output index) only. A seed
+    // that changed, or an output index off by one, would show in the tokens.
+    let seeded = |plan: &StepPlan| {
+        answer_with(plan, |q| {
+            let p = q.sampling.as_ref().expect("sampling");
+            // As the worker does: an unseeded sequence samples with its id.
+            let seed = p.seed.unwrap_or(q.seq_id) as u32;
+            (seed * 31 + p.output_index * 7) % 50 + 1
+        })
+    };
+    let drive = |s: &mut Scheduler, tokens: &mut HashMap<u64, Vec<u32>>, steps: usize| {
+        for _ in 0..steps {
+            let Some(plan) = s.schedule().unwrap() else {
+                return;
+            };
+            for t in s.apply(seeded(&plan)).unwrap() {
+                tokens
+                    .entry(t.token.seq_id)
+                    .or_default()
+                    .push(t.token.token_id);
+            }
+            s.audit().unwrap();
+        }
+    };
+    let add_all = |s: &mut Scheduler| {
+        for id in 1..=3u64 {
+            let mut p = params(6);
+            // Sequence 3 has no seed: it samples with its id, and must keep it when it moves.
+            p.sampling.seed = (id != 3).then_some(100 + id);
+            s.add(Sequence::new(id, vec![id as u32; 9], p)).unwrap();
+        }
+    };
+    let mut undisturbed = HashMap::new();
+    let mut a = sched(32, 4, 8);
+    add_all(&mut a);
+    drive(&mut a, &mut undisturbed, 100);
+    assert!(a.is_idle());
+
+    for moved_after in [1, 3, 5] {
+        let mut tokens = HashMap::new();
+        let mut a = sched(32, 4, 8);
+        add_all(&mut a);
+        drive(&mut a, &mut tokens, moved_after);
+        // Replica A is lost: everything moves to B under new sequence ids.
+        let departing = a.take_all();
+        assert!(a.is_idle());
+        assert_eq!(a.stats().kv_blocks_free, 32, "A keeps nothing");
+        let mut b = Scheduler::new(
+            BlockManager::new(32, 4),
+            SchedulerConfig {
+                max_waiting: 0, // a moved sequence is not held to the waiting limit
+                ..config(8)
+            },
+        );
+        let mut new_ids = HashMap::new();
+        for (i, (old, d)) in departing.into_iter().enumerate() {
+            assert_eq!(d.prompt_len, 9);
+            assert_eq!(
+                &d.tokens[9..],
+                tokens.get(&old).map_or(&[][..], Vec::as_slice)
+            );
+            assert_eq!(
+                d.params.sampling.seed,
+                Some(if old == 3 { 3 } else { 100 + old })
+            );
+            let new = 50 + i as u64;
+            b.add_resumed(new, d).unwrap();
+            new_ids.insert(new, old);
+        }
+        let mut on_b = HashMap::new();
+        drive(&mut b, &mut on_b, 100);
+        assert!(b.is_idle());
+        assert_eq!(b.stats().kv_blocks_free, 32);
+        for (new, more) in on_b {
+            tokens.entry(new_ids[&new]).or_default().extend(more);
+        }
+        assert_eq!(tokens, undisturbed, "moved after {moved_after} steps");
+    }
+}
