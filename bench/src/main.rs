@@ -50,9 +50,10 @@ enum Command {
     Kernel(KernelArgs),
     /// The coordinator's own cost per decode step, over fake workers that answer at once.
     Overhead(overhead::OverheadArgs),
-    /// Load a running server (gRPC or OpenAI HTTP; closed or open loop): throughput, TTFT,
-    /// TPOT, ITL, end-to-end latency and goodput, like `vllm bench serve`.
-    Serve(load::LoadArgs),
+    /// Load a running server (gRPC or OpenAI HTTP; closed or open loop; random prompts,
+    /// multi-turn chat sessions or shared system prompts): throughput, TTFT, TPOT, ITL,
+    /// end-to-end latency, goodput and prefix-cache hits, like `vllm bench serve`.
+    Serve(Box<load::LoadArgs>),
     /// Rank 0's cost of choosing one token, on the default model's real logits.
     Sampling(sampling::SamplingArgs),
     /// The scheduler's decision time per decode step (schedule + apply), in-process.
@@ -120,7 +121,7 @@ fn main() -> Result<()> {
         Command::OtlpSink(a) => runtime()?.block_on(otlp_sink::run(a)),
         // Builds a runtime per configuration.
         Command::Overhead(a) => overhead::run(a),
-        Command::Serve(a) => runtime()?.block_on(load::run(a)),
+        Command::Serve(a) => runtime()?.block_on(load::run(*a)),
     }
 }
 

@@ -17,7 +17,10 @@
 //!
 //! Random prompts are made on demand, one per request index, from the seed: the same seed gives
 //! the same prompts on any machine, a `--duration` run never runs out, and no two requests
-//! share a prefix (which a server's prefix cache would reward).
+//! share a prefix (which a server's prefix cache would reward). The workloads that do share
+//! prefixes on purpose ([`super::chat`], [`super::shared_prefix`]) build on the same [`Random`]
+//! source: a random message of exact length, alone or appended to a prefix whose tokens it
+//! leaves as they are.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -28,6 +31,8 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::Value;
+
+use super::shared_prefix::SharedPrefix;
 
 /// Prompt ids are drawn from `MARGIN .. vocab - MARGIN`: special and byte tokens sit at the ends.
 pub const MARGIN: u32 = 1000;
@@ -57,60 +62,101 @@ pub struct Prompt {
     pub prompt_len: usize,
     /// Tokens to generate (`max_tokens`).
     pub output_len: usize,
+    /// The conversation or user the request belongs to (gRPC `session_id`, OpenAI `user`): a
+    /// router keeps a session's requests on one replica.
+    pub session_id: Option<String>,
 }
 
-/// Where prompts come from.
-pub enum Dataset {
-    RandomIds {
-        seed: u64,
-        input_len: usize,
-        output_len: usize,
-        vocab: u32,
-    },
-    RandomText {
-        seed: u64,
-        input_len: usize,
-        output_len: usize,
-        tokenizer: Arc<TextTokenizer>,
-    },
-    /// Filtered, shuffled ShareGPT entries; requests cycle through them.
-    ShareGpt { entries: Vec<Prompt> },
+/// How random prompts are written: token ids (gRPC, exact by construction) or text that the
+/// model's tokenizer encodes to an exact length (OpenAI HTTP, which takes text).
+#[derive(Clone)]
+pub enum Random {
+    Ids { vocab: u32 },
+    Text(Arc<TextTokenizer>),
 }
 
-impl Dataset {
-    /// Random prompts of `input_len` token ids below `vocab` (which must exceed `2 * MARGIN`).
-    pub fn random_ids(seed: u64, input_len: usize, output_len: usize, vocab: u32) -> Result<Self> {
+impl Random {
+    /// Ids in `MARGIN .. vocab - MARGIN` (`vocab` must exceed `2 * MARGIN`).
+    pub fn ids(vocab: u32) -> Result<Self> {
         if vocab <= 2 * MARGIN + 1 {
             bail!("the vocabulary ({vocab} tokens) is too small for random prompts");
         }
-        Ok(Dataset::RandomIds {
-            seed,
-            input_len,
-            output_len,
-            vocab,
-        })
+        Ok(Random::Ids { vocab })
     }
 
-    /// Random text prompts that `tokenizer` encodes to exactly `input_len` tokens.
-    pub fn random_text(
-        seed: u64,
-        input_len: usize,
-        output_len: usize,
-        tokenizer: Arc<TextTokenizer>,
-    ) -> Result<Self> {
+    /// Text of exact length in `tokenizer`'s tokens.
+    pub fn text(tokenizer: Arc<TextTokenizer>) -> Result<Self> {
         let vocab = tokenizer.vocab_size();
         if vocab <= 2 * MARGIN as usize + 1 {
             bail!("the tokenizer's vocabulary ({vocab} tokens) is too small for random prompts");
         }
-        let bos = tokenizer.encode("")?.len();
+        Ok(Random::Text(tokenizer))
+    }
+
+    /// A prompt of exactly `len` tokens drawn from `seed` (text: the model's BOS included).
+    pub fn message(&self, seed: u64, len: usize) -> Result<Input> {
+        Ok(match self {
+            Random::Ids { vocab } => Input::Ids(random_ids(seed, len, *vocab as usize)),
+            Random::Text(tokenizer) => Input::Text(exact_text(tokenizer, seed, len)?),
+        })
+    }
+
+    /// `prefix` followed by exactly `len` more tokens drawn from `seed`, and the whole prompt's
+    /// length in tokens. The prefix's own tokens stay the first ones (text: the message is
+    /// chosen so that nothing merges across the seam), so a prefix cache can reuse them.
+    pub fn extend(&self, prefix: &Input, seed: u64, len: usize) -> Result<(Input, usize)> {
+        match (self, prefix) {
+            (Random::Ids { vocab }, Input::Ids(ids)) => {
+                let mut all = ids.clone();
+                all.extend(random_ids(seed, len, *vocab as usize));
+                let n = all.len();
+                Ok((Input::Ids(all), n))
+            }
+            (Random::Text(tokenizer), Input::Text(text)) => {
+                let prefix_ids = tokenizer.encode(text)?;
+                let tail = text_after(tokenizer, text, &prefix_ids, seed, len)?;
+                Ok((Input::Text(format!("{text}{tail}")), prefix_ids.len() + len))
+            }
+            _ => bail!("a prompt of token ids and one of text cannot be joined"),
+        }
+    }
+
+    /// Tokens the model adds before any text (its BOS), 0 for ids.
+    fn bos(&self) -> Result<usize> {
+        match self {
+            Random::Ids { .. } => Ok(0),
+            Random::Text(tokenizer) => Ok(tokenizer.encode("")?.len()),
+        }
+    }
+}
+
+/// Where prompts come from.
+pub enum Dataset {
+    /// A fresh random prompt of `input_len` tokens per request.
+    Random {
+        seed: u64,
+        input_len: usize,
+        output_len: usize,
+        random: Random,
+    },
+    /// Filtered, shuffled ShareGPT entries; requests cycle through them.
+    ShareGpt { entries: Vec<Prompt> },
+    /// A few random system prompts, each request one of them and a random suffix.
+    SharedPrefix(SharedPrefix),
+}
+
+impl Dataset {
+    /// Random prompts of exactly `input_len` tokens written as `random` says.
+    pub fn random(seed: u64, input_len: usize, output_len: usize, random: Random) -> Result<Self> {
+        let bos = random.bos()?;
         if input_len <= bos {
             bail!("--input-len {input_len} leaves no room for text after the model's BOS token");
         }
-        Ok(Dataset::RandomText {
+        Ok(Dataset::Random {
             seed,
             input_len,
             output_len,
-            tokenizer,
+            random,
         })
     }
 
@@ -155,6 +201,7 @@ impl Dataset {
                 input: Input::Text(prompt.to_string()),
                 prompt_len,
                 output_len: reply_len,
+                session_id: None,
             });
         }
         if entries.is_empty() {
@@ -168,9 +215,10 @@ impl Dataset {
         Ok(Dataset::ShareGpt { entries })
     }
 
+    /// Where the prompts' tokens come from: `random` (shared prefixes included) or `sharegpt`.
     pub fn name(&self) -> &'static str {
         match self {
-            Dataset::RandomIds { .. } | Dataset::RandomText { .. } => "random",
+            Dataset::Random { .. } | Dataset::SharedPrefix(_) => "random",
             Dataset::ShareGpt { .. } => "sharegpt",
         }
     }
@@ -183,39 +231,23 @@ impl Dataset {
     /// The prompt of warm-up request `i` (random prompts: drawn apart from the measured ones,
     /// so the warm-up leaves nothing in a prefix cache that the measured phase could reuse).
     pub fn warmup_prompt(&self, i: u64) -> Result<Prompt> {
-        self.make(i, 1 << 63)
+        self.make(i, WARMUP_SALT)
     }
 
     fn make(&self, i: u64, salt: u64) -> Result<Prompt> {
         match self {
-            Dataset::RandomIds {
+            Dataset::Random {
                 seed,
                 input_len,
                 output_len,
-                vocab,
+                random,
             } => Ok(Prompt {
-                input: Input::Ids(random_ids(
-                    request_seed(*seed, salt, i),
-                    *input_len,
-                    *vocab as usize,
-                )),
+                input: random.message(request_seed(*seed, salt, i), *input_len)?,
                 prompt_len: *input_len,
                 output_len: *output_len,
+                session_id: None,
             }),
-            Dataset::RandomText {
-                seed,
-                input_len,
-                output_len,
-                tokenizer,
-            } => Ok(Prompt {
-                input: Input::Text(exact_text(
-                    tokenizer,
-                    request_seed(*seed, salt, i),
-                    *input_len,
-                )?),
-                prompt_len: *input_len,
-                output_len: *output_len,
-            }),
+            Dataset::SharedPrefix(s) => s.prompt(i, salt),
             Dataset::ShareGpt { entries } => {
                 let n = entries.len() as u64;
                 // Warm-up takes entries from the end of the shuffled list.
@@ -251,8 +283,11 @@ fn content_len(tokenizer: &TextTokenizer, text: &str) -> Result<usize> {
     Ok(ids.len().saturating_sub(bos))
 }
 
+/// The salt of warm-up requests' seeds: drawn apart from the measured ones.
+pub const WARMUP_SALT: u64 = 1 << 63;
+
 /// A distinct seed per (run seed, phase, request).
-fn request_seed(seed: u64, salt: u64, i: u64) -> u64 {
+pub fn request_seed(seed: u64, salt: u64, i: u64) -> u64 {
     seed ^ salt.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
@@ -274,46 +309,68 @@ pub fn random_ids(seed: u64, len: usize, vocab: usize) -> Vec<u32> {
 }
 
 /// Text that `tokenizer` encodes to exactly `len` tokens (BOS included if the model adds it).
+pub fn exact_text(tokenizer: &TextTokenizer, seed: u64, len: usize) -> Result<String> {
+    let bos = tokenizer.encode("")?;
+    let target = len
+        .checked_sub(bos.len())
+        .filter(|&n| n > 0)
+        .with_context(|| format!("a prompt of {len} tokens leaves no room after BOS"))?;
+    text_after(tokenizer, "", &bos, seed, target)
+        .with_context(|| format!("could not build a text prompt of exactly {len} tokens"))
+}
+
+/// Text that, after `prefix` (which encodes to `prefix_ids`), adds exactly `len` tokens and
+/// leaves the prefix's tokens as they are.
 ///
 /// Random ids decode to text that re-encodes differently (neighbouring pieces merge), so the
 /// ids are adjusted to the re-encoding, cut or extended by the difference, and decoded again
-/// until the length holds; a seed that does not settle is replaced by the next.
-pub fn exact_text(tokenizer: &TextTokenizer, seed: u64, len: usize) -> Result<String> {
+/// until the length holds; a seed that does not settle, or whose text merges with the end of
+/// the prefix, is replaced by the next.
+fn text_after(
+    tokenizer: &TextTokenizer,
+    prefix: &str,
+    prefix_ids: &[u32],
+    seed: u64,
+    len: usize,
+) -> Result<String> {
     let vocab = tokenizer.vocab_size();
-    let bos = tokenizer.encode("")?.len();
-    let target = len
-        .checked_sub(bos)
-        .filter(|&n| n > 0)
-        .with_context(|| format!("a prompt of {len} tokens leaves no room after BOS"))?;
     for attempt in 0..SEEDS {
         let mut draw = attempt.wrapping_mul(0xD1B5_4A32_D192_ED03) ^ seed;
-        let mut ids = random_ids(draw, target, vocab);
+        let mut ids = random_ids(draw, len, vocab);
         for _ in 0..ROUND_TRIPS {
             let text = tokenizer.decode(&ids)?;
-            let encoded = tokenizer.encode(&text)?;
-            if encoded.len() == len {
+            let encoded = tokenizer.encode(&format!("{prefix}{text}"))?;
+            // The seam merged: another seed.
+            let Some(own) = encoded.strip_prefix(prefix_ids) else {
+                break;
+            };
+            if own.len() == len {
                 return Ok(text);
             }
-            // Work on the content ids the text really encodes to.
-            ids = encoded[bos.min(encoded.len())..].to_vec();
-            if ids.len() > target {
-                ids.truncate(target);
+            // Work on the ids the text really encodes to.
+            ids = own.to_vec();
+            if ids.len() > len {
+                ids.truncate(len);
             } else {
                 draw = draw.wrapping_add(1);
-                ids.extend(random_ids(draw, target - ids.len(), vocab));
+                ids.extend(random_ids(draw, len - ids.len(), vocab));
             }
         }
     }
-    bail!("could not build a text prompt of exactly {len} tokens (seed {seed})")
+    bail!(
+        "no text of exactly {len} tokens found after a prefix of {} (seed {seed})",
+        prefix_ids.len()
+    )
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
     use std::path::PathBuf;
 
-    fn tokenizer() -> Arc<TextTokenizer> {
+    /// The default model's tokenizer (`scripts/fetch-model.sh` fetches the model).
+    pub(crate) fn tokenizer() -> Arc<TextTokenizer> {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
         assert!(
@@ -332,7 +389,7 @@ mod tests {
         assert_eq!(ids, random_ids(7, 500, 49152));
         assert_ne!(ids, random_ids(8, 500, 49152));
 
-        let d = Dataset::random_ids(3, 16, 8, 49152).expect("dataset");
+        let d = Dataset::random(3, 16, 8, Random::ids(49152).expect("vocab")).expect("dataset");
         let (a, b, w) = (
             d.prompt(0).expect("p0"),
             d.prompt(1).expect("p1"),
@@ -343,14 +400,15 @@ mod tests {
         assert_ne!(a.input, b.input);
         assert_ne!(a.input, w.input);
         assert_eq!(a.input, d.prompt(0).expect("again").input);
-        assert!(Dataset::random_ids(0, 16, 8, 1500).is_err());
+        assert!(Random::ids(1500).is_err());
     }
 
     #[test]
     fn random_text_encodes_to_exactly_the_asked_length() {
         let tok = tokenizer();
         for len in [2, 3, 16, 64, 200, 1000] {
-            let d = Dataset::random_text(11, len, 4, tok.clone()).expect("dataset");
+            let random = Random::text(tok.clone()).expect("vocab");
+            let d = Dataset::random(11, len, 4, random).expect("dataset");
             for i in 0..8 {
                 let p = d.prompt(i).expect("prompt");
                 let Input::Text(text) = &p.input else {

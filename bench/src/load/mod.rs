@@ -9,16 +9,28 @@
 //! read the counters again, and print the [`report`] (a table, or one JSON object with
 //! `--json`).
 //!
+//! `--workload` ([`workload`]) picks what the requests are: independent prompts (`random`, the
+//! default), multi-turn conversations that resend their history ([`chat`]: `--sessions`,
+//! `--turns`; the load's `--concurrency` and `--request-rate` then count sessions, whose turns
+//! go back to back), or many requests behind a few system prompts ([`shared_prefix`]:
+//! `--system-prompts`, `--system-prompt-len`, `--users`). The last two carry session ids and
+//! share prefixes on purpose, to measure a prefix cache and a cache-aware router; the report
+//! then shows the prefix-cache hit ratio over the run (gRPC). A chat run sends exactly
+//! `--sessions` × `--turns` requests, so it takes neither `--num-requests` nor `--duration`.
+//!
 //! Exact token counts are the point of a capacity test, so `--ignore-eos` makes every request
 //! generate exactly its `max_tokens` and fails a request that does not; input lengths are exact
 //! by construction (token ids over gRPC, text that re-encodes to the asked length over HTTP).
 //! The report's token totals are what the server says it processed (its usage).
 
 pub mod arrivals;
+pub mod chat;
 pub mod client;
 pub mod dataset;
 pub mod progress;
 pub mod report;
+pub mod shared_prefix;
+pub mod workload;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,12 +41,15 @@ use helios_coordinator::tokenizer::TextTokenizer;
 use serde_json::{json, Map, Value};
 
 use arrivals::{Load, Until};
+use chat::Chat;
 use client::grpc::{Grpc, StepCounters};
 use client::openai::OpenAi;
-use client::{Client, Record, Sampling};
-use dataset::{Dataset, Prompt};
+use client::{Client, Record, Reply, Sampling};
+use dataset::{Dataset, Prompt, Random};
 use progress::{Goal, Progress};
 use report::{Report, RunInfo, Slo};
+use shared_prefix::SharedPrefix;
+use workload::{Workload, WorkloadArgs};
 
 /// The model whose tokenizer builds text prompts unless `--tokenizer` says otherwise.
 const DEFAULT_TOKENIZER: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -75,7 +90,10 @@ pub struct LoadArgs {
     #[arg(long, default_value = DEFAULT_TOKENIZER)]
     pub tokenizer: PathBuf,
 
-    /// Requests measured [default: 16 unless --duration].
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+
+    /// Requests measured [default: 16 unless --duration; chat: sessions × turns].
     #[arg(
         long,
         visible_alias = "num-prompts",
@@ -101,7 +119,8 @@ pub struct LoadArgs {
     #[arg(long, visible_alias = "num-warmups", default_value_t = 0)]
     pub warmup: usize,
 
-    /// Random prompts: tokens per prompt [default: 64].
+    /// Random prompts: tokens per prompt (chat: per user message; shared-prefix: after the
+    /// system prompt) [default: 64].
     #[arg(long)]
     pub input_len: Option<usize>,
     /// Tokens to generate per request (`max_tokens`) [default: 64; ShareGPT: the reply's].
@@ -149,6 +168,7 @@ pub struct LoadArgs {
 
 /// The validated shape of a run.
 struct Plan {
+    workload: Workload,
     load: Load,
     until: Until,
     slo: Option<Slo>,
@@ -163,16 +183,8 @@ impl LoadArgs {
         if self.concurrency == Some(0) {
             bail!("--concurrency must be positive");
         }
-        let until = match (self.num_requests, self.duration) {
-            (Some(0), _) => bail!("--num-requests must be positive"),
-            (Some(n), None) => Until::Requests(n),
-            (None, Some(s)) if s.is_finite() && s > 0.0 => {
-                Until::Elapsed(Duration::from_secs_f64(s))
-            }
-            (None, Some(_)) => bail!("--duration must be a positive number of seconds"),
-            (None, None) => Until::Requests(DEFAULT_REQUESTS),
-            (Some(_), Some(_)) => bail!("give --num-requests or --duration, not both"),
-        };
+        let workload = self.workload.workload()?;
+        let until = self.until(&workload)?;
         let load = match self.request_rate {
             None => Load::Closed {
                 concurrency: self.concurrency.unwrap_or(1),
@@ -193,6 +205,12 @@ impl LoadArgs {
         if self.dataset.is_some() && self.input_len.is_some() {
             bail!("--input-len applies to random prompts; a --dataset brings its own");
         }
+        if self.dataset.is_some() && workload != Workload::Random {
+            bail!(
+                "--dataset applies to --workload random; {} builds random prompts",
+                workload.kind().name()
+            );
+        }
         if !(self.request_timeout.is_finite() && self.request_timeout > 0.0) {
             bail!("--request-timeout must be a positive number of seconds");
         }
@@ -207,6 +225,7 @@ impl LoadArgs {
             bail!("--extra-body applies to --protocol openai");
         }
         Ok(Plan {
+            workload,
             load,
             until,
             slo: Slo::parse(&self.slo)?,
@@ -223,6 +242,33 @@ impl LoadArgs {
         })
     }
 
+    /// When the measured phase ends: a chat run sends all its sessions' turns, the others
+    /// `--num-requests` or for `--duration`.
+    fn until(&self, workload: &Workload) -> Result<Until> {
+        if let Workload::Chat { sessions, turns } = workload {
+            if self.num_requests.is_some() || self.duration.is_some() {
+                bail!(
+                    "--workload chat sends --sessions × --turns requests: leave out \
+                     --num-requests and --duration"
+                );
+            }
+            let n = sessions
+                .checked_mul(*turns)
+                .context("--sessions × --turns is too large")?;
+            return Ok(Until::Requests(n));
+        }
+        Ok(match (self.num_requests, self.duration) {
+            (Some(0), _) => bail!("--num-requests must be positive"),
+            (Some(n), None) => Until::Requests(n),
+            (None, Some(s)) if s.is_finite() && s > 0.0 => {
+                Until::Elapsed(Duration::from_secs_f64(s))
+            }
+            (None, Some(_)) => bail!("--duration must be a positive number of seconds"),
+            (None, None) => Until::Requests(DEFAULT_REQUESTS),
+            (Some(_), Some(_)) => bail!("give --num-requests or --duration, not both"),
+        })
+    }
+
     fn load_tokenizer(&self) -> Result<Arc<TextTokenizer>> {
         let t = TextTokenizer::from_model_path(&self.tokenizer).with_context(|| {
             format!(
@@ -233,31 +279,86 @@ impl LoadArgs {
         Ok(Arc::new(t))
     }
 
-    /// The prompts: ShareGPT, or random ids (gRPC) or text (OpenAI) of exact length.
-    fn dataset(&self, plan: &Plan, client: &Client) -> Result<Dataset> {
+    /// The prompts: ShareGPT, or random ids (gRPC) or text (OpenAI) of exact length, as the
+    /// workload arranges them; for chat, the sessions, and single prompts for the warm-up.
+    fn prompts(&self, plan: &Plan, client: &Client) -> Result<(Dataset, Option<Chat>)> {
         let output_len = self.output_len.unwrap_or(DEFAULT_LEN);
         if let Some(path) = &self.dataset {
             let needed = match plan.until {
                 Until::Requests(n) => n,
                 Until::Elapsed(_) => DURATION_POOL,
             } + self.warmup;
-            return Dataset::sharegpt(
-                path,
-                &*self.load_tokenizer()?,
-                self.output_len,
-                needed,
-                plan.seed,
-            );
+            let tokenizer = self.load_tokenizer()?;
+            let d = Dataset::sharegpt(path, &tokenizer, self.output_len, needed, plan.seed)?;
+            return Ok((d, None));
         }
         let input_len = self.input_len.unwrap_or(DEFAULT_LEN);
-        match client {
-            Client::Grpc(g) => {
-                Dataset::random_ids(plan.seed, input_len, output_len, g.info.vocab_size)
+        let random = match client {
+            Client::Grpc(g) => Random::ids(g.info.vocab_size)?,
+            Client::OpenAi(_) => Random::text(self.load_tokenizer()?)?,
+        };
+        let seed = plan.seed;
+        Ok(match plan.workload {
+            Workload::Random => (Dataset::random(seed, input_len, output_len, random)?, None),
+            Workload::Chat { sessions, turns } => {
+                let chat = Chat::new(
+                    random.clone(),
+                    seed,
+                    (sessions, turns),
+                    input_len,
+                    output_len,
+                )?;
+                let warmup = Dataset::random(seed, input_len, output_len, random)?;
+                (warmup, Some(chat))
             }
-            Client::OpenAi(_) => {
-                Dataset::random_text(plan.seed, input_len, output_len, self.load_tokenizer()?)
+            Workload::SharedPrefix {
+                system_prompts,
+                system_prompt_len,
+                users,
+            } => {
+                let shape = shared_prefix::Shape {
+                    system_prompts,
+                    system_len: system_prompt_len,
+                    input_len,
+                    output_len,
+                    users,
+                };
+                let s =
+                    SharedPrefix::new(random, seed, shape).context("--workload shared-prefix")?;
+                (Dataset::SharedPrefix(s), None)
             }
+        })
+    }
+
+    /// Over gRPC, refuses a chat or shared-prefix run whose longest request (prompt and
+    /// output; chat: the last turn, every answer `--output-len` long) exceeds the model's
+    /// length, which the server would refuse halfway through the run.
+    fn check_fits(&self, plan: &Plan, client: &Client) -> Result<()> {
+        let Client::Grpc(g) = client else {
+            return Ok(());
+        };
+        let max = g.info.max_model_len as usize;
+        let (input, output) = (
+            self.input_len.unwrap_or(DEFAULT_LEN),
+            self.output_len.unwrap_or(DEFAULT_LEN),
+        );
+        let longest = match plan.workload {
+            Workload::Random => return Ok(()),
+            Workload::Chat { turns, .. } => turns.saturating_mul(input.saturating_add(output)),
+            Workload::SharedPrefix {
+                system_prompt_len, ..
+            } => system_prompt_len
+                .saturating_add(input)
+                .saturating_add(output),
+        };
+        if max > 0 && longest > max {
+            bail!(
+                "the longest request of this {} run is {longest} tokens with its output, more than \
+                 the model's {max}: lower --input-len, --output-len, --turns or --system-prompt-len",
+                plan.workload.kind().name()
+            );
         }
+        Ok(())
     }
 
     /// The run's settings, as the report's first JSON fields.
@@ -305,10 +406,12 @@ impl LoadArgs {
             "ignore_eos": self.ignore_eos,
             "temperature": self.temperature,
         });
-        match v {
+        let mut m = match v {
             Value::Object(m) => m,
             _ => Map::new(),
-        }
+        };
+        m.extend(plan.workload.settings());
+        m
     }
 }
 
@@ -342,7 +445,9 @@ fn title(s: &Map<String, Value>) -> String {
         Some(Value::Number(n)) => format!("{n} requests"),
         _ => format!("for {} s", v("duration_limit_s")),
     };
-    let lengths = if v("dataset") == "random" {
+    let lengths = if let Some(w) = workload::describe(s) {
+        w
+    } else if v("dataset") == "random" {
         format!("random {} in / {} out", v("input_len"), v("output_len"))
     } else if v("output_len") == "-" {
         "sharegpt (output lengths of the replies)".to_string()
@@ -431,6 +536,24 @@ impl Prompts {
     }
 }
 
+/// Sends one request, failing it after `timeout`.
+async fn send_timed(
+    client: &Client,
+    i: usize,
+    prompt: &Prompt,
+    sampling: &Sampling,
+    timeout: Duration,
+) -> Result<Reply, String> {
+    tokio::time::timeout(timeout, client.send(i, prompt, sampling))
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no complete answer within {} s",
+                timeout.as_secs_f64()
+            ))
+        })
+}
+
 /// Sends one phase's requests and returns their outcomes in request order.
 async fn phase(
     client: &Arc<Client>,
@@ -453,14 +576,9 @@ async fn phase(
         async move {
             let outcome = match prompts.get(i).await {
                 Err(e) => Err(e),
-                Ok(prompt) => tokio::time::timeout(timeout, client.send(i, &prompt, &sampling))
+                Ok(prompt) => send_timed(&client, i, &prompt, &sampling, timeout)
                     .await
-                    .unwrap_or_else(|_| {
-                        Err(format!(
-                            "no complete answer within {} s",
-                            timeout.as_secs_f64()
-                        ))
-                    }),
+                    .map(|reply| reply.record),
             };
             counts.record(outcome.is_ok());
             outcome
@@ -469,9 +587,66 @@ async fn phase(
     .await
 }
 
-pub async fn run(a: LoadArgs) -> Result<()> {
-    let plan = a.plan()?;
-    let client = match a.protocol {
+/// Runs the chat sessions under the run's load (which then starts sessions, not requests) and
+/// returns every turn's outcome, session by session.
+async fn chat_phase(
+    client: &Arc<Client>,
+    chat: Arc<Chat>,
+    plan: &Plan,
+    progress: &Progress,
+) -> Result<Vec<Result<Record, String>>> {
+    let (client, counts) = (client.clone(), progress.counts.clone());
+    let sampling = Arc::new(plan.sampling.clone());
+    let timeout = plan.timeout;
+    let sessions = Until::Requests(chat.sessions);
+    let per_session = arrivals::drive(&plan.load, sessions, plan.seed, move |n| {
+        let (chat, client, counts, sampling) = (
+            chat.clone(),
+            client.clone(),
+            counts.clone(),
+            sampling.clone(),
+        );
+        let send = move |i: usize, prompt: Prompt| {
+            let (client, sampling) = (client.clone(), sampling.clone());
+            async move { send_timed(&client, i, &prompt, &sampling, timeout).await }
+        };
+        chat.run_session(n, send, move |ok| counts.record(ok))
+    })
+    .await?;
+    Ok(per_session.into_iter().flatten().collect())
+}
+
+/// What the measured phase sends: prompts made before it, or chat sessions that make each turn
+/// from the answer to the one before.
+enum Measured {
+    Prompts(Prompts),
+    Chat(Arc<Chat>),
+}
+
+/// Sends `--warmup` requests (single prompts, whatever the workload), not measured.
+async fn warm_up(
+    a: &LoadArgs,
+    client: &Arc<Client>,
+    dataset: &Arc<Dataset>,
+    plan: &Plan,
+    show: bool,
+) -> Result<()> {
+    let load = Load::Closed {
+        concurrency: a.concurrency.unwrap_or(a.warmup).clamp(1, a.warmup),
+    };
+    let until = Until::Requests(a.warmup);
+    let prompts = Prompts::new(dataset, until, true)?;
+    let progress = Progress::start("warm-up", Goal::Requests(a.warmup), show);
+    let out = phase(client, prompts, plan, &load, until, &progress).await;
+    progress.finish().await;
+    if let Some(e) = out?.into_iter().find_map(Result::err) {
+        bail!("a warm-up request failed: {e}");
+    }
+    Ok(())
+}
+
+async fn connect(a: &LoadArgs, plan: &Plan) -> Result<Client> {
+    Ok(match a.protocol {
         Protocol::Grpc => Client::Grpc(Grpc::connect(&a.url, connections(&plan.load)).await?),
         Protocol::Openai => Client::OpenAi(
             OpenAi::connect(
@@ -482,26 +657,24 @@ pub async fn run(a: LoadArgs) -> Result<()> {
             )
             .await?,
         ),
-    };
-    let dataset = a.dataset(&plan, &client)?;
+    })
+}
+
+pub async fn run(a: LoadArgs) -> Result<()> {
+    let plan = a.plan()?;
+    let client = connect(&a, &plan).await?;
+    a.check_fits(&plan, &client)?;
+    let (dataset, chat) = a.prompts(&plan, &client)?;
     let settings = a.settings(&plan, &client, &dataset);
     let (client, dataset) = (Arc::new(client), Arc::new(dataset));
     let show = !a.json && !a.no_progress;
     // Made before the warm-up, so the measured phase starts right after it, on a warm server.
-    let prompts = Prompts::new(&dataset, plan.until, false)?;
-
+    let measured = match chat {
+        Some(chat) => Measured::Chat(Arc::new(chat)),
+        None => Measured::Prompts(Prompts::new(&dataset, plan.until, false)?),
+    };
     if a.warmup > 0 {
-        let load = Load::Closed {
-            concurrency: a.concurrency.unwrap_or(a.warmup).clamp(1, a.warmup),
-        };
-        let until = Until::Requests(a.warmup);
-        let prompts = Prompts::new(&dataset, until, true)?;
-        let progress = Progress::start("warm-up", Goal::Requests(a.warmup), show);
-        let out = phase(&client, prompts, &plan, &load, until, &progress).await;
-        progress.finish().await;
-        if let Some(e) = out?.into_iter().find_map(Result::err) {
-            bail!("a warm-up request failed: {e}");
-        }
+        warm_up(&a, &client, &dataset, &plan, show).await?;
     }
 
     let before = match &*client {
@@ -514,7 +687,10 @@ pub async fn run(a: LoadArgs) -> Result<()> {
     };
     let progress = Progress::start("requests", goal, show);
     let start = Instant::now();
-    let outcomes = phase(&client, prompts, &plan, &plan.load, plan.until, &progress).await;
+    let outcomes = match measured {
+        Measured::Prompts(p) => phase(&client, p, &plan, &plan.load, plan.until, &progress).await,
+        Measured::Chat(chat) => chat_phase(&client, chat, &plan, &progress).await,
+    };
     let duration = start.elapsed();
     progress.finish().await;
     let outcomes = outcomes?;
@@ -669,5 +845,152 @@ mod tests {
             "openai"
         ])
         .is_ok());
+    }
+
+    #[test]
+    fn workloads_plan_their_requests_and_refuse_what_does_not_apply() {
+        let plan = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("serve").chain(args.iter().copied()))
+                .map_err(anyhow::Error::from)
+                .and_then(|c| c.args.plan())
+        };
+        let p = plan(&[
+            "--url",
+            "h:1",
+            "--workload",
+            "chat",
+            "--sessions",
+            "3",
+            "--turns",
+            "5",
+        ])
+        .expect("chat");
+        assert_eq!(
+            p.workload,
+            Workload::Chat {
+                sessions: 3,
+                turns: 5
+            }
+        );
+        assert_eq!(p.until, Until::Requests(15));
+        let p = plan(&[
+            "--url",
+            "h:1",
+            "--workload",
+            "shared-prefix",
+            "--duration",
+            "2",
+        ])
+        .expect("shared-prefix");
+        assert_eq!(p.until, Until::Elapsed(Duration::from_secs(2)));
+        assert_eq!(
+            plan(&["--url", "h:1"]).expect("random").workload,
+            Workload::Random
+        );
+        for bad in [
+            &["--url", "h:1", "--workload", "chat", "--num-requests", "4"][..],
+            &["--url", "h:1", "--workload", "chat", "--duration", "4"],
+            &["--url", "h:1", "--workload", "chat", "--dataset", "x.json"],
+            &[
+                "--url",
+                "h:1",
+                "--workload",
+                "shared-prefix",
+                "--dataset",
+                "x.json",
+            ],
+            &["--url", "h:1", "--users", "4"],
+        ] {
+            assert!(plan(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_title_says_the_workload() {
+        let a = parse(&[
+            "--url",
+            "h:1",
+            "--workload",
+            "chat",
+            "--sessions",
+            "2",
+            "--input-len",
+            "32",
+        ]);
+        let mut s = a.workload.workload().expect("workload").settings();
+        for (k, v) in [
+            ("protocol", json!("grpc")),
+            ("url", json!("h:1")),
+            ("model", json!("m")),
+            ("load", json!("closed")),
+            ("concurrency", json!(2)),
+            ("num_requests", json!(8)),
+            ("dataset", json!("random")),
+            ("input_len", json!(32)),
+            ("output_len", json!(64)),
+            ("warmup", json!(0)),
+        ] {
+            s.insert(k.into(), v);
+        }
+        let t = title(&s);
+        assert!(
+            t.contains("8 requests, chat: 2 sessions × 4 turns, 32 in per turn / 64 out"),
+            "{t}"
+        );
+    }
+
+    #[tokio::test]
+    async fn chat_sessions_resend_their_history_over_http() {
+        use client::openai::tests::{fake_server, sse_response};
+        let answer = " Sure, here it is.";
+        let stream = sse_response(&[
+            &format!(r#"{{"choices":[{{"text":"{answer}"}}]}}"#),
+            r#"{"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}}"#,
+            "[DONE]",
+        ]);
+        let (url, mut requests) = fake_server(vec![stream; 6]).await;
+        let client = OpenAi::connect(&url, "/v1/completions", Some("m".into()), Map::new())
+            .await
+            .expect("connect");
+        let client = Arc::new(Client::OpenAi(client));
+        let random = Random::text(dataset::tests::tokenizer()).expect("random");
+        let chat = Arc::new(Chat::new(random, 0, (2, 3), 8, 1).expect("chat"));
+        let plan = parse(&["--url", &url, "--protocol", "openai", "--concurrency", "2"])
+            .plan()
+            .expect("plan");
+        let progress = Progress::start("test", Goal::Requests(6), false);
+        let outcomes = chat_phase(&client, chat, &plan, &progress)
+            .await
+            .expect("phase");
+        assert_eq!(outcomes.len(), 6);
+        assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+        let done = progress
+            .counts
+            .done
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(done, 6);
+
+        let mut by_session = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for _ in 0..6 {
+            let post = requests.recv().await.expect("request");
+            let body: Value = serde_json::from_str(post.split("\r\n\r\n").nth(1).expect("body"))
+                .expect("JSON body");
+            let user = body["user"].as_str().expect("user").to_string();
+            let prompt = body["prompt"].as_str().expect("prompt").to_string();
+            by_session.entry(user).or_default().push(prompt);
+        }
+        assert_eq!(
+            by_session.keys().collect::<Vec<_>>(),
+            ["session-0", "session-1"]
+        );
+        for turns in by_session.values() {
+            assert_eq!(turns.len(), 3);
+            for k in 1..3 {
+                let history = format!("{}{answer}", turns[k - 1]);
+                assert!(turns[k].starts_with(&history), "{:?}", turns[k]);
+                assert!(turns[k].len() > history.len());
+            }
+        }
+        assert_ne!(by_session["session-0"][0], by_session["session-1"][0]);
     }
 }

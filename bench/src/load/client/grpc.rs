@@ -1,6 +1,10 @@
 //! The gRPC protocol: `helios.v1.Generation/GenerateStream`, one stream per request, and
 //! `ModelInfo` before and after the measured phase for the server's own step counters (how long
-//! the workers computed, and waited between steps), which only Helios reports.
+//! the workers computed, and waited between steps, and how much of the prompts the prefix cache
+//! served), which only Helios reports.
+//!
+//! A request's prompt goes as token ids (or text, for ShareGPT) with its session id, if any; the
+//! generated ids come back with the timings, for a chat's next turn.
 //!
 //! Requests spread over several HTTP/2 connections (one per client in a closed loop), so a
 //! single connection's flow control is not what gets measured.
@@ -13,7 +17,7 @@ use helios_proto::v1::{
 use serde_json::{json, Map, Value};
 use tonic::transport::Channel;
 
-use super::{Clock, Sampling};
+use super::{Clock, Reply, Sampling};
 use crate::load::dataset::{Input, Prompt};
 
 pub struct Grpc {
@@ -60,12 +64,7 @@ impl Grpc {
             .map(tonic::Response::into_inner)
     }
 
-    pub async fn send(
-        &self,
-        i: usize,
-        prompt: &Prompt,
-        s: &Sampling,
-    ) -> Result<super::Record, String> {
+    pub async fn send(&self, i: usize, prompt: &Prompt, s: &Sampling) -> Result<Reply, String> {
         let mut client = self.clients[i % self.clients.len()].clone();
         let (prompt_text, token_ids) = match &prompt.input {
             Input::Ids(ids) => (String::new(), ids.clone()),
@@ -84,6 +83,7 @@ impl Grpc {
                 ignore_eos: s.ignore_eos,
                 ..Default::default()
             }),
+            session_id: prompt.session_id.clone().unwrap_or_default(),
             ..Default::default()
         };
         let mut clock = Clock::start();
@@ -92,12 +92,13 @@ impl Grpc {
             .await
             .map_err(status)?
             .into_inner();
-        let mut tokens = 0usize;
+        let mut answer = Vec::new();
         while let Some(resp) = stream.message().await.map_err(status)? {
             if !resp.token_ids.is_empty() {
                 clock.chunk();
-                tokens += resp.token_ids.len();
+                answer.extend_from_slice(&resp.token_ids);
             }
+            let tokens = answer.len();
             if resp.finish_reason != FinishReason::Unspecified as i32 {
                 let usage = resp.usage.unwrap_or_default();
                 if s.ignore_eos && resp.finish_reason != FinishReason::Length as i32 {
@@ -113,7 +114,11 @@ impl Grpc {
                         usage.completion_tokens
                     ));
                 }
-                return clock.finish(usage.prompt_tokens as usize, tokens);
+                let record = clock.finish(usage.prompt_tokens as usize, tokens)?;
+                return Ok(Reply {
+                    record,
+                    answer: Input::Ids(answer),
+                });
             }
         }
         Err("the stream ended without a finish reason".into())
@@ -127,6 +132,8 @@ pub struct StepCounters {
     gap_s: f64,
     rank_wait_s: f64,
     preemptions: u64,
+    /// Prompt tokens looked up in the prefix cache, and those found there.
+    prefix_queries: u64,
     prefix_hits: u64,
 }
 
@@ -138,10 +145,19 @@ impl StepCounters {
             gap_s: b.step_gap_seconds_total - a.step_gap_seconds_total,
             rank_wait_s: b.step_rank_wait_seconds_total - a.step_rank_wait_seconds_total,
             preemptions: b.preemptions_total.saturating_sub(a.preemptions_total),
+            prefix_queries: b
+                .prefix_cache_query_tokens
+                .saturating_sub(a.prefix_cache_query_tokens),
             prefix_hits: b
                 .prefix_cache_hit_tokens
                 .saturating_sub(a.prefix_cache_hit_tokens),
         }
+    }
+
+    /// Hit tokens over looked-up tokens during the run; `None` when nothing was looked up.
+    /// (The server's own `prefix_cache_hit_ratio` counts since its start.)
+    pub fn prefix_hit_ratio(&self) -> Option<f64> {
+        (self.prefix_queries > 0).then(|| self.prefix_hits as f64 / self.prefix_queries as f64)
     }
 
     fn mean_compute_ms(&self) -> f64 {
@@ -169,7 +185,17 @@ impl StepCounters {
             "gap_percent_of_step": self.percent(self.gap_s),
             "rank_wait_percent_of_step": self.percent(self.rank_wait_s),
             "preemptions": self.preemptions,
+            "prefix_cache_query_tokens": self.prefix_queries,
             "prefix_cache_hit_tokens": self.prefix_hits,
+            "prefix_cache_hit_ratio": self.prefix_hit_ratio(),
+        });
+        let ratio = self.prefix_hit_ratio().map_or("-".to_string(), |r| {
+            format!(
+                "{:.2}% ({} of {} tokens)",
+                r * 100.0,
+                self.prefix_hits,
+                self.prefix_queries
+            )
         });
         let lines = vec![
             format!("{:<40} {}", "Steps:", self.steps),
@@ -191,6 +217,7 @@ impl StepCounters {
             ),
             format!("{:<40} {}", "Preemptions:", self.preemptions),
             format!("{:<40} {}", "Prefix cache hit tokens:", self.prefix_hits),
+            format!("{:<40} {ratio}", "Prefix cache hit ratio:"),
         ];
         match fields {
             Value::Object(m) => (m, lines),
@@ -207,10 +234,58 @@ impl StepCounters {
             "gap_percent_of_step",
             "rank_wait_percent_of_step",
             "preemptions",
+            "prefix_cache_query_tokens",
             "prefix_cache_hit_tokens",
+            "prefix_cache_hit_ratio",
         ]
         .into_iter()
         .map(|k| (k.to_string(), Value::Null))
         .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_cache_hit_ratio_is_over_the_run() {
+        let before = ModelInfoResponse {
+            prefix_cache_query_tokens: 1000,
+            prefix_cache_hit_tokens: 900,
+            steps_total: 10,
+            ..Default::default()
+        };
+        let after = ModelInfoResponse {
+            prefix_cache_query_tokens: 1400,
+            prefix_cache_hit_tokens: 1000,
+            steps_total: 30,
+            ..Default::default()
+        };
+        let c = StepCounters::between(&before, &after);
+        // 100 of the run's 400 looked-up tokens hit, not 1000 of 1400 since the server started.
+        assert_eq!(c.prefix_hit_ratio(), Some(0.25));
+        let (fields, lines) = c.report();
+        assert_eq!(fields["prefix_cache_query_tokens"], 400);
+        assert_eq!(fields["prefix_cache_hit_tokens"], 100);
+        assert_eq!(fields["prefix_cache_hit_ratio"], 0.25);
+        assert_eq!(fields["steps"], 20);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("Prefix cache hit ratio:")
+                    && l.ends_with("25.00% (100 of 400 tokens)")),
+            "{lines:?}"
+        );
+        let mut keys: Vec<&String> = fields.keys().collect();
+        let absent = StepCounters::absent();
+        let mut absent_keys: Vec<&String> = absent.keys().collect();
+        keys.sort();
+        absent_keys.sort();
+        assert_eq!(keys, absent_keys, "absent() names the same fields");
+
+        let idle = StepCounters::between(&after, &after);
+        assert_eq!(idle.prefix_hit_ratio(), None);
+        assert!(idle.report().0["prefix_cache_hit_ratio"].is_null());
     }
 }

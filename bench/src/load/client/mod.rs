@@ -5,7 +5,8 @@
 //! Every request yields a [`Record`] (time to the first token, every gap between streamed
 //! chunks, end-to-end latency, and the prompt and output tokens the server reports in its
 //! usage) or an error message: a refused request, a broken stream or, with `--ignore-eos`, a
-//! wrong number of output tokens counts as failed, never as a crash of the run.
+//! wrong number of output tokens counts as failed, never as a crash of the run. With the record
+//! comes the answer itself ([`Reply`]), which the next turn of a chat session resends.
 
 pub mod grpc;
 pub mod openai;
@@ -13,7 +14,7 @@ pub mod sse;
 
 use std::time::{Duration, Instant};
 
-use super::dataset::Prompt;
+use super::dataset::{Input, Prompt};
 
 /// One completed request.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +35,14 @@ impl Record {
         (self.output_tokens > 1)
             .then(|| self.e2el.saturating_sub(self.ttft) / (self.output_tokens as u32 - 1).max(1))
     }
+}
+
+/// A completed request and what the server generated: token ids over gRPC, text over OpenAI
+/// HTTP.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub record: Record,
+    pub answer: Input,
 }
 
 /// Sampling settings sent with every request.
@@ -60,18 +69,19 @@ impl Client {
         i: usize,
         prompt: &Prompt,
         sampling: &Sampling,
-    ) -> Result<Record, String> {
-        let record = match self {
+    ) -> Result<Reply, String> {
+        let reply = match self {
             Client::Grpc(c) => c.send(i, prompt, sampling).await?,
             Client::OpenAi(c) => c.send(prompt, sampling).await?,
         };
-        if sampling.ignore_eos && record.output_tokens != prompt.output_len {
+        let output_tokens = reply.record.output_tokens;
+        if sampling.ignore_eos && output_tokens != prompt.output_len {
             return Err(format!(
-                "expected exactly {} output tokens (--ignore-eos), got {}",
-                prompt.output_len, record.output_tokens
+                "expected exactly {} output tokens (--ignore-eos), got {output_tokens}",
+                prompt.output_len
             ));
         }
-        Ok(record)
+        Ok(reply)
     }
 
     /// The served model's name.

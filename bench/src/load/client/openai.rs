@@ -6,8 +6,10 @@
 //! such as end-of-sequence has no text). The exact counts come from the final usage chunk; a
 //! server that sends none is credited one token per chunk with text, and the prompt length the
 //! client built.
-//! `ignore_eos` is sent as vLLM's extension; `--extra-body` is merged into every body last, for
-//! servers that need something else (e.g. llama.cpp: `{"logit_bias": {"2": -100}}`).
+//! The chunks' text is kept as the answer (a chat's next turn resends it).
+//! `ignore_eos` is sent as vLLM's extension; a request's session id goes as OpenAI's `user`;
+//! `--extra-body` is merged into every body last, for servers that need something else (e.g.
+//! llama.cpp: `{"logit_bias": {"2": -100}}`).
 //!
 //! Plain HTTP/1.1 over hyper (already in the tree through tonic): benchmarks talk to a server
 //! on the local network, so there is no TLS.
@@ -23,7 +25,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Map, Value};
 
 use super::sse::SseParser;
-use super::{clip, Clock, Record, Sampling};
+use super::{clip, Clock, Reply, Sampling};
 use crate::load::dataset::{Input, Prompt};
 
 /// How much of an error body an error message quotes.
@@ -148,6 +150,9 @@ impl OpenAi {
             if s.ignore_eos {
                 o.insert("ignore_eos".into(), json!(true));
             }
+            if let Some(session) = &prompt.session_id {
+                o.insert("user".into(), json!(session));
+            }
             for (k, v) in &self.extra_body {
                 o.insert(k.clone(), v.clone());
             }
@@ -155,7 +160,7 @@ impl OpenAi {
         body
     }
 
-    pub async fn send(&self, prompt: &Prompt, s: &Sampling) -> Result<Record, String> {
+    pub async fn send(&self, prompt: &Prompt, s: &Sampling) -> Result<Reply, String> {
         let body = self.body(prompt, s).to_string();
         let req = Request::builder()
             .method(Method::POST)
@@ -211,6 +216,8 @@ struct Stream {
     usage: Option<(usize, usize)>,
     /// Chunks with text: the output tokens if the server reports no usage.
     text_chunks: usize,
+    /// The text so far.
+    text: String,
 }
 
 impl Stream {
@@ -231,12 +238,13 @@ impl Stream {
         }
         if let Some(choice) = v.pointer("/choices/0") {
             clock.chunk();
-            if choice
+            if let Some(t) = choice
                 .get("text")
                 .and_then(Value::as_str)
-                .is_some_and(|t| !t.is_empty())
+                .filter(|t| !t.is_empty())
             {
                 self.text_chunks += 1;
+                self.text.push_str(t);
             }
         }
         if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
@@ -249,15 +257,18 @@ impl Stream {
         Ok(false)
     }
 
-    fn finish(self, clock: Clock, prompt: &Prompt) -> Result<Record, String> {
+    fn finish(self, clock: Clock, prompt: &Prompt) -> Result<Reply, String> {
         let (prompt_tokens, output_tokens) =
             self.usage.unwrap_or((prompt.prompt_len, self.text_chunks));
-        clock.finish(prompt_tokens, output_tokens)
+        Ok(Reply {
+            record: clock.finish(prompt_tokens, output_tokens)?,
+            answer: Input::Text(self.text),
+        })
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -277,7 +288,7 @@ mod tests {
 
     /// A one-shot HTTP server: answers every connection with `response`, and sends back the
     /// requests it read.
-    async fn fake_server(
+    pub(crate) async fn fake_server(
         responses: Vec<String>,
     ) -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -320,7 +331,7 @@ mod tests {
         (format!("http://{addr}"), rx)
     }
 
-    fn sse_response(events: &[&str]) -> String {
+    pub(crate) fn sse_response(events: &[&str]) -> String {
         let mut body = String::new();
         for e in events {
             body.push_str(&format!("data: {e}\n\n"));
@@ -343,6 +354,7 @@ mod tests {
             input: Input::Text("Hello there".into()),
             prompt_len: 3,
             output_len: 3,
+            session_id: Some("session-2".into()),
         }
     }
 
@@ -371,7 +383,10 @@ mod tests {
             seed: Some(4),
             ..Default::default()
         };
-        let r = c.send(&prompt(), &s).await.expect("record");
+        let reply = c.send(&prompt(), &s).await.expect("record");
+        // The answer is the chunks' text, in order.
+        assert_eq!(reply.answer, Input::Text("Hi there!".into()));
+        let r = reply.record;
         assert_eq!((r.prompt_tokens, r.output_tokens), (3, 3));
         // Every chunk with a choice is a step, the empty one too (as vLLM counts).
         assert_eq!(r.itl.len(), 3);
@@ -390,6 +405,8 @@ mod tests {
         assert_eq!(body["stream_options"]["include_usage"], true);
         assert_eq!(body["ignore_eos"], true);
         assert_eq!(body["seed"], 4);
+        // The session id is OpenAI's `user`.
+        assert_eq!(body["user"], "session-2");
         // --extra-body wins over the flags.
         assert_eq!(body["temperature"], 0.5);
         assert_eq!(body["logit_bias"]["2"], -100);
@@ -421,7 +438,7 @@ mod tests {
             .await
             .expect("connect");
         let s = Sampling::default();
-        let r = c.send(&prompt(), &s).await.expect("record");
+        let r = c.send(&prompt(), &s).await.expect("record").record;
         assert_eq!((r.prompt_tokens, r.output_tokens), (3, 2));
         let e = c.send(&prompt(), &s).await.expect_err("error event");
         assert!(e.contains("worker died"), "{e}");
