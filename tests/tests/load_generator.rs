@@ -190,3 +190,73 @@ fn openai_http_closed_and_open_loop_counts_are_exact() {
     assert!(ok, "{r}");
     assert_exact_and_ordered(&r, "openai open loop");
 }
+
+#[test]
+fn routing_workloads_find_their_prefixes_cached_behind_two_replicas() {
+    let server = Process::serve_default("1", &["--dp", "2"]);
+    let target = ["--url", server.addr.as_str()];
+    // Three chats of three turns: turns 2 and 3 resend the history (and the answers).
+    let (ok, r) = bench(
+        &[
+            &target[..],
+            &[
+                "--workload",
+                "chat",
+                "--sessions",
+                "3",
+                "--turns",
+                "3",
+                "--input-len",
+                "32",
+                "--output-len",
+                "8",
+                "--ignore-eos",
+                "--concurrency",
+                "3",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{r}");
+    assert_eq!(
+        (r["completed"].as_u64(), r["failed"].as_u64()),
+        (Some(9), Some(0)),
+        "{r}"
+    );
+    assert_eq!(r["workload"], "chat", "{r}");
+    let chat = num(&r, "prefix_cache_hit_ratio");
+    // Each later turn finds at least the whole blocks of the first turn's prompt.
+    assert!(chat > 0.3, "chat hit ratio {chat}: {r}");
+
+    // Two system prompts of 64 tokens shared by eight requests of four users.
+    let (ok, r) = bench(
+        &[
+            &target[..],
+            &[
+                "--workload",
+                "shared-prefix",
+                "--system-prompts",
+                "2",
+                "--system-prompt-len",
+                "64",
+                "--users",
+                "4",
+                "--num-requests",
+                "8",
+                "--input-len",
+                "16",
+                "--output-len",
+                "4",
+                "--ignore-eos",
+                "--concurrency",
+                "2",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(ok, "{r}");
+    assert_eq!(r["completed"].as_u64(), Some(8), "{r}");
+    let shared = num(&r, "prefix_cache_hit_ratio");
+    assert!(shared > 0.3, "shared-prefix hit ratio {shared}: {r}");
+    eprintln!("prefix-cache hit ratio: chat {chat:.3}, shared-prefix {shared:.3}");
+}
