@@ -154,6 +154,9 @@ async fn spans_reach_an_otlp_receiver_and_join_the_clients_trace() {
     assert_eq!(req.attr("output_tokens"), Some("6"));
     assert_eq!(req.attr("finish_reason"), Some("length"));
     assert_eq!(req.attr("preemptions"), Some("0"));
+    // Which replica served it, and that it never moved.
+    assert_eq!(req.attr("replica"), Some("0"));
+    assert_eq!(req.attr("moved"), Some("false"));
     assert_eq!(grpc.finish_reason, Some(FinishReason::Length));
 
     // Its phases, in its trace, under it.
@@ -408,15 +411,15 @@ async fn metrics_count_a_known_workload_and_logs_name_requests_not_prompts() {
         for rank in 0..3 {
             assert_eq!(
                 at(&format!(
-                    "helios_worker_up{{replica=\"0\",rank=\"{rank}\"}}"
+                    "helios_worker_up{{rank=\"{rank}\",replica=\"0\"}}"
                 )),
                 1.0,
                 "{format}"
             );
             for h in ["worker_forward_duration", "allreduce_duration"] {
-                let key = format!("helios_{h}_seconds_count{{replica=\"0\",rank=\"{rank}\"}}");
+                let key = format!("helios_{h}_seconds_count{{rank=\"{rank}\",replica=\"0\"}}");
                 assert_eq!(at(&key), steps, "{format}: {key}");
-                let sum = format!("helios_{h}_seconds_sum{{replica=\"0\",rank=\"{rank}\"}}");
+                let sum = format!("helios_{h}_seconds_sum{{rank=\"{rank}\",replica=\"0\"}}");
                 assert!(at(&sum) > 0.0, "{format}: {sum}");
             }
         }

@@ -66,7 +66,7 @@ async fn a_killed_worker_is_noticed_and_answered_unavailable() {
     // /metrics says which rank went, and that the request in flight ended in an error.
     let metrics = observe(&["metrics", &server.http_url()]);
     let m = &metrics["prometheus"];
-    assert_eq!(m["helios_worker_up{replica=\"0\",rank=\"1\"}"], 0.0, "{m}");
+    assert_eq!(m["helios_worker_up{rank=\"1\",replica=\"0\"}"], 0.0, "{m}");
     assert_eq!(
         m["helios_requests_finished_total{finish_reason=\"error\"}"], 1.0,
         "{m}"
