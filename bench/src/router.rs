@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use helios_coordinator::prefix_index::{prompt_hashes, PrefixIndex};
 use helios_coordinator::router::{
-    Accepts, Policy, ReplicaView, RouteRequest, Router, RouterOptions, DEFAULT_BALANCE,
+    Accepts, Policy, Reason, ReplicaView, RouteRequest, Router, RouterOptions, DEFAULT_BALANCE,
 };
 use serde_json::json;
 
@@ -48,7 +48,48 @@ pub fn run(a: RouterArgs) -> Result<()> {
         bail!("--replicas and --requests must be positive, --prompt-len at least a block");
     }
     let built = Instant::now();
-    let indexes: Vec<PrefixIndex> = (0..a.replicas)
+    let indexes = cached_prompts(&a);
+    let built = built.elapsed();
+    let (mut times, cache_choices) = measure(&a, &indexes);
+    times.sort_unstable();
+    let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
+    let mean = times.iter().sum::<Duration>() / times.len() as u32;
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "replicas": a.replicas, "prefixes_per_replica": a.prefixes,
+                "prompt_len": a.prompt_len, "block_size": a.block_size,
+                "requests": a.requests, "cache_choices": cache_choices,
+                "mean_us": us(mean), "p50_us": us(at(0.5)), "p99_us": us(at(0.99)),
+                "max_us": us(at(1.0)),
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "{} replicas × {} cached prompts of {} tokens ({} block hashes each; built in {built:.1?})",
+        a.replicas,
+        a.prefixes,
+        a.prompt_len,
+        indexes[0].len()
+    );
+    println!(
+        "{} requests ({cache_choices} routed for their cache): mean {:.2} µs, p50 {:.2} µs, \
+         p99 {:.2} µs, max {:.2} µs per decision",
+        a.requests,
+        us(mean),
+        us(at(0.5)),
+        us(at(0.99)),
+        us(at(1.0))
+    );
+    Ok(())
+}
+
+/// Each replica's index, holding its own `prefixes` prompts.
+fn cached_prompts(a: &RouterArgs) -> Vec<PrefixIndex> {
+    (0..a.replicas)
         .map(|r| {
             let index = PrefixIndex::default();
             for p in 0..a.prefixes {
@@ -58,8 +99,11 @@ pub fn run(a: RouterArgs) -> Result<()> {
             }
             index
         })
-        .collect();
-    let built = built.elapsed();
+        .collect()
+}
+
+/// Every request's decision time, and how many were routed for their cache.
+fn measure(a: &RouterArgs, indexes: &[PrefixIndex]) -> (Vec<Duration>, usize) {
     let router = Router::new(
         RouterOptions {
             policy: Policy::CacheAware,
@@ -80,7 +124,7 @@ pub fn run(a: RouterArgs) -> Result<()> {
         })
         .collect();
     let mut times = Vec::with_capacity(a.requests);
-    let mut cached_choices = 0;
+    let mut cache_choices = 0;
     for (i, p) in asked.iter().enumerate() {
         let t = Instant::now();
         let views: Vec<ReplicaView<'_>> = indexes
@@ -105,41 +149,9 @@ pub fn run(a: RouterArgs) -> Result<()> {
             },
         );
         times.push(t.elapsed());
-        if matches!(chosen, Some((_, helios_coordinator::router::Reason::Cache))) {
-            cached_choices += 1;
+        if matches!(chosen, Some((_, Reason::Cache))) {
+            cache_choices += 1;
         }
     }
-    times.sort_unstable();
-    let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
-    let mean = times.iter().sum::<Duration>() / times.len() as u32;
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
-    if a.json {
-        println!(
-            "{}",
-            json!({
-                "replicas": a.replicas, "prefixes_per_replica": a.prefixes,
-                "prompt_len": a.prompt_len, "block_size": a.block_size,
-                "requests": a.requests, "cache_choices": cached_choices,
-                "mean_us": us(mean), "p50_us": us(at(0.5)), "p99_us": us(at(0.99)),
-                "max_us": us(at(1.0)),
-            })
-        );
-    } else {
-        println!(
-            "{} replicas × {} cached prompts of {} tokens ({} block hashes each; built in {built:.1?})",
-            a.replicas,
-            a.prefixes,
-            a.prompt_len,
-            indexes[0].len()
-        );
-        println!(
-            "{} requests ({cached_choices} routed for their cache): mean {:.2} µs, p50 {:.2} µs, p99 {:.2} µs, max {:.2} µs per decision",
-            a.requests,
-            us(mean),
-            us(at(0.5)),
-            us(at(0.99)),
-            us(at(1.0))
-        );
-    }
-    Ok(())
+    (times, cache_choices)
 }
