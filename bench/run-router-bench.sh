@@ -4,8 +4,9 @@
 #
 # 1. Throughput: 64 requests of 64 tokens in and 64 out at concurrency 16, dp 1 vs dp 2.
 # 2. Routing: 16 chat sessions of 4 turns (each turn resends the history and the answers;
-#    --concurrency 8 sessions at a time), at dp 2 under each --router: the prefix-cache hit
-#    ratio over the run, TTFT p50/p99, output tok/s.
+#    --concurrency 8 sessions at a time), at dp 2 under each --router without session ids (the
+#    policy alone places every turn), and cache-aware with them: the prefix-cache hit ratio over
+#    the run, TTFT p50/p99, output tok/s.
 # 3. The router's decision time per request at 8 replicas with 10,000 cached prompts each
 #    (`helios-bench router`, in-process).
 #
@@ -38,12 +39,14 @@ for dp in 1 2; do
   report "random, dp $dp" "$out"
   stop_server
 done
-for router in cache-aware least-load round-robin; do
+for run in "cache-aware --no-session-ids" "least-load --no-session-ids" \
+  "round-robin --no-session-ids" "cache-aware"; do
+  read -r router sessions <<<"$run"
   start_helios --dp 2 --tp 1 --threads-per-worker 1 --router "$router"
   out=$("$bench" serve --url "$GRPC_ADDR" --workload chat --sessions 16 --turns 4 \
-    --concurrency 8 --input-len 64 --output-len 32 --ignore-eos --json)
+    --concurrency 8 --input-len 64 --output-len 32 --ignore-eos $sessions --json)
   echo "$out" >>"$runs"
-  report "chat, dp 2, $router" "$out"
+  report "chat, dp 2, $router${sessions:+, no session ids}" "$out"
   stop_server
 done
 check_runs "$runs"

@@ -40,6 +40,8 @@ pub fn session_id(n: usize) -> String {
 pub struct Chat {
     pub sessions: usize,
     pub turns: usize,
+    /// Every turn carries its session's id (`session-<n>`); off, none does.
+    pub session_ids: bool,
     seed: u64,
     input_len: usize,
     output_len: usize,
@@ -63,6 +65,7 @@ impl Chat {
         Ok(Chat {
             sessions,
             turns,
+            session_ids: true,
             seed,
             input_len,
             output_len,
@@ -88,7 +91,7 @@ impl Chat {
                 .message(self.message_seed(session, 0), self.input_len)?,
             prompt_len: self.input_len,
             output_len: self.output_len,
-            session_id: Some(session_id(session)),
+            session_id: self.session_ids.then(|| session_id(session)),
         })
     }
 
@@ -248,6 +251,18 @@ mod tests {
             )
             .await;
         (server, out)
+    }
+
+    #[tokio::test]
+    async fn without_session_ids_no_turn_names_its_session() {
+        let random = Random::ids(VOCAB).expect("random");
+        let mut chat = Chat::new(random, 7, (3, 4), 8, 3).expect("chat");
+        chat.session_ids = false;
+        let (server, out) = run(&Arc::new(chat), 2, None).await;
+        assert!(out.iter().all(Result::is_ok));
+        let sent = server.sent.lock().expect("lock").clone();
+        assert_eq!(sent.len(), 4);
+        assert!(sent.iter().all(|(_, p)| p.session_id.is_none()), "{sent:?}");
     }
 
     #[tokio::test]

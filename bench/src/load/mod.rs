@@ -245,7 +245,10 @@ impl LoadArgs {
     /// When the measured phase ends: a chat run sends all its sessions' turns, the others
     /// `--num-requests` or for `--duration`.
     fn until(&self, workload: &Workload) -> Result<Until> {
-        if let Workload::Chat { sessions, turns } = workload {
+        if let Workload::Chat {
+            sessions, turns, ..
+        } = workload
+        {
             if self.num_requests.is_some() || self.duration.is_some() {
                 bail!(
                     "--workload chat sends --sessions × --turns requests: leave out \
@@ -300,14 +303,19 @@ impl LoadArgs {
         let seed = plan.seed;
         Ok(match plan.workload {
             Workload::Random => (Dataset::random(seed, input_len, output_len, random)?, None),
-            Workload::Chat { sessions, turns } => {
-                let chat = Chat::new(
+            Workload::Chat {
+                sessions,
+                turns,
+                session_ids,
+            } => {
+                let mut chat = Chat::new(
                     random.clone(),
                     seed,
                     (sessions, turns),
                     input_len,
                     output_len,
                 )?;
+                chat.session_ids = session_ids;
                 let warmup = Dataset::random(seed, input_len, output_len, random)?;
                 (warmup, Some(chat))
             }
@@ -869,7 +877,8 @@ mod tests {
             p.workload,
             Workload::Chat {
                 sessions: 3,
-                turns: 5
+                turns: 5,
+                session_ids: true,
             }
         );
         assert_eq!(p.until, Until::Requests(15));

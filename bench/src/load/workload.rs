@@ -53,6 +53,10 @@ pub struct WorkloadArgs {
     /// shared-prefix: request i carries the session id `user-<i % U>` [default: no session id].
     #[arg(long)]
     pub users: Option<usize>,
+    /// chat: send no session ids, so that the router's policy alone places every turn (to
+    /// compare policies without session affinity).
+    #[arg(long)]
+    pub no_session_ids: bool,
 }
 
 /// A validated workload.
@@ -62,6 +66,8 @@ pub enum Workload {
     Chat {
         sessions: usize,
         turns: usize,
+        /// Every turn carries its session's id.
+        session_ids: bool,
     },
     SharedPrefix {
         system_prompts: usize,
@@ -89,6 +95,12 @@ impl WorkloadArgs {
                 self.workload.name()
             );
         }
+        if self.no_session_ids && self.workload != WorkloadKind::Chat {
+            bail!(
+                "--no-session-ids does not apply to --workload {}",
+                self.workload.name()
+            );
+        }
         if let Some((flag, _)) = mine.iter().find(|(_, v)| *v == Some(0)) {
             bail!("{flag} must be positive");
         }
@@ -97,6 +109,7 @@ impl WorkloadArgs {
             WorkloadKind::Chat => Workload::Chat {
                 sessions: self.sessions.unwrap_or(DEFAULT_SESSIONS),
                 turns: self.turns.unwrap_or(DEFAULT_TURNS),
+                session_ids: !self.no_session_ids,
             },
             WorkloadKind::SharedPrefix => Workload::SharedPrefix {
                 system_prompts: self.system_prompts.unwrap_or(DEFAULT_SYSTEM_PROMPTS),
@@ -129,9 +142,13 @@ impl Workload {
     /// The run's settings for the report: the workload's name and its parameters (null where
     /// they do not apply, so every report has the same fields).
     pub fn settings(&self) -> Map<String, Value> {
-        let (sessions, turns) = match self {
-            Workload::Chat { sessions, turns } => (Some(sessions), Some(turns)),
-            _ => (None, None),
+        let (sessions, turns, session_ids) = match self {
+            Workload::Chat {
+                sessions,
+                turns,
+                session_ids,
+            } => (Some(sessions), Some(turns), Some(session_ids)),
+            _ => (None, None, None),
         };
         let (system_prompts, system_prompt_len, users) = match self {
             Workload::SharedPrefix {
@@ -145,6 +162,7 @@ impl Workload {
             "workload": self.kind().name(),
             "sessions": sessions,
             "turns": turns,
+            "session_ids": session_ids,
             "system_prompts": system_prompts,
             "system_prompt_len": system_prompt_len,
             "users": users,
@@ -165,11 +183,16 @@ pub fn describe(s: &Map<String, Value>) -> Option<String> {
     };
     match s.get("workload").and_then(Value::as_str) {
         Some("chat") => Some(format!(
-            "chat: {} sessions × {} turns, {} in per turn / {} out",
+            "chat: {} sessions × {} turns, {} in per turn / {} out{}",
             v("sessions"),
             v("turns"),
             v("input_len"),
-            v("output_len")
+            v("output_len"),
+            if s.get("session_ids") == Some(&Value::Bool(false)) {
+                ", no session ids"
+            } else {
+                ""
+            }
         )),
         Some("shared-prefix") => Some(format!(
             "shared-prefix: {} system prompt{} of {} tokens + {} in / {} out, {}",
@@ -211,14 +234,16 @@ mod tests {
             workload(&["--workload", "chat"]).expect("chat"),
             Workload::Chat {
                 sessions: 8,
-                turns: 4
+                turns: 4,
+                session_ids: true,
             }
         );
         assert_eq!(
             workload(&["--workload", "chat", "--sessions", "2", "--turns", "6"]).expect("chat"),
             Workload::Chat {
                 sessions: 2,
-                turns: 6
+                turns: 6,
+                session_ids: true,
             }
         );
         assert_eq!(
@@ -247,8 +272,17 @@ mod tests {
                 users: Some(10)
             }
         );
+        assert_eq!(
+            workload(&["--workload", "chat", "--no-session-ids"]).expect("chat"),
+            Workload::Chat {
+                sessions: 8,
+                turns: 4,
+                session_ids: false,
+            }
+        );
         for bad in [
             &["--workload", "chat", "--users", "3"][..],
+            &["--workload", "shared-prefix", "--no-session-ids"],
             &["--workload", "shared-prefix", "--turns", "3"],
             &["--sessions", "3"],
             &["--workload", "chat", "--sessions", "0"],
@@ -283,6 +317,7 @@ mod tests {
         let mut s = Workload::Chat {
             sessions: 3,
             turns: 2,
+            session_ids: true,
         }
         .settings();
         assert_eq!(
