@@ -7,7 +7,10 @@
 #    --concurrency 8 sessions at a time), at dp 2 under each --router without session ids (the
 #    policy alone places every turn), and cache-aware with them: the prefix-cache hit ratio over
 #    the run, TTFT p50/p99, output tok/s.
-# 3. The router's decision time per request at 8 replicas with 10,000 cached prompts each
+# 3. Under KV pressure: 4 system prompts of 256 tokens shared by 64 requests (32 tokens of their
+#    own, 16 out; 4 at a time) at dp 2 with 64 KV blocks of 16 per replica, each of which can
+#    keep about two of the four prefixes cached: under each --router.
+# 4. The router's decision time per request at 8 replicas with 10,000 cached prompts each
 #    (`helios-bench router`, in-process).
 #
 # Usage: bench/run-router-bench.sh
@@ -47,6 +50,15 @@ for run in "cache-aware --no-session-ids" "least-load --no-session-ids" \
     --concurrency 8 --input-len 64 --output-len 32 --ignore-eos $sessions --json)
   echo "$out" >>"$runs"
   report "chat, dp 2, $router${sessions:+, no session ids}" "$out"
+  stop_server
+done
+for router in cache-aware least-load round-robin; do
+  start_helios --dp 2 --tp 1 --threads-per-worker 1 --router "$router" --num-kv-blocks 64
+  out=$("$bench" serve --url "$GRPC_ADDR" --workload shared-prefix --system-prompts 4 \
+    --system-prompt-len 256 --num-requests 64 --concurrency 4 --input-len 32 --output-len 16 \
+    --ignore-eos --json)
+  echo "$out" >>"$runs"
+  report "shared-prefix, 64 KV blocks, dp 2, $router" "$out"
   stop_server
 done
 check_runs "$runs"
