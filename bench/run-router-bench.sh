@@ -7,9 +7,9 @@
 #    --concurrency 8 sessions at a time), at dp 2 under each --router without session ids (the
 #    policy alone places every turn), and cache-aware with them: the prefix-cache hit ratio over
 #    the run, TTFT p50/p99, output tok/s.
-# 3. Under KV pressure: 4 system prompts of 256 tokens shared by 64 requests (32 tokens of their
-#    own, 16 out; 4 at a time) at dp 2 with 64 KV blocks of 16 per replica, each of which can
-#    keep about two of the four prefixes cached: under each --router.
+# 3. Under KV pressure: 3 system prompts of 256 tokens (16 blocks) taken in turn by 64 requests
+#    (32 tokens of their own, 16 out; 4 at a time) at dp 2 with 48 KV blocks of 16 per replica:
+#    a replica holds two prefixes beside the requests running, not three: under each --router.
 # 4. The router's decision time per request at 8 replicas with 10,000 cached prompts each
 #    (`helios-bench router`, in-process).
 #
@@ -53,12 +53,12 @@ for run in "cache-aware --no-session-ids" "least-load --no-session-ids" \
   stop_server
 done
 for router in cache-aware least-load round-robin; do
-  start_helios --dp 2 --tp 1 --threads-per-worker 1 --router "$router" --num-kv-blocks 64
-  out=$("$bench" serve --url "$GRPC_ADDR" --workload shared-prefix --system-prompts 4 \
+  start_helios --dp 2 --tp 1 --threads-per-worker 1 --router "$router" --num-kv-blocks 48
+  out=$("$bench" serve --url "$GRPC_ADDR" --workload shared-prefix --system-prompts 3 \
     --system-prompt-len 256 --num-requests 64 --concurrency 4 --input-len 32 --output-len 16 \
     --ignore-eos --json)
   echo "$out" >>"$runs"
-  report "shared-prefix, 64 KV blocks, dp 2, $router" "$out"
+  report "shared-prefix, 48 KV blocks, dp 2, $router" "$out"
   stop_server
 done
 check_runs "$runs"
