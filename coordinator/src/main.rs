@@ -24,7 +24,7 @@ use helios_coordinator::membership::{
 };
 use helios_coordinator::output::{finish_name, ResponseStream};
 use helios_coordinator::replica::{RecoveryOptions, ReplicaOptions, ReplicaState};
-use helios_coordinator::router::{Policy, RouterOptions, DEFAULT_BALANCE};
+use helios_coordinator::router::{Policy, RouterOptions, DEFAULT_BALANCE, DEFAULT_FAILOVER_AFTER};
 use helios_coordinator::scheduler::{
     SchedulerConfig, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RUNNING, DEFAULT_MAX_WAITING,
 };
@@ -134,7 +134,7 @@ struct ReplicaArgs {
     router_balance: usize,
     /// With several replicas: seconds a replica may spend recovering from a lost worker before
     /// it gets no new requests and its own move to other replicas (tokens kept).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = DEFAULT_FAILOVER_AFTER.as_secs_f64())]
     failover_after: f64,
 }
 
