@@ -15,7 +15,33 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::repo_root;
+use crate::{binary, repo_root};
+
+/// Where a test worker registers: cluster, replica, rank (lease of 2 s, so a lost one goes fast).
+#[derive(Debug, Clone, Copy)]
+pub struct Claim<'a> {
+    pub cluster: &'a str,
+    pub replica: u32,
+    pub rank: u32,
+}
+
+/// `helios-worker` listening on `host` (one compute thread), registering in etcd at `endpoint`
+/// as `claim`, serving `model`.
+pub fn worker_command(endpoint: &str, host: &str, claim: Claim<'_>, model: &str) -> Command {
+    let mut cmd = Command::new(binary("helios-worker"));
+    cmd.args(["--listen", &format!("{host}:0"), "--threads", "1"])
+        .args([
+            "--etcd",
+            endpoint,
+            "--cluster",
+            claim.cluster,
+            "--lease-ttl",
+            "2",
+        ])
+        .args(["--replica", &claim.replica.to_string()])
+        .args(["--rank", &claim.rank.to_string(), "--model", model]);
+    cmd
+}
 
 /// How long a start (or restart) may take before it is an error.
 const READY_WITHIN: Duration = Duration::from_secs(30);

@@ -5,12 +5,12 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use helios_tests::etcd::EtcdServer;
+use helios_tests::etcd::{self, Claim, EtcdServer};
+use helios_tests::make_tiny_model;
 use helios_tests::recovery::{
     assert_same_streams, http_get, metric, metrics_text, run_streams, workload, Running,
 };
 use helios_tests::server::{model_info, send_signal, wait_until_idle, Process};
-use helios_tests::{binary, make_tiny_model};
 
 /// A tiny model that splits three ways.
 const TP3_MODEL: [&str; 8] = [
@@ -28,17 +28,12 @@ const TOKENS: u32 = 24;
 
 /// `helios-worker` on `host` registering as `rank` of replica `replica` of cluster `test`.
 fn worker_command(etcd: &str, host: &str, replica: u32, rank: u32, model: &str) -> Command {
-    let mut cmd = Command::new(binary("helios-worker"));
-    cmd.args(["--listen", &format!("{host}:0"), "--threads", "1"])
-        .args(["--etcd", etcd, "--cluster", "test", "--lease-ttl", "2"])
-        .args([
-            "--replica",
-            &replica.to_string(),
-            "--rank",
-            &rank.to_string(),
-        ])
-        .args(["--model", model]);
-    cmd
+    let claim = Claim {
+        cluster: "test",
+        replica,
+        rank,
+    };
+    etcd::worker_command(etcd, host, claim, model)
 }
 
 fn worker(etcd: &str, host: &str, rank: u32, model: &str) -> Process {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use helios_proto::v1::generation_client::GenerationClient;
 use helios_proto::v1::{GenerateRequest, GenerationParameters, ModelInfoResponse};
-use helios_tests::etcd::EtcdServer;
+use helios_tests::etcd::{worker_command, Claim, EtcdServer};
 use helios_tests::recovery::{
     assert_same_streams, http_post, metric, metrics_text, run_streams, workload, Answers, Running,
 };
@@ -18,6 +18,13 @@ use tonic::transport::Channel;
 
 const STREAMS: usize = 16;
 const TOKENS: u32 = 24;
+
+/// `helios serve --dp 2 --tp 1` on the default model, then `extra`.
+fn serve_two_replicas(extra: &[&str]) -> Process {
+    let mut args = vec!["--dp", "2"];
+    args.extend_from_slice(extra);
+    Process::serve_default("1", &args)
+}
 
 /// Each request of `requests` run alone, one after the other.
 async fn solo(client: &GenerationClient<Channel>, requests: Vec<GenerateRequest>) -> Answers {
@@ -111,13 +118,8 @@ fn shared_prefix_requests(prefixes: u32, prefix_len: u32, users: u32) -> Vec<Gen
 /// The prefix-cache hit ratio of a `--dp 2` server under `router` on the shared-prefix
 /// workload, sent one at a time; and the server's ModelInfo.
 async fn hit_ratio(router: &str) -> (f64, ModelInfoResponse) {
-    let model = helios_tests::default_model();
     // Each replica's cache holds two prefixes (8 blocks each) beside the request running.
-    let server = Process::serve(&[
-        "--model",
-        model.to_str().expect("utf-8"),
-        "--dp",
-        "2",
+    let server = serve_two_replicas(&[
         "--num-kv-blocks",
         "24",
         "--block-size",
@@ -151,15 +153,7 @@ async fn cache_aware_routing_finds_more_cached_prefixes_than_round_robin() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_hot_prefix_still_spreads_over_both_replicas() {
-    let model = helios_tests::default_model();
-    let server = Process::serve(&[
-        "--model",
-        model.to_str().expect("utf-8"),
-        "--dp",
-        "2",
-        "--router-balance",
-        "2",
-    ]);
+    let server = serve_two_replicas(&["--router-balance", "2"]);
     let mut client = server.client().await;
     // Warm replica 0's cache with the prefix, then send 12 at once that all share it.
     let mut requests = shared_prefix_requests(1, 64, 13);
@@ -186,17 +180,7 @@ async fn one_hot_prefix_still_spreads_over_both_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_lost_for_good_hands_its_requests_to_the_other() {
-    let model = helios_tests::default_model();
-    let server = Process::serve(&[
-        "--model",
-        model.to_str().expect("utf-8"),
-        "--dp",
-        "2",
-        "--max-batch-tokens",
-        "32",
-        "--max-worker-restarts",
-        "0",
-    ]);
+    let server = serve_two_replicas(&["--max-batch-tokens", "32", "--max-worker-restarts", "0"]);
     let client = server.client().await;
     let undisturbed = run_streams(&client, workload(STREAMS, TOKENS)).await;
     let run = Running::start(&client, workload(STREAMS, TOKENS));
@@ -234,13 +218,16 @@ async fn a_replica_lost_for_good_hands_its_requests_to_the_other() {
 }
 
 /// `helios-worker` on `host` registering as rank 0 of replica `replica` of cluster `scale`.
-fn etcd_worker(etcd: &str, host: &str, replica: u32, model: &str) -> Process {
-    let mut cmd = Command::new(binary("helios-worker"));
-    cmd.args(["--listen", &format!("{host}:0"), "--threads", "1"])
-        .args(["--etcd", etcd, "--cluster", "scale", "--lease-ttl", "2"])
-        .args(["--replica", &replica.to_string(), "--rank", "0"])
-        .args(["--model", model]);
-    Process::start(cmd, "HELIOS_WORKER_READY ")
+fn etcd_worker(endpoint: &str, host: &str, replica: u32, model: &str) -> Process {
+    let claim = Claim {
+        cluster: "scale",
+        replica,
+        rank: 0,
+    };
+    Process::start(
+        worker_command(endpoint, host, claim, model),
+        "HELIOS_WORKER_READY ",
+    )
 }
 
 /// Waits until ModelInfo lists exactly the replicas `ids`, all serving.
@@ -350,16 +337,8 @@ fn drain(endpoint: &str, args: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_sticks_to_its_replica_over_grpc_and_http() {
-    let model = helios_tests::default_model();
     // least-load alone would alternate between two idle replicas as their caches fill.
-    let server = Process::serve(&[
-        "--model",
-        model.to_str().expect("utf-8"),
-        "--dp",
-        "2",
-        "--router",
-        "least-load",
-    ]);
+    let server = serve_two_replicas(&["--router", "least-load"]);
     let mut client = server.client().await;
     let routed = |info: &ModelInfoResponse| -> Vec<u64> {
         info.replicas
