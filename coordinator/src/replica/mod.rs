@@ -6,10 +6,10 @@
 //! then **serving**; **recovering** after it lost a rank, while it rebuilds itself (requests
 //! wait in the queue: [`step_loop`], [`ranks`]); **down** when it cannot be rebuilt in time
 //! or the step loop fails (every request it holds is answered, every later one refused);
-//! **draining** on shutdown (new requests refused, those in flight finish, then the rest are
-//! cancelled). Everything a replica shows the world, its state included, is one
-//! [`ReplicaSnapshot`] ([`snapshot`]); what its prefix cache holds, for the router, is its
-//! [`PrefixIndex`].
+//! **draining** on shutdown or when told to leave (new requests refused, those in flight
+//! finish, then the rest are cancelled; a drain outlasts a recovery). Everything a replica
+//! shows the world, its state included, is one [`ReplicaSnapshot`] ([`snapshot`]); what its
+//! prefix cache holds, for the router, is its [`PrefixIndex`].
 //!
 //! Behind a front door of several replicas, each has an id, and a lost one hands its requests
 //! back to the front door for another ([`Failover`], [`Moved`]; see [`step_loop`]).
@@ -265,9 +265,7 @@ impl Replica {
     /// Stops taking requests, lets those in flight finish for up to `grace`, then ends the
     /// rest with finish reason CANCELLED.
     pub async fn drain(&self, grace: Duration) {
-        self.0
-            .published
-            .transition(&ReplicaState::Serving, ReplicaState::Draining);
+        self.0.published.start_draining();
         let in_flight = &self.0.in_flight;
         let idle = || async {
             while in_flight.count() > 0 {

@@ -147,6 +147,34 @@ impl Published {
         f(&self.0.borrow())
     }
 
+    /// Starts a drain: a serving or recovering replica turns draining (one starting or down
+    /// stays as it is). Whether it is draining now.
+    pub fn start_draining(&self) -> bool {
+        self.0.send_if_modified(|s| {
+            let moved = matches!(s.state, ReplicaState::Serving | ReplicaState::Recovering(_));
+            if moved {
+                s.state = ReplicaState::Draining;
+                s.state_since = Some(Instant::now());
+            }
+            moved
+        });
+        self.state() == ReplicaState::Draining
+    }
+
+    /// Moves between serving and recovering, unless the replica is draining: a drain outlasts
+    /// a recovery (the replica rebuilds itself and finishes its requests, and takes no new
+    /// ones). Whether it moved.
+    pub fn set_state_unless_draining(&self, state: ReplicaState) -> bool {
+        self.0.send_if_modified(|s| {
+            let moved = s.state != ReplicaState::Draining;
+            if moved {
+                s.state = state;
+                s.state_since = Some(Instant::now());
+            }
+            moved
+        })
+    }
+
     /// The state now, without copying the rest.
     pub fn state(&self) -> ReplicaState {
         self.0.borrow().state.clone()
@@ -179,5 +207,23 @@ mod tests {
         assert_eq!(p.state(), ReplicaState::Draining);
         assert!(rx.has_changed().expect("open"));
         assert_eq!(p.state().refusal(), Some(ServeError::Draining));
+    }
+
+    #[test]
+    fn a_drain_outlasts_a_recovery_but_not_a_failure() {
+        let p = Published::new(1);
+        assert!(
+            !p.start_draining(),
+            "a starting replica has nothing to drain"
+        );
+        p.set_state(ReplicaState::Serving);
+        assert!(p.set_state_unless_draining(ReplicaState::Recovering("rank 0".into())));
+        assert!(p.start_draining(), "a recovering replica drains too");
+        assert!(!p.set_state_unless_draining(ReplicaState::Serving));
+        assert!(!p.set_state_unless_draining(ReplicaState::Recovering("again".into())));
+        assert_eq!(p.state(), ReplicaState::Draining);
+        p.set_state(ReplicaState::Down("gone".into()));
+        assert!(!p.start_draining());
+        assert_eq!(p.state(), ReplicaState::Down("gone".into()));
     }
 }

@@ -370,7 +370,7 @@ impl StepLoop {
         let why = loss.why.clone();
         tracing::warn!("lost a rank ({why}); recovering");
         self.published
-            .set_state(ReplicaState::Recovering(why.clone()));
+            .set_state_unless_draining(ReplicaState::Recovering(why.clone()));
         let requeued = self.requests.scheduler.requeue_all();
         for id in &requeued {
             if let Some(out) = self.requests.outputs.get_mut(id) {
@@ -415,7 +415,8 @@ impl StepLoop {
                     requeued.len()
                 );
                 self.metrics.recovered(elapsed);
-                self.published.set_state(ReplicaState::Serving);
+                self.published
+                    .set_state_unless_draining(ReplicaState::Serving);
                 Recovery::Rebuilt
             }
         };
