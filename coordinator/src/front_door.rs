@@ -392,7 +392,8 @@ pub fn route(
 
 /// Moves the requests lost replicas hand back to other replicas, with their tokens. A request
 /// no replica can take yet waits here, offered again every [`PARKED_RETRY`], for up to the
-/// recovery timeout; then it is answered UNAVAILABLE. Ends with the front door.
+/// recovery timeout; then it is answered UNAVAILABLE (DEADLINE_EXCEEDED once its own deadline
+/// passes; dropped if its client leaves). Ends with the front door.
 async fn move_requests(front: Weak<Inner>, mut moved: mpsc::UnboundedReceiver<Moved>) {
     let mut parked: VecDeque<(Moved, Instant)> = VecDeque::new();
     let mut tick = tokio::time::interval(PARKED_RETRY);
@@ -414,6 +415,10 @@ async fn move_requests(front: Weak<Inner>, mut moved: mpsc::UnboundedReceiver<Mo
                 let timeout = inner.replica_opts.recovery.recovery_timeout;
                 for (m, since) in std::mem::take(&mut parked) {
                     if m.output.is_closed() {
+                        continue;
+                    }
+                    if m.departing.params.deadline.is_some_and(|d| d <= Instant::now()) {
+                        m.output.fail(ServeError::DeadlineExceeded);
                         continue;
                     }
                     if let Some(m) = place(&inner, m) {

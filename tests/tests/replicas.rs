@@ -382,3 +382,69 @@ async fn a_session_sticks_to_its_replica_over_grpc_and_http() {
         "the first request of each session is routed by load"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_any_replica_to_serve_still_meets_its_deadline() {
+    let etcd = EtcdServer::start().expect("etcd");
+    let endpoint = etcd.endpoint();
+    let dir = tempfile::tempdir().expect("tempdir");
+    make_tiny_model(dir.path(), 83, &[]).expect("tiny model");
+    let model = dir.path().to_str().expect("utf-8");
+    let worker = etcd_worker(&endpoint, "127.0.0.2", 0, model);
+    let server = Process::start(
+        Process::helios_command(
+            "coordinator",
+            &[
+                "--model",
+                model,
+                "--etcd",
+                &endpoint,
+                "--cluster",
+                "scale",
+                "--failover-after",
+                "0.5",
+            ],
+        ),
+        "HELIOS_READY ",
+    );
+    let mut client = server.client().await;
+    // The only replica loses its only worker for good (its lease runs out within 2 s): after
+    // half a second of recovering, requests wait at the front door for a replica to serve.
+    drop(worker);
+    let recovering = async {
+        while model_info(&mut client).await.state != "recovering" {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), recovering)
+        .await
+        .expect("not recovering 20 s after its worker died");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut req = tonic::Request::new(workload(1, 4).swap_remove(0));
+    req.set_timeout(Duration::from_secs(2));
+    let asked = std::time::Instant::now();
+    let answer = async {
+        match client.generate_stream(req).await {
+            Ok(s) => match s.into_inner().message().await {
+                Ok(Some(r)) => panic!("an answer without a replica: {r:?}"),
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(e) => e,
+            },
+            Err(e) => e,
+        }
+    };
+    // Not the recovery timeout's UNAVAILABLE a minute later: its own deadline.
+    let err = tokio::time::timeout(Duration::from_secs(20), answer)
+        .await
+        .expect("no answer 20 s after a 2 s deadline");
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        err.message().contains("deadline passed"),
+        "the server's: {err:?}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
+    );
+}
