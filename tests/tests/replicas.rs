@@ -230,6 +230,27 @@ fn etcd_worker(endpoint: &str, host: &str, replica: u32, model: &str) -> Process
     )
 }
 
+/// `helios coordinator` (tp 1) over the replicas of cluster `scale` in etcd at `endpoint`,
+/// with `--failover-after` `failover_after` seconds.
+fn etcd_coordinator(endpoint: &str, model: &str, failover_after: &str) -> Process {
+    let args = [
+        "--model",
+        model,
+        "--etcd",
+        endpoint,
+        "--cluster",
+        "scale",
+        "--max-batch-tokens",
+        "32",
+        "--failover-after",
+        failover_after,
+    ];
+    Process::start(
+        Process::helios_command("coordinator", &args),
+        "HELIOS_READY ",
+    )
+}
+
 /// Waits until ModelInfo lists exactly the replicas `ids`, all serving.
 async fn wait_for_replicas(client: &mut GenerationClient<Channel>, ids: &[u32]) {
     let listed = async {
@@ -260,23 +281,7 @@ async fn replicas_join_and_leave_through_etcd_without_failing_a_stream() {
     make_tiny_model(dir.path(), 81, &[]).expect("tiny model");
     let model = dir.path().to_str().expect("utf-8");
     let replica0 = etcd_worker(&endpoint, "127.0.0.2", 0, model);
-    let server = Process::start(
-        Process::helios_command(
-            "coordinator",
-            &["--model", model, "--etcd", &endpoint, "--cluster", "scale"]
-                .into_iter()
-                .chain([
-                    "--tp",
-                    "1",
-                    "--max-batch-tokens",
-                    "32",
-                    "--failover-after",
-                    "1",
-                ])
-                .collect::<Vec<_>>(),
-        ),
-        "HELIOS_READY ",
-    );
+    let server = etcd_coordinator(&endpoint, model, "1");
     let mut client = server.client().await;
     let undisturbed = run_streams(&client, workload(STREAMS, TOKENS)).await;
 
@@ -391,22 +396,7 @@ async fn a_request_waiting_for_any_replica_to_serve_still_meets_its_deadline() {
     make_tiny_model(dir.path(), 83, &[]).expect("tiny model");
     let model = dir.path().to_str().expect("utf-8");
     let worker = etcd_worker(&endpoint, "127.0.0.2", 0, model);
-    let server = Process::start(
-        Process::helios_command(
-            "coordinator",
-            &[
-                "--model",
-                model,
-                "--etcd",
-                &endpoint,
-                "--cluster",
-                "scale",
-                "--failover-after",
-                "0.5",
-            ],
-        ),
-        "HELIOS_READY ",
-    );
+    let server = etcd_coordinator(&endpoint, model, "0.5");
     let mut client = server.client().await;
     // The only replica loses its only worker for good (its lease runs out within 2 s): after
     // half a second of recovering, requests wait at the front door for a replica to serve.
