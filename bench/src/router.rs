@@ -135,7 +135,6 @@ fn measure(a: &RouterArgs, indexes: &[PrefixIndex]) -> (Vec<Duration>, usize) {
                 accepts: Accepts::Serving,
                 load: (i + r) % 12,
                 kv_blocks_free: 1000,
-                cached_blocks: index.len(),
                 prefixes: index,
             })
             .collect();
@@ -144,7 +143,6 @@ fn measure(a: &RouterArgs, indexes: &[PrefixIndex]) -> (Vec<Duration>, usize) {
             RouteRequest {
                 prompt: p,
                 session: None,
-                not: None,
                 moving: false,
             },
         );

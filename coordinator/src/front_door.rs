@@ -182,26 +182,19 @@ impl FrontDoor {
         self.0.router.options()
     }
 
-    /// Requests moved off lost replicas since start.
-    pub fn moved_total(&self) -> u64 {
-        self.0.metrics.moved_total()
+    /// Its metrics (ModelInfo reads the router's counts there).
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
     }
 
     /// What a request must fit in: the smallest of the replicas' (`None` before one joins).
     pub fn limits(&self) -> Option<Limits> {
-        self.replicas()
-            .iter()
-            .map(Replica::limits)
-            .reduce(|a, b| Limits {
-                max_model_len: a.max_model_len.min(b.max_model_len),
-                vocab_size: a.vocab_size.min(b.vocab_size),
-                kv_capacity: a.kv_capacity.min(b.kv_capacity),
-            })
+        limits(&self.replicas())
     }
 
     /// Whether it takes requests: the best of its replicas' states.
     pub fn state(&self) -> ReplicaState {
-        self.0.replicas.state()
+        self.0.replicas.state_of(&self.replicas())
     }
 
     /// A receiver of that state, woken when it changes (gRPC health follows it).
@@ -245,10 +238,13 @@ impl FrontDoor {
         logits: Option<oneshot::Sender<Vec<f32>>>,
     ) -> Result<ResponseReceiver, ServeError> {
         let arrival = Instant::now();
-        if let Some(refused) = self.state().refusal() {
+        // One look at the replicas serves the whole admission: refusal, limits, route.
+        let replicas = self.replicas();
+        let refusal = || self.0.replicas.state_of(&replicas).refusal();
+        if let Some(refused) = refusal() {
             return Err(refused);
         }
-        let limits = self.limits().ok_or(ServeError::Starting)?;
+        let limits = limits(&replicas).ok_or(ServeError::Starting)?;
         let tokenizer = self.0.tokenizer.clone();
         let (req, admitted) = tokio::task::spawn_blocking(move || {
             let admitted = admission::admit(&tokenizer, &req, &limits);
@@ -260,13 +256,15 @@ impl FrontDoor {
         admitted.params.deadline = call.deadline;
         admitted.params.return_logits = logits.is_some();
         let session = (!req.session_id.is_empty()).then_some(req.session_id.as_str());
-        let (replica, reason) = self.route(RouteRequest {
+        let request = RouteRequest {
             prompt: &admitted.prompt_ids,
             session,
-            not: None,
             moving: false,
+        };
+        let (replica, reason) = route(&self.0.router, &replicas, request).ok_or_else(|| {
+            refusal().unwrap_or_else(|| ServeError::ReplicaDown("no replica takes requests".into()))
         })?;
-        self.0.metrics.routed(replica.id(), reason.name());
+        self.0.metrics.routed(replica.id(), reason);
         let prompt_text = self.0.log_prompts.then(|| prompt_text(&req));
         let request_id = if req.request_id.is_empty() {
             let n = self.0.next_request.fetch_add(1, Ordering::Relaxed);
@@ -292,17 +290,6 @@ impl FrontDoor {
         }
         replica.submit(NewRequest { admitted, output })?;
         Ok(rx)
-    }
-
-    /// The replica for a request, and why; or why none can take it.
-    fn route(&self, req: RouteRequest<'_>) -> Result<(Replica, Reason), ServeError> {
-        let replicas = self.replicas();
-        let chosen = route(&self.0.router, &replicas, req);
-        chosen.ok_or_else(|| {
-            self.state()
-                .refusal()
-                .unwrap_or_else(|| ServeError::ReplicaDown("no replica takes requests".into()))
-        })
     }
 
     /// The token ids of a prompt or of chat messages (rendered with the chat template).
@@ -360,6 +347,15 @@ impl FrontDoor {
     }
 }
 
+/// What a request must fit in on every one of `replicas` (`None` when there is none).
+fn limits(replicas: &[Replica]) -> Option<Limits> {
+    replicas.iter().map(Replica::limits).reduce(|a, b| Limits {
+        max_model_len: a.max_model_len.min(b.max_model_len),
+        vocab_size: a.vocab_size.min(b.vocab_size),
+        kv_capacity: a.kv_capacity.min(b.kv_capacity),
+    })
+}
+
 /// The replica among `replicas` that `router` chooses for `req`.
 pub fn route(
     router: &Router,
@@ -381,7 +377,6 @@ pub fn route(
                 accepts,
                 load: r.in_flight().count(),
                 kv_blocks_free: kv_free,
-                cached_blocks: r.prefixes().len(),
                 prefixes: r.prefixes(),
             }
         })
@@ -403,9 +398,6 @@ async fn move_requests(front: Weak<Inner>, mut moved: mpsc::UnboundedReceiver<Mo
                 let Some(m) = m else { return };
                 let Some(inner) = front.upgrade() else { return };
                 inner.metrics.moved(m.from);
-                if let Some(from) = inner.replicas.get(m.from) {
-                    from.count_moved_out();
-                }
                 if let Some(m) = place(&inner, m) {
                     parked.push_back((m, Instant::now()));
                 }
@@ -436,24 +428,17 @@ async fn move_requests(front: Weak<Inner>, mut moved: mpsc::UnboundedReceiver<Mo
     }
 }
 
-/// Hands a moved request to the replica the router chooses (not the one it left, unless that
-/// one serves again); gives it back when none takes requests.
+/// Hands a moved request to the replica the router chooses (the one it left only if that one
+/// serves again); gives it back when none takes requests.
 fn place(inner: &Inner, m: Moved) -> Option<Moved> {
-    let replicas = inner.replicas.all();
-    let failover_after = inner.router.options().failover_after;
-    let back = replicas
-        .iter()
-        .find(|r| r.id() == m.from)
-        .is_some_and(|r| r.read(|s| Accepts::of(s, failover_after)) == Accepts::Serving);
     let req = RouteRequest {
         prompt: &m.departing.tokens,
         session: None,
-        not: (!back).then_some(m.from),
         moving: true,
     };
-    match route(&inner.router, &replicas, req) {
+    match route(&inner.router, &inner.replicas.all(), req) {
         Some((to, _)) => {
-            inner.metrics.routed(to.id(), Reason::Moved.name());
+            inner.metrics.routed(to.id(), Reason::Moved);
             to.resume(m);
             None
         }

@@ -24,6 +24,7 @@ use tonic_health::ServingStatus;
 
 use crate::error::ServeError;
 use crate::front_door::{CallContext, FrontDoor, MAX_REQUEST_BYTES};
+use crate::metrics::Metrics;
 use crate::output::{collect, ResponseStream};
 use crate::replica::{Replica, ReplicaSnapshot, ReplicaState};
 
@@ -199,8 +200,11 @@ pub fn model_info(front: &FrontDoor) -> ModelInfoResponse {
         state_reason: state.reason().unwrap_or_default().to_string(),
         requests_requeued_total: sum64(|s| s.scheduler.requeued),
         data_parallel_size: replicas.len() as u32,
-        replicas: now.iter().map(|(r, s)| replica_status(r, s)).collect(),
-        requests_moved_total: front.moved_total(),
+        replicas: now
+            .iter()
+            .map(|(r, s)| replica_status(r, s, front.metrics()))
+            .collect(),
+        requests_moved_total: front.metrics().moved_total(),
         router_policy: front.router_options().policy.name().to_string(),
         ..Default::default()
     };
@@ -215,7 +219,7 @@ pub fn model_info(front: &FrontDoor) -> ModelInfoResponse {
     info
 }
 
-fn replica_status(r: &Replica, now: &ReplicaSnapshot) -> ReplicaStatus {
+fn replica_status(r: &Replica, now: &ReplicaSnapshot, metrics: &Metrics) -> ReplicaStatus {
     let s = &now.scheduler;
     ReplicaStatus {
         id: r.id(),
@@ -228,8 +232,8 @@ fn replica_status(r: &Replica, now: &ReplicaSnapshot) -> ReplicaStatus {
         requests_waiting: s.waiting,
         prefix_cache_query_tokens: s.prefix_query_tokens,
         prefix_cache_hit_tokens: s.prefix_hit_tokens,
-        requests_routed_total: r.routed_total(),
-        requests_moved_out_total: r.moved_out_total(),
+        requests_routed_total: metrics.routed_total(r.id()),
+        requests_moved_out_total: metrics.moved_out_total(r.id()),
         preemptions_total: s.preemptions,
         requests_requeued_total: s.requeued,
     }

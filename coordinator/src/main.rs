@@ -245,9 +245,10 @@ struct CoordinatorArgs {
     /// Ranks per replica (etcd mode; static mode counts each `--workers` list).
     #[arg(long, default_value_t = 1)]
     tp: usize,
-    /// etcd mode: replicas to wait for before serving (more join as they register).
-    #[arg(long, default_value_t = 1)]
-    dp: usize,
+    /// etcd mode: replicas to wait for before serving, 1 by default (more join as they
+    /// register). Static mode: the number of `--workers` lists, if given.
+    #[arg(long)]
+    dp: Option<usize>,
     #[command(flatten)]
     listen: ListenArgs,
 }
@@ -439,6 +440,12 @@ async fn coordinator(a: CoordinatorArgs, observe: Observe) -> Result<()> {
                 FixedAddresses::new(&addrs).map(Membership::Static)
             })
             .collect::<Result<Vec<_>>>()?;
+        if let Some(dp) = a.dp.filter(|&dp| dp != memberships.len()) {
+            bail!(
+                "--dp {dp}, but {} --workers lists (one per replica)",
+                memberships.len()
+            );
+        }
         let what = format!(
             "{} over {} replicas of {} workers",
             a.replica.model.display(),
@@ -465,7 +472,7 @@ async fn coordinator(a: CoordinatorArgs, observe: Observe) -> Result<()> {
     let front = FrontDoor::new(&init, tokenizer, &opts);
     let grace = seconds(a.listen.shutdown_grace);
     tokio::spawn(discovery::follow(front.clone(), template, grace));
-    wait_for_replicas(&front, a.dp).await;
+    wait_for_replicas(&front, a.dp.unwrap_or(1)).await;
     let what = format!(
         "{} over the replicas of cluster {:?} (tp {})",
         a.replica.model.display(),

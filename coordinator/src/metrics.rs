@@ -28,6 +28,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Metric, Registry, Unit};
 
 use crate::replica::ReplicaSnapshot;
+use crate::router::Reason;
 
 /// vLLM's buckets for time to first token (seconds).
 const TTFT_BUCKETS: &[f64] = &[
@@ -70,7 +71,7 @@ pub struct RankLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
     pub replica: u32,
-    /// Why the router chose it (`router::Reason`).
+    /// Why the router chose it ([`Reason::name`]).
     pub reason: &'static str,
 }
 
@@ -259,10 +260,31 @@ impl Metrics {
     }
 
     /// Counts a request routed to `replica`, and why.
-    pub fn routed(&self, replica: u32, reason: &'static str) {
+    pub fn routed(&self, replica: u32, reason: Reason) {
+        let reason = reason.name();
         self.routed
             .get_or_create(&RouteLabel { replica, reason })
             .inc();
+    }
+
+    /// Requests routed to `replica` since start, for any reason.
+    pub fn routed_total(&self, replica: u32) -> u64 {
+        Reason::ALL
+            .iter()
+            .filter_map(|r| {
+                let reason = r.name();
+                self.routed
+                    .get(&RouteLabel { replica, reason })
+                    .map(|c| c.get())
+            })
+            .sum()
+    }
+
+    /// Requests moved off `replica` since start.
+    pub fn moved_out_total(&self, replica: u32) -> u64 {
+        self.moved
+            .get(&ReplicaLabel { replica })
+            .map_or(0, |c| c.get())
     }
 
     /// Counts a request moved off `replica`.
@@ -271,7 +293,8 @@ impl Metrics {
         self.moved_total.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Requests moved off a lost replica since start, over every replica.
+    /// Requests moved off a lost replica since start, over every replica (those that left
+    /// included, which is why the sum has a counter of its own).
     pub fn moved_total(&self) -> u64 {
         self.moved_total.load(Ordering::Relaxed)
     }
@@ -504,7 +527,8 @@ mod tests {
         m.finished("length");
         m.time_to_first_token.observe(0.2);
         replica.recovered(std::time::Duration::from_millis(700));
-        m.routed(1, "cache");
+        m.routed(1, Reason::Cache);
+        m.routed(1, Reason::Session);
         m.moved(1);
         let now = ReplicaSnapshot {
             scheduler: crate::scheduler::SchedulerStats {
@@ -551,6 +575,8 @@ mod tests {
             );
         }
         assert_eq!(m.moved_total(), 1);
+        assert_eq!((m.routed_total(1), m.routed_total(0)), (2, 0));
+        assert_eq!((m.moved_out_total(1), m.moved_out_total(0)), (1, 0));
         let (om, content_type) = m.render(&[(0, now)], true);
         assert!(content_type.starts_with("application/openmetrics-text"));
         assert!(om.ends_with("# EOF\n"));

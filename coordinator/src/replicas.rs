@@ -90,11 +90,15 @@ impl Replicas {
 
     /// The state the replicas add up to, now.
     pub fn state(&self) -> ReplicaState {
+        self.state_of(&self.all())
+    }
+
+    /// The state `list` (these replicas, as [`Self::all`] gave them) adds up to.
+    pub fn state_of(&self, list: &[Replica]) -> ReplicaState {
         if self.is_draining() {
             return ReplicaState::Draining;
         }
-        let states: Vec<ReplicaState> = self.all().iter().map(Replica::state).collect();
-        best_state(states)
+        best_state(list.iter().map(Replica::state))
     }
 
     /// A receiver of that state, woken when it changes.

@@ -269,6 +269,11 @@ impl Scheduler {
     /// Queues a sequence; refused if it could never fit in the whole cache or the queue is
     /// full. Admission control checks the first so clients get a clear message early.
     pub fn add(&mut self, seq: Sequence) -> Result<(), AddError> {
+        self.enqueue(seq, true)
+    }
+
+    /// Queues `seq`; with `limited`, only within `max_waiting`.
+    fn enqueue(&mut self, seq: Sequence, limited: bool) -> Result<(), AddError> {
         let need = seq.final_len().div_ceil(self.blocks.block_size());
         if seq.prompt_len == 0 {
             return Err(AddError::EmptyPrompt);
@@ -280,7 +285,7 @@ impl Scheduler {
                 total: self.blocks.num_total(),
             });
         }
-        if self.waiting.len() >= self.config.max_waiting {
+        if limited && self.waiting.len() >= self.config.max_waiting {
             return Err(AddError::QueueFull(self.waiting.len()));
         }
         self.waiting.insert(seq.key());
@@ -293,9 +298,12 @@ impl Scheduler {
 
     /// Drops a sequence wherever it is and frees its blocks; false if it is not here.
     pub fn abort(&mut self, id: u64) -> bool {
-        let Some(mut s) = self.seqs.remove(&id) else {
-            return false;
-        };
+        self.remove(id).is_some()
+    }
+
+    /// Takes a sequence out wherever it is, its blocks freed.
+    fn remove(&mut self, id: u64) -> Option<Sequence> {
+        let mut s = self.seqs.remove(&id)?;
         if let Some(d) = s.params.deadline {
             self.deadlines.remove(&(d, id));
         }
@@ -307,7 +315,7 @@ impl Scheduler {
         } else {
             self.waiting.remove(&s.key());
         }
-        true
+        Some(s)
     }
 
     /// Drops every sequence and frees their blocks.
@@ -387,31 +395,22 @@ impl Scheduler {
     /// its parameters, in (priority, arrival) order. An unseeded sampled sequence keeps the
     /// seed it had here (its id), so it samples on the same draws elsewhere.
     pub fn take_all(&mut self) -> Vec<(u64, Departing)> {
-        let mut ids: Vec<(i32, u64)> = self.seqs.values().map(Sequence::key).collect();
-        ids.sort_unstable();
-        let mut out = Vec::with_capacity(ids.len());
-        for (_, id) in ids {
-            let Some(mut s) = self.seqs.remove(&id) else {
-                continue;
-            };
-            if let Some(d) = s.params.deadline {
-                self.deadlines.remove(&(d, id));
-            }
-            if s.running {
-                self.free_blocks(&mut s);
-            }
-            self.waiting.remove(&s.key());
-            s.params.sampling.seed.get_or_insert(id);
-            out.push((
-                id,
-                Departing {
+        let mut keys: Vec<(i32, u64)> = self.seqs.values().map(Sequence::key).collect();
+        keys.sort_unstable();
+        let out = keys
+            .into_iter()
+            .filter_map(|(_, id)| {
+                let mut s = self.remove(id)?;
+                s.params.sampling.seed.get_or_insert(id);
+                let departing = Departing {
                     tokens: s.tokens,
                     prompt_len: s.prompt_len,
                     params: s.params,
-                },
-            ));
-        }
-        self.running.clear();
+                };
+                Some((id, departing))
+            })
+            .collect();
+        // No rank will run what was planned, nor needs telling what to forget.
         self.planned.clear();
         self.forgotten.clear();
         out
@@ -423,20 +422,7 @@ impl Scheduler {
     pub fn add_resumed(&mut self, id: u64, d: Departing) -> Result<(), AddError> {
         let mut seq = Sequence::new(id, d.tokens, d.params);
         seq.prompt_len = d.prompt_len.min(seq.tokens.len());
-        let need = seq.final_len().div_ceil(self.blocks.block_size());
-        if need > self.blocks.num_total() {
-            return Err(AddError::NeverFits {
-                need,
-                len: seq.final_len(),
-                total: self.blocks.num_total(),
-            });
-        }
-        self.waiting.insert(seq.key());
-        if let Some(d) = seq.params.deadline {
-            self.deadlines.insert((d, seq.id));
-        }
-        self.seqs.insert(seq.id, seq);
-        Ok(())
+        self.enqueue(seq, false)
     }
 
     /// Mirrors the prefix cache's block hashes into `index` (the router reads it).

@@ -112,3 +112,24 @@ fn a_worker_on_every_interface_advertises_a_reachable_address_never_0_0_0_0() {
     ]);
     assert_eq!(out["generated_ids"].as_array().map(Vec::len), Some(3));
 }
+
+#[test]
+fn a_replica_count_that_disagrees_with_the_worker_lists_is_refused() {
+    let model = helios_tests::default_model();
+    let out = Process::helios_command(
+        "coordinator",
+        &[
+            "--model",
+            model.to_str().expect("utf-8"),
+            "--workers",
+            "127.0.0.1:9",
+            "--dp",
+            "2",
+        ],
+    )
+    .output()
+    .expect("helios coordinator");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--dp 2, but 1 --workers lists"), "{err}");
+}

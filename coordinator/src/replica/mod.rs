@@ -19,7 +19,6 @@ mod requests;
 mod snapshot;
 pub mod step_loop;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,9 +88,6 @@ struct Inner {
     in_flight: InFlight,
     closing: Closing,
     prefixes: PrefixIndex,
-    /// Requests the router sent here, and requests moved away from here.
-    routed: AtomicU64,
-    moved_out: AtomicU64,
 }
 
 impl Replica {
@@ -159,8 +155,6 @@ impl Replica {
             in_flight,
             closing,
             prefixes,
-            routed: AtomicU64::new(0),
-            moved_out: AtomicU64::new(0),
         })))
     }
 
@@ -172,20 +166,6 @@ impl Replica {
     /// The hashes of the blocks its prefix cache holds.
     pub fn prefixes(&self) -> &PrefixIndex {
         &self.0.prefixes
-    }
-
-    /// Requests the router sent here, and requests moved away from here, since start.
-    pub fn routed_total(&self) -> u64 {
-        self.0.routed.load(Ordering::Relaxed)
-    }
-
-    pub fn moved_out_total(&self) -> u64 {
-        self.0.moved_out.load(Ordering::Relaxed)
-    }
-
-    /// Counts a request moved away from here.
-    pub fn count_moved_out(&self) {
-        self.0.moved_out.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The model's facts and the KV blocks every rank holds.
@@ -238,7 +218,6 @@ impl Replica {
             request.output.fail(refused.clone());
             return Err(refused);
         }
-        self.0.routed.fetch_add(1, Ordering::Relaxed);
         request.output.routed(self.0.id);
         let message = LoopMessage::Request(Box::new(request));
         if let Err(mpsc::error::SendError(message)) = self.0.requests.send(message) {
@@ -253,7 +232,6 @@ impl Replica {
 
     /// Takes a request moved from a lost replica; it waits here with its tokens.
     pub fn resume(&self, moved: Moved) {
-        self.0.routed.fetch_add(1, Ordering::Relaxed);
         if let Err(mpsc::error::SendError(LoopMessage::Resume(m))) =
             self.0.requests.send(LoopMessage::Resume(Box::new(moved)))
         {

@@ -119,16 +119,34 @@ impl Published {
 
     /// Moves the lifecycle to `state` and wakes every watcher.
     pub fn set_state(&self, state: ReplicaState) {
-        self.0.send_modify(|s| {
-            s.state = state;
-            s.state_since = Some(Instant::now());
-        });
+        self.move_if(|_| true, state);
     }
 
     /// Moves the lifecycle from `from` to `to`, only if it is at `from`; whether it moved.
     pub fn transition(&self, from: &ReplicaState, to: ReplicaState) -> bool {
+        self.move_if(|s| s == from, to)
+    }
+
+    /// Starts a drain: a serving or recovering replica turns draining (one starting or down
+    /// stays as it is). Whether it moved.
+    pub fn start_draining(&self) -> bool {
+        let drains =
+            |s: &ReplicaState| matches!(s, ReplicaState::Serving | ReplicaState::Recovering(_));
+        self.move_if(drains, ReplicaState::Draining)
+    }
+
+    /// Moves between serving and recovering, unless the replica is draining: a drain outlasts
+    /// a recovery (the replica rebuilds itself and finishes its requests, and takes no new
+    /// ones). Whether it moved.
+    pub fn set_state_unless_draining(&self, state: ReplicaState) -> bool {
+        self.move_if(|s| *s != ReplicaState::Draining, state)
+    }
+
+    /// Moves the lifecycle to `to` when `allowed` says so of the state now, noting when, and
+    /// wakes every watcher; whether it moved.
+    fn move_if(&self, allowed: impl FnOnce(&ReplicaState) -> bool, to: ReplicaState) -> bool {
         self.0.send_if_modified(|s| {
-            let moved = s.state == *from;
+            let moved = allowed(&s.state);
             if moved {
                 s.state = to;
                 s.state_since = Some(Instant::now());
@@ -145,34 +163,6 @@ impl Published {
     /// Reads the snapshot in place (no copy).
     pub fn read<R>(&self, f: impl FnOnce(&ReplicaSnapshot) -> R) -> R {
         f(&self.0.borrow())
-    }
-
-    /// Starts a drain: a serving or recovering replica turns draining (one starting or down
-    /// stays as it is). Whether it is draining now.
-    pub fn start_draining(&self) -> bool {
-        self.0.send_if_modified(|s| {
-            let moved = matches!(s.state, ReplicaState::Serving | ReplicaState::Recovering(_));
-            if moved {
-                s.state = ReplicaState::Draining;
-                s.state_since = Some(Instant::now());
-            }
-            moved
-        });
-        self.state() == ReplicaState::Draining
-    }
-
-    /// Moves between serving and recovering, unless the replica is draining: a drain outlasts
-    /// a recovery (the replica rebuilds itself and finishes its requests, and takes no new
-    /// ones). Whether it moved.
-    pub fn set_state_unless_draining(&self, state: ReplicaState) -> bool {
-        self.0.send_if_modified(|s| {
-            let moved = s.state != ReplicaState::Draining;
-            if moved {
-                s.state = state;
-                s.state_since = Some(Instant::now());
-            }
-            moved
-        })
     }
 
     /// The state now, without copying the rest.

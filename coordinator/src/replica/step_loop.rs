@@ -146,16 +146,6 @@ enum Meanwhile {
     Released(Option<(Duration, oneshot::Sender<()>)>),
 }
 
-/// What became of a message that reached a lost replica.
-enum Forwarded {
-    /// A request, sent on to another replica (or nothing to do: a cancel).
-    Sent,
-    /// No failover: the message is the loop's to handle.
-    Kept(LoopMessage),
-    /// Let the workers go.
-    Release(Duration, oneshot::Sender<()>),
-}
-
 /// How a recovery ended.
 enum Recovery {
     Rebuilt,
@@ -430,7 +420,14 @@ impl StepLoop {
     async fn rebuild_meanwhile(&mut self, loss: &Loss, started: Instant) -> Meanwhile {
         let timeout = self.recovery_timeout;
         let deadline = started + timeout;
-        let failover_at = self.placement.failover.as_ref().map(|f| started + f.after);
+        // The router's clock: the replica counts as recovering too long (`Accepts::Late`) from
+        // the moment it hands its requests over, so none of them comes straight back. (A
+        // draining replica kept its state, and its older `state_since`.)
+        let since = self
+            .published
+            .read(|s| s.state_since)
+            .map_or(started, |s| s.max(started));
+        let failover_at = self.placement.failover.as_ref().map(|f| since + f.after);
         let Self {
             ranks,
             requests,
@@ -440,7 +437,6 @@ impl StepLoop {
             ..
         } = self;
         let mut gave_up = false;
-        // Requests went elsewhere: every later one follows them.
         let mut evacuated = false;
         let rebuild = ranks.rebuild(loss, published);
         tokio::pin!(rebuild);
@@ -448,26 +444,26 @@ impl StepLoop {
         loop {
             tokio::select! {
                 r = &mut rebuild => return Meanwhile::Rebuilt(r),
-                m = inbox.recv() => match m {
-                    Some(m) if evacuated => {
-                        if let Forwarded::Release(grace, done) = placement.forward(m) {
+                m = inbox.recv() => {
+                    let Some(m) = m else { return Meanwhile::Released(None) };
+                    // Requests went elsewhere: every later one follows them.
+                    let kept = if evacuated { placement.forward(m) } else { Some(m) };
+                    match kept {
+                        None => {}
+                        Some(LoopMessage::Request(r)) if gave_up => {
+                            let refused = published.state().refusal();
+                            r.output.fail(refused.unwrap_or(ServeError::Recovering(loss.why.clone())));
+                        }
+                        Some(LoopMessage::Request(r)) => requests.add(*r),
+                        Some(LoopMessage::Resume(m)) => {
+                            requests.resume(*m, placement.id, &placement.accepted);
+                        }
+                        Some(LoopMessage::CancelAll) => requests.cancel_all(),
+                        Some(LoopMessage::Release(grace, done)) => {
                             return Meanwhile::Released(Some((grace, done)));
                         }
                     }
-                    Some(LoopMessage::Request(r)) if gave_up => {
-                        let refused = published.state().refusal();
-                        r.output.fail(refused.unwrap_or(ServeError::Recovering(loss.why.clone())));
-                    }
-                    Some(LoopMessage::Request(r)) => requests.add(*r),
-                    Some(LoopMessage::Resume(m)) => {
-                        requests.resume(*m, placement.id, &placement.accepted);
-                    }
-                    Some(LoopMessage::CancelAll) => requests.cancel_all(),
-                    Some(LoopMessage::Release(grace, done)) => {
-                        return Meanwhile::Released(Some((grace, done)));
-                    }
-                    None => return Meanwhile::Released(None),
-                },
+                }
                 _ = tokio::time::sleep_until(failover_at.unwrap_or(deadline).into()),
                     if failover_at.is_some() && !evacuated => {
                     evacuated = true;
@@ -590,21 +586,15 @@ impl StepLoop {
         tracing::error!("replica down: {why}");
         self.published.set_state(ReplicaState::Down(why.clone()));
         let error = ServeError::ReplicaDown(why);
-        if self.placement.failover.is_some() {
-            let n = self.placement.evacuate(&mut self.requests);
-            tracing::warn!("moved {n} requests to other replicas");
+        let moved = self.placement.evacuate(&mut self.requests);
+        if moved > 0 {
+            tracing::warn!("moved {moved} requests to other replicas");
         }
         self.requests.fail_all(error.clone());
         self.publish_stats();
         while let Some(m) = self.inbox.recv().await {
-            let m = match self.placement.forward(m) {
-                Forwarded::Sent => continue,
-                Forwarded::Kept(m) => m,
-                Forwarded::Release(grace, done) => {
-                    self.ranks.release(grace).await;
-                    let _ = done.send(());
-                    return;
-                }
+            let Some(m) = self.placement.forward(m) else {
+                continue;
             };
             match m {
                 LoopMessage::Request(r) => r.output.fail(error.clone()),
@@ -634,10 +624,11 @@ impl Placement {
         n
     }
 
-    /// With failover, sends a request that reached this lost replica on to another replica.
-    fn forward(&self, m: LoopMessage) -> Forwarded {
+    /// With failover, sends a request that reached this lost replica on to another replica
+    /// (`None`); any other message, or any message without failover, is the loop's to handle.
+    fn forward(&self, m: LoopMessage) -> Option<LoopMessage> {
         let Some(failover) = &self.failover else {
-            return Forwarded::Kept(m);
+            return Some(m);
         };
         match m {
             LoopMessage::Request(r) => failover.send(Moved::unqueued(self.id, *r)),
@@ -645,9 +636,8 @@ impl Placement {
                 m.from = self.id;
                 failover.send(*m);
             }
-            LoopMessage::CancelAll => {}
-            LoopMessage::Release(grace, done) => return Forwarded::Release(grace, done),
+            other => return Some(other),
         }
-        Forwarded::Sent
+        None
     }
 }

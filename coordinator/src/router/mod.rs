@@ -92,6 +92,14 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 5] = [
+        Self::Cache,
+        Self::Load,
+        Self::Session,
+        Self::RoundRobin,
+        Self::Moved,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Cache => "cache",
@@ -144,9 +152,8 @@ pub struct ReplicaView<'a> {
     /// Requests it holds (accepted, not ended).
     pub load: usize,
     pub kv_blocks_free: usize,
-    /// Blocks its prefix cache holds: among equally loaded replicas a new prefix goes to the
-    /// one holding fewest, so new prefixes spread instead of evicting each other on one.
-    pub cached_blocks: usize,
+    /// Its cached blocks. Among equally loaded replicas a new prefix goes to the one holding
+    /// fewest, so new prefixes spread instead of evicting each other on one.
     pub prefixes: &'a PrefixIndex,
 }
 
@@ -155,10 +162,9 @@ pub struct ReplicaView<'a> {
 pub struct RouteRequest<'a> {
     pub prompt: &'a [u32],
     pub session: Option<&'a str>,
-    /// Never this replica (a request moving off it).
-    pub not: Option<u32>,
     /// A request moving off a lost replica: never to one recovering too long (which would only
-    /// hand it back), so it waits at the front door until one serves.
+    /// hand it back; the replica it left is one from the moment it hands its requests over, or
+    /// down), so it waits at the front door until one serves.
     pub moving: bool,
 }
 
@@ -191,20 +197,19 @@ impl Router {
         replicas: &[ReplicaView<'_>],
         req: RouteRequest<'_>,
     ) -> Option<(usize, Reason)> {
-        let eligible = |level: Accepts| -> Vec<usize> {
-            (0..replicas.len())
-                .filter(|&i| replicas[i].accepts == level && Some(replicas[i].id) != req.not)
-                .collect()
-        };
-        let levels: &[Accepts] = if req.moving {
-            &[Accepts::Serving, Accepts::Queueing]
+        // The best any replica offers, and the replicas that offer it.
+        let level = replicas.iter().map(|r| r.accepts).max()?;
+        let lowest = if req.moving {
+            Accepts::Queueing
         } else {
-            &[Accepts::Serving, Accepts::Queueing, Accepts::Late]
+            Accepts::Late
         };
-        let candidates = levels
-            .iter()
-            .map(|&level| eligible(level))
-            .find(|c| !c.is_empty())?;
+        if level < lowest {
+            return None;
+        }
+        let candidates: Vec<usize> = (0..replicas.len())
+            .filter(|&i| replicas[i].accepts == level)
+            .collect();
         if let Some(session) = req.session {
             let sticky = self.sessions.get(session).and_then(|id| {
                 candidates
@@ -275,7 +280,7 @@ fn least_loaded(replicas: &[ReplicaView<'_>], candidates: &[usize]) -> usize {
             let (a, b) = (&replicas[a], &replicas[b]);
             a.load
                 .cmp(&b.load)
-                .then(a.cached_blocks.cmp(&b.cached_blocks))
+                .then(a.prefixes.len().cmp(&b.prefixes.len()))
                 .then(b.kv_blocks_free.cmp(&a.kv_blocks_free))
                 .then(a.id.cmp(&b.id))
         })

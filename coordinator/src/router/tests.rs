@@ -17,7 +17,6 @@ fn view(id: u32, load: usize, prefixes: &PrefixIndex) -> ReplicaView<'_> {
         accepts: Accepts::Serving,
         load,
         kv_blocks_free: 100,
-        cached_blocks: prefixes.len(),
         prefixes,
     }
 }
@@ -37,7 +36,6 @@ fn ask(prompt: &[u32]) -> RouteRequest<'_> {
     RouteRequest {
         prompt,
         session: None,
-        not: None,
         moving: false,
     }
 }
@@ -97,7 +95,6 @@ fn a_session_sticks_to_its_replica_while_it_serves() {
     let chat = RouteRequest {
         prompt: &[1, 2, 3],
         session: Some("alice"),
-        not: None,
         moving: false,
     };
     let views = [view(0, 5, &none), view(1, 0, &none)];
@@ -141,15 +138,15 @@ fn only_serving_replicas_unless_none_serves() {
     );
     assert_eq!(r.choose(&[down, late], ask(&[1])), Some((1, Reason::Load)));
     assert_eq!(r.choose(&[down], ask(&[1])), None);
-    // A request moving off replica 2 never goes back to it.
+    // A request moving off a lost replica goes to one that serves (the one it left too, once
+    // that serves again) or that recovers briefly...
     let moving = RouteRequest {
         prompt: &[1],
         session: None,
-        not: Some(2),
         moving: true,
     };
-    assert_eq!(r.choose(&[serving, down], moving), None);
-    // Nor to a replica recovering too long, which would hand it back.
+    assert_eq!(r.choose(&[serving, down], moving), Some((0, Reason::Load)));
+    // ...never to one recovering too long, which would hand it back.
     assert_eq!(r.choose(&[late, down], moving), None);
     assert_eq!(
         r.choose(&[late, recovering], moving),
