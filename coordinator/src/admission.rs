@@ -16,9 +16,29 @@ use crate::tokenizer::{ChatMessage, TextTokenizer};
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 256;
 /// Most top logprobs a request may ask for (OpenAI's limit).
 pub const MAX_LOGPROBS: u32 = 20;
-/// Most stop strings per request, and longest stop string in bytes.
-pub const MAX_STOP_STRINGS: usize = 16;
+/// Most stop strings per request by default (`--max-stop-strings`), and the longest stop
+/// string in bytes.
+pub const DEFAULT_MAX_STOP_STRINGS: usize = 16;
 pub const MAX_STOP_BYTES: usize = 256;
+
+/// What the operator allows one request (`--max-prompt-tokens`, `--max-new-tokens`,
+/// `--max-stop-strings`), within what the replicas can hold ([`Limits`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestCaps {
+    pub max_prompt_tokens: Option<usize>,
+    pub max_new_tokens: Option<usize>,
+    pub max_stop_strings: usize,
+}
+
+impl Default for RequestCaps {
+    fn default() -> Self {
+        Self {
+            max_prompt_tokens: None,
+            max_new_tokens: None,
+            max_stop_strings: DEFAULT_MAX_STOP_STRINGS,
+        }
+    }
+}
 
 /// What the replica can hold.
 #[derive(Debug, Clone, Copy)]
@@ -98,13 +118,24 @@ pub fn prompt_ids(
     Ok(ids)
 }
 
-/// Checks a request against the replica's `limits`; the model's EOS tokens end it unless ignored.
+/// Checks a request against the replica's `limits` and the operator's `caps`; the model's EOS
+/// tokens end it unless ignored.
 pub fn admit(
     tokenizer: &TextTokenizer,
     req: &GenerateRequest,
     limits: &Limits,
+    caps: &RequestCaps,
 ) -> Result<Admitted, ServeError> {
     let ids = prompt_ids(tokenizer, &req.prompt, &req.messages, &req.token_ids)?;
+    if let Some(cap) = caps.max_prompt_tokens.filter(|&cap| ids.len() > cap) {
+        return Err(invalid(
+            "prompt",
+            format!(
+                "the prompt is {} tokens; this server takes prompts of at most {cap}",
+                ids.len()
+            ),
+        ));
+    }
     if let Some(bad) = ids.iter().find(|&&t| t as usize >= limits.vocab_size) {
         return Err(invalid(
             "token_ids",
@@ -132,8 +163,15 @@ pub fn admit(
     }
     let room = limit - ids.len();
     let p = req.parameters.clone().unwrap_or_default();
+    let cap = caps.max_new_tokens.unwrap_or(usize::MAX);
     let max_new_tokens = match p.max_new_tokens {
-        None => DEFAULT_MAX_NEW_TOKENS.min(room),
+        None => DEFAULT_MAX_NEW_TOKENS.min(room).min(cap),
+        Some(n) if n as usize > cap => {
+            return Err(invalid(
+                "max_new_tokens",
+                format!("max_new_tokens is {n}; this server generates at most {cap} tokens per request"),
+            ))
+        }
         Some(0) => return Err(invalid("max_new_tokens", "max_new_tokens must be at least 1")),
         Some(n) if n as usize > room => {
             return Err(invalid(
@@ -192,12 +230,13 @@ pub fn admit(
             format!("logprobs is {n}; at most {MAX_LOGPROBS} top logprobs can be returned"),
         ));
     }
-    if p.stop.len() > MAX_STOP_STRINGS {
+    if p.stop.len() > caps.max_stop_strings {
         return Err(invalid(
             "stop",
             format!(
-                "{} stop strings; at most {MAX_STOP_STRINGS} are allowed",
-                p.stop.len()
+                "{} stop strings; at most {} are allowed",
+                p.stop.len(),
+                caps.max_stop_strings
             ),
         ));
     }
@@ -277,7 +316,7 @@ mod tests {
 
     fn refused(r: GenerateRequest, words: &str) {
         let tok = smollm2();
-        let e = admit(tok, &r, &LIMITS).expect_err(words);
+        let e = admit(tok, &r, &LIMITS, &RequestCaps::default()).expect_err(words);
         let ServeError::InvalidArgument { message, .. } = e else {
             panic!("{e:?} is not an invalid argument");
         };
@@ -287,7 +326,13 @@ mod tests {
     #[test]
     fn defaults_fit_the_room_left() {
         let tok = smollm2();
-        let a = admit(tok, &req("Hello there", Default::default()), &LIMITS).unwrap();
+        let a = admit(
+            tok,
+            &req("Hello there", Default::default()),
+            &LIMITS,
+            &RequestCaps::default(),
+        )
+        .unwrap();
         assert_eq!(a.params.max_new_tokens, 64 - a.prompt_ids.len());
         assert_eq!(a.params.sampling.top_p, 1.0);
         assert_eq!(a.params.sampling.repetition_penalty, 1.0);
@@ -405,15 +450,55 @@ mod tests {
     }
 
     #[test]
+    fn the_operators_caps_are_enforced_and_named() {
+        let tok = smollm2();
+        let caps = RequestCaps {
+            max_prompt_tokens: Some(3),
+            max_new_tokens: Some(5),
+            max_stop_strings: 1,
+        };
+        let admit_with =
+            |prompt: &str, p: GenerationParameters| admit(tok, &req(prompt, p), &LIMITS, &caps);
+        let a = admit_with("Hi", Default::default()).unwrap();
+        assert_eq!(a.params.max_new_tokens, 5, "the default is capped too");
+        let long = admit_with("one two three four five six", Default::default()).unwrap_err();
+        assert!(long.to_string().contains("prompts of at most 3"), "{long}");
+        let many = GenerationParameters {
+            max_new_tokens: Some(6),
+            ..Default::default()
+        };
+        let e = admit_with("Hi", many).unwrap_err();
+        assert!(e.to_string().contains("at most 5 tokens"), "{e}");
+        let stops = GenerationParameters {
+            stop: vec!["a".into(), "b".into()],
+            ..Default::default()
+        };
+        let e = admit_with("Hi", stops).unwrap_err();
+        assert!(e.to_string().contains("at most 1 are allowed"), "{e}");
+    }
+
+    #[test]
     fn the_kv_cache_bounds_the_length_too() {
         let tok = smollm2();
         let small = Limits {
             kv_capacity: 16,
             ..LIMITS
         };
-        let a = admit(tok, &req("Hi", Default::default()), &small).unwrap();
+        let a = admit(
+            tok,
+            &req("Hi", Default::default()),
+            &small,
+            &RequestCaps::default(),
+        )
+        .unwrap();
         assert_eq!(a.prompt_ids.len() + a.params.max_new_tokens, 16);
-        let e = admit(tok, &req(&"word ".repeat(40), Default::default()), &small).unwrap_err();
+        let e = admit(
+            tok,
+            &req(&"word ".repeat(40), Default::default()),
+            &small,
+            &RequestCaps::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("KV cache holds at most 15"), "{e}");
         assert!(
             matches!(

@@ -35,6 +35,10 @@ pub enum ServeError {
     /// The request's deadline passed, wherever it was (waiting or running).
     #[error("the request's deadline passed before it finished")]
     DeadlineExceeded,
+    /// The client stopped reading its stream: this many responses waited for it, so the
+    /// request was cancelled (its KV blocks freed for others).
+    #[error("the client did not read its stream ({0} responses waited for it); the request was cancelled")]
+    SlowClient(usize),
     /// A fault of the server's own (a step that failed, a bug); the message says which.
     #[error("{0}")]
     Internal(String),
@@ -63,6 +67,7 @@ impl ServeError {
         match self {
             Self::DeadlineExceeded => "deadline",
             Self::InvalidArgument { .. } | Self::QueueFull(_) => "rejected",
+            Self::SlowClient(_) => "aborted",
             Self::Starting
             | Self::Draining
             | Self::ReplicaDown(_)

@@ -19,11 +19,11 @@ use anyhow::{bail, Result};
 use helios_proto::v1::{ChatMessage, GenerateRequest};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::admission::{self, Limits};
+use crate::admission::{self, Limits, RequestCaps};
 use crate::error::ServeError;
 use crate::membership::Membership;
 use crate::metrics::Metrics;
-use crate::output::{RequestOutput, ResponseReceiver};
+use crate::output::{response_channel, RequestOutput, ResponseReceiver};
 use crate::replica::step_loop::NewRequest;
 use crate::replica::{Failover, Moved, Replica, ReplicaOptions, ReplicaState};
 use crate::replicas::Replicas;
@@ -48,6 +48,8 @@ pub struct ServingOptions {
     pub router: RouterOptions,
     /// Put prompt text in the log line of every request (off: it may be private).
     pub log_prompts: bool,
+    /// What one request may ask for.
+    pub caps: RequestCaps,
 }
 
 /// What the transport knows of a call besides its message.
@@ -74,6 +76,7 @@ struct Inner {
     failover: Option<Failover>,
     metrics: Arc<Metrics>,
     log_prompts: bool,
+    caps: RequestCaps,
     next_request: AtomicU64,
 }
 
@@ -95,6 +98,7 @@ impl FrontDoor {
             failover,
             metrics: Arc::new(Metrics::new()),
             log_prompts: opts.log_prompts,
+            caps: opts.caps,
             next_request: AtomicU64::new(0),
         }));
         if front.0.failover.is_some() {
@@ -245,9 +249,9 @@ impl FrontDoor {
             return Err(refused);
         }
         let limits = limits(&replicas).ok_or(ServeError::Starting)?;
-        let tokenizer = self.0.tokenizer.clone();
+        let (tokenizer, caps) = (self.0.tokenizer.clone(), self.0.caps);
         let (req, admitted) = tokio::task::spawn_blocking(move || {
-            let admitted = admission::admit(&tokenizer, &req, &limits);
+            let admitted = admission::admit(&tokenizer, &req, &limits, &caps);
             (req, admitted)
         })
         .await
@@ -283,7 +287,7 @@ impl FrontDoor {
             },
             self.0.metrics.clone(),
         );
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, rx) = response_channel();
         let mut output = RequestOutput::new(tx, &admitted, trace, replica.in_flight());
         if let Some(logits) = logits {
             output = output.with_logits(logits);

@@ -18,12 +18,12 @@ use helios_proto::v1::{
     ModelInfoResponse, ReplicaStatus, TokenizeRequest, TokenizeResponse,
 };
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 
 use crate::error::ServeError;
 use crate::front_door::{CallContext, FrontDoor, MAX_REQUEST_BYTES};
+use crate::listener::{self, ApiOptions};
 use crate::metrics::Metrics;
 use crate::output::{collect, ResponseStream};
 use crate::replica::{Replica, ReplicaSnapshot, ReplicaState};
@@ -33,7 +33,7 @@ pub fn status(e: ServeError) -> Status {
     let message = e.to_string();
     match e {
         ServeError::InvalidArgument { .. } => Status::invalid_argument(message),
-        ServeError::QueueFull(_) => Status::resource_exhausted(message),
+        ServeError::QueueFull(_) | ServeError::SlowClient(_) => Status::resource_exhausted(message),
         ServeError::Starting
         | ServeError::Draining
         | ServeError::ReplicaDown(_)
@@ -243,7 +243,7 @@ fn replica_status(r: &Replica, now: &ReplicaSnapshot, metrics: &Metrics) -> Repl
 /// NOT_SERVING, new requests are refused, requests in flight get up to `grace` to finish.
 pub async fn serve(listener: TcpListener, front: FrontDoor, grace: Duration) -> anyhow::Result<()> {
     let drained = crate::shutdown::drain_on_signal(front.clone(), grace);
-    serve_until(listener, front, drained.wait()).await
+    serve_until(listener, front, &ApiOptions::default(), drained.wait()).await
 }
 
 /// Serves the gRPC API on `listener` until `shutdown` resolves; then the calls in flight end
@@ -251,8 +251,11 @@ pub async fn serve(listener: TcpListener, front: FrontDoor, grace: Duration) -> 
 pub async fn serve_until(
     listener: TcpListener,
     front: FrontDoor,
+    opts: &ApiOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // gRPC is HTTP/2 only.
+    let incoming = listener::accept(listener, opts.listen(&[b"h2"])?, "gRPC");
     let (health, health_service) = tonic_health::server::health_reporter();
     let mut snapshot = front.watch();
     tokio::spawn(async move {
@@ -281,15 +284,14 @@ pub async fn serve_until(
     let generation = GenerationServer::new(GenerationService { front })
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     tonic::transport::Server::builder()
+        .max_concurrent_streams(opts.max_streams_per_connection)
+        .layer(opts.access.grpc_layer())
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(generation)
-        // Small messages (one token) must not wait for Nagle's algorithm.
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        // Connections come without Nagle's algorithm: small messages (one token) do not wait.
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
 }

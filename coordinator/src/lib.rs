@@ -17,12 +17,14 @@
 //! listeners and drains them together. The architecture and its reasons:
 //! `docs/architecture.md`.
 
+pub mod access;
 pub mod admission;
 pub mod block_manager;
 pub mod detokenizer;
 pub mod error;
 pub mod front_door;
 pub mod grpc;
+pub mod listener;
 pub mod membership;
 pub mod metrics;
 pub mod openai;

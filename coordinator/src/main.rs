@@ -17,7 +17,13 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use futures::{Stream, StreamExt};
+use helios_coordinator::access::Access;
+use helios_coordinator::admission::{RequestCaps, DEFAULT_MAX_STOP_STRINGS};
 use helios_coordinator::front_door::{CallContext, FrontDoor, ServingOptions};
+use helios_coordinator::listener::{
+    ApiOptions, TlsFiles, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_STREAMS_PER_CONNECTION,
+    DEFAULT_READ_TIMEOUT,
+};
 use helios_coordinator::membership::local::{resolve_model_path, LocalOptions};
 use helios_coordinator::membership::{
     discovery, EtcdOptions, FixedAddresses, LocalWorkers, Membership,
@@ -31,6 +37,7 @@ use helios_coordinator::scheduler::{
 use helios_coordinator::sharded_client::InitOptions;
 use helios_coordinator::tokenizer::TextTokenizer;
 use helios_coordinator::{grpc, openai, shutdown};
+use helios_proto::auth::{Authorize, ClusterSecret, CLUSTER_SECRET_ENV};
 use helios_proto::membership::{model_fingerprint, EtcdClient, RankKey, DEFAULT_RPC_TIMEOUT};
 use helios_proto::telemetry::{LogDefault, LogFormat, Telemetry};
 use helios_proto::v1::generation_client::GenerationClient;
@@ -39,6 +46,8 @@ use helios_proto::v1::{
     TokenizeRequest,
 };
 use helios_proto::{DEFAULT_BLOCK_SIZE, DEFAULT_KV_CACHE_MIB};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// The default model, as `scripts/fetch-model.sh` places it.
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -136,6 +145,15 @@ struct ReplicaArgs {
     /// it gets no new requests and its own move to other replicas (tokens kept).
     #[arg(long, default_value_t = DEFAULT_FAILOVER_AFTER.as_secs_f64())]
     failover_after: f64,
+    /// Longest prompt a request may have, in tokens (default: what the model and KV cache hold).
+    #[arg(long)]
+    max_prompt_tokens: Option<usize>,
+    /// Most tokens a request may ask to generate (default: what the model and KV cache hold).
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Most stop strings per request.
+    #[arg(long, default_value_t = DEFAULT_MAX_STOP_STRINGS)]
+    max_stop_strings: usize,
 }
 
 impl ReplicaArgs {
@@ -146,6 +164,7 @@ impl ReplicaArgs {
             num_kv_blocks: self.num_kv_blocks,
             kv_cache_memory_bytes: self.kv_cache_memory << 20,
             dequantize: self.dequantize,
+            auth: Authorize::default(),
         }
     }
 
@@ -173,6 +192,11 @@ impl ReplicaArgs {
                 },
             },
             log_prompts: self.log_prompts,
+            caps: RequestCaps {
+                max_prompt_tokens: self.max_prompt_tokens,
+                max_new_tokens: self.max_new_tokens,
+                max_stop_strings: self.max_stop_strings,
+            },
         }
     }
 }
@@ -215,6 +239,55 @@ struct ListenArgs {
     /// Seconds requests in flight get to finish after SIGTERM/SIGINT before they are cancelled.
     #[arg(long, default_value_t = 30.0)]
     shutdown_grace: f64,
+    /// Serve both APIs over TLS with this PEM certificate (chain) ...
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// ... and this PEM private key.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: clients must present a certificate signed by this PEM CA.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// API keys, one per line (`#` comments): every request but health checks (and /metrics)
+    /// must carry one as `authorization: Bearer <key>`. `$HELIOS_API_KEY` (comma-separated)
+    /// adds more. Without either, the APIs are open.
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// `/metrics` needs an API key too.
+    #[arg(long)]
+    protect_metrics: bool,
+    /// Open connections per API port at most; more are closed as they arrive.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Concurrent requests per HTTP/2 connection (gRPC or HTTP) at most.
+    #[arg(long, default_value_t = DEFAULT_MAX_STREAMS_PER_CONNECTION)]
+    max_streams_per_connection: u32,
+    /// Seconds an HTTP client may take to send its headers, and its body.
+    #[arg(long, default_value_t = DEFAULT_READ_TIMEOUT.as_secs_f64())]
+    read_timeout: f64,
+}
+
+impl ListenArgs {
+    fn api_options(&self) -> Result<ApiOptions> {
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            }),
+            _ => None,
+        };
+        let opts = ApiOptions {
+            access: Access::load(self.api_key_file.as_deref(), self.protect_metrics)?,
+            tls,
+            max_connections: self.max_connections,
+            max_streams_per_connection: self.max_streams_per_connection.max(1),
+            read_timeout: seconds(self.read_timeout),
+        };
+        // Fail at start, not at the first connection.
+        opts.listen(&[])?;
+        Ok(opts)
+    }
 }
 
 #[derive(Args)]
@@ -249,6 +322,13 @@ struct CoordinatorArgs {
     /// register). Static mode: the number of `--workers` lists, if given.
     #[arg(long)]
     dp: Option<usize>,
+    /// A file holding the cluster secret the workers were started with (default:
+    /// `$HELIOS_CLUSTER_SECRET`).
+    #[arg(long)]
+    cluster_secret_file: Option<PathBuf>,
+    /// The workers run without a cluster secret (`helios-worker --insecure`).
+    #[arg(long)]
+    insecure: bool,
     #[command(flatten)]
     listen: ListenArgs,
 }
@@ -268,9 +348,17 @@ struct DrainArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// A running server (`host:port`); without it, a replica is spawned for this prompt.
+    /// A running server (`host:port`, or `https://host:port` over TLS); without it, a replica
+    /// is spawned for this prompt.
     #[arg(long)]
     addr: Option<String>,
+    /// With `https://`: trust the server's certificate if this PEM CA signed it (default: the
+    /// public web's roots).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// The API key to send (`authorization: Bearer`), if the server wants one.
+    #[arg(long, env = "HELIOS_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     #[command(flatten)]
     spawn: SpawnArgs,
     #[arg(long)]
@@ -369,12 +457,16 @@ async fn start_serving(a: &SpawnArgs, observe: Observe) -> Result<FrontDoor> {
     let threads = a.threads_per_worker.unwrap_or((cores / workers).max(1));
     let mut init = a.replica.init_options();
     resolve_model_path(&mut init)?;
+    // One secret per run: another local cluster's processes cannot reach these workers.
+    let secret = ClusterSecret::random()?;
+    init.auth = Authorize::cluster(Some(&secret));
     let spawns = (0..a.dp).map(|_| {
         LocalWorkers::spawn(LocalOptions {
             tp: a.tp,
             threads,
             log_format: observe.log_format,
             max_restarts: a.max_worker_restarts,
+            secret: secret.clone(),
         })
     });
     let memberships = futures::future::try_join_all(spawns)
@@ -390,6 +482,7 @@ async fn start_serving(a: &SpawnArgs, observe: Observe) -> Result<FrontDoor> {
 const WORKER_EXIT_GRACE: Duration = Duration::from_secs(5);
 
 async fn listen_and_serve(listen: &ListenArgs, front: FrontDoor, what: &str) -> Result<()> {
+    let opts = listen.api_options()?;
     let grpc_listener = shutdown::bind(SocketAddr::new(listen.host, listen.port)).await?;
     let http = shutdown::bind(SocketAddr::new(listen.host, listen.http_port))
         .await
@@ -408,8 +501,8 @@ async fn listen_and_serve(listen: &ListenArgs, front: FrontDoor, what: &str) -> 
     println!("HELIOS_READY grpc={grpc_addr} http={http_addr}");
     std::io::stdout().flush()?;
     tokio::try_join!(
-        grpc::serve_until(grpc_listener, front.clone(), drained.clone().wait()),
-        openai::serve(http, front, drained.wait()),
+        grpc::serve_until(grpc_listener, front.clone(), &opts, drained.clone().wait()),
+        openai::serve(http, front, &opts, drained.wait()),
     )?;
     Ok(())
 }
@@ -431,6 +524,7 @@ async fn serve(a: ServeArgs, observe: Observe) -> Result<()> {
 async fn coordinator(a: CoordinatorArgs, observe: Observe) -> Result<()> {
     let tokenizer = TextTokenizer::from_model_path(&a.replica.model)?;
     let mut init = a.replica.init_options();
+    init.auth = Authorize::cluster(cluster_secret(&a)?.as_ref());
     if a.etcd.is_empty() {
         let memberships = a
             .workers
@@ -482,6 +576,20 @@ async fn coordinator(a: CoordinatorArgs, observe: Observe) -> Result<()> {
     listen_and_serve(&a.listen, front, &what).await
 }
 
+/// The workers' secret from `--cluster-secret-file` or the environment; none only if
+/// `--insecure` says so.
+fn cluster_secret(a: &CoordinatorArgs) -> Result<Option<ClusterSecret>> {
+    let secret = ClusterSecret::load(a.cluster_secret_file.as_deref())?;
+    match (&secret, a.insecure) {
+        (Some(_), true) => bail!("--insecure, but a cluster secret is given"),
+        (None, false) => bail!(
+            "no cluster secret: pass --cluster-secret-file or set ${CLUSTER_SECRET_ENV} (the \
+             workers' own), or --insecure for workers started with --insecure"
+        ),
+        _ => Ok(secret),
+    }
+}
+
 /// Waits until `n` replicas serve.
 async fn wait_for_replicas(front: &FrontDoor, n: usize) {
     tracing::info!("waiting for {n} replicas to register in etcd and load the model");
@@ -518,7 +626,7 @@ type AnyResponseStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse>> + S
 /// Where `helios generate` sends its request: a server, or a front door of its own over
 /// workers it spawned (the same path a server's requests take).
 enum Backend {
-    Remote(GenerationClient<tonic::transport::Channel>),
+    Remote(GenerationClient<InterceptedService<Channel, Authorize>>),
     /// Over workers spawned for the request.
     Local(FrontDoor),
 }
@@ -548,23 +656,46 @@ impl Backend {
     }
 }
 
+/// A client of the server at `addr` (TLS for `https://`), sending `--api-key` if given.
+async fn connect(
+    addr: &str,
+    a: &GenerateArgs,
+) -> Result<GenerationClient<InterceptedService<Channel, Authorize>>> {
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let mut endpoint = Endpoint::from_shared(url.clone()).with_context(|| format!("{url:?}"))?;
+    if url.starts_with("https://") {
+        let tls = match &a.tls_ca {
+            Some(ca) => {
+                let pem = std::fs::read(ca)
+                    .with_context(|| format!("reading --tls-ca {}", ca.display()))?;
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+            }
+            None => ClientTlsConfig::new().with_webpki_roots(),
+        };
+        endpoint = endpoint.tls_config(tls).context("TLS")?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    let auth = match &a.api_key {
+        Some(key) => Authorize::bearer(key)?,
+        None => Authorize::default(),
+    };
+    Ok(GenerationClient::with_interceptor(channel, auth))
+}
+
 fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
 async fn generate(a: GenerateArgs, observe: Observe) -> Result<()> {
     let mut backend = match &a.addr {
-        Some(addr) => {
-            let url = if addr.contains("://") {
-                addr.clone()
-            } else {
-                format!("http://{addr}")
-            };
-            let client = GenerationClient::connect(url.clone())
-                .await
-                .with_context(|| format!("connecting to {url}"))?;
-            Backend::Remote(client)
-        }
+        Some(addr) => Backend::Remote(connect(addr, &a).await?),
         None => Backend::Local(start_serving(&a.spawn, observe).await?),
     };
     let (prompt, messages) = if a.chat {

@@ -2,11 +2,15 @@
 //! never a stop string), logprobs when asked, and on the last response the finish reason, usage
 //! and timings.
 //!
-//! One [`RequestOutput`] per request lives in the step loop. Its channel is unbounded so that a
-//! slow client never stalls the step loop and with it everyone else; what a client can queue is
-//! bounded by its max_new_tokens.
+//! One [`RequestOutput`] per request lives in the step loop. Its channel holds at most
+//! [`OUTPUT_BUFFER`] responses, and the step loop never waits on it: a client that stops
+//! reading its stream (its transport's window full) fills it, and then its request is
+//! **cancelled**, not paused: its KV blocks go back to everyone else at once, and the client,
+//! if it ever reads again, gets what was queued and then RESOURCE_EXHAUSTED. Pausing would keep
+//! its blocks held for as long as the client cares to stall. A client that reads keeps the
+//! channel nearly empty: the step loop adds one response per step.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,8 +28,79 @@ use crate::scheduler::{FinishReason, Sampled};
 use crate::stop::StopMatcher;
 use crate::tokenizer::TextTokenizer;
 
-pub type ResponseSender = mpsc::UnboundedSender<Result<GenerateResponse, ServeError>>;
-pub type ResponseReceiver = mpsc::UnboundedReceiver<Result<GenerateResponse, ServeError>>;
+/// Responses queued for one request's client at most (one per step; see the module doc).
+pub const OUTPUT_BUFFER: usize = 256;
+
+type Item = Result<GenerateResponse, ServeError>;
+
+/// The step loop's end of a request's channel: never waits.
+#[derive(Debug)]
+pub struct ResponseSender {
+    tx: mpsc::Sender<Item>,
+    overflowed: Arc<AtomicBool>,
+}
+
+/// The client's end of a request's channel.
+#[derive(Debug)]
+pub struct ResponseReceiver {
+    rx: mpsc::Receiver<Item>,
+    overflowed: Arc<AtomicBool>,
+    /// The overflow was reported.
+    told: bool,
+}
+
+/// A request's response channel (see [`OUTPUT_BUFFER`]).
+pub fn response_channel() -> (ResponseSender, ResponseReceiver) {
+    let (tx, rx) = mpsc::channel(OUTPUT_BUFFER);
+    let overflowed = Arc::new(AtomicBool::new(false));
+    let receiver = ResponseReceiver {
+        rx,
+        overflowed: overflowed.clone(),
+        told: false,
+    };
+    (ResponseSender { tx, overflowed }, receiver)
+}
+
+impl ResponseSender {
+    /// Queues `item`; true if that overflowed the channel (this response is lost, and the
+    /// request is to be cancelled).
+    fn send(&self, item: Item) -> bool {
+        match self.tx.try_send(item) {
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                !self.overflowed.swap(true, Ordering::AcqRel)
+            }
+            _ => false,
+        }
+    }
+
+    /// The client left, or stopped reading.
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed() || self.overflowed.load(Ordering::Acquire)
+    }
+}
+
+impl ResponseReceiver {
+    pub async fn recv(&mut self) -> Option<Item> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// A response if one is queued now.
+    pub fn try_recv(&mut self) -> Option<Item> {
+        self.rx.try_recv().ok()
+    }
+
+    /// The next response; once the sender is gone after an overflow, RESOURCE_EXHAUSTED once.
+    pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Item>> {
+        use std::task::Poll;
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(None) if self.overflowed.load(Ordering::Acquire) && !self.told => {
+                self.told = true;
+                Poll::Ready(Some(Err(ServeError::SlowClient(OUTPUT_BUFFER))))
+            }
+            other => other,
+        }
+    }
+}
 
 /// Where the logits of a request's first sampled token go, for a caller in this process that
 /// asked for them (`helios logits`).
@@ -166,8 +241,14 @@ impl RequestOutput {
         if let Some(reason) = finish {
             self.close(&mut resp, wire_finish(reason), now);
         }
-        // A client that left is noticed before the next step; nothing to do here.
-        let _ = self.tx.send(Ok(resp));
+        // A client that left, or stopped reading, is noticed before the next step.
+        if self.tx.send(Ok(resp)) {
+            tracing::warn!(
+                request_id = self.trace.request_id(),
+                "the client is not reading its stream ({OUTPUT_BUFFER} responses wait for it); \
+                 cancelling the request"
+            );
+        }
         Ok(finish)
     }
 
@@ -191,13 +272,13 @@ impl RequestOutput {
             ..Default::default()
         };
         self.close(&mut resp, WireFinish::Cancelled, Instant::now());
-        let _ = self.tx.send(Ok(resp));
+        self.tx.send(Ok(resp));
     }
 
     /// Ends the request with an error.
     pub fn fail(mut self, error: ServeError) {
         self.trace.failed(&error);
-        let _ = self.tx.send(Err(error));
+        self.tx.send(Err(error));
     }
 }
 
@@ -301,8 +382,8 @@ mod tests {
 
     #[test]
     fn a_stream_that_stops_without_a_finish_reason_ends_in_an_error() {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tx.send(response(WireFinish::Unspecified)).unwrap();
+        let (tx, rx) = response_channel();
+        tx.send(response(WireFinish::Unspecified));
         drop(tx);
         let items: Vec<_> = futures::executor::block_on(ResponseStream::new(rx).collect());
         assert_eq!(items.len(), 2);
@@ -310,12 +391,31 @@ mod tests {
         let e = items[1].as_ref().unwrap_err();
         assert!(matches!(e, ServeError::Internal(_)), "{e:?}");
 
-        let (tx, rx) = mpsc::unbounded_channel();
-        tx.send(response(WireFinish::Unspecified)).unwrap();
-        tx.send(response(WireFinish::Eos)).unwrap();
+        let (tx, rx) = response_channel();
+        tx.send(response(WireFinish::Unspecified));
+        tx.send(response(WireFinish::Eos));
         drop(tx);
         let items: Vec<_> = futures::executor::block_on(ResponseStream::new(rx).collect());
         assert_eq!(items.len(), 2);
         assert!(items.iter().all(Result::is_ok));
+    }
+
+    #[test]
+    fn a_client_that_stops_reading_is_cut_off_and_told_so() {
+        let (tx, rx) = response_channel();
+        for _ in 0..OUTPUT_BUFFER {
+            assert!(!tx.send(response(WireFinish::Unspecified)));
+        }
+        assert!(!tx.is_closed());
+        // The next response finds the buffer full: the request is to end, once.
+        assert!(tx.send(response(WireFinish::Unspecified)));
+        assert!(!tx.send(response(WireFinish::Eos)));
+        assert!(tx.is_closed());
+        drop(tx);
+        let items: Vec<_> = futures::executor::block_on(ResponseStream::new(rx).collect());
+        assert_eq!(items.len(), OUTPUT_BUFFER + 1);
+        assert!(items[..OUTPUT_BUFFER].iter().all(Result::is_ok));
+        let last = items[OUTPUT_BUFFER].as_ref().unwrap_err();
+        assert_eq!(last, &ServeError::SlowClient(OUTPUT_BUFFER));
     }
 }

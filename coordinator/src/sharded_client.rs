@@ -18,6 +18,7 @@
 
 use anyhow::{anyhow, Context, Result};
 use futures::future::{join_all, try_join_all};
+use helios_proto::auth::Authorize;
 use helios_proto::v1::worker_client::WorkerClient;
 use helios_proto::v1::{
     HealthRequest, HealthResponse, InitRequest, ModelFacts, StepPlan, StepResult,
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::block_manager::BlockManager;
@@ -42,6 +44,9 @@ pub struct InitOptions {
     pub num_kv_blocks: u32,
     pub kv_cache_memory_bytes: u64,
     pub dequantize: bool,
+    /// What every call to a worker carries: the cluster's token (none for `--insecure`
+    /// workers).
+    pub auth: Authorize,
 }
 
 /// What the replica can do, once initialised.
@@ -64,8 +69,11 @@ impl ReplicaInfo {
 struct Shard {
     rank: usize,
     addr: String,
-    client: WorkerClient<Channel>,
+    client: WorkerRpc,
 }
+
+/// A worker's client; every call carries the cluster's token.
+type WorkerRpc = WorkerClient<InterceptedService<Channel, Authorize>>;
 
 /// One rank's step stream: plans go out on the sender; a reader task forwards the rank's
 /// answers to the receiver.
@@ -74,6 +82,7 @@ type StepStream = (mpsc::Sender<StepPlan>, mpsc::Receiver<StepResult>);
 /// Every rank of one replica, addressed as one.
 pub struct ShardedClient {
     shards: Vec<Shard>,
+    auth: Authorize,
     /// By rank, apart from `shards` so that a step is awaited on them while `shards` probes.
     streams: Vec<Option<StepStream>>,
     /// The first failure of any rank's step stream in this generation (it ended or broke).
@@ -151,7 +160,7 @@ pub struct RankTimes {
 impl ShardedClient {
     /// A client of the workers at `addrs` (`http://host:port`, by rank). Nothing connects
     /// until the first call.
-    pub fn new(addrs: &[String]) -> Result<Self> {
+    pub fn new(addrs: &[String], auth: &Authorize) -> Result<Self> {
         let shards = addrs
             .iter()
             .enumerate()
@@ -159,7 +168,7 @@ impl ShardedClient {
                 Ok(Shard {
                     rank,
                     addr: addr.clone(),
-                    client: worker_client(rank, addr)?,
+                    client: worker_client(rank, addr, auth)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -167,6 +176,7 @@ impl ShardedClient {
         Ok(Self {
             streams: (0..shards.len()).map(|_| None).collect(),
             shards,
+            auth: auth.clone(),
             failure: Arc::new(failure),
             closing: Closing::default(),
             generation: Arc::new(AtomicU64::new(0)),
@@ -179,7 +189,7 @@ impl ShardedClient {
             .shards
             .get_mut(rank)
             .with_context(|| format!("no rank {rank}"))?;
-        shard.client = worker_client(rank, addr)?;
+        shard.client = worker_client(rank, addr, &self.auth)?;
         shard.addr = addr.to_string();
         self.streams[rank] = None;
         Ok(())
@@ -416,7 +426,7 @@ impl ShardedClient {
 }
 
 /// A lazily connecting client of the worker at `addr`.
-fn worker_client(rank: usize, addr: &str) -> Result<WorkerClient<Channel>> {
+fn worker_client(rank: usize, addr: &str, auth: &Authorize) -> Result<WorkerRpc> {
     let channel = Endpoint::from_shared(addr.to_string())
         .with_context(|| format!("rank {rank}: bad address {addr:?}"))?
         .connect_timeout(Duration::from_secs(2))
@@ -426,7 +436,7 @@ fn worker_client(rank: usize, addr: &str) -> Result<WorkerClient<Channel>> {
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true)
         .connect_lazy();
-    Ok(WorkerClient::new(channel)
+    Ok(WorkerClient::with_interceptor(channel, auth.clone())
         .max_decoding_message_size(helios_proto::MAX_WORKER_MESSAGE_BYTES)
         .max_encoding_message_size(helios_proto::MAX_WORKER_MESSAGE_BYTES))
 }

@@ -35,6 +35,7 @@ pub const MAX_WORKER_MESSAGE_BYTES: usize = 256 << 20;
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/helios_descriptor.bin"));
 
+pub mod auth;
 pub mod membership;
 pub mod telemetry;
 

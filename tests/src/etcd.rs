@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{binary, repo_root};
+use crate::{helios_worker, repo_root};
 
 /// Where a test worker registers: cluster, replica, rank (lease of 2 s, so a lost one goes fast).
 #[derive(Debug, Clone, Copy)]
@@ -28,7 +28,7 @@ pub struct Claim<'a> {
 /// `helios-worker` listening on `host` (one compute thread), registering in etcd at `endpoint`
 /// as `claim`, serving `model`.
 pub fn worker_command(endpoint: &str, host: &str, claim: Claim<'_>, model: &str) -> Command {
-    let mut cmd = Command::new(binary("helios-worker"));
+    let mut cmd = helios_worker();
     cmd.args(["--listen", &format!("{host}:0"), "--threads", "1"])
         .args([
             "--etcd",

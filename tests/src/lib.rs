@@ -16,6 +16,17 @@ pub mod otlp;
 pub mod recovery;
 pub mod server;
 
+/// The cluster secret of the tests' workers and coordinators (`helios serve` makes its own).
+pub const TEST_CLUSTER_SECRET: &str = "helios-test-cluster-secret-0123456789";
+
+/// `helios-worker`, holding [`TEST_CLUSTER_SECRET`] (in its environment, as a coordinator
+/// started by [`server::Process::helios_command`] does).
+pub fn helios_worker() -> Command {
+    let mut cmd = Command::new(binary("helios-worker"));
+    cmd.env(helios_proto::auth::CLUSTER_SECRET_ENV, TEST_CLUSTER_SECRET);
+    cmd
+}
+
 /// A free TCP port on `host` (bound, then let go: another process may take it before the
 /// caller binds it, so callers that can retry do).
 pub fn free_port(host: &str) -> std::io::Result<u16> {

@@ -129,7 +129,11 @@ impl Process {
             "0",
         ])
         .args(args)
-        .env("HELIOS_WORKER_BIN", binary("helios-worker"));
+        .env("HELIOS_WORKER_BIN", binary("helios-worker"))
+        .env(
+            helios_proto::auth::CLUSTER_SECRET_ENV,
+            crate::TEST_CLUSTER_SECRET,
+        );
         // A line per request is noise across hundreds of test requests (RUST_LOG overrides).
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");

@@ -2,14 +2,13 @@
 //! (respawned here, restarted at its address, or a new registration) and rebuilds itself, and
 //! every stream finishes with exactly the tokens of an undisturbed run.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use helios_tests::recovery::{
     assert_same_streams, metric, metrics_text, run_streams, workload, Answers, Running,
 };
 use helios_tests::server::{model_info, send_signal, wait_until_idle, Process};
-use helios_tests::{binary, free_port, make_tiny_model};
+use helios_tests::{free_port, helios_worker, make_tiny_model};
 
 /// Streams in every run, and tokens each generates.
 const STREAMS: usize = 16;
@@ -135,7 +134,7 @@ const TP3_MODEL: [&str; 8] = [
 
 /// `helios-worker` listening on `addr` (its communicator on the same host).
 fn worker_at(addr: &str) -> Process {
-    let mut cmd = Command::new(binary("helios-worker"));
+    let mut cmd = helios_worker();
     cmd.args(["--listen", addr, "--threads", "1"]);
     Process::start(cmd, "HELIOS_WORKER_READY ")
 }

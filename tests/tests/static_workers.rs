@@ -1,10 +1,8 @@
 //! `helios coordinator` over `helios-worker` processes started separately (static addresses)
 //! serves what `helios serve` serves, and `helios generate --addr` streams it.
 
-use std::process::Command;
-
 use helios_tests::server::Process;
-use helios_tests::{binary, helios_json, make_tiny_model};
+use helios_tests::{helios_json, helios_worker, make_tiny_model};
 
 #[test]
 fn a_coordinator_over_static_workers_answers_like_a_local_replica() {
@@ -12,12 +10,7 @@ fn a_coordinator_over_static_workers_answers_like_a_local_replica() {
     make_tiny_model(dir.path(), 31, &[]).expect("tiny model");
     let model = dir.path().to_str().expect("utf-8");
     let workers: Vec<Process> = (0..2)
-        .map(|_| {
-            Process::start(
-                Command::new(binary("helios-worker")),
-                "HELIOS_WORKER_READY ",
-            )
-        })
+        .map(|_| Process::start(helios_worker(), "HELIOS_WORKER_READY "))
         .collect();
     // One address as a name: names are resolved when the coordinator connects.
     let addrs = workers
@@ -57,7 +50,7 @@ fn a_coordinator_over_static_workers_answers_like_a_local_replica() {
 #[test]
 fn a_worker_on_every_interface_advertises_a_reachable_address_never_0_0_0_0() {
     let advertised = |envs: &[(&str, &str)], args: &[&str]| {
-        let mut cmd = Command::new(binary("helios-worker"));
+        let mut cmd = helios_worker();
         cmd.args(["--listen", "0.0.0.0:0"]).args(args);
         for (k, v) in envs {
             cmd.env(k, v);
@@ -89,7 +82,7 @@ fn a_worker_on_every_interface_advertises_a_reachable_address_never_0_0_0_0() {
     let dir = tempfile::tempdir().expect("tempdir");
     make_tiny_model(dir.path(), 33, &[]).expect("tiny model");
     let model = dir.path().to_str().expect("utf-8");
-    let mut cmd = Command::new(binary("helios-worker"));
+    let mut cmd = helios_worker();
     cmd.args(["--listen", "0.0.0.0:0"])
         .env("POD_IP", "127.0.0.7");
     let worker = Process::start(cmd, "HELIOS_WORKER_READY ");

@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Parser;
+use helios_proto::auth::{ClusterSecret, KeySet, RequireBearer, CLUSTER_SECRET_ENV};
 use helios_proto::membership::{
     claim, instance_id, model_fingerprint, ClaimError, RankKey, Registration, WorkerRecord,
 };
@@ -75,6 +76,15 @@ struct Args {
     /// for the holder's lease to run out, then gives up, naming the holder.
     #[arg(long, default_value_t = 5)]
     lease_ttl: u64,
+    /// A file holding the cluster secret the coordinator and every worker share (default:
+    /// `$HELIOS_CLUSTER_SECRET`): calls without it are refused (UNAUTHENTICATED), and peers
+    /// that cannot prove it never join the communicator. Generate one with `openssl rand -hex 32`.
+    #[arg(long)]
+    cluster_secret_file: Option<std::path::PathBuf>,
+    /// Run without a cluster secret: anyone who reaches this worker's ports can drive it. Only
+    /// on a network where nothing else can.
+    #[arg(long)]
+    insecure: bool,
     /// `text` or `json` (one object per line) on stderr; `RUST_LOG` filters.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
@@ -148,7 +158,8 @@ async fn main() -> Result<()> {
         .comm_listen
         .clone()
         .unwrap_or_else(|| SocketAddr::new(grpc_bound.ip(), 0).to_string());
-    let slot = TcpListenerSlot::bind(&comm_listen)?;
+    let secret = cluster_secret(&args)?;
+    let slot = TcpListenerSlot::bind(&comm_listen, secret.clone())?;
     let comm_bound = slot.local_addr()?;
     let grpc_addr = advertised(grpc_bound, args.advertise.as_deref())?;
     let comm_addr = advertised(comm_bound, args.advertise.as_deref())?;
@@ -172,7 +183,13 @@ async fn main() -> Result<()> {
             std::process::exit(0);
         });
     }
+    let cluster_only = RequireBearer::new(
+        secret.map(|s| KeySet::new([s.rpc_token()])),
+        &[],
+        "the cluster secret",
+    );
     tonic::transport::Server::builder()
+        .layer(cluster_only)
         .add_service(
             WorkerServer::new(service)
                 .max_decoding_message_size(helios_proto::MAX_WORKER_MESSAGE_BYTES)
@@ -192,6 +209,24 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The cluster secret from `--cluster-secret-file` or the environment; none only if
+/// `--insecure` says so.
+fn cluster_secret(args: &Args) -> Result<Option<ClusterSecret>> {
+    let secret = ClusterSecret::load(args.cluster_secret_file.as_deref())?;
+    match (&secret, args.insecure) {
+        (Some(_), true) => bail!("--insecure, but a cluster secret is given"),
+        (None, false) => bail!(
+            "no cluster secret: pass --cluster-secret-file or set ${CLUSTER_SECRET_ENV} (the same \
+             as the coordinator's), or --insecure on a network nothing else can reach"
+        ),
+        (None, true) => tracing::warn!(
+            "--insecure: this worker takes calls and communicator peers from anyone who reaches it"
+        ),
+        (Some(_), false) => {}
+    }
+    Ok(secret)
 }
 
 /// Claims this worker's rank in etcd (see `helios_proto::membership`): the claim fails if

@@ -13,6 +13,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use helios_proto::auth::{ClusterSecret, CLUSTER_SECRET_ENV};
 use helios_proto::telemetry::LogFormat;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -35,6 +36,9 @@ pub struct LocalOptions {
     pub log_format: LogFormat,
     /// Restarts allowed per rank over the replica's life.
     pub max_restarts: u32,
+    /// The secret the workers are started with (in their environment, never on their command
+    /// line): one per `helios serve`, made at random, so two local clusters cannot cross.
+    pub secret: ClusterSecret,
 }
 
 pub struct LocalWorkers {
@@ -153,6 +157,7 @@ impl LocalWorkers {
             cmd.env("RUST_LOG", "warn");
         }
         let mut child = cmd
+            .env(CLUSTER_SECRET_ENV, self.opts.secret.env_value())
             .arg("--exit-with-stdin")
             .args(["--log-format", self.opts.log_format.as_str()])
             .args(["--threads", &self.opts.threads.to_string()])

@@ -27,6 +27,11 @@ pub const MAX_BODY_BYTES: usize = crate::front_door::MAX_REQUEST_BYTES;
 /// announces more is answered at once (and its connection closed).
 pub const DRAIN_BYTES: usize = 64 << 20;
 
+/// How long a client may take to send its body (`--read-timeout`), as a request extension the
+/// router adds; a body not read within it is answered 408.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTimeout(pub std::time::Duration);
+
 /// A request body that is a JSON object.
 #[derive(Debug)]
 pub struct JsonBody(pub Value);
@@ -43,7 +48,14 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
         if announced.is_some_and(|n| n > DRAIN_BYTES) {
             return Err(too_large());
         }
-        let bytes = read_limited(req.into_body(), announced).await?;
+        let timeout = req.extensions().get::<BodyTimeout>().copied();
+        let read = read_limited(req.into_body(), announced);
+        let bytes = match timeout {
+            Some(BodyTimeout(t)) => tokio::time::timeout(t, read)
+                .await
+                .map_err(|_| ApiError::body_timeout(t))??,
+            None => read.await?,
+        };
         parse_object(&bytes).map(JsonBody)
     }
 }

@@ -83,6 +83,29 @@ impl ApiError {
         e
     }
 
+    /// 401 `invalid_api_key`, as OpenAI answers a missing or wrong key.
+    pub fn unauthorized(presented: bool) -> Self {
+        let message = if presented {
+            "Incorrect API key provided."
+        } else {
+            "You didn't provide an API key: send `Authorization: Bearer <key>`."
+        };
+        let mut e = Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message);
+        e.code = Some("invalid_api_key");
+        e
+    }
+
+    /// 408: the client did not send its request body within the read timeout.
+    pub fn body_timeout(timeout: std::time::Duration) -> Self {
+        let mut e = Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!("the request body did not arrive within {timeout:?}"),
+        );
+        e.code = Some("timeout");
+        e
+    }
+
     /// 404 for a path that is not an endpoint.
     pub fn no_route(method: &str, path: &str) -> Self {
         Self::new(
@@ -126,7 +149,7 @@ impl ApiError {
                     None => Self::invalid_param(field, message),
                 }
             }
-            ServeError::QueueFull(_) => {
+            ServeError::QueueFull(_) | ServeError::SlowClient(_) => {
                 let mut e = Self::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limit_error",

@@ -38,23 +38,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::Context;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use helios_proto::telemetry;
 use tokio::net::TcpListener;
 
-use self::body::JsonBody;
+use self::body::{BodyTimeout, JsonBody};
 use self::error::ApiError;
 use self::respond::{Endpoint, Responder};
 use self::translate::Translated;
 use self::types::{ChatRequest, Common, CompletionRequest, ModelCard, ModelList};
+use crate::access::Access;
 use crate::error::ServeError;
 use crate::front_door::{CallContext, FrontDoor};
+use crate::listener::{self, ApiOptions};
 use crate::output::collect;
 use crate::replica::ReplicaState;
 
@@ -139,11 +139,12 @@ fn new_id(prefix: &str) -> String {
 /// The HTTP API's routes over `front`, with `/health` and Prometheus' `/metrics`; further
 /// endpoints are one more `.route(...)` here and share [`App`] and the error shape through the
 /// fallbacks.
-pub fn router(front: FrontDoor) -> Router {
+pub fn router(front: FrontDoor, opts: &ApiOptions) -> Router {
     let app = App {
         model: Arc::new(ModelNames::new(front.model_name())),
         front,
     };
+    let access = Arc::new(opts.access.clone());
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -158,25 +159,82 @@ pub fn router(front: FrontDoor) -> Router {
             ApiError::method_not_allowed(method.as_str(), uri.path())
         })
         .with_state(app)
+        .layer(axum::middleware::from_fn_with_state(access, require_key))
+        .layer(axum::Extension(BodyTimeout(opts.read_timeout)))
 }
 
-/// Serves the HTTP API on `listener` until `shutdown` resolves, then lets the connections in
+/// Serves the HTTP API on `listener` until `shutdown` resolves, then lets the requests in
 /// flight finish (see the module doc for how that follows the gRPC server's drain).
+///
+/// hyper serves each connection (HTTP/1.1, or HTTP/2 by ALPN or prior knowledge) under
+/// `opts`: headers must arrive within the read timeout (a slowloris client is closed, and
+/// holds no more than its connection slot meanwhile), bodies too ([`body`]), and an HTTP/2
+/// connection carries at most `max_streams_per_connection` requests at once.
 pub async fn serve(
     listener: TcpListener,
     front: FrontDoor,
+    opts: &ApiOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    // Small writes (one token per event) must not wait for Nagle's algorithm.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY on an HTTP connection: {e}");
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+    use tokio_stream::StreamExt as _;
+
+    let mut incoming = listener::accept(listener, opts.listen(&[b"h2", b"http/1.1"])?, "HTTP");
+    let app = router(front, opts);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(opts.read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(opts.max_streams_per_connection);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let conn = tokio::select! {
+            c = incoming.next() => match c {
+                Some(Ok(c)) => c,
+                Some(Err(_)) => continue,
+                None => break,
+            },
+            _ = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let served = builder.serve_connection_with_upgrades(TokioIo::new(conn), service);
+        let served = graceful.watch(served.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = served.await {
+                tracing::debug!("an HTTP connection ended: {e}");
+            }
+        });
+    }
+    // Stop accepting (the port closes), then wait for the connections to finish.
+    drop(incoming);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Refuses a request without a valid API key (see `crate::access`): 401 in OpenAI's shape.
+async fn require_key(
+    State(access): State<Arc<Access>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let authorization = req.headers().get(header::AUTHORIZATION);
+    match access.check_http(req.uri().path(), authorization) {
+        Ok(()) => next.run(req).await,
+        Err(presented) => {
+            let mut r = ApiError::unauthorized(presented).into_response();
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+            r
         }
-    });
-    axum::serve(listener, router(front))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving HTTP")
+    }
 }
 
 /// 200 `{"status": "serving"}` while serving; otherwise 503 with the state's name

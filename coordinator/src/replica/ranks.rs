@@ -90,7 +90,7 @@ impl Ranks {
         published: &Published,
     ) -> Result<(Self, ReplicaInfo)> {
         let addrs = membership.addresses().await?;
-        let mut client = ShardedClient::new(&addrs)?;
+        let mut client = ShardedClient::new(&addrs, &init.auth)?;
         let info = client.init(&init, published).await?;
         let ranks = Self {
             client,

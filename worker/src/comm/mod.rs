@@ -15,6 +15,7 @@
 //! all-reduce every implementation already has, so it needs no transport of its own: a few ids
 //! per step are not worth a second collective to implement and test on every backend.
 
+mod handshake;
 #[cfg(feature = "cuda")]
 mod nccl;
 mod tcp;

@@ -9,41 +9,142 @@
 //! Rendezvous: each worker binds its listener at start-up ([`TcpListenerSlot`]) and reports the
 //! address; at Init every rank gets all addresses, dials the lower ranks and accepts the higher.
 //! The listener lives as long as the worker: a replica that lost a rank builds a new mesh over
-//! the same listeners, under a new **generation** number. Every connection opens with a hello
-//! (magic, generation, rank) that the accepting rank answers in kind, so a peer of another
-//! generation (a stale rank, a late dial from an abandoned attempt) is turned away, and a rank
-//! that is asked for a newer generation gives up on the older one at once ([`MeshCall`]).
-//! [`MeshAbort`] closes a mesh's sockets from outside, which frees a rank blocked in a
-//! collective on a peer that stopped answering.
+//! the same listeners, under a new **generation** number. A rank that is asked for a newer
+//! generation gives up on the older one at once ([`MeshCall`]). [`MeshAbort`] closes a mesh's
+//! sockets from outside, which frees a rank blocked in a collective on a peer that stopped
+//! answering.
+//!
+//! Every connection opens with a handshake that authenticates both ends under the cluster
+//! secret and binds the generation (see [`handshake`]): a process without the secret, a peer of
+//! another generation, or a replayed handshake is dropped as it connects, whether or not a mesh
+//! is being built (a thread accepts all the time), and never reaches a collective. It costs one
+//! round trip and two HMACs per connection, nothing per all-reduce.
 
 use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Tensor};
+use helios_proto::auth::ClusterSecret;
 
+use super::handshake::{self, Hello, MeshKey, ANSWER_LEN, HELLO_LEN};
 use super::Communicator;
 
+/// How long ranks wait for each other to join a mesh.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a peer may take over its part of the handshake.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes under way at once; connections beyond are closed at once (a flood of them ties
+/// up no more than this many threads).
+const MAX_PENDING_HANDSHAKES: usize = 16;
+
 /// The listener a worker binds before it knows its rank; every generation's mesh accepts on it.
+/// A thread accepts all the time and runs each connection's handshake: only peers that pass it
+/// (the cluster secret, the generation and a rank the mesh being built waits for) reach
+/// [`TcpCommunicator::connect`]; others are closed at once.
 pub struct TcpListenerSlot {
-    listener: TcpListener,
+    addr: SocketAddr,
+    key: Arc<MeshKey>,
+    expecting: Arc<Mutex<Option<Expecting>>>,
+}
+
+/// The mesh being built, as the accepting thread checks a hello against it.
+struct Expecting {
+    generation: u64,
+    rank: usize,
+    world: usize,
+    joined: mpsc::Sender<(usize, TcpStream)>,
 }
 
 impl TcpListenerSlot {
-    pub fn bind(addr: &str) -> Result<Self> {
+    /// Binds `addr`; peers must prove `secret` (none: `--insecure`, nothing is proved).
+    pub fn bind(addr: &str, secret: Option<ClusterSecret>) -> Result<Self> {
         let listener = TcpListener::bind(addr)
             .with_context(|| format!("binding the communicator to {addr}"))?;
-        Ok(Self { listener })
+        let slot = Self {
+            addr: listener.local_addr()?,
+            key: Arc::new(MeshKey::new(secret)?),
+            expecting: Arc::new(Mutex::new(None)),
+        };
+        let (key, expecting) = (slot.key.clone(), slot.expecting.clone());
+        std::thread::Builder::new()
+            .name("comm-accept".into())
+            .spawn(move || accept_loop(listener, key, expecting))?;
+        Ok(slot)
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
-        Ok(self.listener.local_addr()?)
+        Ok(self.addr)
     }
+}
+
+fn accept_loop(listener: TcpListener, key: Arc<MeshKey>, expecting: Arc<Mutex<Option<Expecting>>>) {
+    let pending = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let peer = stream.peer_addr().map_or("?".into(), |a| a.to_string());
+        if pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING_HANDSHAKES {
+            pending.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(%peer, "communicator: too many handshakes under way; closed");
+            continue;
+        }
+        let (key, expecting, done) = (key.clone(), expecting.clone(), pending.clone());
+        let spawned = std::thread::Builder::new()
+            .name("comm-greet".into())
+            .spawn(move || {
+                if let Err(e) = greet(stream, &key, &expecting) {
+                    tracing::warn!(%peer, "communicator: turned a peer away: {e:#}");
+                }
+                done.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            pending.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Reads a peer's hello; if it belongs to the mesh being built (same generation, a higher rank)
+/// and proves the secret, hands the connection to that mesh.
+fn greet(mut s: TcpStream, key: &MeshKey, expecting: &Mutex<Option<Expecting>>) -> Result<()> {
+    s.set_read_timeout(Some(HELLO_TIMEOUT))?;
+    s.set_write_timeout(Some(HELLO_TIMEOUT))?;
+    let mut b = [0u8; HELLO_LEN];
+    s.read_exact(&mut b).context("reading its hello")?;
+    let theirs = Hello::decode(&b).context("not a Helios communicator hello")?;
+    let (rank, joined) = {
+        let guard = expecting.lock().map_err(|_| anyhow!("poisoned"))?;
+        let Some(e) = guard.as_ref() else {
+            bail!(
+                "rank {} of generation {}: no mesh is being built",
+                theirs.rank,
+                theirs.generation
+            );
+        };
+        if theirs.generation != e.generation {
+            bail!(
+                "rank {} of generation {}, not {}",
+                theirs.rank,
+                theirs.generation,
+                e.generation
+            );
+        }
+        if theirs.rank <= e.rank || theirs.rank >= e.world {
+            bail!("unexpected hello from rank {}", theirs.rank);
+        }
+        (e.rank, e.joined.clone())
+    };
+    let mine = Hello::new(theirs.generation, rank)?;
+    handshake::answer(&mut s, key, &mine, &theirs)?;
+    s.set_read_timeout(None)?;
+    s.set_write_timeout(None)?;
+    // The mesh may have given up meanwhile; then the connection just closes.
+    let _ = joined.send((theirs.rank, s));
+    Ok(())
 }
 
 /// Which mesh to build: this rank's place, every rank's address, the generation, and the
@@ -93,32 +194,6 @@ pub struct TcpCommunicator {
     abort: Arc<MeshAbort>,
 }
 
-/// How long ranks wait for each other to join a mesh.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a dialer may take to say hello once accepted.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Opens every hello, both ways.
-const MAGIC: [u8; 4] = *b"HLX1";
-const HELLO_LEN: usize = 16;
-
-fn hello(generation: u64, rank: usize) -> [u8; HELLO_LEN] {
-    let mut b = [0u8; HELLO_LEN];
-    b[..4].copy_from_slice(&MAGIC);
-    b[4..12].copy_from_slice(&generation.to_le_bytes());
-    b[12..].copy_from_slice(&(rank as u32).to_le_bytes());
-    b
-}
-
-/// (generation, rank) of a hello, if it is one.
-fn parse_hello(b: &[u8; HELLO_LEN]) -> Option<(u64, usize)> {
-    if b[..4] != MAGIC {
-        return None;
-    }
-    let generation = u64::from_le_bytes(b[4..12].try_into().ok()?);
-    let rank = u32::from_le_bytes(b[12..].try_into().ok()?) as usize;
-    Some((generation, rank))
-}
-
 impl TcpCommunicator {
     /// Joins the mesh of `call.generation`: dials every lower rank, accepts every higher one.
     pub fn connect(slot: &TcpListenerSlot, call: &MeshCall) -> Result<TcpCommunicator> {
@@ -129,21 +204,13 @@ impl TcpCommunicator {
         let deadline = Instant::now() + CONNECT_TIMEOUT;
         let mut streams: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
         for (r, addr) in call.peer_addrs.iter().enumerate().take(rank) {
-            let s = dial(addr, r, call, deadline)
+            let s = dial(addr, r, call, &slot.key, deadline)
                 .with_context(|| format!("rank {rank} dialing rank {r} at {addr}"))?;
             streams[r] = Some(s);
         }
-        let mut missing = world - rank - 1;
-        while missing > 0 {
-            let s = accept_until(&slot.listener, call, deadline)
+        if rank + 1 < world {
+            accept_higher(slot, call, deadline, &mut streams)
                 .with_context(|| format!("rank {rank} waiting for higher ranks to dial in"))?;
-            match greet(s, call, &streams) {
-                Ok((r, s)) => {
-                    streams[r] = Some(s);
-                    missing -= 1;
-                }
-                Err(e) => tracing::warn!("rank {rank}: turned a peer away: {e:#}"),
-            }
         }
         let abort = Arc::new(MeshAbort {
             streams: streams
@@ -228,59 +295,65 @@ impl Peer {
     }
 }
 
-/// Reads a higher rank's hello and answers it: the rank it dialed from, if it belongs in this
-/// mesh (same generation, a higher rank not yet joined).
-fn greet(
-    mut s: TcpStream,
+/// Waits for every higher rank of `call`'s mesh to dial in and pass the handshake (the
+/// accepting thread runs it; see [`TcpListenerSlot`]).
+fn accept_higher(
+    slot: &TcpListenerSlot,
     call: &MeshCall,
-    joined: &[Option<TcpStream>],
-) -> Result<(usize, TcpStream)> {
-    s.set_read_timeout(Some(HELLO_TIMEOUT))?;
-    let mut b = [0u8; HELLO_LEN];
-    s.read_exact(&mut b).context("reading its hello")?;
-    let (generation, r) = parse_hello(&b).context("not a Helios communicator hello")?;
-    if generation != call.generation {
-        bail!(
-            "rank {r} of generation {generation}, not {}",
-            call.generation
-        );
-    }
-    if r <= call.rank || r >= joined.len() || joined[r].is_some() {
-        bail!("unexpected hello from rank {r}");
-    }
-    s.write_all(&hello(call.generation, call.rank))?;
-    s.set_read_timeout(None)?;
-    Ok((r, s))
-}
-
-fn accept_until(listener: &TcpListener, call: &MeshCall, deadline: Instant) -> Result<TcpStream> {
-    listener.set_nonblocking(true)?;
-    loop {
-        if call.superseded() {
-            bail!("generation {} was superseded", call.generation);
-        }
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false)?;
-                return Ok(s);
+    deadline: Instant,
+    streams: &mut [Option<TcpStream>],
+) -> Result<()> {
+    let (tx, rx) = mpsc::channel();
+    let expect = Expecting {
+        generation: call.generation,
+        rank: call.rank,
+        world: streams.len(),
+        joined: tx,
+    };
+    *slot.expecting.lock().map_err(|_| anyhow!("poisoned"))? = Some(expect);
+    let result = (|| {
+        let mut missing = streams.len() - call.rank - 1;
+        while missing > 0 {
+            if call.superseded() {
+                bail!("generation {} was superseded", call.generation);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5));
+            if Instant::now() >= deadline {
+                bail!("timed out");
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => bail!("timed out"),
-            Err(e) => return Err(e.into()),
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok((r, s)) if streams[r].is_none() => {
+                    streams[r] = Some(s);
+                    missing -= 1;
+                }
+                Ok((r, _)) => tracing::warn!("rank {r} dialed in twice; kept the first"),
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    })();
+    // Stop expecting, unless a newer attempt already took the slot.
+    if let Ok(mut e) = slot.expecting.lock() {
+        if e.as_ref().is_some_and(|e| e.generation == call.generation) {
+            *e = None;
         }
     }
+    result
 }
 
 /// Dials rank `r` until it accepts this rank into the mesh of `call.generation` (it turns
 /// away, by closing, a dial it does not expect yet: it may still be leaving an older mesh).
-fn dial(addr: &str, r: usize, call: &MeshCall, deadline: Instant) -> Result<TcpStream> {
+fn dial(
+    addr: &str,
+    r: usize,
+    call: &MeshCall,
+    key: &MeshKey,
+    deadline: Instant,
+) -> Result<TcpStream> {
     loop {
         if call.superseded() {
             bail!("generation {} was superseded", call.generation);
         }
-        let err = match try_dial(addr, r, call, deadline) {
+        let err = match try_dial(addr, r, call, key, deadline) {
             Ok(s) => return Ok(s),
             Err(e) => e,
         };
@@ -292,15 +365,22 @@ fn dial(addr: &str, r: usize, call: &MeshCall, deadline: Instant) -> Result<TcpS
     }
 }
 
-fn try_dial(addr: &str, r: usize, call: &MeshCall, deadline: Instant) -> Result<TcpStream> {
+fn try_dial(
+    addr: &str,
+    r: usize,
+    call: &MeshCall,
+    key: &MeshKey,
+    deadline: Instant,
+) -> Result<TcpStream> {
     let mut s = TcpStream::connect(addr)?;
-    s.write_all(&hello(call.generation, call.rank))?;
-    // The answer comes once rank `r` reaches its accept loop: wait for it in slices, so that
-    // a newer generation or the deadline ends the wait.
+    let mine = Hello::new(call.generation, call.rank)?;
+    s.write_all(&mine.encode())?;
+    // The answer comes once rank `r` is building this mesh: wait for it in slices, so that a
+    // newer generation or the deadline ends the wait.
     s.set_read_timeout(Some(Duration::from_millis(100)))?;
-    let mut b = [0u8; HELLO_LEN];
+    let mut b = [0u8; ANSWER_LEN];
     let mut got = 0;
-    while got < HELLO_LEN {
+    while got < ANSWER_LEN {
         match s.read(&mut b[got..]) {
             Ok(0) => bail!("turned away"),
             Ok(n) => got += n,
@@ -317,13 +397,8 @@ fn try_dial(addr: &str, r: usize, call: &MeshCall, deadline: Instant) -> Result<
             Err(e) => return Err(e.into()),
         }
     }
-    match parse_hello(&b) {
-        Some((g, rank)) if g == call.generation && rank == r => {}
-        other => bail!(
-            "answered {other:?}, expected rank {r} of generation {}",
-            call.generation
-        ),
-    }
+    let proof = handshake::check_answer(key, &mine, &b, r)?;
+    s.write_all(&proof)?;
     s.set_read_timeout(None)?;
     Ok(s)
 }
@@ -380,7 +455,7 @@ impl Communicator for TcpCommunicator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::comm::test_support::local_mesh;
+    use crate::comm::test_support::{local_mesh, local_mesh_with};
     use candle_core::Device;
     use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -514,7 +589,9 @@ mod tests {
         let rank0 = std::thread::spawn(move || seat0.join_generation(5, &AtomicU64::new(5)));
         // A stale rank 1 (generation 4) says hello first: rank 0 closes on it.
         let mut stale = TcpStream::connect(&addr0).unwrap();
-        stale.write_all(&hello(4, 1)).unwrap();
+        stale
+            .write_all(&Hello::new(4, 1).unwrap().encode())
+            .unwrap();
         let mut b = [0u8; 1];
         stale
             .set_read_timeout(Some(Duration::from_secs(10)))
@@ -530,6 +607,56 @@ mod tests {
         let t = std::thread::spawn(move || c0.barrier());
         c1.barrier().unwrap();
         t.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_peer_without_the_secret_is_dropped_and_the_mesh_forms_and_runs() {
+        let secret = || Some(ClusterSecret::new("the secret of this cluster").unwrap());
+        let seats = local_mesh_with(2, secret).unwrap();
+        let addr0 = seats[0].local_addr_for_tests();
+        // An impostor of rank 1 under another secret, dialing while rank 0 waits for rank 1.
+        let impostor_slot = TcpListenerSlot::bind(
+            "127.0.0.1:0",
+            Some(ClusterSecret::new("a guess at it!!!!").unwrap()),
+        )
+        .unwrap();
+        let mut seats = seats.into_iter();
+        let (seat0, seat1) = (seats.next().unwrap(), seats.next().unwrap());
+        let rank0 = std::thread::spawn(move || seat0.join_generation(3, &AtomicU64::new(3)));
+        let newest = AtomicU64::new(3);
+        let call = MeshCall {
+            rank: 1,
+            peer_addrs: &[addr0.clone(), "127.0.0.1:9".into()],
+            generation: 3,
+            newest: &newest,
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let err = try_dial(&addr0, 0, &call, &impostor_slot.key, deadline).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("did not prove the cluster secret"),
+            "{err:#}"
+        );
+        // One that sends garbage, and one that replays a real rank's hello bytes without
+        // knowing the secret, are closed as well.
+        let mut garbage = TcpStream::connect(&addr0).unwrap();
+        garbage.write_all(&[0xAB; HELLO_LEN]).unwrap();
+        let mut b = [0u8; 1];
+        garbage
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(garbage.read(&mut b).unwrap_or(0), 0, "garbage was answered");
+        // The real rank 1 joins, and the mesh sums.
+        let mut c1 = seat1.join_generation(3, &AtomicU64::new(3)).unwrap();
+        let mut c0 = rank0.join().unwrap().unwrap();
+        let x = Tensor::new(&[1.0f32], &Device::Cpu).unwrap();
+        let t =
+            std::thread::spawn(move || c0.all_reduce_sum(&x).unwrap().to_vec1::<f32>().unwrap());
+        let y = Tensor::new(&[2.0f32], &Device::Cpu).unwrap();
+        assert_eq!(
+            c1.all_reduce_sum(&y).unwrap().to_vec1::<f32>().unwrap(),
+            vec![3.0]
+        );
+        assert_eq!(t.join().unwrap(), vec![3.0]);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use anyhow::Result;
+use helios_proto::auth::ClusterSecret;
 
 use super::{MeshCall, TcpCommunicator, TcpListenerSlot};
 
@@ -49,10 +50,18 @@ impl LocalSeat {
     }
 }
 
-/// The seats of a `world`-rank mesh on free ports of 127.0.0.1, by rank.
+/// The seats of a `world`-rank mesh on free ports of 127.0.0.1, by rank (no cluster secret).
 pub fn local_mesh(world: usize) -> Result<Vec<LocalSeat>> {
+    local_mesh_with(world, || None)
+}
+
+/// [`local_mesh`] whose ranks hold `secret()`.
+pub fn local_mesh_with(
+    world: usize,
+    secret: impl Fn() -> Option<ClusterSecret>,
+) -> Result<Vec<LocalSeat>> {
     let slots = (0..world)
-        .map(|_| TcpListenerSlot::bind("127.0.0.1:0"))
+        .map(|_| TcpListenerSlot::bind("127.0.0.1:0", secret()))
         .collect::<Result<Vec<_>>>()?;
     let addrs = slots
         .iter()
