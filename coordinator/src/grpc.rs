@@ -55,21 +55,33 @@ fn deadline_of<T>(req: &Request<T>) -> Result<Option<Instant>, Status> {
     };
     let bad = || Status::invalid_argument(format!("grpc-timeout: {v:?} is not a timeout"));
     let v = v.to_str().map_err(|_| bad())?;
+    let timeout = parse_grpc_timeout(v).ok_or_else(bad)?;
+    Ok(Instant::now().checked_add(timeout))
+}
+
+/// A `grpc-timeout` value (`TimeoutValue TimeoutUnit`: at most 8 digits, then one of `H M S m u
+/// n`), or `None` when it is not one. Pure, so it can be tested on arbitrary input; the largest
+/// value (99999999 hours) fits a `Duration` without overflow.
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    // The unit is one ASCII byte; anything else (including a multi-byte last character, where
+    // splitting one byte off would cut the character) is not a timeout.
+    if !v.is_char_boundary(v.len().saturating_sub(1)) {
+        return None;
+    }
     let (digits, unit) = v.split_at(v.len().saturating_sub(1));
     if digits.is_empty() || digits.len() > 8 {
-        return Err(bad());
+        return None;
     }
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    let timeout = match unit {
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
         "H" => Duration::from_secs(n * 3600),
         "M" => Duration::from_secs(n * 60),
         "S" => Duration::from_secs(n),
         "m" => Duration::from_millis(n),
         "u" => Duration::from_micros(n),
         "n" => Duration::from_nanos(n),
-        _ => return Err(bad()),
-    };
-    Ok(Instant::now().checked_add(timeout))
+        _ => return None,
+    })
 }
 
 /// The call's deadline and the client's trace context (W3C `traceparent` in the metadata).
@@ -362,6 +374,65 @@ mod tests {
         for bad in ["", "S", "12", "5x", "123456789S", "-1S", "1.5S"] {
             let e = deadline_of(&with(bad)).expect_err(bad);
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}");
+        }
+        // The largest timeout neither overflows the parser nor the deadline.
+        assert_eq!(
+            parse_grpc_timeout("99999999H"),
+            Some(Duration::from_secs(99_999_999 * 3600))
+        );
+        assert!(deadline_of(&with("99999999H")).is_ok());
+        assert_eq!(parse_grpc_timeout("1é"), None);
+    }
+
+    /// Nanoseconds per unit, as u128 so the reference itself cannot overflow.
+    fn unit_nanos(unit: char) -> Option<u128> {
+        Some(match unit {
+            'H' => 3_600_000_000_000,
+            'M' => 60_000_000_000,
+            'S' => 1_000_000_000,
+            'm' => 1_000_000,
+            'u' => 1_000,
+            'n' => 1,
+            _ => return None,
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn valid_timeouts_parse_exactly(
+            n in 0..=99_999_999u64,
+            unit in proptest::sample::select(vec!['H', 'M', 'S', 'm', 'u', 'n']),
+            zeros in 0..3usize,
+        ) {
+            let digits = format!("{}{n}", "0".repeat(zeros));
+            let v = format!("{digits}{unit}");
+            let got = parse_grpc_timeout(&v);
+            if digits.len() > 8 {
+                proptest::prop_assert_eq!(got, None);
+            } else {
+                let nanos = u128::from(n) * unit_nanos(unit).unwrap();
+                proptest::prop_assert_eq!(got.map(|d| d.as_nanos()), Some(nanos));
+            }
+        }
+
+        #[test]
+        fn arbitrary_strings_never_panic(v in "\\PC{0,12}|[0-9+-]{0,10}[HMSmunx]") {
+            if let Some(d) = parse_grpc_timeout(&v) {
+                // Only ≤ 8 digits (as `u64::from_str` reads them) and a known unit get here.
+                let unit = v.chars().last().unwrap();
+                let digits = &v[..v.len() - 1];
+                proptest::prop_assert!(!digits.is_empty() && digits.len() <= 8, "{v:?}");
+                let n: u64 = digits.parse().unwrap();
+                let nanos = u128::from(n) * unit_nanos(unit).unwrap();
+                proptest::prop_assert_eq!(d.as_nanos(), nanos);
+            }
+            if let Ok(value) = v.parse::<tonic::metadata::MetadataValue<_>>() {
+                let mut req = Request::new(());
+                req.metadata_mut().insert("grpc-timeout", value);
+                let _ = deadline_of(&req);
+            }
         }
     }
 }

@@ -76,6 +76,14 @@ fn default_max_pos() -> usize {
     4096
 }
 
+/// Upper bounds on a config's sizes (see `ModelConfig::check`): far above any released model.
+const MAX_VOCAB: usize = 1 << 24;
+const MAX_WIDTH: usize = 1 << 20;
+const MAX_COUNT: usize = 1 << 16;
+const MAX_POSITIONS: usize = 1 << 24;
+/// Positions × head_dim: the RoPE cos and sin tables hold half of this each (4 GiB of f32 at most).
+const MAX_ROPE_TABLE: usize = 1 << 30;
+
 /// Architectures whose weights and forward pass are the Llama layout.
 const SUPPORTED_ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM"];
 
@@ -85,8 +93,10 @@ impl ModelConfig {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
+        // The error names the field that does not parse (`hidden_size: invalid value ...`).
         let hf: HfConfig =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(&text))
+                .with_context(|| format!("parsing {}", path.display()))?;
         let architecture = match hf.architectures.first() {
             Some(a) if SUPPORTED_ARCHITECTURES.contains(&a.as_str()) => a.clone(),
             Some(a) => bail!(
@@ -149,14 +159,18 @@ impl ModelConfig {
                 ctx()
             );
         }
+        // A key that is absent may have a default; one that is present must be an integer.
+        let get_opt = |k: &str| -> Result<Option<usize>> {
+            let Some(v) = md.get(k) else { return Ok(None) };
+            let n = v
+                .to_u64()
+                .with_context(|| format!("{}: metadata {k} is not an integer", ctx()))?;
+            let n = usize::try_from(n)
+                .with_context(|| format!("{}: metadata {k} = {n} is too large", ctx()))?;
+            Ok(Some(n))
+        };
         let get_u = |k: &str| -> Result<usize> {
-            let v = md
-                .get(k)
-                .with_context(|| format!("{}: missing metadata {k}", ctx()))?;
-            Ok(v.to_u64()
-                .or_else(|_| v.to_u32().map(u64::from))
-                .with_context(|| format!("{}: metadata {k} is not an integer", ctx()))?
-                as usize)
+            get_opt(k)?.with_context(|| format!("{}: missing metadata {k}", ctx()))
         };
         let get_f = |k: &str, default: f64| -> f64 {
             md.get(k)
@@ -165,9 +179,9 @@ impl ModelConfig {
         };
         let hidden_size = get_u("llama.embedding_length")?;
         let num_heads = get_u("llama.attention.head_count")?;
-        let num_kv_heads = get_u("llama.attention.head_count_kv").unwrap_or(num_heads);
+        let num_kv_heads = get_opt("llama.attention.head_count_kv")?.unwrap_or(num_heads);
         let head_dim =
-            get_u("llama.attention.key_length").unwrap_or(hidden_size / num_heads.max(1));
+            get_opt("llama.attention.key_length")?.unwrap_or(hidden_size / num_heads.max(1));
         let rope_scaling = match md
             .get("llama.rope.scaling.type")
             .and_then(|v| v.to_string().ok())
@@ -191,16 +205,36 @@ impl ModelConfig {
             rms_norm_eps: get_f("llama.attention.layer_norm_rms_epsilon", 1e-5),
             rope_theta: get_f("llama.rope.freq_base", 10_000.0),
             rope_scaling,
-            max_position_embeddings: get_u("llama.context_length").unwrap_or(4096),
+            max_position_embeddings: get_opt("llama.context_length")?.unwrap_or(4096),
             tie_word_embeddings: !has_output,
         };
-        cfg.check().with_context(ctx)?;
+        cfg.check()
+            .with_context(|| format!("{}: llama.* metadata", ctx()))?;
         Ok(cfg)
     }
 
+    /// Refuses sizes no real model has before anything is sized from them: the RoPE tables, the
+    /// KV cache and the `u32` fields of the model facts are computed from these numbers, and
+    /// `config.json` or GGUF metadata is input from outside.
     fn check(&self) -> Result<()> {
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_layers == 0 {
-            bail!("head and layer counts must be positive");
+        let bounds = [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH),
+            ("head_dim", self.head_dim, MAX_WIDTH),
+            ("num_hidden_layers", self.num_layers, MAX_COUNT),
+            ("num_attention_heads", self.num_heads, MAX_COUNT),
+            ("num_key_value_heads", self.num_kv_heads, MAX_COUNT),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_POSITIONS,
+            ),
+        ];
+        for (name, v, max) in bounds {
+            if v == 0 || v > max {
+                bail!("{name} is {v}; it must be between 1 and {max}");
+            }
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             bail!(
@@ -211,6 +245,51 @@ impl ModelConfig {
         }
         if !self.head_dim.is_multiple_of(2) {
             bail!("head_dim {} must be even for RoPE", self.head_dim);
+        }
+        // Both bounded above, so the product cannot overflow.
+        let rope = self.max_position_embeddings * self.head_dim;
+        if rope > MAX_ROPE_TABLE {
+            bail!(
+                "max_position_embeddings {} × head_dim {} = {rope} RoPE table entries, more than \
+                 {MAX_ROPE_TABLE}",
+                self.max_position_embeddings,
+                self.head_dim
+            );
+        }
+        self.check_floats()
+    }
+
+    /// NaN, infinite or non-positive constants would silently poison every logit.
+    fn check_floats(&self) -> Result<()> {
+        let mut floats = vec![
+            ("rms_norm_eps", self.rms_norm_eps, true),
+            ("rope_theta", self.rope_theta, false),
+        ];
+        match &self.rope_scaling {
+            None => {}
+            Some(RopeScaling::Linear { factor }) => {
+                floats.push(("rope_scaling.factor", *factor, false))
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => floats.extend([
+                ("rope_scaling.factor", *factor, false),
+                ("rope_scaling.low_freq_factor", *low_freq_factor, false),
+                ("rope_scaling.high_freq_factor", *high_freq_factor, false),
+                (
+                    "rope_scaling.original_max_position_embeddings",
+                    *original_max_position_embeddings,
+                    false,
+                ),
+            ]),
+        }
+        for (name, v, zero_ok) in floats {
+            if !v.is_finite() || v < 0.0 || (v == 0.0 && !zero_ok) {
+                bail!("{name} is {v}; it must be a finite positive number");
+            }
         }
         Ok(())
     }
@@ -324,6 +403,63 @@ mod tests {
         assert_eq!(cfg.reduce_parts(1), 4);
         assert_eq!(cfg.reduce_parts(2), 4);
         assert_eq!(cfg.reduce_parts(4), 4);
+    }
+
+    /// `config.json` of `tiny()` with `field` set to `value`; the error of loading it.
+    fn hf_config_err(field: &str, value: serde_json::Value) -> String {
+        let mut json = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,
+            "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 8,
+            "num_key_value_heads": 4, "head_dim": 128, "max_position_embeddings": 128
+        });
+        json[field] = value;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), json.to_string()).unwrap();
+        match ModelConfig::from_hf_dir(dir.path()) {
+            Ok(c) => panic!("{field}: accepted {c:?}"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn absurd_hf_configs_are_refused_naming_the_field() {
+        let cases: [(&str, serde_json::Value, &str); 10] = [
+            (
+                "hidden_size",
+                (1u64 << 40).into(),
+                "hidden_size is 1099511627776",
+            ),
+            ("num_attention_heads", 0.into(), "num_attention_heads is 0"),
+            (
+                "num_key_value_heads",
+                3.into(),
+                "not a multiple of 3 KV heads",
+            ),
+            ("vocab_size", 0.into(), "vocab_size is 0"),
+            (
+                "num_hidden_layers",
+                (1u64 << 33).into(),
+                "num_hidden_layers is 8589934592",
+            ),
+            ("head_dim", 7.into(), "head_dim 7 must be even"),
+            (
+                "max_position_embeddings",
+                (1u64 << 24).into(),
+                "RoPE table entries",
+            ),
+            ("rope_theta", (-1.0).into(), "rope_theta is -1"),
+            ("hidden_size", (-5).into(), "hidden_size"),
+            (
+                "rope_scaling",
+                serde_json::json!({"type": "linear", "factor": 0.0}),
+                "rope_scaling.factor is 0",
+            ),
+        ];
+        for (field, value, expected) in cases {
+            let err = hf_config_err(field, value);
+            assert!(err.contains(expected), "{field}: {err}");
+            assert!(err.contains("config.json"), "{field}: {err}");
+        }
     }
 
     #[test]

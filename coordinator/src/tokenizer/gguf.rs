@@ -39,12 +39,10 @@
 //! *not* special: llama.cpp and transformers both print them on decode, so they are kept in output.
 
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
-use std::io::BufReader;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::quantized::gguf_file::{self, Value};
+use helios_gguf::Value;
 use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
@@ -87,6 +85,11 @@ pub const KEY_ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
 pub const KEY_ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
 /// `tokenizer.chat_template`: the model's Jinja chat template.
 pub const KEY_CHAT_TEMPLATE: &str = "tokenizer.chat_template";
+
+/// The longest token accepted, in bytes. Real vocabularies stay far below it; deriving merges
+/// from scores costs the square of a token's length, so a file of megabyte-long tokens would
+/// otherwise hold the coordinator for hours.
+const MAX_TOKEN_LEN: usize = 4096;
 
 /// The SentencePiece word-boundary marker (U+2581).
 const SPIECE_UNDERLINE: &str = "\u{2581}";
@@ -187,14 +190,10 @@ pub struct GgufTokenizer {
     pub vocab_size: usize,
 }
 
-/// Reads the metadata key/value section of a GGUF file (not the tensor data).
+/// Reads the metadata key/value section of a GGUF file (not the tensor data). The reader checks
+/// every count and length against the file, so a hostile header is an error naming the key.
 pub fn read_metadata(path: &Path) -> Result<HashMap<String, Value>> {
-    let file = File::open(path).with_context(|| format!("opening GGUF file {}", path.display()))?;
-    let mut reader = BufReader::new(file);
-    let content = gguf_file::Content::read(&mut reader)
-        .map_err(|e| anyhow!("{e}"))
-        .with_context(|| format!("reading GGUF header of {}", path.display()))?;
-    Ok(content.metadata)
+    Ok(helios_gguf::read_path(path)?.metadata)
 }
 
 /// Reads a GGUF file's metadata and builds its tokenizer; errors name the file.
@@ -217,6 +216,16 @@ pub fn tokenizer_from_metadata(md: &HashMap<String, Value>) -> Result<GgufTokeni
         .with_context(|| format!("no `{KEY_TOKENS}` in GGUF metadata"))?;
     if tokens.is_empty() {
         bail!("`{KEY_TOKENS}` is empty");
+    }
+    if let Some((i, t)) = tokens
+        .iter()
+        .enumerate()
+        .find(|(_, t)| t.len() > MAX_TOKEN_LEN)
+    {
+        bail!(
+            "`{KEY_TOKENS}`[{i}] is {} bytes long; a token may have at most {MAX_TOKEN_LEN}",
+            t.len()
+        );
     }
     let token_types = match get_int_array(md, KEY_TOKEN_TYPE)? {
         Some(types) => {
@@ -293,7 +302,9 @@ fn build_byte_level(
         .map(|(i, m)| {
             m.split_once(' ')
                 .map(|(l, r)| (l.to_string(), r.to_string()))
-                .with_context(|| format!("merge #{i} ({m:?}) is not two tokens split by a space"))
+                .with_context(|| {
+                    format!("`{KEY_MERGES}`[{i}] ({m:?}) is not two tokens split by a space")
+                })
         })
         .collect::<Result<Vec<_>>>()?;
 
@@ -316,7 +327,7 @@ fn build_byte_level(
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .build()
-        .map_err(|e| anyhow!("building byte-level BPE model: {e}"))?;
+        .map_err(|e| anyhow!("building byte-level BPE model from `{KEY_MERGES}`: {e}"))?;
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_pre_tokenizer(Some(byte_level_pre_tokenizer(pre)?));
     tokenizer.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
@@ -409,7 +420,7 @@ fn build_sentencepiece_bpe(
                 m.split_once(' ')
                     .map(|(l, r)| (l.to_string(), r.to_string()))
                     .with_context(|| {
-                        format!("merge #{i} ({m:?}) is not two tokens split by a space")
+                        format!("`{KEY_MERGES}`[{i}] ({m:?}) is not two tokens split by a space")
                     })
             })
             .collect::<Result<Vec<_>>>()?,
@@ -424,6 +435,10 @@ fn build_sentencepiece_bpe(
                     tokens.len()
                 );
             }
+            // A NaN score has no place in the ranking (and would break the sort's total order).
+            if let Some(i) = scores.iter().position(|s| s.is_nan()) {
+                bail!("`{KEY_SCORES}`[{i}] is NaN");
+            }
             merges_from_scores(tokens, &scores)
         }
     };
@@ -436,7 +451,7 @@ fn build_sentencepiece_bpe(
     }
     let bpe = builder
         .build()
-        .map_err(|e| anyhow!("building SentencePiece BPE model: {e}"))?;
+        .map_err(|e| anyhow!("building SentencePiece BPE model from `{KEY_MERGES}`: {e}"))?;
     let mut tokenizer = Tokenizer::new(bpe);
 
     let add_space_prefix = get_bool(md, KEY_ADD_SPACE_PREFIX)?.unwrap_or(true);
@@ -842,6 +857,147 @@ mod tests {
         let mut md = synthetic_spm_metadata();
         md.insert(KEY_MODEL.into(), Value::String("gpt2".into()));
         assert!(format!("{:#}", tokenizer_from_metadata(&md).unwrap_err()).contains(KEY_MERGES));
+    }
+
+    /// A three-token byte-level vocabulary with one merge.
+    fn tiny_bpe_metadata() -> HashMap<String, Value> {
+        let strings =
+            |v: &[&str]| Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect());
+        HashMap::from([
+            (KEY_MODEL.to_string(), Value::String("gpt2".into())),
+            (KEY_TOKENS.to_string(), strings(&["a", "b", "ab"])),
+            (KEY_MERGES.to_string(), strings(&["a b"])),
+            (KEY_EOS_ID.to_string(), Value::U32(2)),
+        ])
+    }
+
+    fn err_of(md: &HashMap<String, Value>) -> String {
+        match tokenizer_from_metadata(md) {
+            Ok(_) => panic!("hostile metadata was accepted"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    fn assert_mentions(msg: &str, parts: &[&str]) {
+        for p in parts {
+            assert!(msg.contains(p), "{p:?} missing from: {msg}");
+        }
+    }
+
+    #[test]
+    fn hostile_tokenizer_metadata_names_the_key() {
+        let g = tokenizer_from_metadata(&tiny_bpe_metadata()).unwrap();
+        assert_eq!(g.tokenizer.encode("ab", false).unwrap().get_ids(), [2]);
+
+        let mut md = tiny_bpe_metadata();
+        md.insert(
+            KEY_TOKENS.into(),
+            Value::Array(vec![Value::U32(1), Value::U32(2)]),
+        );
+        assert_mentions(
+            &err_of(&md),
+            &["`tokenizer.ggml.tokens`[0] should be a string", "U32"],
+        );
+        md.insert(KEY_TOKENS.into(), Value::String("a b ab".into()));
+        assert_mentions(
+            &err_of(&md),
+            &["`tokenizer.ggml.tokens` should be an array"],
+        );
+
+        let mut md = tiny_bpe_metadata();
+        md.insert(
+            KEY_MERGES.into(),
+            Value::Array(vec![Value::String("ab".into())]),
+        );
+        assert_mentions(
+            &err_of(&md),
+            &["`tokenizer.ggml.merges`[0]", "not two tokens"],
+        );
+        md.insert(
+            KEY_MERGES.into(),
+            Value::Array(vec![Value::String("x y".into())]),
+        );
+        assert_mentions(&err_of(&md), &["tokenizer.ggml.merges"]);
+        md.insert(KEY_MERGES.into(), Value::U8(1));
+        assert_mentions(
+            &err_of(&md),
+            &["`tokenizer.ggml.merges` should be an array"],
+        );
+
+        let mut md = tiny_bpe_metadata();
+        md.insert(KEY_EOS_ID.into(), Value::U64(u64::MAX));
+        assert_mentions(&err_of(&md), &["tokenizer.ggml.eos_token_id"]);
+        md.insert(KEY_EOS_ID.into(), Value::U32(3));
+        assert_mentions(
+            &err_of(&md),
+            &["`tokenizer.ggml.eos_token_id` = 3 is outside"],
+        );
+        md.insert(KEY_EOS_ID.into(), Value::String("2".into()));
+        assert_mentions(
+            &err_of(&md),
+            &["`tokenizer.ggml.eos_token_id` should be an integer"],
+        );
+
+        let mut md = tiny_bpe_metadata();
+        md.insert(
+            KEY_TOKEN_TYPE.into(),
+            Value::Array(vec![Value::F32(1.0); 3]),
+        );
+        assert_mentions(
+            &err_of(&md),
+            &["`tokenizer.ggml.token_type`[0] should be an integer"],
+        );
+
+        let mut md = tiny_bpe_metadata();
+        let long = Value::String("a".repeat(MAX_TOKEN_LEN + 1));
+        md.insert(KEY_TOKENS.into(), Value::Array(vec![long]));
+        assert_mentions(
+            &err_of(&md),
+            &["`tokenizer.ggml.tokens`[0] is 4097 bytes long"],
+        );
+    }
+
+    #[test]
+    fn nan_scores_are_refused() {
+        let mut md = synthetic_spm_metadata();
+        let mut scores = get_f32_array(&md, KEY_SCORES).unwrap().unwrap();
+        scores[7] = f32::NAN;
+        md.insert(
+            KEY_SCORES.into(),
+            Value::Array(scores.into_iter().map(Value::F32).collect()),
+        );
+        assert_mentions(&err_of(&md), &["`tokenizer.ggml.scores`[7] is NaN"]);
+    }
+
+    #[test]
+    fn hostile_gguf_headers_name_the_key_and_file() {
+        use helios_gguf::test_util::GgufBuilder;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hostile.gguf");
+        // The tokens array claims 2^60 strings.
+        let mut payload = 8u32.to_le_bytes().to_vec();
+        payload.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        let b = GgufBuilder::tiny_llama()
+            .kv(KEY_MODEL, Value::String("gpt2".into()))
+            .kv_raw(KEY_TOKENS, 9, payload);
+        std::fs::write(&path, b.build()).unwrap();
+        let msg = format!("{:#}", load(&path).unwrap_err());
+        assert_mentions(&msg, &["hostile.gguf", KEY_TOKENS, "array length"]);
+
+        // A well-formed file whose tokens are numbers.
+        let numbers = Value::Array(vec![Value::I32(1); 3]);
+        let b = GgufBuilder::tiny_llama()
+            .kv(KEY_MODEL, Value::String("gpt2".into()))
+            .kv(KEY_TOKENS, numbers);
+        std::fs::write(&path, b.build()).unwrap();
+        let msg = format!("{:#}", load(&path).unwrap_err());
+        assert_mentions(
+            &msg,
+            &[
+                "hostile.gguf",
+                "`tokenizer.ggml.tokens`[0] should be a string",
+            ],
+        );
     }
 
     #[test]

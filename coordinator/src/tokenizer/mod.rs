@@ -166,6 +166,8 @@ impl TextTokenizer {
                     .first()
                     .copied()
             });
+        let vocab_size = full_vocab_size(&tokenizer);
+        check_ids_in_vocab(dir, bos_token_id, &eos_token_ids, vocab_size)?;
         let bos_token = bos_text.or_else(|| bos_token_id.and_then(|id| tokenizer.id_to_token(id)));
         let eos_token = eos_text.or_else(|| {
             eos_token_ids
@@ -180,7 +182,6 @@ impl TextTokenizer {
 
         let template = chat_template_from_dir(dir, tok_config.as_ref())?;
         let chat_template = TemplateSlot::from_source(template, dir);
-        let vocab_size = full_vocab_size(&tokenizer);
         Ok(Self {
             tokenizer,
             add_bos,
@@ -297,6 +298,26 @@ fn full_vocab_size(tokenizer: &tokenizers::Tokenizer) -> usize {
         .max()
         .map_or(0, |m| m as usize + 1);
     max_id.max(tokenizer.get_vocab_size(true))
+}
+
+/// BOS and EOS ids from the JSON configs must name tokens: an id past the vocabulary could never
+/// be sampled (generation would not stop) nor prepended meaningfully.
+fn check_ids_in_vocab(dir: &Path, bos: Option<u32>, eos: &[u32], vocab_size: usize) -> Result<()> {
+    let outside = |id: u32| id as usize >= vocab_size;
+    if let Some(id) = bos.filter(|&id| outside(id)) {
+        bail!(
+            "{}: bos_token_id {id} is outside the vocabulary of {vocab_size} tokens",
+            dir.display()
+        );
+    }
+    if let Some(id) = eos.iter().copied().find(|&id| outside(id)) {
+        bail!(
+            "{}: eos_token_id {id} (generation_config.json / config.json) is outside the \
+             vocabulary of {vocab_size} tokens",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Whether `tokenizer.json`'s post-processor prepends BOS (used when `add_bos_token` is unset).
@@ -614,6 +635,39 @@ pub(crate) mod tests {
             format!("{err:#}").contains("tokenizer_config.json"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn hostile_hf_tokenizer_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokenizer_json = dir.path().join("tokenizer.json");
+        for garbage in [&b"{not json"[..], b"\xff\xfe\x00", b"{\"model\": 7}", b"[]"] {
+            std::fs::write(&tokenizer_json, garbage).unwrap();
+            let err = TextTokenizer::from_model_path(dir.path()).unwrap_err();
+            assert!(format!("{err:#}").contains("tokenizer.json"), "{err:#}");
+        }
+
+        smollm2().inner().save(&tokenizer_json, false).unwrap();
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            r#"{"eos_token_id": [2, 4000000000]}"#,
+        )
+        .unwrap();
+        let err = format!(
+            "{:#}",
+            TextTokenizer::from_model_path(dir.path()).unwrap_err()
+        );
+        assert!(err.contains("eos_token_id 4000000000"), "{err}");
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            r#"{"bos_token_id": 49152}"#,
+        )
+        .unwrap();
+        let err = format!(
+            "{:#}",
+            TextTokenizer::from_model_path(dir.path()).unwrap_err()
+        );
+        assert!(err.contains("bos_token_id 49152"), "{err}");
     }
 
     #[test]

@@ -14,10 +14,10 @@ use std::fs::File;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use candle_core::quantized::gguf_file::Content;
+use anyhow::{Context, Result};
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Tensor};
+use helios_gguf::Content;
 use memmap2::Mmap;
 
 use super::{check_shape, slice_rows, LoadOptions, Split};
@@ -38,8 +38,10 @@ impl GgufWeights {
         // SAFETY: read-only mapping of a model file that is not modified while in use.
         let mmap =
             unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
-        let content = Content::read(&mut Cursor::new(&mmap[..]))
-            .map_err(anyhow::Error::from)
+        // The header reader checks every count, shape and offset against the file, so a
+        // truncated or hostile file fails here, naming the field or tensor, not half-way through
+        // loading.
+        let content = helios_gguf::read(Cursor::new(&mmap[..]), mmap.len() as u64)
             .with_context(|| format!("{}: not a readable GGUF file", path.display()))?;
         let embd = content
             .tensor_infos
@@ -48,17 +50,12 @@ impl GgufWeights {
         let vocab_rows = embd.shape.dims().first().copied().unwrap_or(0);
         let has_output = content.tensor_infos.contains_key("output.weight");
         let config = ModelConfig::from_gguf(path, &content.metadata, vocab_rows, has_output)?;
-        let w = Self {
+        Ok(Self {
             config,
             path: path.to_path_buf(),
             mmap,
             content,
-        };
-        // Catch a truncated file now rather than half-way through loading.
-        for name in w.content.tensor_infos.keys() {
-            w.raw(name)?;
-        }
-        Ok(w)
+        })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -82,25 +79,9 @@ impl GgufWeights {
             .get(gname)
             .with_context(|| format!("{}: tensor {gname} not found", self.path.display()))?;
         let dims = info.shape.dims().to_vec();
-        let elems: usize = dims.iter().product();
-        let bs = info.ggml_dtype.block_size();
-        if !elems.is_multiple_of(bs) {
-            bail!(
-                "{}: tensor {gname} has {elems} elements, not a multiple of its block size {bs}",
-                self.path.display()
-            );
-        }
-        let len = elems / bs * info.ggml_dtype.type_size();
-        let start = self.content.tensor_data_offset as usize + info.offset as usize;
-        let end = start + len;
-        if end > self.mmap.len() {
-            bail!(
-                "{}: tensor {gname} needs bytes {start}..{end} but the file has {} (truncated?)",
-                self.path.display(),
-                self.mmap.len()
-            );
-        }
-        Ok((info.ggml_dtype, dims, &self.mmap[start..end]))
+        let range = helios_gguf::tensor_range(&self.content, gname, self.mmap.len() as u64)
+            .with_context(|| self.path.display().to_string())?;
+        Ok((info.ggml_dtype, dims, &self.mmap[range]))
     }
 
     /// Rows of a `[out, in]` matrix in HF order (undoing the Q/K permutation).
@@ -238,6 +219,79 @@ fn gguf_name(hf: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use helios_gguf::test_util::GgufBuilder;
+    use helios_gguf::Value;
+
+    /// Writes `b` to a temp dir as `model.gguf` and opens it; the error with its whole chain.
+    fn open_err(b: &GgufBuilder) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.gguf");
+        std::fs::write(&path, b.build()).unwrap();
+        match GgufWeights::open(&path) {
+            Ok(_) => panic!("a hostile file was accepted"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    fn assert_mentions(msg: &str, parts: &[&str]) {
+        for p in parts {
+            assert!(msg.contains(p), "{p:?} missing from: {msg}");
+        }
+    }
+
+    #[test]
+    fn tiny_llama_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.gguf");
+        std::fs::write(&path, GgufBuilder::tiny_llama().build()).unwrap();
+        let w = GgufWeights::open(&path).unwrap();
+        assert_eq!((w.config.vocab_size, w.config.hidden_size), (4, 8));
+        let (_, dims, bytes) = w.raw("token_embd.weight").unwrap();
+        assert_eq!((dims, bytes.len()), (vec![4, 8], 128));
+    }
+
+    #[test]
+    fn hostile_tensors_are_named_with_the_file() {
+        let mut b = GgufBuilder::tiny_llama();
+        b.tensor_mut("token_embd.weight").dims = vec![1 << 32, 1 << 32, 2];
+        assert_mentions(
+            &open_err(&b),
+            &["model.gguf", "token_embd.weight", "overflows"],
+        );
+
+        let mut b = GgufBuilder::tiny_llama();
+        b.tensor_mut("output_norm.weight").offset = Some(1 << 40);
+        assert_mentions(
+            &open_err(&b),
+            &["model.gguf", "output_norm.weight", "past the end"],
+        );
+    }
+
+    #[test]
+    fn hostile_config_metadata_is_named() {
+        let b = GgufBuilder::tiny_llama().kv("llama.embedding_length", Value::U64(1 << 40));
+        assert_mentions(
+            &open_err(&b),
+            &["model.gguf", "hidden_size is 1099511627776"],
+        );
+        let b = GgufBuilder::tiny_llama().kv("llama.attention.head_count", Value::U32(0));
+        assert_mentions(&open_err(&b), &["num_attention_heads is 0"]);
+        let b = GgufBuilder::tiny_llama().kv("llama.attention.head_count_kv", Value::U32(3));
+        assert_mentions(&open_err(&b), &["not a multiple of 3 KV heads"]);
+        let b = GgufBuilder::tiny_llama().kv("llama.context_length", Value::U64(u64::MAX));
+        assert_mentions(
+            &open_err(&b),
+            &["max_position_embeddings is 18446744073709551615"],
+        );
+        let b = GgufBuilder::tiny_llama().kv("llama.context_length", Value::F32(1.0));
+        assert_mentions(&open_err(&b), &["llama.context_length is not an integer"]);
+        let b = GgufBuilder::tiny_llama().kv("llama.rope.freq_base", Value::F32(f32::NAN));
+        assert_mentions(&open_err(&b), &["rope_theta is NaN"]);
+        // No rows in the embedding: a vocabulary of 0.
+        let mut b = GgufBuilder::tiny_llama();
+        b.tensor_mut("token_embd.weight").dims = vec![8, 0];
+        assert_mentions(&open_err(&b), &["vocab_size is 0"]);
+    }
 
     #[test]
     fn names_map_to_gguf() {

@@ -143,6 +143,14 @@ fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
         let mut files: Vec<String> = idx.weight_map.into_values().collect();
         files.sort();
         files.dedup();
+        // A shard is a file of this directory: an index naming `../x` or `/etc/x` would make
+        // the worker map a file outside the model.
+        if let Some(bad) = files.iter().find(|f| !is_plain_file_name(f)) {
+            bail!(
+                "{}: weight_map names shard {bad:?}, which is not a file name in the directory",
+                index.display()
+            );
+        }
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
     }
     let single = dir.join("model.safetensors");
@@ -155,6 +163,17 @@ fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
     )
 }
 
+/// A name with exactly one normal path component (no `/`, `..`, root or prefix).
+fn is_plain_file_name(name: &str) -> bool {
+    let mut parts = Path::new(name).components();
+    matches!(
+        (parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    )
+}
+
+/// Reads the header of a safetensors file held in `data`; every tensor's byte range is checked
+/// to hold exactly its shape and to lie inside the file, with arithmetic that cannot overflow.
 fn parse_header(data: &[u8]) -> Result<Vec<(String, Entry)>> {
     if data.len() < 8 {
         bail!(
@@ -164,9 +183,10 @@ fn parse_header(data: &[u8]) -> Result<Vec<(String, Entry)>> {
     }
     let mut len8 = [0u8; 8];
     len8.copy_from_slice(&data[..8]);
-    let header_len = u64::from_le_bytes(len8) as usize;
-    let data_start = 8usize
-        .checked_add(header_len)
+    let header_len = u64::from_le_bytes(len8);
+    let data_start = usize::try_from(header_len)
+        .ok()
+        .and_then(|n| n.checked_add(8))
         .filter(|&e| e <= data.len())
         .with_context(|| {
             format!(
@@ -183,37 +203,170 @@ fn parse_header(data: &[u8]) -> Result<Vec<(String, Entry)>> {
         }
         let h: HeaderEntry =
             serde_json::from_value(v).with_context(|| format!("header entry of tensor {name}"))?;
-        let dtype = match h.dtype.as_str() {
-            "F32" => DType::F32,
-            "F16" => DType::F16,
-            "BF16" => DType::BF16,
-            other => bail!("tensor {name}: unsupported dtype {other} (F32, F16, BF16 are)"),
-        };
-        let [a, b] = h.data_offsets;
-        let numel: usize = h.shape.iter().product();
-        if b < a || b - a != numel * dtype.size_in_bytes() {
-            bail!(
-                "tensor {name}: data range {a}..{b} does not hold shape {:?} of {}",
-                h.shape,
-                h.dtype
-            );
-        }
-        let (start, end) = (data_start + a, data_start + b);
-        if end > data.len() {
-            bail!(
-                "tensor {name} ends at byte {end} but the file has {} bytes (truncated?)",
-                data.len()
-            );
-        }
-        out.push((
-            name,
-            Entry {
-                dtype,
-                shape: h.shape,
-                start,
-                end,
-            },
-        ));
+        let entry =
+            entry_of(&h, data_start, data.len()).with_context(|| format!("tensor {name}"))?;
+        out.push((name, entry));
     }
     Ok(out)
+}
+
+/// Checks one header entry against the file: a known dtype, a shape whose byte size is exactly
+/// its data range, and that range inside the file's `file_len` bytes.
+fn entry_of(h: &HeaderEntry, data_start: usize, file_len: usize) -> Result<Entry> {
+    let dtype = match h.dtype.as_str() {
+        "F32" => DType::F32,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        other => bail!("unsupported dtype {other} (F32, F16, BF16 are)"),
+    };
+    let bytes = h
+        .shape
+        .iter()
+        .try_fold(dtype.size_in_bytes(), |acc, &d| acc.checked_mul(d))
+        .with_context(|| format!("the byte size of shape {:?} overflows", h.shape))?;
+    let [a, b] = h.data_offsets;
+    if b < a || b - a != bytes {
+        bail!(
+            "data range {a}..{b} does not hold shape {:?} of {} ({bytes} bytes)",
+            h.shape,
+            h.dtype
+        );
+    }
+    match (data_start.checked_add(a), data_start.checked_add(b)) {
+        (Some(start), Some(end)) if end <= file_len => Ok(Entry {
+            dtype,
+            shape: h.shape.clone(),
+            start,
+            end,
+        }),
+        _ => bail!(
+            "data range {a}..{b} after the {data_start}-byte header runs past the end of the \
+             file ({file_len} bytes; truncated?)"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file: the JSON header as given, then `data_len` zero bytes.
+    fn file(header: &serde_json::Value, data_len: usize) -> Vec<u8> {
+        let h = header.to_string();
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(h.as_bytes());
+        out.resize(out.len() + data_len, 0);
+        out
+    }
+
+    /// One F32 tensor `w` of shape [2, 3] at bytes 0..24, with `field` replaced by `value`.
+    fn one_tensor(field: &str, value: serde_json::Value) -> serde_json::Value {
+        let mut t = serde_json::json!({"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]});
+        t[field] = value;
+        serde_json::json!({ "__metadata__": {"format": "pt"}, "w": t })
+    }
+
+    fn err_of(bytes: &[u8]) -> String {
+        match parse_header(bytes) {
+            Ok(e) => panic!("a hostile file was accepted: {:?}", e),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_file_parses() {
+        let bytes = file(&one_tensor("dtype", "F32".into()), 24);
+        let entries = parse_header(&bytes).unwrap();
+        let (name, e) = &entries[0];
+        assert_eq!((name.as_str(), e.shape.as_slice()), ("w", &[2, 3][..]));
+        assert_eq!(e.end - e.start, 24);
+        assert_eq!(e.end, bytes.len());
+    }
+
+    #[test]
+    fn header_length_past_the_end() {
+        let mut bytes = file(&one_tensor("dtype", "F32".into()), 24);
+        let too_long = bytes.len() as u64;
+        bytes[..8].copy_from_slice(&too_long.to_le_bytes());
+        assert!(err_of(&bytes).contains("truncated"));
+        bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(err_of(&bytes).contains("header claims 18446744073709551615 bytes"));
+        assert!(err_of(&[1, 2, 3]).contains("too short"));
+    }
+
+    #[test]
+    fn data_offsets_past_the_end_or_reversed() {
+        let past = one_tensor("data_offsets", serde_json::json!([24, 48]));
+        let msg = err_of(&file(&past, 24));
+        assert!(
+            msg.contains("tensor w") && msg.contains("past the end"),
+            "{msg}"
+        );
+        let reversed = one_tensor("data_offsets", serde_json::json!([24, 0]));
+        let msg = err_of(&file(&reversed, 24));
+        assert!(msg.contains("tensor w") && msg.contains("24..0"), "{msg}");
+        // Offsets that overflow once the header length is added.
+        let max = usize::MAX as u64;
+        let huge = one_tensor("data_offsets", serde_json::json!([max - 24, max]));
+        let mut t = huge;
+        t["w"]["shape"] = serde_json::json!([6]);
+        let msg = err_of(&file(&t, 24));
+        assert!(
+            msg.contains("tensor w") && msg.contains("past the end"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn shape_products_that_overflow_or_do_not_match() {
+        let overflow = one_tensor("shape", serde_json::json!([1u64 << 32, 1u64 << 32, 4]));
+        let msg = err_of(&file(&overflow, 24));
+        assert!(
+            msg.contains("tensor w") && msg.contains("overflows"),
+            "{msg}"
+        );
+        let mismatch = one_tensor("shape", serde_json::json!([2, 4]));
+        let msg = err_of(&file(&mismatch, 24));
+        assert!(
+            msg.contains("tensor w") && msg.contains("does not hold shape [2, 4]"),
+            "{msg}"
+        );
+        // The same bytes read as 2-byte elements are twice as many elements.
+        let dtype = one_tensor("dtype", "BF16".into());
+        let msg = err_of(&file(&dtype, 24));
+        assert!(
+            msg.contains("tensor w") && msg.contains("12 bytes"),
+            "{msg}"
+        );
+        let unknown = one_tensor("dtype", "I64".into());
+        assert!(err_of(&file(&unknown, 24)).contains("unsupported dtype I64"));
+        let negative = one_tensor("shape", serde_json::json!([-1, 3]));
+        assert!(err_of(&file(&negative, 24)).contains("header entry of tensor w"));
+    }
+
+    #[test]
+    fn garbage_headers_are_errors() {
+        let mut bytes = 9u64.to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{not json");
+        assert!(err_of(&bytes).contains("parsing the JSON header"));
+    }
+
+    #[test]
+    fn shards_outside_the_directory_are_refused() {
+        assert!(is_plain_file_name("model-00001-of-00002.safetensors"));
+        for bad in ["../secret", "/etc/passwd", "a/b.safetensors", "..", "", "."] {
+            assert!(!is_plain_file_name(bad), "{bad}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            r#"{"weight_map": {"w": "../../outside.safetensors"}}"#,
+        )
+        .unwrap();
+        let msg = format!("{:#}", shard_paths(dir.path()).unwrap_err());
+        assert!(
+            msg.contains("outside.safetensors") && msg.contains("index.json"),
+            "{msg}"
+        );
+    }
 }

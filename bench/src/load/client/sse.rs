@@ -82,4 +82,81 @@ mod tests {
         assert_eq!(got, ["{\"text\":\"café ☕\"}"]);
         assert!(p.finish().is_empty());
     }
+
+    use proptest::prelude::*;
+
+    /// All events of `stream` fed in pieces cut at `cuts` (positions, any order, any count).
+    fn parse_in_pieces(stream: &[u8], cuts: &[usize]) -> Vec<String> {
+        let mut at: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+        at.extend([0, stream.len()]);
+        at.sort_unstable();
+        let mut p = SseParser::default();
+        let mut got = Vec::new();
+        for w in at.windows(2) {
+            got.extend(p.push(&stream[w[0]..w[1]]));
+        }
+        got.extend(p.finish());
+        got
+    }
+
+    /// One event as a server might write it: comment and field lines around 1-3 `data` lines,
+    /// LF or CRLF line ends; returns the bytes and the payload the parser should give.
+    fn event() -> impl Strategy<Value = (String, String)> {
+        let line = "[^\r\n]{0,20}";
+        (
+            proptest::collection::vec(line, 1..4),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|(lines, crlf, comment, space)| {
+                let nl = if crlf { "\r\n" } else { "\n" };
+                let mut text = String::new();
+                if comment {
+                    text.push_str(&format!(": keep-alive{nl}event: x{nl}"));
+                }
+                for l in &lines {
+                    let sep = if space { " " } else { "" };
+                    text.push_str(&format!("data:{sep}{l}{nl}"));
+                }
+                text.push_str(nl);
+                // With no space after the colon, a payload that starts with one keeps it only
+                // after the first: the parser strips exactly one.
+                let payload: Vec<&str> = lines
+                    .iter()
+                    .map(|l| {
+                        if space {
+                            l.as_str()
+                        } else {
+                            l.strip_prefix(' ').unwrap_or(l)
+                        }
+                    })
+                    .collect();
+                (text, payload.join("\n"))
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_split_gives_the_same_events(
+            events in proptest::collection::vec(event(), 0..6),
+            cuts in proptest::collection::vec(any::<usize>(), 0..12),
+        ) {
+            let stream: String = events.iter().map(|(t, _)| t.as_str()).collect();
+            let expected: Vec<String> = events.into_iter().map(|(_, p)| p).collect();
+            prop_assert_eq!(&parse_in_pieces(stream.as_bytes(), &[]), &expected);
+            prop_assert_eq!(parse_in_pieces(stream.as_bytes(), &cuts), expected);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_splits_agree(
+            bytes in proptest::collection::vec(any::<u8>(), 0..256),
+            cuts in proptest::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let whole = parse_in_pieces(&bytes, &[]);
+            prop_assert_eq!(parse_in_pieces(&bytes, &cuts), whole);
+        }
+    }
 }
