@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 use anyhow::{bail, Context, Result};
 
 pub mod etcd;
+pub mod fuzz;
 pub mod otlp;
 pub mod recovery;
 pub mod server;

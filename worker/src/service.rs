@@ -289,6 +289,7 @@ impl MeshJoin {
 }
 
 /// Steps the plans of one stream in order, answering each on `tx`, timed (see the module docs).
+/// A plan that cannot be read ends the stream with that status.
 ///
 /// A plan of another generation than this rank's is refused and ends the stream. A step that
 /// fails other than by refusing its plan (a peer was lost mid-collective) leaves this rank out
@@ -310,7 +311,11 @@ async fn step_loop(
         let plan = match plan {
             Ok(p) => p,
             Err(status) => {
+                // A plan that could not be read (tonic could not decode it, or the stream
+                // broke) is answered with why: ending the stream without a word would look
+                // like success to the peer, its plan unanswered.
                 tracing::info!("step stream closed: {status}");
+                let _ = tx.send(Err(status)).await;
                 return;
             }
         };
@@ -428,6 +433,25 @@ mod tests {
     use helios_proto::v1::SequenceStep;
 
     use crate::comm::SingleRank;
+
+    /// A plan tonic could not decode (fuzzing found it) ends the stream with tonic's status,
+    /// never silently: before, the stream ended OK and the plan went unanswered.
+    #[tokio::test]
+    async fn a_plan_that_cannot_be_read_ends_the_stream_with_its_status() {
+        let plans = tokio_stream::iter(vec![Err(Status::internal(
+            "failed to decode Protobuf message: invalid wire type",
+        ))]);
+        let (tx, mut results) = mpsc::channel(4);
+        step_loop(plans, Arc::new(Mutex::new(None)), tx).await;
+        let status = results
+            .recv()
+            .await
+            .expect("an answer")
+            .expect_err("an error status");
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(status.message().contains("failed to decode"), "{status}");
+        assert!(results.recv().await.is_none(), "the stream ends after it");
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn results_say_how_long_the_rank_waited_and_computed() {
