@@ -179,6 +179,73 @@ pub async fn fuzz(target: &FuzzTarget, shape: WorkerShape, cfg: &FuzzConfig) -> 
     report
 }
 
+/// Runs the same cases against the worker at `stranger`, a target without the cluster's
+/// token (none, or a wrong one): every call (Step with each plan, Init with the case's bytes
+/// as its model path, Health) must be refused UNAUTHENTICATED. The caller then checks with the
+/// token that nothing changed.
+pub async fn fuzz_without_secret(
+    stranger: &FuzzTarget,
+    shape: WorkerShape,
+    cfg: &FuzzConfig,
+) -> Report {
+    let name = if stranger.metadata.is_empty() {
+        "worker, no token"
+    } else {
+        "worker, a wrong token"
+    };
+    let mut report = Report::new(name, cfg.seed);
+    let mut client = WorkerClient::new(RawClient::new(stranger, STEP_TIMEOUT).channel());
+    let mut budget = cfg.budget();
+    while let Some(i) = budget.next_case() {
+        let mut rng = Rng::for_case(cfg.seed, name, i);
+        let case = make_case(&mut rng, &shape);
+        let (call, answer) = match rng.below(3) {
+            0 => {
+                let plan = StepPlan::decode(case.bytes.clone()).unwrap_or_default();
+                let req = stranger.request(tokio_stream::iter(vec![plan]));
+                ("Step", timed(client.step(req)).await.map(|_| ()))
+            }
+            1 => {
+                let init = InitRequest {
+                    world_size: 1,
+                    model_path: String::from_utf8_lossy(&case.bytes).into_owned(),
+                    generation: shape.generation + 1 + rng.below(1000) as u64,
+                    ..Default::default()
+                };
+                (
+                    "Init",
+                    timed(client.init(stranger.request(init))).await.map(|_| ()),
+                )
+            }
+            _ => {
+                let req = stranger.request(HealthRequest {});
+                ("Health", timed(client.health(req)).await.map(|_| ()))
+            }
+        };
+        let outcome = match answer {
+            Err(s) if s.code() == Code::Unauthenticated => Ok("UNAUTHENTICATED".to_string()),
+            Err(s) => Err(format!(
+                "{call} refused otherwise: {:?}: {}",
+                s.code(),
+                s.message()
+            )),
+            Ok(()) => Err(format!("{call} without the cluster secret was served")),
+        };
+        report.record(i, call, outcome);
+        if report.should_stop() {
+            break;
+        }
+    }
+    report
+}
+
+/// `call`'s answer; a hang is DEADLINE_EXCEEDED.
+async fn timed<T>(call: impl std::future::Future<Output = Result<T, Status>>) -> Result<T, Status> {
+    tokio::time::timeout(STEP_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| Err(Status::deadline_exceeded("a hang")))
+}
+
 /// A Step stream with the raw codec: the sender of its plans and its results.
 struct Stream {
     plans: mpsc::Sender<Bytes>,
