@@ -53,7 +53,7 @@ then is counted in ``unfinished``). Then it waits (up to ``--idle-timeout``, 30 
    "workers_unchanged": bool (the same children at the end: no worker was lost and replaced),
    "final": {"idle": bool, "waited_s": S, "kv_cache_usage": {replica: v},
              "running": {replica: n}, "waiting": {replica: n}},
-   "server_finished": {finish_reason: n}}
+   "server_finished": {finish_reason: n}, "server_preemptions": n}
 """
 
 import argparse
@@ -493,6 +493,7 @@ def main():
     if args.samples_out:
         with open(args.samples_out, "w") as f:
             json.dump({"pids": procs, "samples": samples}, f)
+    preemptions = sum(metrics.get("helios_preemptions_total", {}).values())
     finished = {
         k.removeprefix("finish_reason="): v
         for k, v in metrics.get("helios_requests_finished_total", {}).items()
@@ -517,6 +518,7 @@ def main():
                 ],
                 "final": final,
                 "server_finished": finished,
+                "server_preemptions": preemptions,
             }
         )
     )
