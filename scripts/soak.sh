@@ -17,11 +17,12 @@
 # warm-up touches every page of it: KV memory is mapped lazily, and its first touch shows as RSS
 # growth that is no leak; it also makes the soak preempt now and then.
 #
-# The slope bound: 1 MiB/min is 10 MiB over a 10-minute run, well above what the allocator's
-# churn shows once warm (a few hundredths of a MiB per minute, bench/RESULTS.md "Soak"), and
-# below any leak of a few KiB per request at the soak's rate (about 5 requests/s, so 300 a
-# minute: a leak of 4 KiB per request is 1.2 MiB/min). Runs shorter than 5 minutes fit a slope
-# to too few warm samples to hold them to this; use a longer run or raise the bound.
+# The slope bound: 1 MiB/min is 9 MiB over the 9 minutes after the warm-up (the first quarter
+# of the run, at most 60 s), twice the most any process showed once warm (0.004-0.5 MiB/min:
+# the step buffers' high-water mark rising a step or two, bench/RESULTS.md "Soak"), and below a
+# leak of 8 KiB per request at the soak's rate on 2 shared cores (2.6 requests/s, about 160 a
+# minute: 1.25 MiB/min). Runs much shorter than 10 minutes fit a slope to too few warm samples
+# to hold them to this; use a longer run or raise the bound.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
