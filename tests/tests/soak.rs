@@ -19,9 +19,9 @@ const KV_BLOCKS: &str = "24";
 /// KV pages and the step buffers of the first batches.
 const WARMUP: &str = "15";
 /// Growth of RSS from the first sample after the warm-up to the last one, MiB. Measured over the
-/// 45 s after the warm-up on a debug build (2 cores, shared): the coordinator 0.4-0.8, the
-/// workers 4-10 (their step buffers' high-water mark rising as larger batches turn up, then
-/// flat). The bounds are 8× and 3× that: noise stays below them, while a gross leak passes
+/// 45 s after the warm-up on a debug build (2 cores, shared): the coordinator 0.4-0.5, the
+/// workers 3-10 (their step buffers' high-water mark rising as larger batches turn up, then
+/// flat). The bounds are 3× and more above that: noise stays below them, while a gross leak passes
 /// them within the minute: a worker keeping a step's logits or activations (hundreds of KiB per
 /// sequence per step, several steps a second), the coordinator keeping a request's state
 /// (tokens, text, logprobs, stream buffers) or a connection's per request at several requests a
