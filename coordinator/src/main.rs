@@ -150,7 +150,7 @@ struct ReplicaArgs {
     max_prompt_tokens: Option<usize>,
     /// Most tokens a request may ask to generate (default: what the model and KV cache hold).
     #[arg(long)]
-    max_new_tokens: Option<usize>,
+    max_new_tokens_limit: Option<usize>,
     /// Most stop strings per request.
     #[arg(long, default_value_t = DEFAULT_MAX_STOP_STRINGS)]
     max_stop_strings: usize,
@@ -194,7 +194,7 @@ impl ReplicaArgs {
             log_prompts: self.log_prompts,
             caps: RequestCaps {
                 max_prompt_tokens: self.max_prompt_tokens,
-                max_new_tokens: self.max_new_tokens,
+                max_new_tokens: self.max_new_tokens_limit,
                 max_stop_strings: self.max_stop_strings,
             },
         }
@@ -481,8 +481,12 @@ async fn start_serving(a: &SpawnArgs, observe: Observe) -> Result<FrontDoor> {
 /// How long workers spawned here get to exit on their own once let go.
 const WORKER_EXIT_GRACE: Duration = Duration::from_secs(5);
 
-async fn listen_and_serve(listen: &ListenArgs, front: FrontDoor, what: &str) -> Result<()> {
-    let opts = listen.api_options()?;
+async fn listen_and_serve(
+    listen: &ListenArgs,
+    opts: &ApiOptions,
+    front: FrontDoor,
+    what: &str,
+) -> Result<()> {
     let grpc_listener = shutdown::bind(SocketAddr::new(listen.host, listen.port)).await?;
     let http = shutdown::bind(SocketAddr::new(listen.host, listen.http_port))
         .await
@@ -501,13 +505,15 @@ async fn listen_and_serve(listen: &ListenArgs, front: FrontDoor, what: &str) -> 
     println!("HELIOS_READY grpc={grpc_addr} http={http_addr}");
     std::io::stdout().flush()?;
     tokio::try_join!(
-        grpc::serve_until(grpc_listener, front.clone(), &opts, drained.clone().wait()),
-        openai::serve(http, front, &opts, drained.wait()),
+        grpc::serve_until(grpc_listener, front.clone(), opts, drained.clone().wait()),
+        openai::serve(http, front, opts, drained.wait()),
     )?;
     Ok(())
 }
 
 async fn serve(a: ServeArgs, observe: Observe) -> Result<()> {
+    // Bad TLS files or keys fail at once, before the workers load the model.
+    let opts = a.listen.api_options()?;
     let front = start_serving(&a.spawn, observe).await?;
     let what = format!(
         "{} at dp {} × tp {}",
@@ -515,13 +521,14 @@ async fn serve(a: ServeArgs, observe: Observe) -> Result<()> {
         a.spawn.dp,
         a.spawn.tp
     );
-    let served = listen_and_serve(&a.listen, front.clone(), &what).await;
+    let served = listen_and_serve(&a.listen, &opts, front.clone(), &what).await;
     // Drained: the workers may exit on their own (sending their last spans) before we do.
     front.release_workers(WORKER_EXIT_GRACE).await;
     served
 }
 
 async fn coordinator(a: CoordinatorArgs, observe: Observe) -> Result<()> {
+    let api = a.listen.api_options()?;
     let tokenizer = TextTokenizer::from_model_path(&a.replica.model)?;
     let mut init = a.replica.init_options();
     init.auth = Authorize::cluster(cluster_secret(&a)?.as_ref());
@@ -548,7 +555,7 @@ async fn coordinator(a: CoordinatorArgs, observe: Observe) -> Result<()> {
         );
         let opts = a.replica.serving_options(observe, memberships.len() > 1);
         let front = FrontDoor::start(memberships, &init, tokenizer, &opts).await?;
-        return listen_and_serve(&a.listen, front, &what).await;
+        return listen_and_serve(&a.listen, &api, front, &what).await;
     }
     let model_fingerprint = model_fingerprint(&a.replica.model)?;
     // Each worker loads the model it registered with (checked against ours above).
@@ -573,7 +580,7 @@ async fn coordinator(a: CoordinatorArgs, observe: Observe) -> Result<()> {
         a.cluster,
         a.tp
     );
-    listen_and_serve(&a.listen, front, &what).await
+    listen_and_serve(&a.listen, &api, front, &what).await
 }
 
 /// The workers' secret from `--cluster-secret-file` or the environment; none only if

@@ -16,6 +16,7 @@ pub mod fuzz;
 pub mod otlp;
 pub mod recovery;
 pub mod server;
+pub mod tls;
 
 /// The cluster secret of the tests' workers and coordinators (`helios serve` makes its own).
 pub const TEST_CLUSTER_SECRET: &str = "helios-test-cluster-secret-0123456789";
