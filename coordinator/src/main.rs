@@ -38,7 +38,9 @@ use helios_coordinator::sharded_client::InitOptions;
 use helios_coordinator::tokenizer::TextTokenizer;
 use helios_coordinator::{grpc, openai, shutdown};
 use helios_proto::auth::{Authorize, ClusterSecret, CLUSTER_SECRET_ENV};
-use helios_proto::membership::{model_fingerprint, EtcdClient, RankKey, DEFAULT_RPC_TIMEOUT};
+use helios_proto::membership::{
+    model_fingerprint, EtcdArgs, EtcdClient, RankKey, DEFAULT_RPC_TIMEOUT,
+};
 use helios_proto::telemetry::{LogDefault, LogFormat, Telemetry};
 use helios_proto::v1::generation_client::GenerationClient;
 use helios_proto::v1::{
@@ -312,6 +314,8 @@ struct CoordinatorArgs {
     /// registers, and leaves when marked to (`helios drain`).
     #[arg(long, value_delimiter = ',')]
     etcd: Vec<String>,
+    #[command(flatten)]
+    etcd_security: EtcdArgs,
     /// The cluster's name in etcd (keys under `/helios/CLUSTER/`).
     #[arg(long, default_value = "helios")]
     cluster: String,
@@ -337,6 +341,8 @@ struct CoordinatorArgs {
 struct DrainArgs {
     #[arg(long, value_delimiter = ',', required = true)]
     etcd: Vec<String>,
+    #[command(flatten)]
+    etcd_security: EtcdArgs,
     #[arg(long, default_value = "helios")]
     cluster: String,
     #[arg(long)]
@@ -561,7 +567,7 @@ async fn coordinator(a: CoordinatorArgs, observe: Observe) -> Result<()> {
     // Each worker loads the model it registered with (checked against ours above).
     init.model_path = String::new();
     let template = EtcdOptions {
-        endpoints: a.etcd.clone(),
+        etcd: a.etcd_security.connect(&a.etcd)?,
         cluster: a.cluster.clone(),
         replica: 0,
         world: a.tp,
@@ -572,6 +578,7 @@ async fn coordinator(a: CoordinatorArgs, observe: Observe) -> Result<()> {
     let opts = a.replica.serving_options(observe, true);
     let front = FrontDoor::new(&init, tokenizer, &opts);
     let grace = seconds(a.listen.shutdown_grace);
+    discovery::check_credentials(&template.etcd).await?;
     tokio::spawn(discovery::follow(front.clone(), template, grace));
     wait_for_replicas(&front, a.dp.unwrap_or(1)).await;
     let what = format!(
@@ -616,7 +623,8 @@ async fn wait_for_replicas(front: &FrontDoor, n: usize) {
 /// `helios drain`: writes (or deletes) the replica's drain mark.
 async fn drain(a: DrainArgs) -> Result<()> {
     helios_proto::membership::validate_cluster(&a.cluster)?;
-    let etcd = EtcdClient::connect(&a.etcd, DEFAULT_RPC_TIMEOUT).await?;
+    let etcd = a.etcd_security.connect(&a.etcd)?;
+    let etcd = EtcdClient::connect(&etcd, DEFAULT_RPC_TIMEOUT).await?;
     let key = RankKey::drain_key(&a.cluster, a.replica);
     if a.undo {
         etcd.delete(&key).await?;

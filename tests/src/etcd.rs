@@ -6,6 +6,10 @@
 //! the repo's `.venv-ref/`), else `etcd` on `PATH`. The server is killed (SIGKILL) when its
 //! handle drops; `kill` and `restart` simulate an outage: the same ports and data directory
 //! come back, as a restarted etcd would.
+//!
+//! [`EtcdServer::start_with`] serves the client port over TLS (a CA and certificates made here
+//! with rcgen, for 127.0.0.1 and localhost), optionally requiring a client certificate;
+//! [`EtcdServer::enable_auth`] turns on etcd's auth with a `root` user (through `etcdctl`).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -46,26 +50,64 @@ pub fn worker_command(endpoint: &str, host: &str, claim: Claim<'_>, model: &str)
 /// How long a start (or restart) may take before it is an error.
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
+/// How the test etcd serves its clients.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EtcdSecurity {
+    /// TLS on the client port (`https://`).
+    pub tls: bool,
+    /// With TLS: require a client certificate signed by the test CA (`--client-cert-auth`).
+    pub client_cert_auth: bool,
+    /// How long an unused auth token lives (etcd's `--auth-token-ttl`, 300 s by default).
+    pub auth_token_ttl: Option<u64>,
+}
+
+/// The PEM files of a TLS test etcd: its CA, and a client certificate that CA signed.
+#[derive(Debug, Clone)]
+pub struct TestPki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
 pub struct EtcdServer {
     binary: PathBuf,
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
+    /// `/health` over plain HTTP (the client port may be TLS).
+    metrics_port: u16,
+    security: EtcdSecurity,
+    pki: Option<TestPki>,
     child: Option<Child>,
 }
 
 impl EtcdServer {
     /// Starts etcd on free loopback ports and waits until it answers.
     pub fn start() -> Result<EtcdServer> {
+        Self::start_with(EtcdSecurity::default())
+    }
+
+    /// Starts etcd serving its clients as `security` says.
+    pub fn start_with(security: EtcdSecurity) -> Result<EtcdServer> {
         let binary = etcd_binary()?;
         // A port picked free may be taken before etcd binds it: try a few pairs.
         let mut last = None;
         for _ in 0..3 {
+            let dir = tempfile::Builder::new().prefix("helios-etcd-").tempdir()?;
+            let pki = match security.tls {
+                true => Some(make_pki(dir.path())?),
+                false => None,
+            };
             let mut server = EtcdServer {
                 binary: binary.clone(),
-                dir: tempfile::Builder::new().prefix("helios-etcd-").tempdir()?,
+                dir,
                 client_port: crate::free_port("127.0.0.1")?,
                 peer_port: crate::free_port("127.0.0.1")?,
+                metrics_port: crate::free_port("127.0.0.1")?,
+                security,
+                pki,
                 child: None,
             };
             match server.launch() {
@@ -76,9 +118,54 @@ impl EtcdServer {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("etcd did not start")))
     }
 
-    /// `http://127.0.0.1:PORT`, the client URL.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS), the client URL.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.security.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The certificates of a TLS etcd.
+    pub fn pki(&self) -> Option<&TestPki> {
+        self.pki.as_ref()
+    }
+
+    /// Turns on etcd's auth: user `root` (role `root`) with `password`. From then on every
+    /// call needs a token (`--etcd-user root`).
+    pub fn enable_auth(&self, password: &str) -> Result<()> {
+        let user = format!("root:{password}");
+        self.etcdctl(&["user", "add", &user])?;
+        self.etcdctl(&["user", "grant-role", "root", "root"])?;
+        self.etcdctl(&["auth", "enable"])?;
+        Ok(())
+    }
+
+    /// Runs `etcdctl` (next to the etcd binary) against this server, bounded in time.
+    fn etcdctl(&self, args: &[&str]) -> Result<()> {
+        let etcdctl = self.binary.with_file_name("etcdctl");
+        let mut cmd = Command::new(&etcdctl);
+        cmd.arg(format!("--endpoints={}", self.endpoint()))
+            .arg("--dial-timeout=5s")
+            .arg("--command-timeout=10s");
+        if let Some(pki) = &self.pki {
+            cmd.arg(format!("--cacert={}", pki.ca.display()))
+                .arg(format!("--cert={}", pki.client_cert.display()))
+                .arg(format!("--key={}", pki.client_key.display()));
+        }
+        let out = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", etcdctl.display()))?;
+        if !out.status.success() {
+            bail!(
+                "etcdctl {} failed ({}): {}{}",
+                args.first().copied().unwrap_or_default(),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// Kills etcd with SIGKILL (an outage, or a crash); `restart` brings it back.
@@ -106,11 +193,27 @@ impl EtcdServer {
     }
 
     fn launch(&mut self) -> Result<()> {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = self.log_path();
-        let child = Command::new(&self.binary)
+        let mut cmd = Command::new(&self.binary);
+        if let Some(pki) = &self.pki {
+            cmd.arg(format!("--cert-file={}", pki.server_cert.display()))
+                .arg(format!("--key-file={}", pki.server_key.display()));
+            if self.security.client_cert_auth {
+                cmd.arg("--client-cert-auth")
+                    .arg(format!("--trusted-ca-file={}", pki.ca.display()));
+            }
+        }
+        if let Some(ttl) = self.security.auth_token_ttl {
+            cmd.arg(format!("--auth-token-ttl={ttl}"));
+        }
+        let child = cmd
             .arg("--name=helios-test")
+            .arg(format!(
+                "--listen-metrics-urls=http://127.0.0.1:{}",
+                self.metrics_port
+            ))
             .arg(format!(
                 "--data-dir={}",
                 self.dir.path().join("data").display()
@@ -137,7 +240,7 @@ impl EtcdServer {
                     bail!("etcd exited at start ({status}):\n{}", self.log());
                 }
             }
-            if healthy(self.client_port) {
+            if healthy(self.metrics_port) {
                 return Ok(());
             }
             if start.elapsed() > READY_WITHIN {
@@ -156,6 +259,49 @@ impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and localhost, and a client certificate, as PEM
+/// files in `dir`.
+fn make_pki(dir: &Path) -> Result<TestPki> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "helios test etcd CA");
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+
+    let server_key = KeyPair::generate()?;
+    let mut server = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])?;
+    server.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let server = server.signed_by(&server_key, &issuer)?;
+
+    let client_key = KeyPair::generate()?;
+    let mut client = CertificateParams::new(Vec::<String>::new())?;
+    client.distinguished_name.push(DnType::CommonName, "root");
+    client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client.signed_by(&client_key, &issuer)?;
+
+    let write = |name: &str, pem: String| -> Result<PathBuf> {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    };
+    Ok(TestPki {
+        ca: write("ca.pem", ca.pem())?,
+        server_cert: write("server.pem", server.pem())?,
+        server_key: write("server-key.pem", server_key.serialize_pem())?,
+        client_cert: write("client.pem", client.pem())?,
+        client_key: write("client-key.pem", client_key.serialize_pem())?,
+    })
 }
 
 /// etcd's `/health` answers `"health":"true"` (HTTP/1.0 on the client port: no HTTP crate).

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use helios_proto::membership::{
-    claim, claim_with_retry, ClaimError, ClusterWatch, EtcdClient, RankKey, RegistrationState,
-    WorkerRecord, DEFAULT_RPC_TIMEOUT,
+    claim, claim_with_retry, ClaimError, ClusterWatch, EtcdClient, EtcdConnect, RankKey,
+    RegistrationState, WorkerRecord, DEFAULT_RPC_TIMEOUT,
 };
 use helios_tests::etcd::EtcdServer;
 use tokio::sync::watch;
@@ -55,15 +55,18 @@ fn lease_of(state: &watch::Receiver<RegistrationState>) -> i64 {
 }
 
 async fn client(etcd: &EtcdServer) -> EtcdClient {
-    EtcdClient::connect(&[etcd.endpoint()], DEFAULT_RPC_TIMEOUT)
-        .await
-        .unwrap()
+    EtcdClient::connect(
+        &EtcdConnect::new(vec![etcd.endpoint()]),
+        DEFAULT_RPC_TIMEOUT,
+    )
+    .await
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_is_seen_by_the_watch() {
     let etcd = EtcdServer::start().unwrap();
-    let endpoints = vec![etcd.endpoint()];
+    let endpoints = EtcdConnect::new(vec![etcd.endpoint()]);
     let cw = ClusterWatch::start(&endpoints, "demo", 0).await.unwrap();
     let mut members = cw.members();
     assert!(members.borrow().is_empty());
@@ -108,7 +111,7 @@ async fn a_claim_is_seen_by_the_watch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_claim_of_a_rank_is_refused_naming_the_holder() {
     let etcd = EtcdServer::start().unwrap();
-    let endpoints = vec![etcd.endpoint()];
+    let endpoints = EtcdConnect::new(vec![etcd.endpoint()]);
     let a = record("worker-a", 40000);
     let _reg = claim(
         &endpoints,
@@ -153,7 +156,7 @@ async fn a_second_claim_of_a_rank_is_refused_naming_the_holder() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_registration_is_gone_after_its_ttl_and_a_released_one_at_once() {
     let etcd = EtcdServer::start().unwrap();
-    let endpoints = vec![etcd.endpoint()];
+    let endpoints = EtcdConnect::new(vec![etcd.endpoint()]);
     let cw = ClusterWatch::start(&endpoints, "demo", 0).await.unwrap();
     let mut members = cw.members();
     let ttl = Duration::from_secs(2);
@@ -223,7 +226,7 @@ async fn a_dropped_registration_is_gone_after_its_ttl_and_a_released_one_at_once
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_sides_ride_out_an_etcd_restart() {
     let mut etcd = EtcdServer::start().unwrap();
-    let endpoints = vec![etcd.endpoint()];
+    let endpoints = EtcdConnect::new(vec![etcd.endpoint()]);
     let cw = ClusterWatch::start(&endpoints, "demo", 0).await.unwrap();
     let mut members = cw.members();
     let mut connected = cw.connected();
@@ -318,7 +321,7 @@ async fn both_sides_ride_out_an_etcd_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_lease_is_claimed_again_unless_the_rank_was_taken() {
     let etcd = EtcdServer::start().unwrap();
-    let endpoints = vec![etcd.endpoint()];
+    let endpoints = EtcdConnect::new(vec![etcd.endpoint()]);
     let c = client(&etcd).await;
     let cw = ClusterWatch::start(&endpoints, "demo", 0).await.unwrap();
     let mut members = cw.members();
@@ -372,7 +375,7 @@ async fn a_lost_lease_is_claimed_again_unless_the_rank_was_taken() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_keys_and_values_are_skipped() {
     let etcd = EtcdServer::start().unwrap();
-    let endpoints = vec![etcd.endpoint()];
+    let endpoints = EtcdConnect::new(vec![etcd.endpoint()]);
     let c = client(&etcd).await;
     let good = record("worker-a", 40000);
     let prefix = RankKey::replica_prefix("demo", 0);
@@ -435,7 +438,7 @@ async fn malformed_keys_and_values_are_skipped() {
 async fn claiming_without_etcd_fails_clearly_in_bounded_time() {
     // A port nothing listens on.
     let port = helios_tests::free_port("127.0.0.1").unwrap();
-    let endpoints = vec![format!("http://127.0.0.1:{port}")];
+    let endpoints = EtcdConnect::new(vec![format!("http://127.0.0.1:{port}")]);
     let start = Instant::now();
     let e = claim_with_retry(
         &endpoints,

@@ -19,7 +19,8 @@ use candle_core::Device;
 use clap::Parser;
 use helios_proto::auth::{ClusterSecret, KeySet, RequireBearer, CLUSTER_SECRET_ENV};
 use helios_proto::membership::{
-    claim, instance_id, model_fingerprint, ClaimError, RankKey, Registration, WorkerRecord,
+    claim, instance_id, model_fingerprint, ClaimError, EtcdArgs, RankKey, Registration,
+    WorkerRecord,
 };
 use helios_proto::telemetry::{LogDefault, LogFormat, Telemetry};
 use helios_proto::v1::worker_server::WorkerServer;
@@ -60,6 +61,8 @@ struct Args {
     /// `--replica` of cluster `--cluster`, for a coordinator started with `--etcd` to find.
     #[arg(long, value_delimiter = ',')]
     etcd: Vec<String>,
+    #[command(flatten)]
+    etcd_security: EtcdArgs,
     #[arg(long, default_value = "helios")]
     cluster: String,
     #[arg(long, default_value_t = 0)]
@@ -235,6 +238,7 @@ async fn register(args: &Args, grpc_addr: &str, comm_addr: &str) -> Result<Regis
     let rank = args.rank.context("--etcd needs --rank")?;
     let model = args.model.as_ref().context("--etcd needs --model")?;
     let key = RankKey::new(&args.cluster, args.replica, rank)?;
+    let etcd = args.etcd_security.connect(&args.etcd)?;
     let record = WorkerRecord {
         grpc_addr: grpc_addr.to_string(),
         comm_addr: comm_addr.to_string(),
@@ -249,7 +253,7 @@ async fn register(args: &Args, grpc_addr: &str, comm_addr: &str) -> Result<Regis
     let patience = ttl + CLAIM_GRACE;
     let started = std::time::Instant::now();
     let registration = loop {
-        match claim(&args.etcd, key.clone(), record.clone(), ttl).await {
+        match claim(&etcd, key.clone(), record.clone(), ttl).await {
             Err(ClaimError::Taken { holder, .. }) if started.elapsed() < patience => {
                 tracing::info!(holder = %holder.instance, "rank {rank} is held; waiting for its lease");
                 tokio::time::sleep(Duration::from_millis(250)).await;

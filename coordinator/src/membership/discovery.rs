@@ -20,7 +20,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use anyhow::Result;
-use helios_proto::membership::{EtcdClient, RankKey, DEFAULT_RPC_TIMEOUT};
+use helios_proto::membership::{
+    is_auth_refused, EtcdClient, EtcdConnect, RankKey, DEFAULT_RPC_TIMEOUT,
+};
 use tokio::sync::mpsc;
 
 use super::{EtcdMembers, EtcdOptions, Membership};
@@ -144,10 +146,19 @@ async fn join(front: &FrontDoor, id: u32, opts: EtcdOptions) -> Result<()> {
     Ok(())
 }
 
+/// Refuses credentials etcd refuses (they never fix themselves, and `follow` would retry them
+/// forever); an etcd that cannot be reached yet is `follow`'s to wait for.
+pub async fn check_credentials(etcd: &EtcdConnect) -> Result<()> {
+    match EtcdClient::connect(etcd, DEFAULT_RPC_TIMEOUT).await {
+        Err(e) if is_auth_refused(&e) => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Lists the cluster's rank keys and drain keys (connecting first if need be).
 async fn list(client: &mut Option<EtcdClient>, opts: &EtcdOptions) -> Result<ClusterView> {
     if client.is_none() {
-        *client = Some(EtcdClient::connect(&opts.endpoints, DEFAULT_RPC_TIMEOUT).await?);
+        *client = Some(EtcdClient::connect(&opts.etcd, DEFAULT_RPC_TIMEOUT).await?);
     }
     let Some(etcd) = client.as_ref() else {
         anyhow::bail!("no etcd client");

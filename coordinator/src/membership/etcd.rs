@@ -19,13 +19,14 @@
 use std::collections::HashSet;
 
 use anyhow::{Context, Result};
-use helios_proto::membership::{ClusterWatch, Members, WorkerRecord};
+use helios_proto::membership::{ClusterWatch, EtcdConnect, Members, WorkerRecord};
 use tokio::sync::watch;
 
 /// How a coordinator finds its workers in etcd.
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
-    pub endpoints: Vec<String>,
+    /// The endpoints, TLS and credentials.
+    pub etcd: EtcdConnect,
     pub cluster: String,
     pub replica: u32,
     /// Ranks in the replica (`--tp`).
@@ -39,7 +40,8 @@ pub struct EtcdOptions {
 }
 
 pub struct EtcdMembers {
-    opts: EtcdOptions,
+    /// Boxed: the etcd connection options (TLS material, credentials) are not small.
+    opts: Box<EtcdOptions>,
     /// Kept for its task: dropping it stops the watch.
     _watch: ClusterWatch,
     members: watch::Receiver<Members>,
@@ -52,13 +54,13 @@ pub struct EtcdMembers {
 impl EtcdMembers {
     /// Starts watching the replica's prefix.
     pub async fn start(opts: EtcdOptions) -> Result<Self> {
-        let watch = ClusterWatch::start(&opts.endpoints, &opts.cluster, opts.replica)
+        let watch = ClusterWatch::start(&opts.etcd, &opts.cluster, opts.replica)
             .await
-            .with_context(|| format!("watching etcd at {}", opts.endpoints.join(",")))?;
+            .with_context(|| format!("watching etcd at {}", opts.etcd.endpoints.join(",")))?;
         let members = watch.members();
         Ok(Self {
             current: vec![None; opts.world],
-            opts,
+            opts: Box::new(opts),
             _watch: watch,
             members,
             refused: HashSet::new(),

@@ -10,23 +10,29 @@
 //! peer that vanished (no TCP reset: a partition, a dead host) fails instead of waiting forever.
 
 use std::future::Future;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::Streaming;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use super::connect::{is_https, EtcdConnect, EtcdCredentials};
 use super::key::prefix_range_end;
+use crate::etcd::etcdserverpb::auth_client::AuthClient;
 use crate::etcd::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use crate::etcd::etcdserverpb::kv_client::KvClient;
 use crate::etcd::etcdserverpb::lease_client::LeaseClient;
 use crate::etcd::etcdserverpb::watch_client::WatchClient;
 use crate::etcd::etcdserverpb::{
-    request_op, response_op, watch_request, Compare, DeleteRangeRequest, LeaseGrantRequest,
-    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseRevokeRequest, PutRequest, RangeRequest,
-    RequestOp, TxnRequest, WatchCreateRequest, WatchRequest, WatchResponse,
+    request_op, response_op, watch_request, AuthenticateRequest, Compare, DeleteRangeRequest,
+    LeaseGrantRequest, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseRevokeRequest,
+    PutRequest, RangeRequest, RequestOp, TxnRequest, WatchCreateRequest, WatchRequest,
+    WatchResponse,
 };
 use crate::etcd::mvccpb::{Event, KeyValue};
 
@@ -36,14 +42,118 @@ pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often an idle connection is pinged, and how long a ping may go unanswered.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// A channel that carries the auth token (if any) on every call.
+type Authed = InterceptedService<Channel, TokenInterceptor>;
+
 /// A connection to one etcd endpoint (the first of a list that answered).
 #[derive(Clone)]
 pub struct EtcdClient {
     endpoint: String,
     timeout: Duration,
-    kv: KvClient<Channel>,
-    watch: WatchClient<Channel>,
-    lease: LeaseClient<Channel>,
+    kv: KvClient<Authed>,
+    watch: WatchClient<Authed>,
+    lease: LeaseClient<Authed>,
+    /// `None`: etcd's auth is not used.
+    auth: Option<Arc<Authenticator>>,
+}
+
+/// etcd refused the user or password (not an outage: retrying will not help).
+#[derive(Debug, thiserror::Error)]
+#[error("etcd authentication as user {user:?} at {endpoint} was refused: {reason}")]
+pub struct AuthRefused {
+    pub user: String,
+    pub endpoint: String,
+    pub reason: String,
+}
+
+/// Whether `e` (or its cause) is etcd refusing the credentials.
+pub fn is_auth_refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<AuthRefused>())
+}
+
+/// Adds the current auth token (when there is one) as the `token` metadata etcd reads.
+#[derive(Clone, Default)]
+struct TokenInterceptor {
+    token: Arc<RwLock<Option<MetadataValue<Ascii>>>>,
+}
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        let token = self.token.read().map(|t| t.clone()).unwrap_or_default();
+        if let Some(token) = token {
+            request.metadata_mut().insert("token", token);
+        }
+        Ok(request)
+    }
+}
+
+/// Gets (and renews) the auth token the interceptor sends.
+struct Authenticator {
+    client: AuthClient<Channel>,
+    credentials: EtcdCredentials,
+    token: Arc<RwLock<Option<MetadataValue<Ascii>>>>,
+    endpoint: String,
+    timeout: Duration,
+}
+
+impl Authenticator {
+    /// Asks etcd for a fresh token and makes every later call send it.
+    async fn authenticate(&self) -> Result<()> {
+        let request = AuthenticateRequest {
+            name: self.credentials.user.clone(),
+            password: self.credentials.password().to_string(),
+        };
+        let what = || {
+            format!(
+                "etcd authentication as user {:?} at {}",
+                self.credentials.user, self.endpoint
+            )
+        };
+        let answer = tokio::time::timeout(self.timeout, self.client.clone().authenticate(request))
+            .await
+            .map_err(|_| anyhow!("no answer within {:?}", self.timeout))
+            .with_context(what)?;
+        let token = match answer {
+            Ok(response) => response.into_inner().token,
+            Err(status) if refused(&status) => {
+                return Err(AuthRefused {
+                    user: self.credentials.user.clone(),
+                    endpoint: self.endpoint.clone(),
+                    reason: status_error(&status).to_string(),
+                }
+                .into())
+            }
+            Err(status) => return Err(status_error(&status)).with_context(what),
+        };
+        let token = MetadataValue::try_from(token.as_str())
+            .map_err(|_| anyhow!("etcd answered a token that is not ASCII"))
+            .with_context(what)?;
+        match self.token.write() {
+            Ok(mut slot) => *slot = Some(token),
+            Err(poisoned) => *poisoned.into_inner() = Some(token),
+        }
+        Ok(())
+    }
+}
+
+/// Whether etcd's answer to `Authenticate` refuses the credentials (as opposed to failing).
+fn refused(status: &tonic::Status) -> bool {
+    let m = status.message();
+    status.code() == tonic::Code::InvalidArgument
+        || status.code() == tonic::Code::FailedPrecondition
+        || m.contains("authentication failed")
+        || m.contains("invalid user")
+}
+
+/// Whether a call failed because its token is invalid or expired (worth one fresh token).
+fn stale_token(status: &tonic::Status) -> bool {
+    let m = status.message();
+    status.code() == tonic::Code::Unauthenticated
+        || m.contains("invalid auth token")
+        || m.contains("revision of auth store is old")
 }
 
 /// What [`EtcdClient::create_if_absent`] found.
@@ -73,45 +183,69 @@ pub enum WatchBatch {
 }
 
 impl EtcdClient {
-    /// Connects to the first of `endpoints` (`http://host:port`; a bare `host:port` means
-    /// http) that accepts a connection within `timeout`, which is also each call's deadline.
-    pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<EtcdClient> {
-        if endpoints.is_empty() {
-            bail!("no etcd endpoints given");
-        }
+    /// Connects to the first of `etcd.endpoints` (`https://host:port` over TLS,
+    /// `http://host:port` or a bare `host:port` in the clear) that accepts a connection within
+    /// `timeout`, which is also each call's deadline; with credentials, authenticates there.
+    /// Refused credentials end the search at once ([`AuthRefused`]).
+    pub async fn connect(etcd: &EtcdConnect, timeout: Duration) -> Result<EtcdClient> {
+        etcd.validate()?;
         let mut failures = Vec::new();
-        for endpoint in endpoints {
-            match Self::connect_one(endpoint, timeout).await {
+        for endpoint in &etcd.endpoints {
+            match Self::connect_one(etcd, endpoint, timeout).await {
                 Ok(client) => return Ok(client),
+                Err(e) if is_auth_refused(&e) => return Err(e),
                 Err(e) => failures.push(format!("{endpoint}: {e:#}")),
             }
         }
         bail!("no etcd endpoint answered: {}", failures.join("; "))
     }
 
-    async fn connect_one(endpoint: &str, timeout: Duration) -> Result<EtcdClient> {
+    async fn connect_one(
+        etcd: &EtcdConnect,
+        endpoint: &str,
+        timeout: Duration,
+    ) -> Result<EtcdClient> {
         let uri = if endpoint.contains("://") {
             endpoint.to_string()
         } else {
             format!("http://{endpoint}")
         };
-        let channel = Endpoint::from_shared(uri.clone())
+        let mut channel = Endpoint::from_shared(uri.clone())
             .with_context(|| format!("invalid etcd endpoint {endpoint:?}"))?
             .connect_timeout(timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_INTERVAL)
             .keep_alive_while_idle(true);
+        if is_https(&uri) {
+            channel = channel
+                .tls_config(tls_config(etcd))
+                .context("setting up TLS")?;
+        }
         let channel = tokio::time::timeout(timeout, channel.connect())
             .await
             .map_err(|_| anyhow!("no connection within {timeout:?}"))?
-            .context("connecting")?;
+            .map_err(|e| connect_error(&e, etcd))?;
+        let interceptor = TokenInterceptor::default();
+        let auth = etcd.credentials.clone().map(|credentials| {
+            Arc::new(Authenticator {
+                client: AuthClient::new(channel.clone()),
+                credentials,
+                token: interceptor.token.clone(),
+                endpoint: uri.clone(),
+                timeout,
+            })
+        });
+        if let Some(auth) = &auth {
+            auth.authenticate().await?;
+        }
         Ok(EtcdClient {
             endpoint: uri,
             timeout,
-            kv: KvClient::new(channel.clone()),
-            watch: WatchClient::new(channel.clone()),
-            lease: LeaseClient::new(channel),
+            kv: KvClient::with_interceptor(channel.clone(), interceptor.clone()),
+            watch: WatchClient::with_interceptor(channel.clone(), interceptor.clone()),
+            lease: LeaseClient::with_interceptor(channel, interceptor),
+            auth,
         })
     }
 
@@ -120,17 +254,40 @@ impl EtcdClient {
         &self.endpoint
     }
 
-    /// Runs one call under the deadline; errors say which call on which endpoint.
-    async fn call<T>(
+    /// Runs one call under the deadline; if the auth token was stale, authenticates again and
+    /// runs it once more. The outer error is a timeout or a failed re-authentication.
+    async fn attempt<T, Fut>(
         &self,
-        what: impl FnOnce() -> String,
-        fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    ) -> Result<T> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(Ok(response)) => Ok(response.into_inner()),
+        mut make: impl FnMut() -> Fut,
+    ) -> Result<Result<T, tonic::Status>>
+    where
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut refreshed = false;
+        loop {
+            let answer = tokio::time::timeout(self.timeout, make())
+                .await
+                .map_err(|_| anyhow!("no answer within {:?}", self.timeout))?;
+            match (answer, &self.auth) {
+                (Err(status), Some(auth)) if !refreshed && stale_token(&status) => {
+                    tracing::debug!(endpoint = %self.endpoint, "etcd auth token refused ({}): authenticating again", status.message());
+                    auth.authenticate().await?;
+                    refreshed = true;
+                }
+                (answer, _) => return Ok(answer.map(tonic::Response::into_inner)),
+            }
+        }
+    }
+
+    /// Runs one call ([`Self::attempt`]); errors say which call on which endpoint.
+    async fn call<T, Fut>(&self, what: impl Fn() -> String, make: impl FnMut() -> Fut) -> Result<T>
+    where
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match self.attempt(make).await {
+            Ok(Ok(answer)) => Ok(answer),
             Ok(Err(status)) => Err(status_error(&status)).with_context(|| self.doing(what())),
-            Err(_) => Err(anyhow!("no answer within {:?}", self.timeout))
-                .with_context(|| self.doing(what())),
+            Err(e) => Err(e).with_context(|| self.doing(what())),
         }
     }
 
@@ -145,7 +302,13 @@ impl EtcdClient {
             ..Default::default()
         };
         let response = self
-            .call(|| format!("get {key}"), self.kv.clone().range(request))
+            .call(
+                || format!("get {key}"),
+                || {
+                    let (mut c, r) = (self.kv.clone(), request.clone());
+                    async move { c.range(r).await }
+                },
+            )
             .await?;
         Ok(response.kvs.into_iter().next())
     }
@@ -159,7 +322,13 @@ impl EtcdClient {
             ..Default::default()
         };
         let response = self
-            .call(|| format!("list {prefix}"), self.kv.clone().range(request))
+            .call(
+                || format!("list {prefix}"),
+                || {
+                    let (mut c, r) = (self.kv.clone(), request.clone());
+                    async move { c.range(r).await }
+                },
+            )
             .await?;
         Ok((response.kvs, revision(response.header.as_ref())))
     }
@@ -173,7 +342,13 @@ impl EtcdClient {
             ..Default::default()
         };
         let response = self
-            .call(|| format!("put {key}"), self.kv.clone().put(request))
+            .call(
+                || format!("put {key}"),
+                || {
+                    let (mut c, r) = (self.kv.clone(), request.clone());
+                    async move { c.put(r).await }
+                },
+            )
             .await?;
         Ok(revision(response.header.as_ref()))
     }
@@ -211,7 +386,13 @@ impl EtcdClient {
             }],
         };
         let response = self
-            .call(|| format!("create {key}"), self.kv.clone().txn(request))
+            .call(
+                || format!("create {key}"),
+                || {
+                    let (mut c, r) = (self.kv.clone(), request.clone());
+                    async move { c.txn(r).await }
+                },
+            )
             .await?;
         if response.succeeded {
             return Ok(CreateOutcome::Created {
@@ -243,7 +424,10 @@ impl EtcdClient {
         let response = self
             .call(
                 || format!("delete {key}"),
-                self.kv.clone().delete_range(request),
+                || {
+                    let (mut c, r) = (self.kv.clone(), request.clone());
+                    async move { c.delete_range(r).await }
+                },
             )
             .await?;
         Ok(response.deleted)
@@ -259,7 +443,10 @@ impl EtcdClient {
         let response = self
             .call(
                 || format!("lease grant ({seconds} s)"),
-                self.lease.clone().lease_grant(request),
+                || {
+                    let (mut c, r) = (self.lease.clone(), request);
+                    async move { c.lease_grant(r).await }
+                },
             )
             .await?;
         if !response.error.is_empty() || response.id == 0 || response.ttl <= 0 {
@@ -280,14 +467,18 @@ impl EtcdClient {
     /// Revokes a lease, deleting every key attached to it. `false`: it was already gone.
     pub async fn lease_revoke(&self, id: i64) -> Result<bool> {
         let request = LeaseRevokeRequest { id };
-        match tokio::time::timeout(self.timeout, self.lease.clone().lease_revoke(request)).await {
-            Ok(Ok(_)) => Ok(true),
-            Ok(Err(status)) if status.code() == tonic::Code::NotFound => Ok(false),
-            Ok(Err(status)) => {
-                Err(status_error(&status)).with_context(|| self.doing(format!("revoke {id:x}")))
-            }
-            Err(_) => Err(anyhow!("no answer within {:?}", self.timeout))
-                .with_context(|| self.doing(format!("revoke {id:x}"))),
+        let what = || self.doing(format!("revoke {id:x}"));
+        match self
+            .attempt(|| {
+                let (mut c, r) = (self.lease.clone(), request);
+                async move { c.lease_revoke(r).await }
+            })
+            .await
+            .with_context(what)?
+        {
+            Ok(_) => Ok(true),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(false),
+            Err(status) => Err(status_error(&status)).with_context(what),
         }
     }
 
@@ -297,16 +488,20 @@ impl EtcdClient {
     /// (etcd answers the stream's headers with its first renewal, so opening it and renewing
     /// once are one step.)
     pub async fn keep_alive(&self, id: i64) -> Result<(LeaseKeepAlive, Option<Duration>)> {
-        let (tx, rx) = mpsc::channel(4);
-        tx.try_send(LeaseKeepAliveRequest { id })
-            .map_err(|_| anyhow!("queueing the first keep-alive"))?;
         let what = || format!("lease keep-alive {id:x}");
+        // A retried open needs a request stream of its own: the latest one is kept.
+        let mut sender = None;
         let stream = self
-            .call(
-                what,
-                self.lease.clone().lease_keep_alive(ReceiverStream::new(rx)),
-            )
+            .call(what, || {
+                let (tx, rx) = mpsc::channel(4);
+                // A new channel has room for its first message.
+                let _ = tx.try_send(LeaseKeepAliveRequest { id });
+                sender = Some(tx);
+                let mut c = self.lease.clone();
+                async move { c.lease_keep_alive(ReceiverStream::new(rx)).await }
+            })
             .await?;
+        let tx = sender.ok_or_else(|| anyhow!("the keep-alive stream was never opened"))?;
         let mut keeper = LeaseKeepAlive {
             id,
             tx,
@@ -321,7 +516,6 @@ impl EtcdClient {
     /// Watches every key under `prefix` from `start_revision` on (0: from now). Returns once
     /// etcd confirmed the watch.
     pub async fn watch_prefix(&self, prefix: &str, start_revision: i64) -> Result<PrefixWatch> {
-        let (tx, rx) = mpsc::channel(4);
         let create = WatchRequest {
             request_union: Some(watch_request::RequestUnion::CreateRequest(
                 WatchCreateRequest {
@@ -332,23 +526,20 @@ impl EtcdClient {
                 },
             )),
         };
-        tx.try_send(create)
-            .map_err(|_| anyhow!("queueing the watch request"))?;
         let what = || format!("watch {prefix} from revision {start_revision}");
-        let mut stream = self
-            .call(what, self.watch.clone().watch(ReceiverStream::new(rx)))
-            .await?;
-        let first = tokio::time::timeout(self.timeout, stream.message())
-            .await
-            .map_err(|_| anyhow!("no confirmation within {:?}", self.timeout))
-            .and_then(|m| m.map_err(|s| status_error(&s)))
-            .with_context(|| self.doing(what()))?
-            .ok_or_else(|| anyhow!("the stream ended before the watch was confirmed"))
-            .with_context(|| self.doing(what()))?;
-        if !first.created {
-            return Err(anyhow!("the first answer did not confirm the watch"))
-                .with_context(|| self.doing(what()));
-        }
+        let (tx, stream, first) = self.open_watch(&create, &what).await?;
+        // etcd checks the token when the watch is created, and answers a stale one with a
+        // cancelled watch ("permission denied"), not an error: authenticate again, once.
+        let (tx, stream, first) = match &self.auth {
+            Some(auth) if first.canceled && first.compact_revision == 0 => {
+                tracing::debug!(endpoint = %self.endpoint, "etcd watch refused ({}): authenticating again", first.cancel_reason);
+                auth.authenticate()
+                    .await
+                    .with_context(|| self.doing(what()))?;
+                self.open_watch(&create, &what).await?
+            }
+            _ => (tx, stream, first),
+        };
         let mut watch = PrefixWatch {
             _requests: tx,
             stream,
@@ -361,6 +552,45 @@ impl EtcdClient {
             watch.pending = Some(first);
         }
         Ok(watch)
+    }
+}
+
+impl EtcdClient {
+    /// Opens a watch stream and reads etcd's confirmation (its first answer).
+    async fn open_watch(
+        &self,
+        create: &WatchRequest,
+        what: &(dyn Fn() -> String + Sync),
+    ) -> Result<(
+        mpsc::Sender<WatchRequest>,
+        Streaming<WatchResponse>,
+        WatchResponse,
+    )> {
+        // A retried open needs a request stream of its own: the latest one is kept.
+        let mut sender = None;
+        let mut stream = self
+            .call(what, || {
+                let (tx, rx) = mpsc::channel(4);
+                // A new channel has room for its first message.
+                let _ = tx.try_send(create.clone());
+                sender = Some(tx);
+                let mut c = self.watch.clone();
+                async move { c.watch(ReceiverStream::new(rx)).await }
+            })
+            .await?;
+        let tx = sender.ok_or_else(|| anyhow!("the watch stream was never opened"))?;
+        let first = tokio::time::timeout(self.timeout, stream.message())
+            .await
+            .map_err(|_| anyhow!("no confirmation within {:?}", self.timeout))
+            .and_then(|m| m.map_err(|s| status_error(&s)))
+            .with_context(|| self.doing(what()))?
+            .ok_or_else(|| anyhow!("the stream ended before the watch was confirmed"))
+            .with_context(|| self.doing(what()))?;
+        if !first.created {
+            return Err(anyhow!("the first answer did not confirm the watch"))
+                .with_context(|| self.doing(what()));
+        }
+        Ok((tx, stream, first))
     }
 }
 
@@ -446,6 +676,41 @@ impl PrefixWatch {
     }
 }
 
+/// TLS for an `https://` endpoint: the given CA (else the public webpki roots), and the
+/// client certificate if one is given.
+fn tls_config(etcd: &EtcdConnect) -> ClientTlsConfig {
+    let mut tls = ClientTlsConfig::new();
+    tls = match &etcd.tls.ca_pem {
+        Some(ca) => tls.ca_certificate(Certificate::from_pem(ca)),
+        None => tls.with_webpki_roots(),
+    };
+    if let Some((cert, key)) = &etcd.tls.identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    tls
+}
+
+/// A failed connection, with its causes, and a hint when it is about certificates.
+fn connect_error(e: &tonic::transport::Error, etcd: &EtcdConnect) -> anyhow::Error {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    let lower = text.to_lowercase();
+    if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+        let hint = if etcd.tls.ca_pem.is_some() {
+            "is --etcd-ca the CA that signed etcd's certificate, for this host name or address?"
+        } else {
+            "etcd's certificate is not signed by a public CA: pass its CA with --etcd-ca"
+        };
+        anyhow!("connecting (TLS certificate check failed: {text}; {hint})")
+    } else {
+        anyhow!("connecting: {text}")
+    }
+}
+
 fn revision(header: Option<&crate::etcd::etcdserverpb::ResponseHeader>) -> i64 {
     header.map(|h| h.revision).unwrap_or(0)
 }
@@ -484,7 +749,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let endpoints = vec![format!("http://127.0.0.1:{port}")];
+        let endpoints = EtcdConnect::new(vec![format!("http://127.0.0.1:{port}")]);
         let e = EtcdClient::connect(&endpoints, Duration::from_secs(2))
             .await
             .err()
@@ -492,8 +757,10 @@ mod tests {
         let text = format!("{e:#}");
         assert!(text.contains("no etcd endpoint answered"), "{text}");
         assert!(text.contains(&port.to_string()), "{text}");
-        assert!(EtcdClient::connect(&[], Duration::from_secs(1))
-            .await
-            .is_err());
+        assert!(
+            EtcdClient::connect(&EtcdConnect::new(vec![]), Duration::from_secs(1))
+                .await
+                .is_err()
+        );
     }
 }

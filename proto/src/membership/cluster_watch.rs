@@ -17,14 +17,15 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::backoff::Backoff;
-use super::client::{EtcdClient, WatchBatch, DEFAULT_RPC_TIMEOUT};
+use super::client::{is_auth_refused, EtcdClient, WatchBatch, DEFAULT_RPC_TIMEOUT};
+use super::connect::EtcdConnect;
 use super::key::{validate_cluster, RankKey};
 use super::record::WorkerRecord;
 use crate::etcd::mvccpb::event::EventType;
@@ -49,23 +50,21 @@ pub struct ClusterWatch {
 impl ClusterWatch {
     /// Lists `replica` of `cluster` and watches it, retrying for up to [`START_RETRY_FOR`]
     /// while etcd is unreachable; once started, it never gives up.
-    pub async fn start(endpoints: &[String], cluster: &str, replica: u32) -> Result<ClusterWatch> {
-        Self::start_with_retry(endpoints, cluster, replica, START_RETRY_FOR).await
+    pub async fn start(etcd: &EtcdConnect, cluster: &str, replica: u32) -> Result<ClusterWatch> {
+        Self::start_with_retry(etcd, cluster, replica, START_RETRY_FOR).await
     }
 
     /// [`Self::start`], retrying the first listing for up to `retry_for`.
     pub async fn start_with_retry(
-        endpoints: &[String],
+        etcd: &EtcdConnect,
         cluster: &str,
         replica: u32,
         retry_for: Duration,
     ) -> Result<ClusterWatch> {
         validate_cluster(cluster)?;
-        if endpoints.is_empty() {
-            return Err(anyhow!("no etcd endpoints given"));
-        }
+        etcd.validate()?;
         let watcher = Watcher {
-            endpoints: endpoints.to_vec(),
+            etcd: etcd.clone(),
             cluster: cluster.to_string(),
             replica,
             prefix: RankKey::replica_prefix(cluster, replica),
@@ -75,6 +74,8 @@ impl ClusterWatch {
         let (client, members, revision) = loop {
             match watcher.list().await {
                 Ok(listed) => break listed,
+                // Wrong credentials do not fix themselves: say so now.
+                Err(e) if is_auth_refused(&e) => return Err(e),
                 Err(e) => {
                     let delay = backoff.next_delay();
                     if start.elapsed() + delay > retry_for {
@@ -82,7 +83,7 @@ impl ClusterWatch {
                             format!(
                                 "etcd unreachable while listing {} (tried {} for {:?})",
                                 watcher.prefix,
-                                endpoints.join(","),
+                                etcd.endpoints.join(","),
                                 start.elapsed()
                             )
                         });
@@ -121,7 +122,7 @@ impl Drop for ClusterWatch {
 }
 
 struct Watcher {
-    endpoints: Vec<String>,
+    etcd: EtcdConnect,
     cluster: String,
     replica: u32,
     prefix: String,
@@ -130,7 +131,7 @@ struct Watcher {
 impl Watcher {
     /// Connects and lists the prefix: the client, the members, the revision of the listing.
     async fn list(&self) -> Result<(EtcdClient, Members, i64)> {
-        let client = EtcdClient::connect(&self.endpoints, DEFAULT_RPC_TIMEOUT).await?;
+        let client = EtcdClient::connect(&self.etcd, DEFAULT_RPC_TIMEOUT).await?;
         let (kvs, revision) = client.get_prefix(&self.prefix).await?;
         let mut members = Members::new();
         for kv in &kvs {

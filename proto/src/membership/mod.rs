@@ -30,13 +30,17 @@
 mod backoff;
 pub mod client;
 pub mod cluster_watch;
+pub mod connect;
 pub mod fingerprint;
 pub mod key;
 pub mod record;
 pub mod registration;
 
-pub use client::{CreateOutcome, EtcdClient, Lease, WatchBatch, DEFAULT_RPC_TIMEOUT};
+pub use client::{
+    is_auth_refused, AuthRefused, CreateOutcome, EtcdClient, Lease, WatchBatch, DEFAULT_RPC_TIMEOUT,
+};
 pub use cluster_watch::{ClusterWatch, Members};
+pub use connect::{EtcdArgs, EtcdConnect, EtcdCredentials, EtcdTls, ETCD_PASSWORD_ENV};
 pub use fingerprint::model_fingerprint;
 pub use key::{validate_cluster, KeyError, RankKey};
 pub use record::{instance_id, WorkerRecord};

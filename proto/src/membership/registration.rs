@@ -28,7 +28,10 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::backoff::Backoff;
-use super::client::{CreateOutcome, EtcdClient, Lease, LeaseKeepAlive, DEFAULT_RPC_TIMEOUT};
+use super::client::{
+    is_auth_refused, CreateOutcome, EtcdClient, Lease, LeaseKeepAlive, DEFAULT_RPC_TIMEOUT,
+};
+use super::connect::EtcdConnect;
 use super::key::{validate_cluster, RankKey};
 use super::record::WorkerRecord;
 
@@ -80,7 +83,7 @@ pub enum RegistrationState {
 /// A claimed rank, kept alive in the background until released or dropped.
 pub struct Registration {
     key: RankKey,
-    endpoints: Vec<String>,
+    etcd: EtcdConnect,
     state: watch::Receiver<RegistrationState>,
     /// The lease currently holding the key (changes when the key is re-claimed).
     lease_id: Arc<AtomicI64>,
@@ -90,17 +93,17 @@ pub struct Registration {
 /// Claims `key` for `record` under a lease of `ttl`, retrying for up to [`CLAIM_RETRY_FOR`]
 /// while etcd is unreachable, and keeps it alive in the background.
 pub async fn claim(
-    endpoints: &[String],
+    etcd: &EtcdConnect,
     key: RankKey,
     record: WorkerRecord,
     ttl: Duration,
 ) -> Result<Registration, ClaimError> {
-    claim_with_retry(endpoints, key, record, ttl, CLAIM_RETRY_FOR).await
+    claim_with_retry(etcd, key, record, ttl, CLAIM_RETRY_FOR).await
 }
 
 /// [`claim`], retrying for up to `retry_for` while etcd is unreachable.
 pub async fn claim_with_retry(
-    endpoints: &[String],
+    etcd: &EtcdConnect,
     key: RankKey,
     record: WorkerRecord,
     ttl: Duration,
@@ -112,14 +115,11 @@ pub async fn claim_with_retry(
             source: e.into(),
         });
     }
-    if endpoints.is_empty() {
-        return Err(ClaimError::Invalid {
-            key,
-            source: anyhow!("no etcd endpoints given"),
-        });
+    if let Err(source) = etcd.validate() {
+        return Err(ClaimError::Invalid { key, source });
     }
     let keeper = Keeper {
-        endpoints: endpoints.to_vec(),
+        etcd: etcd.clone(),
         key: key.clone(),
         record,
         ttl,
@@ -132,12 +132,16 @@ pub async fn claim_with_retry(
             Ok(claimed) => break claimed,
             Err(Attempt::Taken(holder)) => return Err(ClaimError::Taken { key, holder }),
             Err(Attempt::Occupied(why)) => return Err(ClaimError::Occupied { key, why }),
+            // Wrong credentials do not fix themselves: say so now rather than after the retries.
+            Err(Attempt::Etcd(e)) if is_auth_refused(&e) => {
+                return Err(ClaimError::Invalid { key, source: e })
+            }
             Err(Attempt::Etcd(e)) => {
                 let delay = backoff.next_delay();
                 if start.elapsed() + delay > retry_for {
                     return Err(ClaimError::Unreachable {
                         key,
-                        endpoints: endpoints.join(","),
+                        endpoints: etcd.endpoints.join(","),
                         waited: start.elapsed(),
                         source: e,
                     });
@@ -153,7 +157,7 @@ pub async fn claim_with_retry(
     let task = tokio::spawn(keeper.run(client, lease, renewals, state_tx, lease_id.clone()));
     Ok(Registration {
         key,
-        endpoints: endpoints.to_vec(),
+        etcd: etcd.clone(),
         state,
         lease_id,
         task,
@@ -180,7 +184,7 @@ impl Registration {
         let _ = (&mut self.task).await;
         let id = self.lease_id.load(Ordering::SeqCst);
         let what = || format!("releasing {} (lease {id:x})", self.key);
-        let client = EtcdClient::connect(&self.endpoints, DEFAULT_RPC_TIMEOUT)
+        let client = EtcdClient::connect(&self.etcd, DEFAULT_RPC_TIMEOUT)
             .await
             .with_context(what)?;
         client.lease_revoke(id).await.with_context(what)?;
@@ -222,7 +226,7 @@ struct Links<'a> {
 
 /// Everything the background task needs to (re-)claim the key.
 struct Keeper {
-    endpoints: Vec<String>,
+    etcd: EtcdConnect,
     key: RankKey,
     record: WorkerRecord,
     ttl: Duration,
@@ -232,7 +236,7 @@ struct Keeper {
 impl Keeper {
     /// Connect, grant a lease, claim the key under it, open its keep-alive stream.
     async fn claim_once(&self) -> Result<(EtcdClient, Lease, LeaseKeepAlive), Attempt> {
-        let client = EtcdClient::connect(&self.endpoints, self.rpc_timeout).await?;
+        let client = EtcdClient::connect(&self.etcd, self.rpc_timeout).await?;
         let lease = client.lease_grant(self.ttl).await?;
         if let Err(e) = self.hold_key(&client, lease.id).await {
             // Nothing is attached to the new lease: let it go now rather than at its expiry.
@@ -355,7 +359,7 @@ impl Keeper {
         } = links;
         let c = match client {
             Some(c) => c.clone(),
-            None => match EtcdClient::connect(&self.endpoints, self.rpc_timeout).await {
+            None => match EtcdClient::connect(&self.etcd, self.rpc_timeout).await {
                 Ok(c) => {
                     *client = Some(c.clone());
                     c
