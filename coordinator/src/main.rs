@@ -37,7 +37,7 @@ use helios_coordinator::scheduler::{
 use helios_coordinator::sharded_client::InitOptions;
 use helios_coordinator::tokenizer::TextTokenizer;
 use helios_coordinator::{grpc, openai, shutdown};
-use helios_proto::auth::{Authorize, ClusterSecret, CLUSTER_SECRET_ENV};
+use helios_proto::auth::{client_endpoint, Authorize, ClusterSecret, CLUSTER_SECRET_ENV};
 use helios_proto::membership::{
     model_fingerprint, EtcdArgs, EtcdClient, RankKey, DEFAULT_RPC_TIMEOUT,
 };
@@ -49,7 +49,7 @@ use helios_proto::v1::{
 };
 use helios_proto::{DEFAULT_BLOCK_SIZE, DEFAULT_KV_CACHE_MIB};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 
 /// The default model, as `scripts/fetch-model.sh` places it.
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -676,31 +676,13 @@ async fn connect(
     addr: &str,
     a: &GenerateArgs,
 ) -> Result<GenerationClient<InterceptedService<Channel, Authorize>>> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let mut endpoint = Endpoint::from_shared(url.clone()).with_context(|| format!("{url:?}"))?;
-    if url.starts_with("https://") {
-        let tls = match &a.tls_ca {
-            Some(ca) => {
-                let pem = std::fs::read(ca)
-                    .with_context(|| format!("reading --tls-ca {}", ca.display()))?;
-                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
-            }
-            None => ClientTlsConfig::new().with_webpki_roots(),
-        };
-        endpoint = endpoint.tls_config(tls).context("TLS")?;
-    }
+    let endpoint = client_endpoint(addr, a.tls_ca.as_deref())?;
+    let url = endpoint.uri().to_string();
     let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("connecting to {url}"))?;
-    let auth = match &a.api_key {
-        Some(key) => Authorize::bearer(key)?,
-        None => Authorize::default(),
-    };
+    let auth = Authorize::api_key(a.api_key.as_deref())?;
     Ok(GenerationClient::with_interceptor(channel, auth))
 }
 

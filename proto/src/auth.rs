@@ -202,6 +202,11 @@ impl Authorize {
         Ok(Self(Some(v)))
     }
 
+    /// A client's calls with `api_key`, if any.
+    pub fn api_key(api_key: Option<&str>) -> Result<Self> {
+        api_key.map_or_else(|| Ok(Self::default()), Self::bearer)
+    }
+
     /// A worker's calls under `secret` (none: unauthenticated calls, for `--insecure` workers).
     pub fn cluster(secret: Option<&ClusterSecret>) -> Self {
         secret.map_or_else(Self::default, |s| {
@@ -218,6 +223,30 @@ impl tonic::service::Interceptor for Authorize {
         }
         Ok(req)
     }
+}
+
+/// A client endpoint for `url`: `host:port` and `http://` in the clear; `https://` over TLS,
+/// trusting `tls_ca` (a PEM file) or, without one, the public web's roots.
+pub fn client_endpoint(url: &str, tls_ca: Option<&Path>) -> Result<tonic::transport::Endpoint> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let url = if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("http://{url}")
+    };
+    let endpoint = Endpoint::from_shared(url.clone()).with_context(|| format!("{url:?}"))?;
+    if !url.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    let tls = match tls_ca {
+        Some(ca) => {
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("reading the CA certificate {}", ca.display()))?;
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+        }
+        None => ClientTlsConfig::new().with_webpki_roots(),
+    };
+    endpoint.tls_config(tls).context("TLS")
 }
 
 /// A tower layer for a tonic server: with keys, a call to any path but the `open` prefixes

@@ -35,21 +35,31 @@ fn key_file(pki: &TestPki) -> String {
     path.to_string_lossy().into_owned()
 }
 
-#[test]
-fn tls_and_api_keys_guard_both_apis_and_the_probes_stay_open() {
-    let pki = TestPki::new().expect("certificates");
-    let model = tiny_model(71);
-    let keys = key_file(&pki);
-    let server = Process::serve(&[
+/// `helios serve` over a tiny model (seed `seed`) with TLS and the test's key, and `extra`.
+fn secure_server(pki: &TestPki, seed: u64, extra: &[&str]) -> (Process, tempfile::TempDir) {
+    let model = tiny_model(seed);
+    let keys = key_file(pki);
+    let mut args = vec![
         "--model",
         model.path().to_str().expect("utf-8"),
         "--tls-cert",
-        &pki.arg("server.pem"),
+    ];
+    let (cert, key) = (pki.arg("server.pem"), pki.arg("server.key"));
+    args.extend([
+        cert.as_str(),
         "--tls-key",
-        &pki.arg("server.key"),
+        key.as_str(),
         "--api-key-file",
-        &keys,
+        keys.as_str(),
     ]);
+    args.extend_from_slice(extra);
+    (Process::serve(&args), model)
+}
+
+#[test]
+fn tls_and_api_keys_guard_both_apis_and_the_probes_stay_open() {
+    let pki = TestPki::new().expect("certificates");
+    let (server, _model) = secure_server(&pki, 71, &[]);
     let http = server.http_addr.clone().expect("http address");
     let seen = reference_json(
         "secure_client.py",
@@ -142,20 +152,7 @@ fn tls_and_api_keys_guard_both_apis_and_the_probes_stay_open() {
 #[test]
 fn mutual_tls_refuses_a_client_without_a_certificate() {
     let pki = TestPki::new().expect("certificates");
-    let model = tiny_model(72);
-    let keys = key_file(&pki);
-    let server = Process::serve(&[
-        "--model",
-        model.path().to_str().expect("utf-8"),
-        "--tls-cert",
-        &pki.arg("server.pem"),
-        "--tls-key",
-        &pki.arg("server.key"),
-        "--tls-client-ca",
-        &pki.arg("ca.pem"),
-        "--api-key-file",
-        &keys,
-    ]);
+    let (server, _model) = secure_server(&pki, 72, &["--tls-client-ca", &pki.arg("ca.pem")]);
     let http = server.http_addr.clone().expect("http address");
     let seen = reference_json(
         "secure_client.py",

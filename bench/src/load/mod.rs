@@ -79,6 +79,12 @@ pub struct LoadArgs {
     /// How to talk to the server.
     #[arg(long, value_enum, default_value_t = Protocol::Grpc, alias = "backend")]
     pub protocol: Protocol,
+    /// gRPC over `https://`: trust the server's certificate if this PEM CA signed it.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// gRPC: the API key to send (`authorization: Bearer`).
+    #[arg(long, env = "HELIOS_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// OpenAI: the completions path.
     #[arg(long, default_value = "/v1/completions")]
     pub endpoint: String,
@@ -655,7 +661,13 @@ async fn warm_up(
 
 async fn connect(a: &LoadArgs, plan: &Plan) -> Result<Client> {
     Ok(match a.protocol {
-        Protocol::Grpc => Client::Grpc(Grpc::connect(&a.url, connections(&plan.load)).await?),
+        Protocol::Grpc => {
+            let access = client::grpc::Access {
+                tls_ca: a.tls_ca.clone(),
+                api_key: a.api_key.clone(),
+            };
+            Client::Grpc(Grpc::connect(&a.url, connections(&plan.load), &access).await?)
+        }
         Protocol::Openai => Client::OpenAi(
             OpenAi::connect(
                 &a.url,

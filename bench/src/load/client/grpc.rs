@@ -10,18 +10,30 @@
 //! single connection's flow control is not what gets measured.
 
 use anyhow::{Context, Result};
+use helios_proto::auth::{client_endpoint, Authorize};
 use helios_proto::v1::generation_client::GenerationClient;
 use helios_proto::v1::{
     FinishReason, GenerateRequest, GenerationParameters, ModelInfoRequest, ModelInfoResponse,
 };
 use serde_json::{json, Map, Value};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use super::{Clock, Reply, Sampling};
 use crate::load::dataset::{Input, Prompt};
 
+/// How to reach a server that wants TLS and an API key.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub api_key: Option<String>,
+}
+
+/// A client that sends `--api-key`, if given, with every call.
+type Client = GenerationClient<InterceptedService<Channel, Authorize>>;
+
 pub struct Grpc {
-    clients: Vec<GenerationClient<Channel>>,
+    clients: Vec<Client>,
     /// ModelInfo at connection time (model name, vocabulary, tensor-parallel size).
     pub info: ModelInfoResponse,
 }
@@ -31,21 +43,18 @@ fn status(s: tonic::Status) -> String {
 }
 
 impl Grpc {
-    /// Opens `connections` connections to `url` (`host:port` or `http://host:port`).
-    pub async fn connect(url: &str, connections: usize) -> Result<Grpc> {
-        let url = if url.contains("://") {
-            url.to_string()
-        } else {
-            format!("http://{url}")
-        };
+    /// Opens `connections` connections to `url` (`host:port`, `http://host:port`, or
+    /// `https://host:port` trusting `access.tls_ca`), each call carrying `access.api_key`.
+    pub async fn connect(url: &str, connections: usize, access: &Access) -> Result<Grpc> {
+        let endpoint = client_endpoint(url, access.tls_ca.as_deref())?;
+        let auth = Authorize::api_key(access.api_key.as_deref())?;
         let mut clients = Vec::with_capacity(connections);
         for _ in 0..connections.max(1) {
-            let channel = Channel::from_shared(url.clone())
-                .with_context(|| format!("bad address {url:?}"))?
+            let channel = endpoint
                 .connect()
                 .await
-                .with_context(|| format!("connecting to {url}"))?;
-            clients.push(GenerationClient::new(channel));
+                .with_context(|| format!("connecting to {}", endpoint.uri()))?;
+            clients.push(GenerationClient::with_interceptor(channel, auth.clone()));
         }
         let mut g = Grpc {
             clients,
