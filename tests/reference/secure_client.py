@@ -28,6 +28,24 @@ def unary(channel, method, request_bytes, metadata):
         return e.code().name, e.details()
 
 
+def call_any(channel, method, body, streaming, metadata):
+    """The status code's name of a call of any shape (a stream is read to its end)."""
+    try:
+        if streaming and method.endswith("ServerReflectionInfo"):
+            call = channel.stream_stream(method, request_serializer=None, response_deserializer=None)
+            list(call(iter([body]), metadata=metadata, timeout=60))
+        elif streaming:
+            call = channel.unary_stream(method, request_serializer=None, response_deserializer=None)
+            list(call(body, metadata=metadata, timeout=60))
+        else:
+            channel.unary_unary(method, request_serializer=None, response_deserializer=None)(
+                body, metadata=metadata, timeout=60
+            )
+        return "OK"
+    except grpc.RpcError as e:
+        return e.code().name
+
+
 def generate_request(prompt, max_new_tokens):
     """A GenerateRequest, encoded by hand: prompt = field 2, parameters = field 5 with
     max_new_tokens = field 1 (see proto/helios/v1/generate.proto)."""
@@ -63,6 +81,23 @@ def grpc_observations(addr, ca, key, cert_pair):
         )
         out["generate_no_key"], out["no_key_message"] = unary(ch, gen, req, [])
         out["model_info_no_key"], _ = unary(ch, "/helios.v1.Generation/ModelInfo", b"", [])
+        # Every other route, without a key and with a wrong one: TokenizeRequest{prompt: "Hi"}
+        # (field 1), DetokenizeRequest{token_ids: [5]} (field 1, packed), the stream, and
+        # server reflection (a list_services request, field 7).
+        routes = {
+            "Tokenize": ("/helios.v1.Generation/Tokenize", b"\x0a\x02Hi", False),
+            "Detokenize": ("/helios.v1.Generation/Detokenize", b"\x0a\x01\x05", False),
+            "GenerateStream": ("/helios.v1.Generation/GenerateStream", req, True),
+            "Reflection": ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", b"\x3a\x00", True),
+        }
+        refused = {}
+        for name, (method, body, streaming) in routes.items():
+            for label, md in (("no key", []), ("wrong key", [("authorization", "Bearer nope")])):
+                refused[f"{name}, {label}"] = call_any(ch, method, body, streaming, md)
+            refused[f"{name}, the key"] = call_any(
+                ch, method, body, streaming, [("authorization", f"Bearer {key}")]
+            )
+        out["routes"] = refused
         # grpc.health.v1.Health/Check with an empty service name: open to probes. SERVING is
         # status = 1, encoded 08 01.
         out["health_no_key"], reply = unary(ch, "/grpc.health.v1.Health/Check", b"", [])
@@ -85,6 +120,12 @@ def http_observations(http_addr, ca_path, key, cert_paths):
         out["completions_no_key"] = http.post(
             f"{base}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}
         ).status_code
+        for path in ("/v1/chat/completions", "/v1/completions"):
+            body = {"messages": [{"role": "user", "content": "Hi"}], "prompt": "Hi", "max_tokens": 2}
+            for label, headers in (("no key", {}), ("wrong key", {"Authorization": "Bearer x"})):
+                out[f"POST {path}, {label}"] = http.post(f"{base}{path}", json=body, headers=headers).status_code
+        for label, headers in (("no key", {}), ("wrong key", {"Authorization": "Basic x"})):
+            out[f"GET /v1/models/m, {label}"] = http.get(f"{base}/v1/models/m", headers=headers).status_code
         client = OpenAI(base_url=f"{base}/v1", api_key=key, http_client=http)
         c = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4)
         out["sdk_completion_tokens"] = c.usage.completion_tokens

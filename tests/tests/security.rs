@@ -74,6 +74,27 @@ fn tls_and_api_keys_guard_both_apis_and_the_probes_stay_open() {
     for refused in ["generate_wrong_key", "generate_no_key", "model_info_no_key"] {
         assert_eq!(g[refused], "UNAUTHENTICATED", "{refused}: {seen}");
     }
+    // Every route but the probes: refused without the key and with a wrong one.
+    let routes = g["routes"].as_object().expect("gRPC routes");
+    assert_eq!(routes.len(), 12, "{seen}");
+    for (route, code) in routes {
+        let want = if route.ends_with("the key") {
+            "OK"
+        } else {
+            "UNAUTHENTICATED"
+        };
+        assert_eq!(code, want, "gRPC {route}: {seen}");
+    }
+    let http_routes: Vec<_> = h
+        .as_object()
+        .expect("http")
+        .iter()
+        .filter(|(route, _)| route.starts_with("POST ") || route.starts_with("GET "))
+        .collect();
+    assert_eq!(http_routes.len(), 6, "{seen}");
+    for (route, code) in http_routes {
+        assert_eq!(code, 401, "HTTP {route}: {seen}");
+    }
     assert!(
         g["no_key_message"]
             .as_str()
