@@ -3,6 +3,21 @@
 
 use crate::Value;
 
+/// The error of `result`, which must be one, with its whole context chain.
+pub fn error_chain<T>(result: anyhow::Result<T>) -> String {
+    match result {
+        Ok(_) => panic!("hostile input was accepted"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// Asserts that `msg` names every one of `parts`.
+pub fn assert_mentions(msg: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(msg.contains(p), "{p:?} missing from: {msg}");
+    }
+}
+
 /// A metadata entry: a value written properly, or a type id and payload bytes written as given.
 #[derive(Debug, Clone)]
 pub enum Kv {

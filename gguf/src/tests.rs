@@ -5,7 +5,7 @@ use std::io::Cursor;
 
 use proptest::prelude::*;
 
-use super::test_util::{string_payload, GgufBuilder};
+use super::test_util::{assert_mentions, error_chain, string_payload, GgufBuilder};
 use super::*;
 
 fn parse(bytes: &[u8]) -> Result<Content> {
@@ -14,16 +14,7 @@ fn parse(bytes: &[u8]) -> Result<Content> {
 
 /// The error of parsing `bytes`, with its whole context chain.
 fn err_of(bytes: &[u8]) -> String {
-    match parse(bytes) {
-        Ok(_) => panic!("a hostile file was accepted"),
-        Err(e) => format!("{e:#}"),
-    }
-}
-
-fn assert_mentions(msg: &str, parts: &[&str]) {
-    for p in parts {
-        assert!(msg.contains(p), "{p:?} missing from: {msg}");
-    }
+    error_chain(parse(bytes))
 }
 
 #[test]

@@ -234,15 +234,18 @@ fn ready_field(p: &Process, key: &str) -> String {
         .to_string()
 }
 
-/// Whether the peer at `addr`, sent `bytes`, closes the connection within 10 s (rather than
-/// answering or leaving it open).
+/// Whether the peer at `addr`, sent `bytes`, closes the connection within 10 s without a
+/// byte of answer (a read that times out means it left the connection open: false).
 fn closes_after(addr: &str, bytes: &[u8]) -> bool {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     let _ = s.write_all(bytes);
     let mut b = [0u8; 64];
-    matches!(s.read(&mut b), Ok(0) | Err(_)) && !matches!(s.read(&mut b), Ok(n) if n > 0)
+    match s.read(&mut b) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
 }
 
 async fn greedy_ids(client: &mut GenerationClient<Channel>) -> Vec<u32> {

@@ -691,6 +691,7 @@ fn get_f32_array(md: &HashMap<String, Value>, key: &str) -> Result<Option<Vec<f3
 #[cfg(test)]
 mod tests {
     use super::*;
+    use helios_gguf::test_util::{assert_mentions, error_chain};
 
     /// A tiny SentencePiece-style vocabulary: `<unk>`, `<s>`, `</s>`, the 256 byte tokens, a few
     /// scored pieces that can spell "hello" and "world", and a user-defined `<tool>`.
@@ -872,16 +873,7 @@ mod tests {
     }
 
     fn err_of(md: &HashMap<String, Value>) -> String {
-        match tokenizer_from_metadata(md) {
-            Ok(_) => panic!("hostile metadata was accepted"),
-            Err(e) => format!("{e:#}"),
-        }
-    }
-
-    fn assert_mentions(msg: &str, parts: &[&str]) {
-        for p in parts {
-            assert!(msg.contains(p), "{p:?} missing from: {msg}");
-        }
+        error_chain(tokenizer_from_metadata(md))
     }
 
     #[test]

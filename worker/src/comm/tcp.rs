@@ -161,6 +161,17 @@ impl MeshCall<'_> {
     fn superseded(&self) -> bool {
         self.newest.load(Ordering::SeqCst) > self.generation
     }
+
+    /// Whether building this mesh should go on: not superseded, `deadline` not passed.
+    fn check(&self, deadline: Instant) -> Result<()> {
+        if self.superseded() {
+            bail!("generation {} was superseded", self.generation);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out");
+        }
+        Ok(())
+    }
 }
 
 /// Closes every socket of a mesh, from any thread: a rank blocked in a collective (a peer
@@ -314,12 +325,7 @@ fn accept_higher(
     let result = (|| {
         let mut missing = streams.len() - call.rank - 1;
         while missing > 0 {
-            if call.superseded() {
-                bail!("generation {} was superseded", call.generation);
-            }
-            if Instant::now() >= deadline {
-                bail!("timed out");
-            }
+            call.check(deadline)?;
             match rx.recv_timeout(Duration::from_millis(20)) {
                 Ok((r, s)) if streams[r].is_none() => {
                     streams[r] = Some(s);
@@ -350,9 +356,7 @@ fn dial(
     deadline: Instant,
 ) -> Result<TcpStream> {
     loop {
-        if call.superseded() {
-            bail!("generation {} was superseded", call.generation);
-        }
+        call.check(deadline)?;
         let err = match try_dial(addr, r, call, key, deadline) {
             Ok(s) => return Ok(s),
             Err(e) => e,

@@ -219,7 +219,7 @@ fn gguf_name(hf: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use helios_gguf::test_util::GgufBuilder;
+    use helios_gguf::test_util::{assert_mentions, error_chain, GgufBuilder};
     use helios_gguf::Value;
 
     /// Writes `b` to a temp dir as `model.gguf` and opens it; the error with its whole chain.
@@ -227,16 +227,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model.gguf");
         std::fs::write(&path, b.build()).unwrap();
-        match GgufWeights::open(&path) {
-            Ok(_) => panic!("a hostile file was accepted"),
-            Err(e) => format!("{e:#}"),
-        }
-    }
-
-    fn assert_mentions(msg: &str, parts: &[&str]) {
-        for p in parts {
-            assert!(msg.contains(p), "{p:?} missing from: {msg}");
-        }
+        error_chain(GgufWeights::open(&path))
     }
 
     #[test]

@@ -267,10 +267,7 @@ mod tests {
     }
 
     fn err_of(bytes: &[u8]) -> String {
-        match parse_header(bytes) {
-            Ok(e) => panic!("a hostile file was accepted: {:?}", e),
-            Err(e) => format!("{e:#}"),
-        }
+        helios_gguf::test_util::error_chain(parse_header(bytes))
     }
 
     #[test]
