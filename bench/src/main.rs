@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use helios_coordinator::front_door::{FrontDoor, ServingOptions};
-use helios_coordinator::membership::local::{resolve_model_path, LocalOptions};
+use helios_coordinator::membership::local::{resolve_model_path, LocalDevice, LocalOptions};
 use helios_coordinator::membership::{LocalWorkers, Membership};
 use helios_coordinator::output::collect;
 use helios_coordinator::replica::{RecoveryOptions, ReplicaOptions};
@@ -166,6 +166,8 @@ async fn engine(a: EngineArgs) -> Result<()> {
     init.auth = Authorize::cluster(Some(&secret));
     let workers = LocalWorkers::spawn(LocalOptions {
         tp: a.tp,
+        device: LocalDevice::Cpu,
+        first_gpu: 0,
         threads: a.threads,
         log_format: LogFormat::Text,
         max_restarts: 0,

@@ -1,6 +1,6 @@
 //! Who may use the client APIs: API keys (`--api-key-file`, `$HELIOS_API_KEY`), checked by both
 //! front doors alike. gRPC refuses a call without a key UNAUTHENTICATED (the health service
-//! stays open for probes); HTTP answers 401 in OpenAI's shape (`/health` stays open, and
+//! stays open for probes); HTTP answers 401 in OpenAI's shape (`/health` and `/live` stay open, and
 //! `/metrics` unless `--protect-metrics`). Keys are kept as digests and never logged.
 
 use std::path::Path;
@@ -13,6 +13,9 @@ pub const API_KEY_ENV: &str = "HELIOS_API_KEY";
 
 /// gRPC paths served without a key: health checks, for load balancers and Kubernetes probes.
 pub const OPEN_GRPC_PATHS: &[&str] = &["/grpc.health.v1.Health/"];
+
+/// HTTP paths served without a key: readiness and liveness, for Kubernetes probes.
+pub const OPEN_HTTP_PATHS: &[&str] = &["/health", "/live"];
 
 /// What the client APIs require.
 #[derive(Debug, Clone, Default)]
@@ -84,7 +87,7 @@ impl Access {
         let Some(keys) = &self.keys else {
             return Ok(());
         };
-        let open = path == "/health" || (path == "/metrics" && !self.protect_metrics);
+        let open = OPEN_HTTP_PATHS.contains(&path) || (path == "/metrics" && !self.protect_metrics);
         if open || keys.accepts_header(authorization) {
             Ok(())
         } else {
@@ -110,6 +113,7 @@ mod tests {
             assert!(access.check_http(path, Some(&h("Bearer key-two"))).is_ok());
         }
         assert!(access.check_http("/health", None).is_ok());
+        assert!(access.check_http("/live", None).is_ok());
         assert!(access.check_http("/metrics", None).is_ok());
         let guarded = Access::load(Some(&file), true).unwrap();
         assert_eq!(guarded.check_http("/metrics", None), Err(false));

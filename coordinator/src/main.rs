@@ -24,7 +24,7 @@ use helios_coordinator::listener::{
     ApiOptions, TlsFiles, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_STREAMS_PER_CONNECTION,
     DEFAULT_READ_TIMEOUT,
 };
-use helios_coordinator::membership::local::{resolve_model_path, LocalOptions};
+use helios_coordinator::membership::local::{resolve_model_path, LocalDevice, LocalOptions};
 use helios_coordinator::membership::{
     discovery, EtcdOptions, FixedAddresses, LocalWorkers, Membership,
 };
@@ -225,6 +225,10 @@ struct SpawnArgs {
     /// Times a lost worker is spawned again, per rank, before the replica gives up on it.
     #[arg(long, default_value_t = 10)]
     max_worker_restarts: u32,
+    /// Where the workers compute: `cpu`, or `cuda` for one GPU each (rank r of replica d on
+    /// `cuda:{d * tp + r}`, so `--dp 2 --tp 4` takes GPUs 0 to 7).
+    #[arg(long, default_value = "cpu")]
+    device: LocalDevice,
 }
 
 #[derive(Args)]
@@ -466,9 +470,11 @@ async fn start_serving(a: &SpawnArgs, observe: Observe) -> Result<FrontDoor> {
     // One secret per run: another local cluster's processes cannot reach these workers.
     let secret = ClusterSecret::random()?;
     init.auth = Authorize::cluster(Some(&secret));
-    let spawns = (0..a.dp).map(|_| {
+    let spawns = (0..a.dp).map(|replica| {
         LocalWorkers::spawn(LocalOptions {
             tp: a.tp,
+            device: a.device,
+            first_gpu: replica * a.tp,
             threads,
             log_format: observe.log_format,
             max_restarts: a.max_worker_restarts,

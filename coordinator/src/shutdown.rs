@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use helios_proto::signal::shutdown_signal;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -40,32 +41,4 @@ pub fn drain_on_signal(front: FrontDoor, grace: Duration) -> Drained {
 /// Binds `addr` (port 0 picks a free port; the bound address is on the listener).
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     Ok(TcpListener::bind(addr).await?)
-}
-
-/// Registers for SIGINT and SIGTERM at once (so that a signal right after the ready line is
-/// caught, not fatal) and resolves on the first of them.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let signals = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        );
-        async move {
-            match signals {
-                (Ok(mut term), Ok(mut int)) => {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = int.recv() => {}
-                    }
-                }
-                _ => tokio::signal::ctrl_c().await.unwrap_or(()),
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    async {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

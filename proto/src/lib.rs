@@ -37,6 +37,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 pub mod auth;
 pub mod membership;
+pub mod signal;
 pub mod telemetry;
 
 /// The etcd v3 API (client stubs only), generated from the protos vendored in `proto/etcd/`:

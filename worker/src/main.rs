@@ -22,6 +22,7 @@ use helios_proto::membership::{
     claim, instance_id, model_fingerprint, ClaimError, EtcdArgs, RankKey, Registration,
     WorkerRecord,
 };
+use helios_proto::signal::shutdown_signal;
 use helios_proto::telemetry::{LogDefault, LogFormat, Telemetry};
 use helios_proto::v1::worker_server::WorkerServer;
 use helios_worker::comm::TcpListenerSlot;
@@ -70,6 +71,14 @@ struct Args {
     /// This worker's rank in its replica (etcd mode).
     #[arg(long)]
     rank: Option<u32>,
+    /// Instead of `--replica` and `--rank` (etcd mode): this worker's place among all the
+    /// cluster's workers, e.g. a StatefulSet pod's index. With `--tp` ranks per replica it is
+    /// rank `index % tp` of replica `index / tp`, so a restarted pod claims its old rank.
+    #[arg(long, requires = "tp", conflicts_with_all = ["rank", "replica"])]
+    worker_index: Option<u32>,
+    /// Ranks per replica, for `--worker-index`.
+    #[arg(long, requires = "worker_index")]
+    tp: Option<u32>,
     /// The model this worker serves (etcd mode: registered with its fingerprint, and loaded
     /// when the coordinator names none).
     #[arg(long)]
@@ -191,27 +200,59 @@ async fn main() -> Result<()> {
         &[],
         "the cluster secret",
     );
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .layer(cluster_only)
         .add_service(
             WorkerServer::new(service)
                 .max_decoding_message_size(helios_proto::MAX_WORKER_MESSAGE_BYTES)
                 .max_encoding_message_size(helios_proto::MAX_WORKER_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                let _ = tokio::signal::ctrl_c().await;
-            },
-        )
-        .await?;
+        .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)));
+    let exit_with_stdin = args.exit_with_stdin;
+    let stop = async move {
+        if exit_with_stdin {
+            // Spawned by a coordinator, which owns this process's life through its stdin: a
+            // Ctrl-C sent to the whole terminal must not cut the coordinator's drain short.
+            loop {
+                shutdown_signal().await;
+            }
+        }
+        shutdown_signal().await;
+    };
+    // No graceful drain: the coordinator's step stream never ends on its own, and a worker
+    // told to stop (a pod deleted, Ctrl-C) is a lost rank its replica recovers from anyway.
+    tokio::select! {
+        served = server => served?,
+        () = stop => tracing::info!("signalled to stop: leaving the replica"),
+    }
     if let Some(registration) = registration {
-        // Leaving on purpose: the rank is free at once, not when the lease runs out.
-        if let Err(e) = registration.release().await {
-            tracing::warn!("releasing the etcd registration: {e:#}");
+        // Leaving on purpose: the rank is free at once, not when the lease runs out, so the
+        // coordinator notices now and a replacement claims the rank without waiting.
+        match tokio::time::timeout(RELEASE_TIMEOUT, registration.release()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("releasing the etcd registration: {e:#}"),
+            Err(_) => tracing::warn!("etcd did not answer the release; the lease will run out"),
         }
     }
-    Ok(())
+    // Exit now rather than wait for a forward pass in flight on the blocking pool.
+    telemetry.flusher()();
+    std::process::exit(0)
+}
+
+/// How long a stopping worker waits for etcd to free its rank.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// This worker's (replica, rank) in etcd mode: `--replica`/`--rank`, or `--worker-index`
+/// split by `--tp`.
+fn place(args: &Args) -> Result<(u32, u32)> {
+    match (args.worker_index, args.tp) {
+        (Some(_), Some(0)) => bail!("--tp must be at least 1"),
+        (Some(index), Some(tp)) => Ok((index / tp, index % tp)),
+        _ => Ok((
+            args.replica,
+            args.rank.context("--etcd needs --rank or --worker-index")?,
+        )),
+    }
 }
 
 /// The cluster secret from `--cluster-secret-file` or the environment; none only if
@@ -235,9 +276,9 @@ fn cluster_secret(args: &Args) -> Result<Option<ClusterSecret>> {
 /// Claims this worker's rank in etcd (see `helios_proto::membership`): the claim fails if
 /// another worker holds the rank, saying which.
 async fn register(args: &Args, grpc_addr: &str, comm_addr: &str) -> Result<Registration> {
-    let rank = args.rank.context("--etcd needs --rank")?;
+    let (replica, rank) = place(args)?;
     let model = args.model.as_ref().context("--etcd needs --model")?;
-    let key = RankKey::new(&args.cluster, args.replica, rank)?;
+    let key = RankKey::new(&args.cluster, replica, rank)?;
     let etcd = args.etcd_security.connect(&args.etcd)?;
     let record = WorkerRecord {
         grpc_addr: grpc_addr.to_string(),
@@ -261,7 +302,7 @@ async fn register(args: &Args, grpc_addr: &str, comm_addr: &str) -> Result<Regis
             other => break other?,
         }
     };
-    tracing::info!(rank, replica = args.replica, cluster = %args.cluster, "registered in etcd");
+    tracing::info!(rank, replica, cluster = %args.cluster, "registered in etcd");
     Ok(registration)
 }
 

@@ -27,10 +27,21 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// Where spawned workers compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LocalDevice {
+    Cpu,
+    /// One GPU per worker, numbered from [`LocalOptions::first_gpu`] by rank.
+    Cuda,
+}
+
 /// How local workers are started.
 #[derive(Debug, Clone)]
 pub struct LocalOptions {
     pub tp: usize,
+    pub device: LocalDevice,
+    /// With [`LocalDevice::Cuda`]: rank r computes on `cuda:{first_gpu + r}`.
+    pub first_gpu: usize,
     /// Compute threads per worker (`helios-worker --threads`).
     pub threads: usize,
     pub log_format: LogFormat,
@@ -150,6 +161,14 @@ impl LocalWorkers {
         }
     }
 
+    /// Rank `rank`'s `helios-worker --device`.
+    fn device(&self, rank: usize) -> String {
+        match self.opts.device {
+            LocalDevice::Cpu => "cpu".to_string(),
+            LocalDevice::Cuda => format!("cuda:{}", self.opts.first_gpu + rank),
+        }
+    }
+
     /// Starts rank `rank`'s process and reads its ready line.
     async fn start(&mut self, rank: usize) -> Result<()> {
         let mut cmd = Command::new(&self.binary);
@@ -161,6 +180,7 @@ impl LocalWorkers {
             .arg("--exit-with-stdin")
             .args(["--log-format", self.opts.log_format.as_str()])
             .args(["--threads", &self.opts.threads.to_string()])
+            .args(["--device", &self.device(rank)])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -15,6 +15,7 @@
 //! | `POST /v1/chat/completions` | `messages`, rendered with the model's chat template |
 //! | `GET /v1/models`, `GET /v1/models/{id}` | the one model, under the id requests name it by |
 //! | `GET /health` | 200 while serving; 503 while starting, draining, recovering or down |
+//! | `GET /live` | 200 while the process answers, whatever its replicas' state (for liveness probes) |
 //! | `GET /metrics` | Prometheus text (OpenMetrics when the scraper asks for it) |
 //!
 //! The model is named by its file name without `.gguf` (or its directory's name), e.g.
@@ -147,6 +148,7 @@ pub fn router(front: FrontDoor, opts: &ApiOptions) -> Router {
     let access = Arc::new(opts.access.clone());
     Router::new()
         .route("/health", get(health))
+        .route("/live", get(live))
         .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model))
@@ -251,6 +253,14 @@ async fn health(State(app): State<App>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+/// 200 `{"status": "alive", "state": ...}` whenever the server answers at all: a replica
+/// recovering from a lost worker, or loading its model, is alive, and restarting the process
+/// would only lose what it holds. (`/health` is the readiness answer.)
+async fn live(State(app): State<App>) -> Response {
+    let state = app.front.state();
+    Json(serde_json::json!({ "status": "alive", "state": state.name() })).into_response()
 }
 
 /// Prometheus text, or OpenMetrics for a scraper that asks for it (the Prometheus server does).
