@@ -10,6 +10,7 @@ use helios_proto::membership::{
     RegistrationState, WorkerRecord, DEFAULT_RPC_TIMEOUT,
 };
 use helios_tests::etcd::EtcdServer;
+use helios_tests::server::{send_signal, Process};
 use tokio::sync::watch;
 
 /// The bound on every wait for something that should happen promptly.
@@ -467,4 +468,36 @@ async fn claiming_without_etcd_fails_clearly_in_bounded_time() {
     assert!(ClusterWatch::start(&endpoints, "bad/name", 0)
         .await
         .is_err());
+}
+
+/// A worker told to stop (SIGTERM, as Kubernetes stops a pod) leaves at once and frees its
+/// rank, long before its lease would run out, so that its replacement need not wait; and
+/// `--worker-index I --tp T` (a StatefulSet pod's index) claims rank `I % T` of replica `I / T`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_frees_its_rank_at_once_and_an_index_names_its_rank() {
+    let etcd = EtcdServer::start().unwrap();
+    let model = helios_tests::default_model();
+    let mut cmd = helios_tests::helios_worker();
+    cmd.args(["--listen", "127.0.0.1:0", "--threads", "1"])
+        .args(["--etcd", &etcd.endpoint(), "--cluster", "pods"])
+        .args(["--worker-index", "4", "--tp", "3", "--lease-ttl", "60"])
+        .args(["--model", &model.display().to_string()]);
+    let mut worker = Process::start(cmd, "HELIOS_WORKER_READY ");
+    let etcd_client = client(&etcd).await;
+    let key = "/helios/pods/replicas/1/ranks/1";
+    assert!(
+        etcd_client.get(key).await.unwrap().is_some(),
+        "index 4 of tp 3 is rank 1 of replica 1"
+    );
+
+    send_signal(worker.pid(), "-TERM");
+    let status = worker
+        .wait_exit(PROMPTLY)
+        .expect("the worker exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    // Gone at once: the 60 s lease has not run out.
+    assert!(
+        etcd_client.get(key).await.unwrap().is_none(),
+        "{key} still held"
+    );
 }
