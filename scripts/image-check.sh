@@ -15,9 +15,9 @@
 # Environment (all optional):
 #   HELIOS_IMAGE            tag of the image built      (default localhost/helios:check)
 #   HELIOS_IMAGE_REV        build this git revision (`git archive`) instead of the working tree
-#   HELIOS_LOCAL_BASE       1: make the base images here (mmdebstrap + the host's Rust
-#                           toolchain); 0: use the public ones named in the Dockerfile;
-#                           auto (default): 1 when Docker Hub cannot be reached
+#   HELIOS_LOCAL_BASE       1 (default): make the base images here (mmdebstrap + the host's
+#                           Rust toolchain), needing only Debian's packages; 0: use the public
+#                           ones named in the Dockerfile; auto: 0 when Docker Hub answers
 #   HELIOS_REBUILD_BASE     1: remake the local base images even if they are up to date
 #   HELIOS_DEBIAN_SOURCES   apt sources file for the local Debian bases (default: the host's
 #                           debian.sources when it is for bookworm, else mmdebstrap's default)
@@ -41,7 +41,7 @@ IMAGE=${HELIOS_IMAGE:-localhost/helios:check}
 FETCH_IMAGE=${IMAGE%:*}-fetch-model:${IMAGE##*:}
 BUILDER_IMAGE=${IMAGE%:*}-builder:${IMAGE##*:}
 MODEL_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
-LOCAL_BASE=${HELIOS_LOCAL_BASE:-auto}
+LOCAL_BASE=${HELIOS_LOCAL_BASE:-1}
 BUILD_TIMEOUT=${HELIOS_BUILD_TIMEOUT:-3600}
 HEALTH_TIMEOUT=${HELIOS_HEALTH_TIMEOUT:-180}
 TP=${HELIOS_TP:-3}
