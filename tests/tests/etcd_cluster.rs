@@ -6,23 +6,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use helios_tests::etcd::{self, Claim, EtcdServer};
-use helios_tests::make_tiny_model;
 use helios_tests::recovery::{
     assert_same_streams, http_get, metric, metrics_text, run_streams, workload, Running,
 };
 use helios_tests::server::{model_info, send_signal, wait_until_idle, Process};
+use helios_tests::{make_tiny_model, TP3_MODEL};
 
-/// A tiny model that splits three ways.
-const TP3_MODEL: [&str; 8] = [
-    "--hidden",
-    "48",
-    "--heads",
-    "6",
-    "--kv-heads",
-    "3",
-    "--intermediate",
-    "96",
-];
 const STREAMS: usize = 12;
 const TOKENS: u32 = 24;
 

@@ -12,20 +12,8 @@
 
 use std::path::PathBuf;
 
-use helios_tests::{binary, make_tiny_model, reference_json, repo_root};
+use helios_tests::{binary, make_tiny_model, reference_json, repo_root, TP3_MODEL};
 use serde_json::Value;
-
-/// A tiny model that splits three ways (6 heads, 3 KV heads).
-const TP3_MODEL: [&str; 8] = [
-    "--hidden",
-    "48",
-    "--heads",
-    "6",
-    "--kv-heads",
-    "3",
-    "--intermediate",
-    "96",
-];
 
 fn chart() -> PathBuf {
     repo_root().join("deploy/helm/helios")

@@ -8,7 +8,7 @@ use helios_tests::recovery::{
     assert_same_streams, metric, metrics_text, run_streams, workload, Answers, Running,
 };
 use helios_tests::server::{model_info, send_signal, wait_until_idle, Process};
-use helios_tests::{free_port, helios_worker, make_tiny_model};
+use helios_tests::{free_port, helios_worker, make_tiny_model, TP3_MODEL};
 
 /// Streams in every run, and tokens each generates.
 const STREAMS: usize = 16;
@@ -119,18 +119,6 @@ async fn kills_in_a_row_and_during_a_recovery_lose_nothing() {
     assert_idle_and_serving(&server).await;
     assert!(recoveries(&server) >= 2.0);
 }
-
-/// A tiny model that splits three ways.
-const TP3_MODEL: [&str; 8] = [
-    "--hidden",
-    "48",
-    "--heads",
-    "6",
-    "--kv-heads",
-    "3",
-    "--intermediate",
-    "96",
-];
 
 /// `helios-worker` listening on `addr` (its communicator on the same host).
 fn worker_at(addr: &str) -> Process {

@@ -105,13 +105,68 @@ capabilities:
   drop: ["ALL"]
 {{- end }}
 
-{{- define "helios.podSecurityContext" -}}
-runAsNonRoot: true
-runAsUser: 10001
-runAsGroup: 10001
-fsGroup: 10001
-seccompProfile:
-  type: RuntimeDefault
+{{/* The start of every pod's spec: its account (no API token: Helios never calls the
+Kubernetes API), the restricted pod security context, the pull secrets. */}}
+{{- define "helios.podIdentity" -}}
+serviceAccountName: {{ include "helios.serviceAccountName" . }}
+automountServiceAccountToken: false
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 10001
+  runAsGroup: 10001
+  fsGroup: 10001
+  seccompProfile:
+    type: RuntimeDefault
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* nodeSelector, tolerations and affinity of one kind of pod (.Values.server, .Values.worker). */}}
+{{- define "helios.podPlacement" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* A container's resources with `gpus` GPUs added to its limits when gpu.enabled:
+call with (list $ resources gpus). */}}
+{{- define "helios.resources" -}}
+{{- $ := index . 0 }}
+{{- $res := deepCopy (index . 1) }}
+{{- if $.Values.gpu.enabled }}
+{{- $limits := default dict $res.limits }}
+{{- $_ := set $limits $.Values.gpu.resourceName (index . 2) }}
+{{- $_ := set $res "limits" $limits }}
+{{- end }}
+{{- toYaml $res }}
+{{- end }}
+
+{{/* The cluster secret as the file /etc/helios/cluster/secret (multi-pod). */}}
+{{- define "helios.clusterSecretVolume" -}}
+- name: cluster-secret
+  secret:
+    secretName: {{ include "helios.clusterSecretName" . }}
+    defaultMode: 0440
+    items:
+      - key: secret
+        path: secret
+{{- end }}
+
+{{- define "helios.clusterSecretMount" -}}
+- name: cluster-secret
+  mountPath: /etc/helios/cluster
+  readOnly: true
 {{- end }}
 
 {{/* Flags for etcd: endpoints, TLS, user (multi-pod with membership etcd). */}}
