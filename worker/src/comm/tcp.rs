@@ -454,6 +454,12 @@ impl Communicator for TcpCommunicator {
     fn barrier(&mut self) -> Result<()> {
         self.exchange(vec![0u8; 1], |_| {})
     }
+
+    fn all_gather(&mut self, mine: &[u8], _device: &candle_core::Device) -> Result<Vec<u8>> {
+        let mut all = Vec::with_capacity(mine.len() * self.world);
+        self.exchange(mine.to_vec(), |msg| all.extend_from_slice(msg))?;
+        Ok(all)
+    }
 }
 
 #[cfg(test)]
@@ -528,6 +534,40 @@ mod tests {
             assert_eq!(v, vec![0, 7, 151_935, (1 << 24) - 1], "rank {rank}");
             assert!(refused, "rank {rank} took a value of 2^24 + 1");
             assert_eq!(after, vec![42], "rank {rank}");
+        }
+    }
+
+    #[test]
+    fn all_gather_gives_every_rank_every_ranks_bytes_in_rank_order() {
+        /// The trait's default gather (through the sum), over the same mesh.
+        struct ViaSum(TcpCommunicator);
+        impl Communicator for ViaSum {
+            fn rank(&self) -> usize {
+                self.0.rank()
+            }
+            fn world_size(&self) -> usize {
+                self.0.world_size()
+            }
+            fn all_reduce_sum(&mut self, x: &Tensor) -> Result<Tensor> {
+                self.0.all_reduce_sum(x)
+            }
+            fn barrier(&mut self) -> Result<()> {
+                self.0.barrier()
+            }
+        }
+        let results = on_ranks(3, |rank, c| {
+            let mine: Vec<u8> = (0..5).map(|i| (rank * 100 + i * 31) as u8).collect();
+            let mut c = ViaSum(c);
+            let via_sum = c.all_gather(&mine, &Device::Cpu).unwrap();
+            let direct = c.0.all_gather(&mine, &Device::Cpu).unwrap();
+            (via_sum, direct)
+        });
+        let want: Vec<u8> = (0..3)
+            .flat_map(|r| (0..5).map(move |i| (r * 100 + i * 31) as u8))
+            .collect();
+        for (rank, (via_sum, direct)) in results.into_iter().enumerate() {
+            assert_eq!(direct, want, "rank {rank}");
+            assert_eq!(via_sum, want, "rank {rank}, through the sum");
         }
     }
 
