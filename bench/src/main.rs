@@ -9,10 +9,14 @@
 //! - `helios-bench serve`: a load generator for a running server, over gRPC or OpenAI HTTP,
 //!   closed or open loop, with a report like `vllm bench serve`'s ([`load`]).
 //!
+//! - `helios-bench memory`: each rank's memory for a model at several tp and contexts, from its
+//!   config alone, optionally checked against dummy loads ([`memory`]).
+//!
 //! Results go to stdout as a table, or as JSON with `--json`.
 
 mod fake_worker;
 mod load;
+mod memory;
 mod otlp_sink;
 mod overhead;
 mod router;
@@ -30,7 +34,7 @@ use helios_coordinator::membership::{LocalWorkers, Membership};
 use helios_coordinator::output::collect;
 use helios_coordinator::replica::{RecoveryOptions, ReplicaOptions};
 use helios_coordinator::scheduler::SchedulerConfig;
-use helios_coordinator::sharded_client::InitOptions;
+use helios_coordinator::sharded_client::{InitOptions, LoadFormat};
 use helios_coordinator::tokenizer::TextTokenizer;
 use helios_proto::auth::{Authorize, ClusterSecret};
 use helios_proto::telemetry::LogFormat;
@@ -55,6 +59,9 @@ enum Command {
     /// multi-turn chat sessions or shared system prompts): throughput, TTFT, TPOT, ITL,
     /// end-to-end latency, goodput and prefix-cache hits, like `vllm bench serve`.
     Serve(Box<load::LoadArgs>),
+    /// Each rank's memory for a model (weights, KV per context) at several tp, from its
+    /// config.json alone; `--check-layers N` checks the figures against dummy loads.
+    Memory(memory::MemoryArgs),
     /// Rank 0's cost of choosing one token, on the default model's real logits.
     Sampling(sampling::SamplingArgs),
     /// The scheduler's decision time per decode step (schedule + apply), in-process.
@@ -92,6 +99,9 @@ struct EngineArgs {
     threads: usize,
     #[arg(long)]
     dequantize: bool,
+    /// `dummy`: random weights shaped by `--model`'s config.json (see `helios serve --help`).
+    #[arg(long, value_enum, default_value_t = LoadFormat::Auto)]
+    load_format: LoadFormat,
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
     /// Tokens generated per sequence in the decode runs.
@@ -117,6 +127,7 @@ fn main() -> Result<()> {
         Command::Engine(a) => runtime()?.block_on(engine(a)),
         Command::Kernel(a) => kernel(a),
         Command::Sampling(a) => sampling::run(a),
+        Command::Memory(a) => memory::run(a),
         Command::Scheduler(a) => scheduler::run(a),
         Command::Router(a) => router::run(a),
         Command::OtlpSink(a) => runtime()?.block_on(otlp_sink::run(a)),
@@ -159,6 +170,7 @@ async fn engine(a: EngineArgs) -> Result<()> {
         num_kv_blocks: 0,
         kv_cache_memory_bytes: 512 << 20,
         dequantize: a.dequantize,
+        load_format: a.load_format,
         auth: Default::default(),
     };
     resolve_model_path(&mut init)?;
@@ -192,7 +204,7 @@ async fn engine(a: EngineArgs) -> Result<()> {
         log_prompts: false,
         caps: Default::default(),
     };
-    let tokenizer = TextTokenizer::from_model_path(&a.model)?;
+    let tokenizer = TextTokenizer::for_serving(&a.model, a.load_format)?;
     let front = FrontDoor::start(vec![Membership::Local(workers)], &init, tokenizer, &opts).await?;
     let replica = front.replicas().into_iter().next().context("no replica")?;
     let facts = replica.info().facts.clone();

@@ -288,6 +288,7 @@ async fn measure(
         num_kv_blocks: num_kv_blocks as u32,
         kv_cache_memory_bytes: 0,
         dequantize: false,
+        load_format: Default::default(),
         auth: Default::default(),
     };
     // `helios serve`'s defaults, raised only where a configuration needs more.

@@ -34,7 +34,7 @@ use helios_coordinator::router::{Policy, RouterOptions, DEFAULT_BALANCE, DEFAULT
 use helios_coordinator::scheduler::{
     SchedulerConfig, DEFAULT_MAX_BATCH_TOKENS, DEFAULT_MAX_RUNNING, DEFAULT_MAX_WAITING,
 };
-use helios_coordinator::sharded_client::InitOptions;
+use helios_coordinator::sharded_client::{InitOptions, LoadFormat};
 use helios_coordinator::tokenizer::TextTokenizer;
 use helios_coordinator::{grpc, openai, shutdown};
 use helios_proto::auth::{client_endpoint, Authorize, ClusterSecret, CLUSTER_SECRET_ENV};
@@ -100,6 +100,12 @@ struct ReplicaArgs {
     /// Load quantized GGUF weights as f32 (exact arithmetic; slower).
     #[arg(long)]
     dequantize: bool,
+    /// `dummy`: random weights shaped by the model's config.json (`--model` names it or its
+    /// directory), as real ones would be laid out on the device; for benchmarks and memory
+    /// checks without the weights. Without a tokenizer.json beside it, text is the words
+    /// w0 .. w{vocab-1}.
+    #[arg(long, value_enum, default_value_t = LoadFormat::Auto)]
+    load_format: LoadFormat,
     /// KV cache budget per rank, in MiB.
     #[arg(long, default_value_t = DEFAULT_KV_CACHE_MIB)]
     kv_cache_memory: u64,
@@ -166,6 +172,7 @@ impl ReplicaArgs {
             num_kv_blocks: self.num_kv_blocks,
             kv_cache_memory_bytes: self.kv_cache_memory << 20,
             dequantize: self.dequantize,
+            load_format: self.load_format,
             auth: Authorize::default(),
         }
     }
@@ -461,7 +468,7 @@ async fn start_serving(a: &SpawnArgs, observe: Observe) -> Result<FrontDoor> {
     if a.dp == 0 {
         bail!("--dp must be at least 1");
     }
-    let tokenizer = TextTokenizer::from_model_path(&a.replica.model)?;
+    let tokenizer = TextTokenizer::for_serving(&a.replica.model, a.replica.load_format)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = a.tp.max(1) * a.dp;
     let threads = a.threads_per_worker.unwrap_or((cores / workers).max(1));
@@ -541,7 +548,7 @@ async fn serve(a: ServeArgs, observe: Observe) -> Result<()> {
 
 async fn coordinator(a: CoordinatorArgs, observe: Observe) -> Result<()> {
     let api = a.listen.api_options()?;
-    let tokenizer = TextTokenizer::from_model_path(&a.replica.model)?;
+    let tokenizer = TextTokenizer::for_serving(&a.replica.model, a.replica.load_format)?;
     let mut init = a.replica.init_options();
     init.auth = Authorize::cluster(cluster_secret(&a)?.as_ref());
     if a.etcd.is_empty() {

@@ -44,9 +44,31 @@ pub struct InitOptions {
     pub num_kv_blocks: u32,
     pub kv_cache_memory_bytes: u64,
     pub dequantize: bool,
+    pub load_format: LoadFormat,
     /// What every call to a worker carries: the cluster's token (none for `--insecure`
     /// workers).
     pub auth: Authorize,
+}
+
+/// Where the workers take the weights from (`--load-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LoadFormat {
+    /// The model's files.
+    #[default]
+    Auto,
+    /// Random weights of the shapes the model's `config.json` gives (benchmarks, profiling and
+    /// memory checks without the weights).
+    Dummy,
+}
+
+impl LoadFormat {
+    /// The name `InitRequest.load_format` carries.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Dummy => "dummy",
+        }
+    }
 }
 
 /// What the replica can do, once initialised.
@@ -286,6 +308,7 @@ impl ShardedClient {
                 num_kv_blocks: opts.num_kv_blocks,
                 block_size: opts.block_size,
                 dequantize: opts.dequantize,
+                load_format: opts.load_format.as_str().to_string(),
                 nccl_id: nccl_id.clone(),
                 generation,
             };

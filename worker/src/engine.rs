@@ -14,15 +14,16 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use helios_proto::v1::{Logits, ModelFacts, StepPlan, StepResult};
+use helios_proto::v1::{Logits, ModelFacts, SequenceStep, StepPlan, StepResult};
 
 use crate::batch::{invalid, BatchLimits, StepBatch};
 use crate::block_tables::BlockTables;
 use crate::comm::{Communicator, Timed, BROADCAST_LIMIT};
 use crate::kv_cache::KvCache;
 use crate::model::Model;
-use crate::sampling;
-use crate::weights::{LoadOptions, Weights};
+use crate::sampling::{self, Need};
+use crate::vocab_parallel::{self, Gathered};
+use crate::weights::{LoadFormat, LoadOptions, Weights};
 
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -32,6 +33,7 @@ pub struct EngineOptions {
     pub num_kv_blocks: Option<usize>,
     pub kv_cache_memory_bytes: u64,
     pub dequantize: bool,
+    pub load_format: LoadFormat,
     pub device: Device,
 }
 
@@ -43,6 +45,7 @@ impl EngineOptions {
             num_kv_blocks: None,
             kv_cache_memory_bytes: helios_proto::DEFAULT_KV_CACHE_MIB << 20,
             dequantize: false,
+            load_format: LoadFormat::Auto,
             device: Device::Cpu,
         }
     }
@@ -83,7 +86,7 @@ impl Engine {
             dtype,
             dequantize: opts.dequantize,
         };
-        let weights = Weights::open(&opts.model_path)?;
+        let weights = Weights::open_as(&opts.model_path, opts.load_format)?;
         let dtype_name = weights.dtype_name(&load);
         let model = Model::load(&weights, rank, world, &load)
             .with_context(|| format!("loading rank {rank} of {world}"))?;
@@ -197,21 +200,65 @@ impl Engine {
             return Ok(result);
         };
         let rows = logits.to_vec2::<f32>()?;
-        for (row, &i) in rows.iter().zip(&batch.output_seqs) {
-            let s = &plan.seqs[i];
-            if s.sample {
-                let t = sampling::sample(row, s);
+        let seqs: Vec<&SequenceStep> = batch.output_seqs.iter().map(|&i| &plan.seqs[i]).collect();
+        let Some(rows) = self.gather(rows, &seqs, plan.return_logits, &device)? else {
+            return Ok(result);
+        };
+        for (row, s) in rows.into_iter().zip(seqs) {
+            let token = match &row {
+                _ if !s.sample => None,
+                Gathered::Full(row) => Some(sampling::sample(row, s)),
+                Gathered::Best(candidates) => Some(sampling::sample_best(candidates.clone(), s)),
+                Gathered::Nothing => None,
+            };
+            if let Some(t) = token {
                 self.sampled.insert(t.seq_id, t.token_id);
                 result.tokens.push(t);
             }
-            if plan.return_logits {
+            if let (true, Gathered::Full(values)) = (plan.return_logits, row) {
                 result.logits.push(Logits {
                     seq_id: s.seq_id,
-                    values: row.clone(),
+                    values,
                 });
             }
         }
         Ok(result)
+    }
+
+    /// Rank 0: what sampling needs of each output row, gathered from every rank's slice of the
+    /// vocabulary (`rows`: this rank's logits); `None` on the other ranks. Every rank calls it
+    /// alike (what is gathered depends on the plan only).
+    fn gather(
+        &mut self,
+        rows: Vec<Vec<f32>>,
+        seqs: &[&SequenceStep],
+        return_logits: bool,
+        device: &Device,
+    ) -> Result<Option<Vec<Gathered>>> {
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        let vocab = self.limits.vocab_size;
+        let needs: Vec<Need> = seqs
+            .iter()
+            .map(|s| sampling::need(s, return_logits))
+            .collect();
+        if world == 1 {
+            let whole = rows.into_iter().zip(&needs).map(|(row, need)| match need {
+                Need::Nothing => Gathered::Nothing,
+                _ => Gathered::Full(row),
+            });
+            return Ok(Some(whole.collect()));
+        }
+        let offset = vocab_parallel::slice_of(vocab, rank, world).start;
+        let mine = vocab_parallel::encode(&rows, seqs, &needs, offset, vocab, world);
+        let all = if mine.is_empty() {
+            Vec::new()
+        } else {
+            self.comm.all_gather(&mine, device)?
+        };
+        if rank != 0 {
+            return Ok(None);
+        }
+        Ok(Some(vocab_parallel::decode(&all, &needs, vocab, world)?))
     }
 
     /// Gives every `feed_sampled` sequence of `plan` the token rank 0 sampled for it in the

@@ -28,7 +28,7 @@ use helios_proto::v1::{SampledToken, SamplingParams, SequenceStep, TokenLogprob}
 /// out-of-range ids are ignored) so that nothing a peer sends can panic the sampler.
 pub fn sample(logits: &[f32], seq: &SequenceStep) -> SampledToken {
     let params = seq.sampling.as_ref();
-    let penalized = params.and_then(|p| penalize(logits, p, &seq.context_token_ids));
+    let penalized = params.and_then(|p| penalize(logits, 0, p, &seq.context_token_ids));
     let scores = penalized.as_deref().unwrap_or(logits);
     let token_id = match params {
         Some(p) if p.temperature > 0.0 => sample_with(scores, p, seq.seq_id),
@@ -58,23 +58,30 @@ pub fn sample(logits: &[f32], seq: &SequenceStep) -> SampledToken {
     }
 }
 
-/// The penalized copy of `logits`, or `None` when `p` sets no penalty (no copy then).
+/// The penalized copy of `logits`, the scores of token ids `offset ..` (a rank's slice of the
+/// vocabulary, or all of it from 0), or `None` when `p` sets no penalty (no copy then).
 ///
 /// Repetition (whole context): a positive logit is divided by the penalty, any other multiplied,
 /// so a penalty > 1 always lowers it. Then frequency and presence (the output only, the last
 /// `output_index` tokens of the context): `logit -= frequency * count + presence`.
-fn penalize(logits: &[f32], p: &SamplingParams, context: &[u32]) -> Option<Vec<f32>> {
+fn penalize(
+    logits: &[f32],
+    offset: usize,
+    p: &SamplingParams,
+    context: &[u32],
+) -> Option<Vec<f32>> {
     if !p.penalized() {
         return None;
     }
     let mut out = logits.to_vec();
+    let at = |t: u32| (t as usize).checked_sub(offset);
     if p.repetition_penalized() {
         let r = p.repetition_penalty;
         let mut seen = context.to_vec();
         seen.sort_unstable();
         seen.dedup();
         for t in seen {
-            if let Some(v) = out.get_mut(t as usize) {
+            if let Some(v) = at(t).and_then(|i| out.get_mut(i)) {
                 *v = if *v > 0.0 { *v / r } else { *v * r };
             }
         }
@@ -84,12 +91,92 @@ fn penalize(logits: &[f32], p: &SamplingParams, context: &[u32]) -> Option<Vec<f
         let mut output = context[start..].to_vec();
         output.sort_unstable();
         for run in output.chunk_by(|a, b| a == b) {
-            if let Some(v) = out.get_mut(run[0] as usize) {
+            if let Some(v) = at(run[0]).and_then(|i| out.get_mut(i)) {
                 *v -= p.frequency_penalty * run.len() as f32 + p.presence_penalty;
             }
         }
     }
     Some(out)
+}
+
+/// What rank 0 needs of one sequence's logits from every rank's slice of the vocabulary
+/// (vocabulary-parallel lm_head, `crate::vocab_parallel`), so that it samples exactly what
+/// [`sample`] over the whole row would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Nothing: no token is sampled and no logits are returned.
+    Nothing,
+    /// Each slice's `k` best penalized scores: greedy (`k` = 1) and top-k sampling read no
+    /// other token, since the best `k` of the whole row are among the slices' best `k`.
+    Best(usize),
+    /// The whole raw row: log-probabilities need the full distribution's normalizer, sampling
+    /// without top-k its full sum, returned logits every value, and a large top-k as much.
+    Full,
+}
+
+/// The largest top-k served from the slices' best candidates; larger ones gather whole rows.
+pub const MAX_BEST: usize = 256;
+
+/// What `seq` needs gathered (see [`Need`]); `return_logits`: the plan returns logits.
+pub fn need(seq: &SequenceStep, return_logits: bool) -> Need {
+    let p = seq.sampling.as_ref();
+    if return_logits || p.is_some_and(|p| p.logprobs || p.top_logprobs > 0) {
+        return Need::Full;
+    }
+    if !seq.sample {
+        return Need::Nothing;
+    }
+    match p {
+        Some(p) if p.temperature > 0.0 => match p.top_k as usize {
+            k if k > 0 && k <= MAX_BEST => Need::Best(k),
+            _ => Need::Full,
+        },
+        _ => Need::Best(1),
+    }
+}
+
+/// The best `k` (token id, penalized score) of one slice of a row: the scores of ids
+/// `offset ..`. Greedy: the slice's argmax (the first of equal maxima, as [`argmax`]);
+/// sampling: the best `k` by score, ties to the lower id, as the sampler orders them.
+pub fn best_of_slice(
+    slice: &[f32],
+    offset: usize,
+    seq: &SequenceStep,
+    k: usize,
+) -> Vec<(u32, f32)> {
+    let params = seq.sampling.as_ref();
+    let penalized = params.and_then(|p| penalize(slice, offset, p, &seq.context_token_ids));
+    let scores = penalized.as_deref().unwrap_or(slice);
+    let id = |i: u32| offset as u32 + i;
+    if !params.is_some_and(|p| p.temperature > 0.0) {
+        if scores.is_empty() {
+            return Vec::new();
+        }
+        let i = argmax(scores);
+        return vec![(id(i), scores[i as usize])];
+    }
+    top_n(scores, k)
+        .into_iter()
+        .map(|i| (id(i), scores[i as usize]))
+        .collect()
+}
+
+/// The token [`sample`] draws from a whole row, from the union of every slice's
+/// [`best_of_slice`] (penalties already applied there). In id order the candidates keep the
+/// row's order of ties, the row's maximum is among them, and top-k reads only them, so greedy
+/// and top-k draws are the same. Never asked for log-probabilities ([`need`]).
+pub fn sample_best(mut candidates: Vec<(u32, f32)>, seq: &SequenceStep) -> SampledToken {
+    candidates.sort_unstable_by_key(|c| c.0);
+    let scores: Vec<f32> = candidates.iter().map(|c| c.1).collect();
+    let j = match seq.sampling.as_ref() {
+        Some(p) if p.temperature > 0.0 => sample_with(&scores, p, seq.seq_id),
+        _ => argmax(&scores),
+    };
+    SampledToken {
+        seq_id: seq.seq_id,
+        token_id: candidates.get(j as usize).map_or(0, |c| c.0),
+        ..Default::default()
+    }
 }
 
 fn argmax(logits: &[f32]) -> u32 {
@@ -440,24 +527,25 @@ mod tests {
         // A repeated token is penalized once, not once per occurrence.
         let out = penalize(
             &[4.0, -4.0, 0.0, 4.0],
+            0,
             &repetition(2.0, 0),
             &[0, 0, 1, 1, 2],
         );
         assert_eq!(out, Some(vec![2.0, -8.0, 0.0, 4.0]));
         // 0 and 1 are off: no copy, nothing changes.
-        assert_eq!(penalize(&pos, &repetition(0.0, 0), &[0]), None);
-        assert_eq!(penalize(&pos, &repetition(1.0, 0), &[0]), None);
+        assert_eq!(penalize(&pos, 0, &repetition(0.0, 0), &[0]), None);
+        assert_eq!(penalize(&pos, 0, &repetition(1.0, 0), &[0]), None);
     }
 
     #[test]
     fn frequency_penalty_scales_with_count_presence_does_not() {
         let ctx = [1, 1, 1, 2];
         let zeros = [0.0f32; 4];
-        let f = penalize(&zeros, &freq_presence(0.5, 0.0, 4), &ctx);
+        let f = penalize(&zeros, 0, &freq_presence(0.5, 0.0, 4), &ctx);
         assert_eq!(f, Some(vec![0.0, -1.5, -0.5, 0.0]));
-        let p = penalize(&zeros, &freq_presence(0.0, 0.5, 4), &ctx);
+        let p = penalize(&zeros, 0, &freq_presence(0.0, 0.5, 4), &ctx);
         assert_eq!(p, Some(vec![0.0, -0.5, -0.5, 0.0]));
-        let both = penalize(&zeros, &freq_presence(0.5, 0.25, 4), &ctx);
+        let both = penalize(&zeros, 0, &freq_presence(0.5, 0.25, 4), &ctx);
         assert_eq!(both, Some(vec![0.0, -1.75, -0.75, 0.0]));
         // Token 0 leads by 0.2 and occurred twice: 0.15 per occurrence flips the argmax,
         // 0.15 once does not.
@@ -477,9 +565,9 @@ mod tests {
         // Prompt [0, 0, 3], output [1, 2]: the last `output_index` = 2 tokens.
         let ctx = [0, 0, 3, 1, 2];
         let logits = [2.0f32; 5];
-        let fp = penalize(&logits, &freq_presence(1.0, 0.5, 2), &ctx);
+        let fp = penalize(&logits, 0, &freq_presence(1.0, 0.5, 2), &ctx);
         assert_eq!(fp, Some(vec![2.0, 0.5, 0.5, 2.0, 2.0]));
-        let rep = penalize(&logits, &repetition(2.0, 2), &ctx);
+        let rep = penalize(&logits, 0, &repetition(2.0, 2), &ctx);
         assert_eq!(rep, Some(vec![1.0, 1.0, 1.0, 1.0, 2.0]));
         // A prompt token does not trip frequency: greedy keeps token 0 (it leads only by 0.1).
         let lead = [2.1f32, 2.0];
@@ -488,7 +576,7 @@ mod tests {
             0
         );
         // A context shorter than output_index (refused by validation) must not panic.
-        let short = penalize(&logits, &freq_presence(1.0, 0.0, 9), &[4, 7]);
+        let short = penalize(&logits, 0, &freq_presence(1.0, 0.0, 9), &[4, 7]);
         assert_eq!(short, Some(vec![2.0, 2.0, 2.0, 2.0, 1.0]));
     }
 
@@ -504,7 +592,7 @@ mod tests {
         // 4 / 2 - 1 - 0.5 = 0.5 (the other order would give (4 - 1.5) / 2 = 1.25);
         // 1 / 2 = 0.5 for the prompt-only token 1.
         assert_eq!(
-            penalize(&[4.0, 1.0, 1.0], &p, &[1, 0]),
+            penalize(&[4.0, 1.0, 1.0], 0, &p, &[1, 0]),
             Some(vec![0.5, 0.5, 1.0])
         );
     }

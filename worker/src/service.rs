@@ -38,6 +38,7 @@ use crate::comm::{
     Communicator, MeshAbort, MeshCall, SingleRank, TcpCommunicator, TcpListenerSlot,
 };
 use crate::engine::{Engine, EngineOptions};
+use crate::weights::LoadFormat;
 
 pub struct WorkerService {
     /// The communicator address peers dial: the advertised host, the bound port.
@@ -79,6 +80,7 @@ struct InitShape {
     num_kv_blocks: u32,
     kv_cache_memory_bytes: u64,
     dequantize: bool,
+    load_format: String,
 }
 
 impl InitShape {
@@ -91,6 +93,7 @@ impl InitShape {
             num_kv_blocks: req.num_kv_blocks,
             kv_cache_memory_bytes: req.kv_cache_memory_bytes,
             dequantize: req.dequantize,
+            load_format: req.load_format.clone(),
         }
     }
 }
@@ -163,13 +166,13 @@ impl Worker for WorkerService {
                 "generation {generation} is not newer than generation {previous} this worker was asked for"
             )));
         }
+        let opts = engine_options(&req, &self.device)?;
         // Leave the current mesh: a step blocked on a lost peer fails now and frees the engine.
         if let Some(abort) = self.mesh_abort.lock().map_err(internal)?.take() {
             abort.abort();
         }
         let _one_init = self.init_lock.lock().await;
         let shape = InitShape::of(&req);
-        let opts = engine_options(&req, &self.device);
         let join = MeshJoin {
             slot: self.comm_slot.clone(),
             newest: self.newest.clone(),
@@ -202,8 +205,10 @@ impl Worker for WorkerService {
 }
 
 /// What an Init asks the engine for.
-fn engine_options(req: &InitRequest, device: &Device) -> EngineOptions {
-    EngineOptions {
+fn engine_options(req: &InitRequest, device: &Device) -> Result<EngineOptions, Status> {
+    let load_format = LoadFormat::parse(&req.load_format)
+        .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+    Ok(EngineOptions {
         model_path: req.model_path.clone().into(),
         block_size: if req.block_size == 0 {
             helios_proto::DEFAULT_BLOCK_SIZE as usize
@@ -213,8 +218,9 @@ fn engine_options(req: &InitRequest, device: &Device) -> EngineOptions {
         num_kv_blocks: (req.num_kv_blocks > 0).then_some(req.num_kv_blocks as usize),
         kv_cache_memory_bytes: req.kv_cache_memory_bytes,
         dequantize: req.dequantize,
+        load_format,
         device: device.clone(),
-    }
+    })
 }
 
 /// Joins the mesh of `join.generation`, then keeps the engine already loaded with `shape`

@@ -91,6 +91,67 @@ impl TextTokenizer {
         }
     }
 
+    /// The tokenizer for serving `path` loaded as `format`: the model's own, or for dummy
+    /// weights of a model that ships none (a lone `config.json`), a [`Self::placeholder`].
+    pub fn for_serving(path: &Path, format: crate::sharded_client::LoadFormat) -> Result<Self> {
+        use crate::sharded_client::LoadFormat;
+        let config = if path.is_dir() {
+            path.join("config.json")
+        } else {
+            path.to_path_buf()
+        };
+        let has_own = path.is_dir() && path.join("tokenizer.json").is_file();
+        let is_config = config.file_name().is_some_and(|n| n == "config.json");
+        match format {
+            LoadFormat::Dummy if !has_own && is_config => Self::placeholder(&config),
+            _ => Self::from_model_path(path),
+        }
+    }
+
+    /// A stand-in for a model that ships no tokenizer (random weights from a `config.json`:
+    /// `--load-format dummy`): its vocabulary is the words `w0` .. `w{V-1}` of the config's
+    /// `vocab_size`, split on whitespace, any other word being `w0`; BOS/EOS come from the
+    /// config's `bos_token_id` / `eos_token_id`. Enough to serve load over the real text path.
+    pub fn placeholder(config_json: &Path) -> Result<Self> {
+        let config = read_json_opt(config_json)?
+            .with_context(|| format!("{} not found", config_json.display()))?;
+        let vocab_size = config
+            .get("vocab_size")
+            .and_then(Json::as_u64)
+            .filter(|&v| v > 0 && v <= u32::MAX as u64)
+            .with_context(|| format!("{}: no valid vocab_size", config_json.display()))?
+            as usize;
+        let vocab: serde_json::Map<String, Json> = (0..vocab_size)
+            .map(|i| (format!("w{i}"), Json::from(i)))
+            .collect();
+        let spec = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"},
+        });
+        let tokenizer: tokenizers::Tokenizer = spec
+            .to_string()
+            .parse()
+            .map_err(|e| anyhow!("{e}"))
+            .context("building the placeholder tokenizer")?;
+        let ids = |key: &str| json_ids(config.get(key).cloned());
+        let bos_token_id = ids("bos_token_id").first().copied();
+        let eos_token_ids = ids("eos_token_id");
+        check_ids_in_vocab(config_json, bos_token_id, &eos_token_ids, vocab_size)?;
+        Ok(Self {
+            tokenizer,
+            add_bos: bos_token_id.is_some(),
+            bos_token_id,
+            bos_token: bos_token_id.map(|i| format!("w{i}")),
+            eos_token: eos_token_ids.first().map(|i| format!("w{i}")),
+            eos_token_ids,
+            chat_template: TemplateSlot::Missing,
+            vocab_size,
+            source: config_json.to_path_buf(),
+        })
+    }
+
     /// Loads the tokenizer described by a GGUF file's metadata.
     fn from_gguf(path: &Path) -> Result<Self> {
         let g = gguf::load(path)?;

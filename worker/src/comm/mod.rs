@@ -5,9 +5,8 @@
 //! all ranks stay in lockstep (same hidden states, same sampled tokens): implementations sum the
 //! ranks' contributions in rank order on every rank.
 //!
-//! The lm_head is kept whole on rank 0 (which alone samples), so no gather is needed; a
-//! vocab-parallel lm_head pays off only on GPUs where rank 0's memory is the limit
-//! (docs/architecture.md, "Departures").
+//! The lm_head is split by vocabulary; rank 0, which alone samples, collects what sampling
+//! needs of every rank's logits with [`Communicator::all_gather`] (`crate::vocab_parallel`).
 //!
 //! Because rank 0 alone samples, it alone knows the tokens it sampled in the previous step; when
 //! the coordinator plans ahead of those tokens (`SequenceStep.feed_sampled`), rank 0 hands them

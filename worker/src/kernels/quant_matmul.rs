@@ -71,6 +71,11 @@ impl QuantMatrix {
         self.format
     }
 
+    /// The bytes its blocks take.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
     /// Stacks matrices of one format and width along the rows (fusing q/k/v or gate/up).
     pub fn concat_rows(parts: Vec<QuantMatrix>) -> Result<Self> {
         let (format, cols) = match parts.first() {

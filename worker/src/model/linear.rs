@@ -44,6 +44,16 @@ impl Linear {
         }
     }
 
+    /// The bytes its weights take.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Linear::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Linear::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => tensor_bytes(t),
+            Linear::Quant(m) => m.bytes(),
+            Linear::Stacked(parts) => parts.iter().map(Linear::bytes).sum(),
+        }
+    }
+
     /// One layer computing all of `parts` (same input width), outputs side by side: q/k/v and
     /// gate/up become one matmul each.
     pub fn stack_rows(parts: Vec<Linear>) -> Result<Linear> {
@@ -92,7 +102,20 @@ pub enum RowParallel {
     },
 }
 
+/// The bytes a tensor's elements take.
+pub fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
 impl RowParallel {
+    /// The bytes its weights take.
+    pub fn bytes(&self) -> usize {
+        match self {
+            RowParallel::QuantSegments { matrix, .. } => matrix.bytes(),
+            RowParallel::Slices(parts) => parts.iter().map(Linear::bytes).sum(),
+        }
+    }
+
     /// `x`: `[T, in_local]`. Returns the partial sums `[P_local, T, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {

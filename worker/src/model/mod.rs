@@ -3,7 +3,8 @@
 //! Shape of the code follows candle-transformers' llama: small structs (`Attention`, `Mlp`,
 //! `Block`) loaded by HF tensor-name prefix. Each block is
 //! `x += all_reduce(attn(norm(x)))`, `x += all_reduce(mlp(norm(x)))`. Embedding and norms are
-//! replicated; the lm_head lives on rank 0 only, which alone samples (see `comm`).
+//! replicated; the lm_head is split by vocabulary, each rank computing the logits of its slice
+//! (see `crate::vocab_parallel`).
 
 mod attention;
 pub mod linear;
@@ -37,8 +38,8 @@ pub struct Model {
     embed_tokens: Tensor,
     blocks: Vec<Block>,
     norm: Tensor,
-    /// Rank 0 only.
-    lm_head: Option<Linear>,
+    /// The rows of this rank's slice of the vocabulary.
+    lm_head: Linear,
     rope: Rope,
     eps: f64,
 }
@@ -126,16 +127,12 @@ impl Model {
             });
         }
         let vocab = cfg.vocab_size;
-        let lm_head = if rank == 0 {
-            let name = if !cfg.tie_word_embeddings && w.contains("lm_head.weight") {
-                "lm_head.weight"
-            } else {
-                "model.embed_tokens.weight"
-            };
-            Some(w.linear(name, [vocab, hidden], Split::Full, opts)?)
+        let name = if !cfg.tie_word_embeddings && w.contains("lm_head.weight") {
+            "lm_head.weight"
         } else {
-            None
+            "model.embed_tokens.weight"
         };
+        let lm_head = w.linear(name, [vocab, hidden], rows, opts)?;
         Ok(Self {
             embed_tokens: w.dense("model.embed_tokens.weight", &[vocab, hidden], opts)?,
             norm: w.dense("model.norm.weight", &[hidden], opts)?,
@@ -153,8 +150,8 @@ impl Model {
         self.config.num_kv_heads / world * self.config.head_dim
     }
 
-    /// Runs one step. Returns, on rank 0, the logits `[N, vocab]` (f32) of the batch's output
-    /// rows; `None` on other ranks.
+    /// Runs one step. Returns the logits of this rank's slice of the vocabulary,
+    /// `[N, vocab_slice]` (f32), of the batch's `N` output rows; `None` when it has none.
     pub fn forward(
         &self,
         batch: &StepBatch,
@@ -178,19 +175,39 @@ impl Model {
                 .with_context(|| format!("all-reduce after MLP {i}"))?;
             x = (x + m)?;
         }
-        let Some(lm_head) = &self.lm_head else {
-            return Ok(None);
-        };
         if batch.output_seqs.is_empty() {
             return Ok(None);
         }
         let last = x.index_select(&batch.output_rows, 0)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
-        Ok(Some(lm_head.forward(&last)?.to_dtype(DType::F32)?))
+        Ok(Some(self.lm_head.forward(&last)?.to_dtype(DType::F32)?))
     }
 }
 
 impl Model {
+    /// The bytes this rank's weights take (and the RoPE tables), as loaded: what
+    /// `crate::memory::ShardMemory` predicts from the config alone.
+    pub fn weight_bytes(&self) -> usize {
+        use self::linear::tensor_bytes;
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                tensor_bytes(&b.input_norm)
+                    + tensor_bytes(&b.post_attn_norm)
+                    + b.attn.qkv_proj.bytes()
+                    + b.attn.o_proj.bytes()
+                    + b.mlp.gate_up_proj.bytes()
+                    + b.mlp.down_proj.bytes()
+            })
+            .sum();
+        blocks
+            + tensor_bytes(&self.embed_tokens)
+            + tensor_bytes(&self.norm)
+            + self.lm_head.bytes()
+            + self.rope.bytes()
+    }
+
     /// The device the weights live on.
     pub fn embed_device(&self) -> candle_core::Device {
         self.embed_tokens.device().clone()

@@ -14,6 +14,11 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// The bytes its tables take.
+    pub fn bytes(&self) -> usize {
+        super::linear::tensor_bytes(&self.cos) + super::linear::tensor_bytes(&self.sin)
+    }
+
     pub fn new(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<Self> {
         let inv_freq = inv_freq(cfg);
         let half = inv_freq.len();

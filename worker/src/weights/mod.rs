@@ -10,6 +10,7 @@
 //! llama.cpp's converter store Q and K with rows permuted for llama.cpp's pairwise RoPE; the GGUF
 //! reader undoes that permutation at load time, so the model code has one convention.
 
+mod dummy;
 mod gguf;
 mod safetensors;
 
@@ -22,6 +23,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::ModelConfig;
 use crate::model::linear::Linear;
 
+pub use self::dummy::DummyWeights;
 pub use self::gguf::GgufWeights;
 pub use self::safetensors::SafetensorsWeights;
 
@@ -61,13 +63,43 @@ pub struct LoadOptions {
     pub dequantize: bool,
 }
 
+/// Where the weights come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LoadFormat {
+    /// The model's files: a `.gguf` file or an HF directory of safetensors.
+    #[default]
+    Auto,
+    /// Random weights shaped by the model's `config.json` (see [`DummyWeights`]).
+    Dummy,
+}
+
+impl LoadFormat {
+    /// The name on the wire and the command line (`auto`, `dummy`); empty means `auto`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "" | "auto" => Ok(Self::Auto),
+            "dummy" => Ok(Self::Dummy),
+            other => bail!("unknown load format {other:?} (auto or dummy)"),
+        }
+    }
+}
+
 /// An opened model: its config and its tensors.
 pub enum Weights {
     Safetensors(SafetensorsWeights),
     Gguf(GgufWeights),
+    Dummy(DummyWeights),
 }
 
 impl Weights {
+    /// Opens `path` as `format` says.
+    pub fn open_as(path: &Path, format: LoadFormat) -> Result<Self> {
+        match format {
+            LoadFormat::Auto => Self::open(path),
+            LoadFormat::Dummy => Ok(Self::Dummy(DummyWeights::open(path)?)),
+        }
+    }
+
     /// Opens a `.gguf` file or an HF directory (`config.json` + safetensors).
     pub fn open(path: &Path) -> Result<Self> {
         if path.is_dir() {
@@ -88,6 +120,7 @@ impl Weights {
         match self {
             Self::Safetensors(w) => &w.config,
             Self::Gguf(w) => &w.config,
+            Self::Dummy(w) => &w.config,
         }
     }
 
@@ -95,6 +128,7 @@ impl Weights {
     pub fn dtype_name(&self, opts: &LoadOptions) -> String {
         match self {
             Self::Gguf(w) if !opts.dequantize => format!("gguf:{}", w.dominant_dtype()),
+            Self::Dummy(w) => w.dtype_name(opts),
             _ => format!("{:?}", opts.dtype).to_lowercase(),
         }
     }
@@ -112,6 +146,7 @@ impl Weights {
                 w.matrix(name, shape, split, opts)?,
             ))),
             Self::Gguf(w) => w.linear(name, shape, split, opts),
+            Self::Dummy(w) => w.linear(name, shape, split, opts),
         }
     }
 
@@ -120,6 +155,7 @@ impl Weights {
         match self {
             Self::Safetensors(w) => w.dense(name, shape, opts),
             Self::Gguf(w) => w.dense(name, shape, opts),
+            Self::Dummy(w) => w.dense(name, shape, opts),
         }
     }
 
@@ -127,6 +163,7 @@ impl Weights {
         match self {
             Self::Safetensors(w) => w.contains(name),
             Self::Gguf(w) => w.contains(name),
+            Self::Dummy(w) => w.contains(name),
         }
     }
 }
