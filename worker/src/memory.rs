@@ -9,7 +9,7 @@
 use candle_core::DType;
 
 use crate::config::ModelConfig;
-use crate::kernels::quant_matmul::{Format, BLOCK};
+use crate::kernels::quant_matmul::{Format, QuantMatrix};
 use crate::vocab_parallel;
 
 /// How a shard's weights are laid out.
@@ -26,9 +26,10 @@ impl Layout {
     fn matrix(self, rows: usize, cols: usize, lm_head: bool) -> u64 {
         let (rows, cols) = (rows as u64, cols as u64);
         match self {
+            // Rows are kept in groups of eight (`QuantMatrix`), the last one padded.
             Layout::CpuQ4_1 => {
                 let f = if lm_head { Format::Q8_0 } else { Format::Q4_1 };
-                rows * cols / BLOCK as u64 * f.block_bytes() as u64
+                QuantMatrix::bytes_for(f, rows as usize, cols as usize) as u64
             }
             Layout::Dense(dt) => rows * cols * dt.size_in_bytes() as u64,
         }
