@@ -18,6 +18,7 @@
 mod handshake;
 #[cfg(feature = "cuda")]
 mod nccl;
+mod shm;
 mod tcp;
 #[doc(hidden)]
 pub mod test_support;
@@ -29,6 +30,7 @@ use candle_core::{Device, Tensor};
 
 #[cfg(feature = "cuda")]
 pub use self::nccl::NcclCommunicator;
+pub use self::shm::{ShmCommunicator, ShmOptions};
 pub use self::tcp::{MeshAbort, MeshCall, TcpCommunicator, TcpListenerSlot};
 
 pub trait Communicator: Send {
