@@ -22,6 +22,8 @@
 //! (docs/architecture.md, "Security"); the file is private to the workers' user and is gone
 //! after attaching. So the ranks that may attach are exactly the mesh's ranks; the nonce makes
 //! a stale or foreign file with the same name (impossible in practice) an error, not a peer.
+//! Workers started `--insecure` prove nothing on the mesh; then the file's mode (only the
+//! workers' user) is the guard, as it is for their other files.
 //!
 //! **Protocol.** The segment holds a header, a sequence counter per rank (an `AtomicU64` on a
 //! cache line of its own) and, per rank, two slots (buffers 0 and 1), each a length word and
