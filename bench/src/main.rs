@@ -4,6 +4,8 @@
 //!   `helios generate` takes (a front door and its replica, in-process): prefill tokens/s for
 //!   one prompt, and decode tokens/s at several batch sizes (greedy, end-of-sequence ignored).
 //! - `helios-bench kernel`: the Q4_1 CPU matmul alone.
+//! - `helios-bench allreduce`: the CPU all-reduce's latency, over TCP and over shared memory
+//!   ([`allreduce`]).
 //! - `helios-bench overhead`: the coordinator's cost per step over zero-cost fake workers
 //!   ([`overhead`], [`fake_worker`]).
 //! - `helios-bench serve`: a load generator for a running server, over gRPC or OpenAI HTTP,
@@ -14,6 +16,7 @@
 //!
 //! Results go to stdout as a table, or as JSON with `--json`.
 
+mod allreduce;
 mod fake_worker;
 mod load;
 mod memory;
@@ -53,6 +56,8 @@ enum Command {
     Engine(EngineArgs),
     /// The Q4_1 CPU matmul kernel alone: weight bytes streamed per second.
     Kernel(KernelArgs),
+    /// The CPU all-reduce's latency per call by message size, over TCP and shared memory.
+    Allreduce(allreduce::AllreduceArgs),
     /// The coordinator's own cost per decode step, over fake workers that answer at once.
     Overhead(overhead::OverheadArgs),
     /// Load a running server (gRPC or OpenAI HTTP; closed or open loop; random prompts,
@@ -126,6 +131,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Engine(a) => runtime()?.block_on(engine(a)),
         Command::Kernel(a) => kernel(a),
+        Command::Allreduce(a) => allreduce::run(a),
         Command::Sampling(a) => sampling::run(a),
         Command::Memory(a) => memory::run(a),
         Command::Scheduler(a) => scheduler::run(a),

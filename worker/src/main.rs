@@ -9,6 +9,10 @@
 //! at that address; one bound to every interface (`0.0.0.0`, `::`) advertises `--advertise`,
 //! else the pod IP from the environment (`POD_IP`, as a Kubernetes downward-API variable),
 //! else its hostname. Never `0.0.0.0`, which means nothing to a peer on another host.
+//!
+//! On the CPU, ranks of one host meet in shared memory, the others over TCP
+//! (`helios_worker::comm::ShmCommunicator`); `HELIOS_COMM=tcp` in any rank's environment keeps
+//! its whole mesh on TCP (to compare the two; `helios serve` passes it on to its workers).
 
 use std::io::Write;
 use std::net::SocketAddr;

@@ -35,7 +35,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::batch::InvalidPlan;
 use crate::comm::{
-    Communicator, MeshAbort, MeshCall, SingleRank, TcpCommunicator, TcpListenerSlot,
+    Communicator, MeshAbort, MeshCall, ShmCommunicator, SingleRank, TcpCommunicator,
+    TcpListenerSlot,
 };
 use crate::engine::{Engine, EngineOptions};
 use crate::weights::LoadFormat;
@@ -255,7 +256,7 @@ fn load_or_rejoin(
     Ok((resp, abort))
 }
 
-/// A rank's communicator and, for the TCP mesh, the handle that closes it.
+/// A rank's communicator and, for the CPU mesh, the handle that closes it.
 type Joined = (Box<dyn Communicator>, Option<Arc<MeshAbort>>);
 
 /// How to join the mesh of one generation.
@@ -268,8 +269,9 @@ struct MeshJoin {
 }
 
 impl MeshJoin {
-    /// The all-reduce for this rank (none alone, NCCL between GPUs, the TCP mesh on the CPU)
-    /// and, for the TCP mesh, the handle that closes it.
+    /// The all-reduce for this rank (none alone, NCCL between GPUs, on the CPU the TCP mesh,
+    /// moved onto shared memory when every rank is on this host) and, for the CPU mesh, the
+    /// handle that closes it.
     fn communicator(&self, device: &Device, rank: usize) -> anyhow::Result<Joined> {
         let world = self.peers.len();
         if world == 1 {
@@ -288,7 +290,7 @@ impl MeshJoin {
             generation: self.generation,
             newest: &self.newest,
         };
-        let comm = TcpCommunicator::connect(&self.slot, &call)?;
+        let comm = ShmCommunicator::attach(TcpCommunicator::connect(&self.slot, &call)?)?;
         let abort = comm.abort_handle();
         Ok((Box::new(comm), Some(abort)))
     }

@@ -17,6 +17,7 @@
 mod handshake;
 #[cfg(feature = "cuda")]
 mod nccl;
+mod shm;
 mod tcp;
 #[doc(hidden)]
 pub mod test_support;
@@ -28,6 +29,7 @@ use candle_core::{Device, Tensor};
 
 #[cfg(feature = "cuda")]
 pub use self::nccl::NcclCommunicator;
+pub use self::shm::{ShmCommunicator, ShmOptions};
 pub use self::tcp::{MeshAbort, MeshCall, TcpCommunicator, TcpListenerSlot};
 
 pub trait Communicator: Send {

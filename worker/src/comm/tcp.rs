@@ -22,7 +22,7 @@
 
 use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -175,17 +175,24 @@ impl MeshCall<'_> {
 }
 
 /// Closes every socket of a mesh, from any thread: a rank blocked in a collective (a peer
-/// stopped, not gone) returns with an error at once.
+/// stopped, not gone) returns with an error at once. It also raises a flag for the waits that
+/// are not on a socket (the shared-memory path, `comm::shm`).
 #[derive(Default)]
 pub struct MeshAbort {
     streams: Vec<TcpStream>,
+    aborted: AtomicBool,
 }
 
 impl MeshAbort {
     pub fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
         for s in &self.streams {
             let _ = s.shutdown(Shutdown::Both);
         }
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::Relaxed)
     }
 }
 
@@ -229,6 +236,7 @@ impl TcpCommunicator {
                 .flatten()
                 .map(TcpStream::try_clone)
                 .collect::<std::io::Result<_>>()?,
+            aborted: AtomicBool::new(false),
         });
         let peers = streams
             .into_iter()
@@ -246,6 +254,27 @@ impl TcpCommunicator {
     /// Closes this mesh's sockets from elsewhere (see [`MeshAbort`]).
     pub fn abort_handle(&self) -> Arc<MeshAbort> {
         self.abort.clone()
+    }
+
+    /// Errs if a peer's connection has ended (end of stream, or an error), without blocking or
+    /// taking anything from it: the shared-memory path waits on its peers outside the sockets
+    /// and asks this now and then, so that a rank whose peer died fails instead of hanging.
+    pub(super) fn check_peers(&self) -> Result<()> {
+        for (r, p) in self.peers.iter().enumerate() {
+            let Some(p) = p else { continue };
+            let s = p.reader.get_ref();
+            // Non-blocking for one peek (no send is under way: sends finish within `exchange`).
+            s.set_nonblocking(true)?;
+            let peeked = s.peek(&mut [0u8; 1]);
+            s.set_nonblocking(false)?;
+            match peeked {
+                Ok(0) => bail!("rank {r} closed its connection"),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e).with_context(|| format!("rank {r}'s connection")),
+            }
+        }
+        Ok(())
     }
 
     /// Sends `bytes` to every peer and hands each peer's equally long message to `f`, in rank
