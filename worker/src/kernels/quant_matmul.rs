@@ -61,8 +61,12 @@ impl Format {
     }
 }
 
-/// The instruction set a kernel runs with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Caps the instruction set the kernels use (`scalar`, `avx2`, `avxvnni`, `avx512vnni`): to
+/// measure what a CPU without VNNI gets, on one with it. Results are the same bits either way.
+pub const ISA_ENV: &str = "HELIOS_CPU_KERNEL";
+
+/// The instruction set a kernel runs with, in increasing order of what it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     Scalar,
     Avx2,
@@ -71,10 +75,31 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best this CPU has (checked once).
+    /// The best this CPU has (checked once), or less if [`ISA_ENV`] asks for less.
     pub fn detect() -> Isa {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
+            let best = Self::best();
+            match std::env::var(ISA_ENV).ok().and_then(|v| Isa::parse(&v)) {
+                Some(asked) if asked <= best => asked,
+                _ => best,
+            }
+        })
+    }
+
+    fn parse(name: &str) -> Option<Isa> {
+        match name {
+            "scalar" => Some(Isa::Scalar),
+            "avx2" => Some(Isa::Avx2),
+            "avxvnni" => Some(Isa::AvxVnni),
+            "avx512vnni" => Some(Isa::Avx512Vnni),
+            _ => None,
+        }
+    }
+
+    fn best() -> Isa {
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
             {
                 use std::arch::is_x86_feature_detected as has;
@@ -94,7 +119,7 @@ impl Isa {
 
     /// Every instruction set this CPU can run (for tests and benchmarks).
     pub fn available() -> Vec<Isa> {
-        let best = Isa::detect();
+        let best = Isa::best();
         let mut out = vec![Isa::Scalar];
         if best != Isa::Scalar {
             out.push(Isa::Avx2);
@@ -349,9 +374,7 @@ impl Job<'_> {
                                 // SAFETY: each (segment, token, row) is written by exactly one
                                 // thread (groups are split into disjoint ranges), inside `out`,
                                 // which outlives the pool call.
-                                unsafe {
-                                    *self.out.0.add((p * self.t + t0 + k) * m.rows + r) = *v
-                                };
+                                unsafe { *self.out.0.add((p * self.t + t0 + k) * m.rows + r) = *v };
                             }
                         }
                     }
@@ -385,7 +408,11 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 }
 
 /// The reference arithmetic, lane by lane: what the SIMD kernels compute, bit for bit.
-fn scalar_group(format: Format, blocks: &[u8], acts: &[&[Q8Block]]) -> [[f32; GROUP]; TOKENS_PER_PASS] {
+fn scalar_group(
+    format: Format,
+    blocks: &[u8],
+    acts: &[&[Q8Block]],
+) -> [[f32; GROUP]; TOKENS_PER_PASS] {
     let gbb = GROUP * format.block_bytes();
     let q = format.quants_at();
     let mut out = [[0f32; GROUP]; TOKENS_PER_PASS];
@@ -501,16 +528,20 @@ mod simd {
     #[inline(always)]
     unsafe fn run<D: Dot>(job: &Job, groups: Range<usize>) {
         let format = job.m.format;
-        job.each(groups, #[inline(always)] |blocks, acts| match (format, acts.len()) {
-            (Format::Q4_1, 1) => q4_1::<D, 1>(blocks, acts),
-            (Format::Q4_1, 2) => q4_1::<D, 2>(blocks, acts),
-            (Format::Q4_1, 3) => q4_1::<D, 3>(blocks, acts),
-            (Format::Q4_1, _) => q4_1::<D, 4>(blocks, acts),
-            (Format::Q8_0, 1) => q8_0::<D, 1>(blocks, acts),
-            (Format::Q8_0, 2) => q8_0::<D, 2>(blocks, acts),
-            (Format::Q8_0, 3) => q8_0::<D, 3>(blocks, acts),
-            (Format::Q8_0, _) => q8_0::<D, 4>(blocks, acts),
-        })
+        job.each(
+            groups,
+            #[inline(always)]
+            |blocks, acts| match (format, acts.len()) {
+                (Format::Q4_1, 1) => q4_1::<D, 1>(blocks, acts),
+                (Format::Q4_1, 2) => q4_1::<D, 2>(blocks, acts),
+                (Format::Q4_1, 3) => q4_1::<D, 3>(blocks, acts),
+                (Format::Q4_1, _) => q4_1::<D, 4>(blocks, acts),
+                (Format::Q8_0, 1) => q8_0::<D, 1>(blocks, acts),
+                (Format::Q8_0, 2) => q8_0::<D, 2>(blocks, acts),
+                (Format::Q8_0, 3) => q8_0::<D, 3>(blocks, acts),
+                (Format::Q8_0, _) => q8_0::<D, 4>(blocks, acts),
+            },
+        )
     }
 
     /// The four bytes of activations `4i ..` in every lane.
@@ -648,7 +679,10 @@ mod tests {
 
     /// `m` applied to the tokens of `x` (`cols` values each), as rows.
     fn apply(m: &QuantMatrix, x: &[f32], cols: usize) -> Vec<Vec<f32>> {
-        m.forward(&tensor(x, cols)).unwrap().to_vec2::<f32>().unwrap()
+        m.forward(&tensor(x, cols))
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
     }
 
     /// Random Q4_1 bytes and the f32 weights they stand for.
@@ -714,7 +748,9 @@ mod tests {
             let m = QuantMatrix::new(format, bytes, rows, cols).unwrap();
             let x = activations(9 * cols, 13, 31, 9.0);
             let bits = |t: usize, segments: usize, isa: Isa| -> Vec<u32> {
-                let out = m.forward_with(&tensor(&x[..t * cols], cols), segments, isa).unwrap();
+                let out = m
+                    .forward_with(&tensor(&x[..t * cols], cols), segments, isa)
+                    .unwrap();
                 let v = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 v.iter().map(|f| f.to_bits()).collect()
             };
@@ -729,7 +765,11 @@ mod tests {
                         );
                     }
                     // A token's row does not depend on the batch it is in.
-                    assert_eq!(bits(t, 1, *isa), all[..t * rows], "{format:?} {isa:?}, {t} tokens");
+                    assert_eq!(
+                        bits(t, 1, *isa),
+                        all[..t * rows],
+                        "{format:?} {isa:?}, {t} tokens"
+                    );
                 }
             }
         }
@@ -765,7 +805,11 @@ mod tests {
         let a = whole.forward(&xt).unwrap().to_vec2::<f32>().unwrap();
         let b = other.forward(&xt).unwrap().to_vec2::<f32>().unwrap();
         let stacked = QuantMatrix::concat_rows(vec![whole, other]).unwrap();
-        assert_eq!(stacked.to_gguf(), [bytes, b2].concat(), "stacking keeps the blocks");
+        assert_eq!(
+            stacked.to_gguf(),
+            [bytes, b2].concat(),
+            "stacking keeps the blocks"
+        );
         let stacked = stacked.forward(&xt).unwrap().to_vec2::<f32>().unwrap();
         for i in 0..t {
             assert_eq!(stacked[i], [a[i].clone(), b[i].clone()].concat());
