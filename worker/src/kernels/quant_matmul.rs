@@ -613,7 +613,7 @@ mod simd {
             for (c, w) in w.iter_mut().enumerate() {
                 *w = _mm256_loadu_si256(p.add(16 + 32 * c) as *const __m256i);
             }
-            for k in 0..N {
+            for (k, acc) in acc.iter_mut().enumerate() {
                 let a = acts.get_unchecked(k).get_unchecked(b);
                 let mut isum = _mm256_setzero_si256();
                 for (c, w) in w.iter().enumerate() {
@@ -623,15 +623,14 @@ mod simd {
                     isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(a.sum128));
                 }
                 let scale = _mm256_mul_ps(d, _mm256_set1_ps(a.d));
-                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[k]);
+                *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, *acc);
             }
         }
         // `acc + 0`, as the scalar path adds its (zero) minimum term.
-        let mut out = [zero; N];
-        for k in 0..N {
-            out[k] = _mm256_add_ps(acc[k], zero);
+        for a in acc.iter_mut() {
+            *a = _mm256_add_ps(*a, zero);
         }
-        lanes(out)
+        lanes(acc)
     }
 }
 
