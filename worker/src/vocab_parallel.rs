@@ -106,13 +106,18 @@ pub fn decode(all: &[u8], needs: &[Need], vocab: usize, world: usize) -> Result<
         let record = |r: usize| &all[r * len + at..r * len + at + n];
         out.push(match need {
             Need::Nothing => Gathered::Nothing,
-            Need::Best(_) => Gathered::Best(
-                (0..world)
+            Need::Best(_) => {
+                let candidates: Vec<(u32, f32)> = (0..world)
                     .flat_map(|r| record(r).chunks_exact(CANDIDATE))
                     .map(|c| (u32::from_le_bytes([c[0], c[1], c[2], c[3]]), f32_at(c, 4)))
                     .filter(|&(id, _)| id != NO_ID && (id as usize) < vocab)
-                    .collect(),
-            ),
+                    .collect();
+                // Some rank holds part of a non-empty vocabulary, and it names a candidate.
+                if candidates.is_empty() {
+                    bail!("no rank sent a candidate token in the vocabulary of {vocab}");
+                }
+                Gathered::Best(candidates)
+            }
             Need::Full => {
                 let mut row = Vec::with_capacity(vocab);
                 for r in 0..world {
@@ -385,12 +390,13 @@ mod tests {
     #[test]
     fn a_short_or_hostile_gather_is_an_error_or_ignored() {
         assert!(decode(&[0u8; 7], &[Need::Best(1)], 10, 1).is_err());
-        // Ids outside the vocabulary are dropped, not indexed.
-        let mut bytes = 99u32.to_le_bytes().to_vec();
-        bytes.extend_from_slice(&1f32.to_le_bytes());
+        // Ids outside the vocabulary are dropped, not indexed; none left is an error.
+        let candidate = |id: u32| [id.to_le_bytes(), 1f32.to_le_bytes()].concat();
+        let bytes = [candidate(99), candidate(3)].concat();
         assert_eq!(
-            decode(&bytes, &[Need::Best(1)], 10, 1).unwrap(),
-            vec![Gathered::Best(Vec::new())]
+            decode(&bytes, &[Need::Best(1)], 10, 2).unwrap(),
+            vec![Gathered::Best(vec![(3, 1.0)])]
         );
+        assert!(decode(&candidate(99), &[Need::Best(1)], 10, 1).is_err());
     }
 }
