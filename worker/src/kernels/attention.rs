@@ -35,24 +35,30 @@ pub fn paged_attention(
     seqs: &[SeqAttention<'_>],
     s: &AttentionShape,
 ) -> Vec<f32> {
-    let (h, d) = (s.heads, s.head_dim);
     let t: usize = seqs.iter().map(|x| x.q_start + x.q_len).max().unwrap_or(0);
-    let mut out = vec![0f32; t * h * d];
-    let out_ptr = SyncPtr(out.as_mut_ptr());
+    let mut out = vec![0f32; t * s.heads * s.head_dim];
+    let work = Work {
+        q,
+        k_cache,
+        v_cache,
+        seqs,
+        shape: s,
+        out: SyncPtr(out.as_mut_ptr()),
+    };
     let avx2 = has_avx2();
-    barrier_pool().execute_chunked(seqs.len() * h, |items| {
+    barrier_pool().execute_chunked(seqs.len() * s.heads, |items| {
         #[cfg(target_arch = "x86_64")]
         if avx2 {
-            // SAFETY: the CPU has AVX2 and FMA (checked once).
-            return unsafe { items_avx2(items, q, k_cache, v_cache, seqs, s, &out_ptr) };
+            // SAFETY: the CPU has AVX2 (checked once).
+            return unsafe { work.items_avx2(items) };
         }
         let _ = avx2;
-        attend_items(items, q, k_cache, v_cache, seqs, s, &out_ptr)
+        work.items(items)
     });
     out
 }
 
-/// Whether the CPU runs the AVX2 copy of [`attend_items`]. The same arithmetic, eight lanes at
+/// Whether the CPU runs the AVX2 copy of [`Work::items`]. The same arithmetic, eight lanes at
 /// a time instead of four: the same bits (no operation is fused or reordered).
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -64,70 +70,74 @@ fn has_avx2() -> bool {
     false
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn items_avx2(
-    items: std::ops::Range<usize>,
-    q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    seqs: &[SeqAttention<'_>],
-    s: &AttentionShape,
-    out: &SyncPtr,
-) {
-    attend_items(items, q, k_cache, v_cache, seqs, s, out)
+/// One call's inputs and output, shared by the pool's threads.
+struct Work<'a> {
+    q: &'a [f32],
+    k_cache: &'a [f32],
+    v_cache: &'a [f32],
+    seqs: &'a [SeqAttention<'a>],
+    shape: &'a AttentionShape,
+    out: SyncPtr,
 }
 
-/// Work items `items` (sequence × query head): scores against the context's key rows, a
-/// softmax, a weighted sum of value rows, written to `out`.
-#[inline(always)]
-fn attend_items(
-    items: std::ops::Range<usize>,
-    q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    seqs: &[SeqAttention<'_>],
-    s: &AttentionShape,
-    out: &SyncPtr,
-) {
-    let (h, d) = (s.heads, s.head_dim);
-    let row = s.kv_heads * d;
-    let groups = h / s.kv_heads;
-    let mut scores = Vec::new();
-    let mut acc = vec![0f32; d];
-    for item in items {
-        let (seq, head) = (&seqs[item / h], item % h);
-        let kv_off = (head / groups) * d;
-        for i in 0..seq.q_len {
-            let tq = seq.q_start + i;
-            let qv = &q[(tq * h + head) * d..(tq * h + head + 1) * d];
-            let ctx = seq.start_pos + i + 1;
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for &slot in &seq.slots[..ctx] {
-                let base = slot as usize * row + kv_off;
-                let sc = dot(qv, &k_cache[base..base + d]) * s.scale;
-                max = max.max(sc);
-                scores.push(sc);
-            }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            acc.iter_mut().for_each(|a| *a = 0.0);
-            for (&slot, &p) in seq.slots[..ctx].iter().zip(&scores) {
-                let base = slot as usize * row + kv_off;
-                for (a, v) in acc.iter_mut().zip(&v_cache[base..base + d]) {
-                    *a += p * v;
+impl Work<'_> {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn items_avx2(&self, items: std::ops::Range<usize>) {
+        self.items(items)
+    }
+
+    /// Work items `items` (sequence × query head): scores against the context's key rows, a
+    /// softmax, a weighted sum of value rows, written to `out`.
+    #[inline(always)]
+    fn items(&self, items: std::ops::Range<usize>) {
+        let Work {
+            q,
+            k_cache,
+            v_cache,
+            seqs,
+            shape: s,
+            ref out,
+        } = *self;
+        let (h, d) = (s.heads, s.head_dim);
+        let row = s.kv_heads * d;
+        let groups = h / s.kv_heads;
+        let mut scores = Vec::new();
+        let mut acc = vec![0f32; d];
+        for item in items {
+            let (seq, head) = (&seqs[item / h], item % h);
+            let kv_off = (head / groups) * d;
+            for i in 0..seq.q_len {
+                let tq = seq.q_start + i;
+                let qv = &q[(tq * h + head) * d..(tq * h + head + 1) * d];
+                let ctx = seq.start_pos + i + 1;
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for &slot in &seq.slots[..ctx] {
+                    let base = slot as usize * row + kv_off;
+                    let sc = dot(qv, &k_cache[base..base + d]) * s.scale;
+                    max = max.max(sc);
+                    scores.push(sc);
                 }
-            }
-            let inv = 1.0 / sum;
-            let dst = (tq * h + head) * d;
-            for (j, a) in acc.iter().enumerate() {
-                // SAFETY: each (token, head) row is written by exactly one work item, and
-                // `out` outlives the pool call.
-                unsafe { *out.0.add(dst + j) = a * inv };
+                let mut sum = 0f32;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                acc.iter_mut().for_each(|a| *a = 0.0);
+                for (&slot, &p) in seq.slots[..ctx].iter().zip(&scores) {
+                    let base = slot as usize * row + kv_off;
+                    for (a, v) in acc.iter_mut().zip(&v_cache[base..base + d]) {
+                        *a += p * v;
+                    }
+                }
+                let inv = 1.0 / sum;
+                let dst = (tq * h + head) * d;
+                for (j, a) in acc.iter().enumerate() {
+                    // SAFETY: each (token, head) row is written by exactly one work item, and
+                    // `out` outlives the pool call.
+                    unsafe { *out.0.add(dst + j) = a * inv };
+                }
             }
         }
     }
@@ -182,14 +192,21 @@ mod tests {
         }];
         let run = |avx2: bool| {
             let mut out = vec![0f32; 3 * h * d];
-            let ptr = SyncPtr(out.as_mut_ptr());
+            let work = Work {
+                q: &q,
+                k_cache: &k,
+                v_cache: &v,
+                seqs: &seqs,
+                shape: &shape,
+                out: SyncPtr(out.as_mut_ptr()),
+            };
             #[cfg(target_arch = "x86_64")]
             if avx2 {
-                unsafe { items_avx2(0..h, &q, &k, &v, &seqs, &shape, &ptr) };
+                unsafe { work.items_avx2(0..h) };
                 return out;
             }
             let _ = avx2;
-            attend_items(0..h, &q, &k, &v, &seqs, &shape, &ptr);
+            work.items(0..h);
             out
         };
         let plain: Vec<u32> = run(false).iter().map(|x| x.to_bits()).collect();
