@@ -9,9 +9,9 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::{Device, Tensor};
-use helios_worker::comm::test_support::local_mesh;
+use helios_worker::comm::test_support::on_local_mesh;
 use helios_worker::comm::{Communicator, ShmCommunicator, ShmOptions};
 use serde_json::json;
 
@@ -100,46 +100,36 @@ fn measure(a: &AllreduceArgs, world: usize, transport: Transport) -> Result<Vec<
         enabled: true,
         ..ShmOptions::from_env()
     };
-    let handles: Vec<_> = local_mesh(world)?
-        .into_iter()
-        .map(|seat| {
-            let (sizes, calls, warmup, opts) =
-                (a.sizes_kb.clone(), a.calls, a.warmup, opts.clone());
-            std::thread::spawn(move || -> Result<Vec<Vec<Duration>>> {
-                let tcp = seat.join()?;
-                let mut comm: Box<dyn Communicator> = match transport {
-                    Transport::Tcp => Box::new(tcp),
-                    Transport::Shm => {
-                        let shm = ShmCommunicator::attach_with(tcp, &opts)?;
-                        ensure!(
-                            shm.is_shared_memory(),
-                            "shared memory did not attach on this host"
-                        );
-                        Box::new(shm)
-                    }
-                };
-                let mut by_size = Vec::new();
-                for kb in sizes {
-                    let x = Tensor::from_vec(vec![1f32; kb * 256], kb * 256, &Device::Cpu)?;
-                    comm.barrier()?;
-                    for _ in 0..warmup {
-                        comm.all_reduce_sum(&x)?;
-                    }
-                    let mut times = Vec::with_capacity(calls);
-                    for _ in 0..calls {
-                        let t = Instant::now();
-                        comm.all_reduce_sum(&x)?;
-                        times.push(t.elapsed());
-                    }
-                    by_size.push(times);
-                }
-                Ok(by_size)
-            })
-        })
-        .collect();
-    let mut by_rank = handles
-        .into_iter()
-        .map(|h| h.join().map_err(|_| anyhow!("a rank panicked"))?)
-        .collect::<Result<Vec<_>>>()?;
+    let (sizes, calls, warmup) = (a.sizes_kb.clone(), a.calls, a.warmup);
+    let by_rank = on_local_mesh(world, move |_, tcp| -> Result<Vec<Vec<Duration>>> {
+        let mut comm: Box<dyn Communicator> = match transport {
+            Transport::Tcp => Box::new(tcp),
+            Transport::Shm => {
+                let shm = ShmCommunicator::attach_with(tcp, &opts)?;
+                ensure!(
+                    shm.is_shared_memory(),
+                    "shared memory did not attach on this host"
+                );
+                Box::new(shm)
+            }
+        };
+        let mut by_size = Vec::new();
+        for &kb in &sizes {
+            let x = Tensor::from_vec(vec![1f32; kb * 256], kb * 256, &Device::Cpu)?;
+            comm.barrier()?;
+            for _ in 0..warmup {
+                comm.all_reduce_sum(&x)?;
+            }
+            let mut times = Vec::with_capacity(calls);
+            for _ in 0..calls {
+                let t = Instant::now();
+                comm.all_reduce_sum(&x)?;
+                times.push(t.elapsed());
+            }
+            by_size.push(times);
+        }
+        Ok(by_size)
+    })?;
+    let mut by_rank = by_rank.into_iter().collect::<Result<Vec<_>>>()?;
     Ok(by_rank.swap_remove(0))
 }

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
+use helios_proto::LoadFormat;
 use helios_worker::memory::{Layout, ShardMemory};
 use helios_worker::model::Model;
-use helios_worker::weights::{LoadFormat, LoadOptions, Weights};
+use helios_worker::weights::{LoadOptions, Weights};
 
 #[derive(clap::Args)]
 pub struct MemoryArgs {

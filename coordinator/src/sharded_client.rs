@@ -32,6 +32,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+pub use helios_proto::LoadFormat;
+
 use crate::block_manager::BlockManager;
 use crate::replica::Published;
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -48,27 +50,6 @@ pub struct InitOptions {
     /// What every call to a worker carries: the cluster's token (none for `--insecure`
     /// workers).
     pub auth: Authorize,
-}
-
-/// Where the workers take the weights from (`--load-format`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum LoadFormat {
-    /// The model's files.
-    #[default]
-    Auto,
-    /// Random weights of the shapes the model's `config.json` gives (benchmarks, profiling and
-    /// memory checks without the weights).
-    Dummy,
-}
-
-impl LoadFormat {
-    /// The name `InitRequest.load_format` carries.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::Dummy => "dummy",
-        }
-    }
 }
 
 /// What the replica can do, once initialised.

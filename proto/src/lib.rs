@@ -36,9 +36,12 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/helios_descriptor.bin"));
 
 pub mod auth;
+mod load_format;
 pub mod membership;
 pub mod signal;
 pub mod telemetry;
+
+pub use load_format::LoadFormat;
 
 /// The etcd v3 API (client stubs only), generated from the protos vendored in `proto/etcd/`:
 /// what [`membership`] speaks to etcd, without a system `protoc`.

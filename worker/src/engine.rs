@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use helios_proto::v1::{Logits, ModelFacts, SequenceStep, StepPlan, StepResult};
+use helios_proto::LoadFormat;
 
 use crate::batch::{invalid, BatchLimits, StepBatch};
 use crate::block_tables::BlockTables;
@@ -23,7 +24,7 @@ use crate::kv_cache::KvCache;
 use crate::model::Model;
 use crate::sampling::{self, Need};
 use crate::vocab_parallel::{self, Gathered};
-use crate::weights::{LoadFormat, LoadOptions, Weights};
+use crate::weights::{LoadOptions, Weights};
 
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -205,17 +206,16 @@ impl Engine {
             return Ok(result);
         };
         for (row, s) in rows.into_iter().zip(seqs) {
-            let token = match &row {
-                _ if !s.sample => None,
-                Gathered::Full(row) => Some(sampling::sample(row, s)),
-                Gathered::Best(candidates) => Some(sampling::sample_best(candidates.clone(), s)),
-                Gathered::Nothing => None,
+            let (token, values) = match row {
+                Gathered::Full(v) => (s.sample.then(|| sampling::sample(&v, s)), Some(v)),
+                Gathered::Best(c) => (s.sample.then(|| sampling::sample_best(c, s)), None),
+                Gathered::Nothing => (None, None),
             };
             if let Some(t) = token {
                 self.sampled.insert(t.seq_id, t.token_id);
                 result.tokens.push(t);
             }
-            if let (true, Gathered::Full(values)) = (plan.return_logits, row) {
+            if let (true, Some(values)) = (plan.return_logits, values) {
                 result.logits.push(Logits {
                     seq_id: s.seq_id,
                     values,

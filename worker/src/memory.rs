@@ -10,6 +10,7 @@ use candle_core::DType;
 
 use crate::config::ModelConfig;
 use crate::kernels::quant_matmul::{Format, QuantMatrix};
+use crate::kv_cache::KvCache;
 use crate::vocab_parallel;
 
 /// How a shard's weights are laid out.
@@ -24,15 +25,15 @@ pub enum Layout {
 
 impl Layout {
     fn matrix(self, rows: usize, cols: usize, lm_head: bool) -> u64 {
-        let (rows, cols) = (rows as u64, cols as u64);
-        match self {
+        let bytes = match self {
             // Rows are kept in groups of eight (`QuantMatrix`), the last one padded.
             Layout::CpuQ4_1 => {
                 let f = if lm_head { Format::Q8_0 } else { Format::Q4_1 };
-                QuantMatrix::bytes_for(f, rows as usize, cols as usize) as u64
+                QuantMatrix::bytes_for(f, rows, cols)
             }
-            Layout::Dense(dt) => rows * cols * dt.size_in_bytes() as u64,
-        }
+            Layout::Dense(dt) => rows * cols * dt.size_in_bytes(),
+        };
+        bytes as u64
     }
 
     /// The dtype of what stays dense (embedding, norms, RoPE tables).
@@ -74,7 +75,7 @@ impl ShardMemory {
             + hidden as u64 * dense
             + layout.matrix(vocab_rows, hidden, true)
             + rope;
-        let kv_per_token = (2 * cfg.num_layers * kv * kv_dtype.size_in_bytes()) as u64;
+        let kv_per_token = KvCache::bytes_per_block(cfg.num_layers, 1, kv, kv_dtype) as u64;
         Self {
             weights,
             kv_per_token,
@@ -85,10 +86,10 @@ impl ShardMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv_cache::KvCache;
     use crate::model::Model;
-    use crate::weights::{LoadFormat, LoadOptions, Weights};
+    use crate::weights::{LoadOptions, Weights};
     use candle_core::Device;
+    use helios_proto::LoadFormat;
 
     /// SOLAR-10.7B's proportions (32 query and 8 KV heads, MLP 3.5 × hidden), scaled down, with
     /// a vocabulary that does not split evenly.

@@ -332,7 +332,8 @@ pub fn uniform(seed: u64, counter: u64) -> f64 {
     (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
-fn splitmix64(mut z: u64) -> u64 {
+/// One step of splitmix64: a well-mixed 64-bit value of `z` (also seeds the dummy weights).
+pub(crate) fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

@@ -28,6 +28,7 @@ use helios_proto::v1::worker_server::Worker;
 use helios_proto::v1::{
     HealthRequest, HealthResponse, InitRequest, InitResponse, StepPlan, StepResult,
 };
+use helios_proto::LoadFormat;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -39,7 +40,6 @@ use crate::comm::{
     TcpListenerSlot,
 };
 use crate::engine::{Engine, EngineOptions};
-use crate::weights::LoadFormat;
 
 pub struct WorkerService {
     /// The communicator address peers dial: the advertised host, the bound port.

@@ -1,8 +1,9 @@
 //! The vocabulary-parallel lm_head: each rank holds the lm_head rows of its slice of the
 //! vocabulary and computes those logits; rank 0 gathers only what sampling needs.
 //!
-//! Before, rank 0 held the whole lm_head and ran it alone while the other ranks waited (about
-//! 13 % of every step at tp 3 on a CPU, and the whole table's memory on one GPU). Now the
+//! Before, rank 0 held the whole lm_head and ran it alone while the other ranks waited (on a CPU
+//! at tp 3, about 13 % of every step when this was planned; on GPUs, the whole table's memory
+//! on one). Now the
 //! lm_head costs each rank `1/tp`, and what crosses the wire per sequence is fixed by the plan
 //! alone ([`sampling::need`]), so every rank sends the same number of bytes without asking:
 //!
@@ -22,11 +23,12 @@ use anyhow::{bail, Result};
 use helios_proto::v1::SequenceStep;
 
 use crate::sampling::{self, Need};
+use crate::weights::Split;
 
-/// The ids of `vocab` whose lm_head rows rank `rank` of `world` holds: the split
-/// `Split::Rows` makes.
+/// The ids of `vocab` whose lm_head rows rank `rank` of `world` holds (the model loads them
+/// with this split).
 pub fn slice_of(vocab: usize, rank: usize, world: usize) -> Range<usize> {
-    rank * vocab / world..(rank + 1) * vocab / world
+    Split::Rows { rank, parts: world }.rows(vocab)
 }
 
 /// What rank 0 has of one output row once gathered.
@@ -132,32 +134,31 @@ pub fn decode(all: &[u8], needs: &[Need], vocab: usize, world: usize) -> Result<
     Ok(out)
 }
 
-/// Test support: rank 0's token for `seq` when `world` ranks hold the slices of `row`, through
-/// the same encode and decode the engine uses (the wire is a concatenation, as the gather).
-#[doc(hidden)]
-pub fn sample_split(row: &[f32], seq: &SequenceStep, world: usize) -> Option<Gathered> {
-    let vocab = row.len();
-    let need = sampling::need(seq, false);
-    let all: Vec<u8> = (0..world)
-        .flat_map(|r| {
-            let s = slice_of(vocab, r, world);
-            encode(
-                &[row[s.clone()].to_vec()],
-                &[seq],
-                &[need],
-                s.start,
-                vocab,
-                world,
-            )
-        })
-        .collect();
-    decode(&all, &[need], vocab, world).ok()?.pop()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use helios_proto::v1::{SampledToken, SamplingParams};
+
+    /// Test support: rank 0's token for `seq` when `world` ranks hold the slices of `row`, through
+    /// the same encode and decode the engine uses (the wire is a concatenation, as the gather).
+    fn sample_split(row: &[f32], seq: &SequenceStep, world: usize) -> Option<Gathered> {
+        let vocab = row.len();
+        let need = sampling::need(seq, false);
+        let all: Vec<u8> = (0..world)
+            .flat_map(|r| {
+                let s = slice_of(vocab, r, world);
+                encode(
+                    &[row[s.clone()].to_vec()],
+                    &[seq],
+                    &[need],
+                    s.start,
+                    vocab,
+                    world,
+                )
+            })
+            .collect();
+        decode(&all, &[need], vocab, world).ok()?.pop()
+    }
 
     /// What rank 0 samples from the gathered pieces, as `Engine::run` does.
     fn split_token(row: &[f32], seq: &SequenceStep, world: usize) -> SampledToken {

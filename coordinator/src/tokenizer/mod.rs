@@ -26,6 +26,7 @@ pub mod gguf;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use helios_proto::LoadFormat;
 use serde_json::Value as Json;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
@@ -93,8 +94,7 @@ impl TextTokenizer {
 
     /// The tokenizer for serving `path` loaded as `format`: the model's own, or for dummy
     /// weights of a model that ships none (a lone `config.json`), a [`Self::placeholder`].
-    pub fn for_serving(path: &Path, format: crate::sharded_client::LoadFormat) -> Result<Self> {
-        use crate::sharded_client::LoadFormat;
+    pub fn for_serving(path: &Path, format: LoadFormat) -> Result<Self> {
         let config = if path.is_dir() {
             path.join("config.json")
         } else {

@@ -581,7 +581,7 @@ fn floats_mut(b: &mut [u8]) -> Result<&mut [f32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::comm::test_support::local_mesh;
+    use crate::comm::test_support::on_local_mesh;
     use std::sync::atomic::AtomicBool;
     use std::sync::mpsc;
 
@@ -600,21 +600,10 @@ mod tests {
         opts: impl Fn(usize) -> ShmOptions + Send + Clone + 'static,
         f: impl Fn(usize, ShmCommunicator) -> T + Send + Clone + 'static,
     ) -> Vec<T> {
-        let handles: Vec<_> = local_mesh(world)
-            .unwrap()
-            .into_iter()
-            .map(|seat| {
-                let (f, opts) = (f.clone(), opts.clone());
-                std::thread::spawn(move || {
-                    let r = seat.rank();
-                    f(
-                        r,
-                        ShmCommunicator::attach_with(seat.join().unwrap(), &opts(r)).unwrap(),
-                    )
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+        on_local_mesh(world, move |r, tcp| {
+            f(r, ShmCommunicator::attach_with(tcp, &opts(r)).unwrap())
+        })
+        .unwrap()
     }
 
     fn bits(t: &Tensor) -> Vec<u32> {

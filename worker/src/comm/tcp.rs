@@ -494,7 +494,7 @@ impl Communicator for TcpCommunicator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::comm::test_support::{local_mesh, local_mesh_with};
+    use crate::comm::test_support::{local_mesh, local_mesh_with, on_local_mesh};
     use candle_core::Device;
     use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -503,15 +503,7 @@ mod tests {
         world: usize,
         f: impl Fn(usize, TcpCommunicator) -> T + Send + Clone + 'static,
     ) -> Vec<T> {
-        let handles: Vec<_> = local_mesh(world)
-            .unwrap()
-            .into_iter()
-            .map(|seat| {
-                let f = f.clone();
-                std::thread::spawn(move || f(seat.rank(), seat.join().unwrap()))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+        on_local_mesh(world, f).unwrap()
     }
 
     #[test]

@@ -50,6 +50,25 @@ impl LocalSeat {
     }
 }
 
+/// Runs `f(rank, communicator)` for every rank of a `world`-rank [`local_mesh`], each on its
+/// own thread; the results by rank. Fails if a rank cannot join or panics.
+pub fn on_local_mesh<T: Send + 'static>(
+    world: usize,
+    f: impl Fn(usize, TcpCommunicator) -> T + Send + Clone + 'static,
+) -> Result<Vec<T>> {
+    let handles: Vec<_> = local_mesh(world)?
+        .into_iter()
+        .map(|seat| {
+            let f = f.clone();
+            std::thread::spawn(move || Ok(f(seat.rank(), seat.join()?)))
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().map_err(|_| anyhow::anyhow!("a rank panicked"))?)
+        .collect()
+}
+
 /// The seats of a `world`-rank mesh on free ports of 127.0.0.1, by rank (no cluster secret).
 pub fn local_mesh(world: usize) -> Result<Vec<LocalSeat>> {
     local_mesh_with(world, || None)

@@ -11,9 +11,9 @@
 //! register holds four consecutive weights of each of the eight rows. One `vpdpbusd` (or, without
 //! VNNI, `pmaddubsw` + `pmaddwd`) against four activation bytes broadcast to every lane then
 //! adds four products to each row's integer sum: eight rows advance together, with no shuffles
-//! and no horizontal sums, and the scales of eight rows are one vector multiply. That is about
-//! four times fewer instructions per weight than a row at a time, which is what bounds a CPU
-//! that is not starved for memory bandwidth. Q8_0 quants are stored offset by 128 (unsigned, as
+//! and no horizontal sums, and the scales of eight rows are one vector multiply. A CPU that is
+//! not starved for memory bandwidth is bound by those instructions: the kernel alone runs 2.8×
+//! faster than it did a row at a time (`helios-bench kernel`, bench/RESULTS.md). Q8_0 quants are stored offset by 128 (unsigned, as
 //! `vpdpbusd` wants them) and the block's `128·Σq8` is taken off the sum after.
 //!
 //! **Same bits everywhere.** Every output is `acc + mins` where, block by block in order,
@@ -65,8 +65,8 @@ impl Format {
 /// measure what a CPU without VNNI gets, on one with it. Results are the same bits either way.
 pub const ISA_ENV: &str = "HELIOS_CPU_KERNEL";
 
-/// The instruction set a kernel runs with, in increasing order of what it needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// The instruction set a kernel runs with, from the least to the most it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
     Scalar,
     Avx2,
@@ -75,16 +75,15 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best this CPU has (checked once), or less if [`ISA_ENV`] asks for less.
+    /// The best this CPU has (checked once), or the one [`ISA_ENV`] names if it can run it.
     pub fn detect() -> Isa {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        *ISA.get_or_init(|| {
-            let best = Self::best();
-            match std::env::var(ISA_ENV).ok().and_then(|v| Isa::parse(&v)) {
-                Some(asked) if asked <= best => asked,
-                _ => best,
-            }
-        })
+        *ISA.get_or_init(
+            || match std::env::var(ISA_ENV).ok().and_then(|v| Isa::parse(&v)) {
+                Some(asked) if asked.runs_here() => asked,
+                _ => Self::best(),
+            },
+        )
     }
 
     fn parse(name: &str) -> Option<Isa> {
@@ -97,43 +96,37 @@ impl Isa {
         }
     }
 
-    fn best() -> Isa {
-        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| {
+    /// Whether this CPU has what `self` needs (checked once).
+    pub fn runs_here(self) -> bool {
+        static HAS: std::sync::OnceLock<[bool; 4]> = std::sync::OnceLock::new();
+        HAS.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
             {
                 use std::arch::is_x86_feature_detected as has;
-                if has!("avx2") && has!("fma") && has!("f16c") {
-                    if has!("avx512vnni") && has!("avx512vl") {
-                        return Isa::Avx512Vnni;
-                    }
-                    if has!("avxvnni") {
-                        return Isa::AvxVnni;
-                    }
-                    return Isa::Avx2;
-                }
+                let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+                [
+                    true,
+                    avx2,
+                    avx2 && has!("avxvnni"),
+                    avx2 && has!("avx512vnni") && has!("avx512vl"),
+                ]
             }
-            Isa::Scalar
-        })
+            #[cfg(not(target_arch = "x86_64"))]
+            [true, false, false, false]
+        })[self as usize]
     }
 
     /// Every instruction set this CPU can run (for tests and benchmarks).
     pub fn available() -> Vec<Isa> {
-        let best = Isa::best();
-        let mut out = vec![Isa::Scalar];
-        if best != Isa::Scalar {
-            out.push(Isa::Avx2);
-        }
-        if best == Isa::AvxVnni || best == Isa::Avx512Vnni {
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avxvnni") {
-                out.push(Isa::AvxVnni);
-            }
-        }
-        if best == Isa::Avx512Vnni {
-            out.push(Isa::Avx512Vnni);
-        }
-        out
+        [Isa::Scalar, Isa::Avx2, Isa::AvxVnni, Isa::Avx512Vnni]
+            .into_iter()
+            .filter(|i| i.runs_here())
+            .collect()
+    }
+
+    /// The best of [`Self::available`].
+    fn best() -> Isa {
+        Self::available().pop().unwrap_or(Isa::Scalar)
     }
 }
 
@@ -208,8 +201,11 @@ impl QuantMatrix {
         for r in 0..self.rows {
             for b in 0..nb {
                 let dst = &mut out[(r * nb + b) * bb..][..bb];
-                let src = &self.data[((r / GROUP) * nb + b) * GROUP * bb..][..GROUP * bb];
-                unpack_block(self.format, src, r % GROUP, dst);
+                let group = &self.data[((r / GROUP) * nb + b) * GROUP * bb..][..GROUP * bb];
+                for (bytes, at, flip) in pieces(self.format, r % GROUP) {
+                    let n = bytes.len();
+                    copy_piece(&mut dst[bytes], &group[at..at + n], flip);
+                }
             }
         }
         out
@@ -239,7 +235,7 @@ impl QuantMatrix {
         if segments == 0 || !nb.is_multiple_of(segments) {
             bail!("{nb} blocks per row do not split into {segments} segments");
         }
-        if !Isa::available().contains(&isa) {
+        if !isa.runs_here() {
             bail!("this CPU cannot run {isa:?}");
         }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
@@ -260,54 +256,41 @@ impl QuantMatrix {
     }
 }
 
-/// Row `lane`'s block of a group's repacked block (`group`), in GGUF's layout (`gguf`).
-fn unpack_block(format: Format, group: &[u8], lane: usize, gguf: &mut [u8]) {
+/// Where the bytes of row `lane`'s GGUF block go in its group's block, in pieces:
+/// `(bytes of the GGUF block, where they start in the group block, stored + 128)`.
+fn pieces(format: Format, lane: usize) -> impl Iterator<Item = (Range<usize>, usize, bool)> {
     let q = format.quants_at();
-    gguf[0..2].copy_from_slice(&group[2 * lane..][..2]);
-    match format {
-        Format::Q4_1 => {
-            gguf[2..4].copy_from_slice(&group[2 * GROUP + 2 * lane..][..2]);
-            for c in 0..4 {
-                gguf[4 + 4 * c..][..4].copy_from_slice(&group[q + 32 * c + 4 * lane..][..4]);
-            }
-        }
-        Format::Q8_0 => {
-            for c in 0..8 {
-                for j in 0..4 {
-                    gguf[2 + 4 * c + j] = group[q + 32 * c + 4 * lane + j] ^ 0x80;
-                }
-            }
-        }
+    let d = std::iter::once((0..2, 2 * lane, false));
+    let (m, chunks, quants_at) = match format {
+        // d, m, then bytes 4c .. 4c+4 of the 16 nibble bytes.
+        Format::Q4_1 => (Some((2..4, 2 * GROUP + 2 * lane, false)), 4, 4),
+        // d, then bytes 4c .. 4c+4 of the 32 quants, stored + 128.
+        Format::Q8_0 => (None, 8, 2),
+    };
+    let flip = format == Format::Q8_0;
+    d.chain(m).chain((0..chunks).map(move |c| {
+        let at = quants_at + 4 * c;
+        (at..at + 4, q + 32 * c + 4 * lane, flip)
+    }))
+}
+
+/// Copies `src` to `dst`, adding 128 to every byte (mod 256) when `flip`.
+fn copy_piece(dst: &mut [u8], src: &[u8], flip: bool) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = if flip { s ^ 0x80 } else { *s };
     }
 }
 
 /// GGUF rows → groups of [`GROUP`] rows (rows past the end are zeros: they give 0).
 fn repack(format: Format, gguf: &[u8], rows: usize, cols: usize) -> Vec<u8> {
-    let nb = cols / BLOCK;
-    let bb = format.block_bytes();
-    let q = format.quants_at();
+    let (nb, bb) = (cols / BLOCK, format.block_bytes());
     let mut out = vec![0u8; QuantMatrix::bytes_for(format, rows, cols)];
     for r in 0..rows {
         for b in 0..nb {
             let src = &gguf[(r * nb + b) * bb..][..bb];
-            let g = &mut out[((r / GROUP) * nb + b) * GROUP * bb..][..GROUP * bb];
-            let lane = r % GROUP;
-            match format {
-                Format::Q4_1 => {
-                    g[2 * lane..][..2].copy_from_slice(&src[0..2]);
-                    g[2 * GROUP + 2 * lane..][..2].copy_from_slice(&src[2..4]);
-                    for c in 0..4 {
-                        g[q + 32 * c + 4 * lane..][..4].copy_from_slice(&src[4 + 4 * c..][..4]);
-                    }
-                }
-                Format::Q8_0 => {
-                    g[2 * lane..][..2].copy_from_slice(&src[0..2]);
-                    for c in 0..8 {
-                        for j in 0..4 {
-                            g[q + 32 * c + 4 * lane + j] = src[2 + 4 * c + j] ^ 0x80;
-                        }
-                    }
-                }
+            let group = &mut out[((r / GROUP) * nb + b) * GROUP * bb..][..GROUP * bb];
+            for (bytes, at, flip) in pieces(format, r % GROUP) {
+                copy_piece(&mut group[at..at + bytes.len()], &src[bytes], flip);
             }
         }
     }

@@ -11,7 +11,7 @@
 //! same weights, and quantized logits are bit-identical across tp, as with a real file. Scales
 //! keep activations in a sane range (each weight's spread is about `1/sqrt(in)`), norms are ones.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::quantized::QMatMul;
@@ -22,29 +22,34 @@ use super::{LoadOptions, Split};
 use crate::config::ModelConfig;
 use crate::kernels::quant_matmul::{Format, QuantMatrix, BLOCK};
 use crate::model::linear::Linear;
+use crate::sampling::splitmix64;
 
 /// A model of random weights shaped by a `config.json`.
 pub struct DummyWeights {
     pub config: ModelConfig,
-    path: PathBuf,
 }
 
 impl DummyWeights {
     /// `path`: an HF model directory (only its `config.json` is read) or a `config.json` itself.
     pub fn open(path: &Path) -> Result<Self> {
         let dir = if path.is_file() {
-            path.parent().unwrap_or(Path::new(".")).to_path_buf()
+            path.parent().unwrap_or(Path::new("."))
         } else {
-            path.to_path_buf()
+            path
         };
-        let config = ModelConfig::from_hf_dir(&dir)
+        let config = ModelConfig::from_hf_dir(dir)
             .with_context(|| format!("dummy weights for {}", path.display()))?;
-        Ok(Self { config, path: dir })
+        Ok(Self { config })
+    }
+
+    /// Whether linear layers are kept quantized: on the CPU, unless `--dequantize`.
+    fn quantized(opts: &LoadOptions) -> bool {
+        opts.device.is_cpu() && !opts.dequantize
     }
 
     /// The format a linear layer's weight takes, `None` for dense.
     fn format(name: &str, opts: &LoadOptions) -> Option<Format> {
-        if opts.dequantize || !opts.device.is_cpu() {
+        if !Self::quantized(opts) {
             None
         } else if name.contains("embed_tokens") || name.starts_with("lm_head") {
             Some(Format::Q8_0)
@@ -54,9 +59,10 @@ impl DummyWeights {
     }
 
     pub fn dtype_name(&self, opts: &LoadOptions) -> String {
-        match Self::format("model.layers.0.mlp.up_proj.weight", opts) {
-            Some(_) => "dummy:q4_1".into(),
-            None => format!("dummy:{:?}", opts.dtype).to_lowercase(),
+        if Self::quantized(opts) {
+            "dummy:q4_1".into()
+        } else {
+            format!("dummy:{:?}", opts.dtype).to_lowercase()
         }
     }
 
@@ -121,25 +127,21 @@ impl DummyWeights {
     pub fn contains(&self, name: &str) -> bool {
         name != "lm_head.weight" || !self.config.tie_word_embeddings
     }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
-/// The generator of row `row` of tensor `name` (splitmix64 over an FNV-1a hash of the name).
+/// The generator of row `row` of tensor `name`: the sampler's splitmix64 stepped from an
+/// FNV-1a hash of the name and the row.
 fn row_rng(name: &str, row: usize) -> impl FnMut() -> u64 {
+    const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in name.bytes() {
         h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
     }
-    let mut state = h ^ (row as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut state = h ^ (row as u64).wrapping_mul(GAMMA);
     move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        let z = splitmix64(state);
+        state = state.wrapping_add(GAMMA);
+        z
     }
 }
 

@@ -20,6 +20,8 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 
+use helios_proto::LoadFormat;
+
 use crate::config::ModelConfig;
 use crate::model::linear::Linear;
 
@@ -39,7 +41,7 @@ pub enum Split {
 }
 
 impl Split {
-    fn rows(&self, n: usize) -> Range<usize> {
+    pub(crate) fn rows(&self, n: usize) -> Range<usize> {
         match *self {
             Split::Rows { rank, parts } => rank * n / parts..(rank + 1) * n / parts,
             _ => 0..n,
@@ -61,27 +63,6 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Load quantized GGUF tensors as dense `dtype` instead of quantized matmuls.
     pub dequantize: bool,
-}
-
-/// Where the weights come from.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum LoadFormat {
-    /// The model's files: a `.gguf` file or an HF directory of safetensors.
-    #[default]
-    Auto,
-    /// Random weights shaped by the model's `config.json` (see [`DummyWeights`]).
-    Dummy,
-}
-
-impl LoadFormat {
-    /// The name on the wire and the command line (`auto`, `dummy`); empty means `auto`.
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "" | "auto" => Ok(Self::Auto),
-            "dummy" => Ok(Self::Dummy),
-            other => bail!("unknown load format {other:?} (auto or dummy)"),
-        }
-    }
 }
 
 /// An opened model: its config and its tensors.
