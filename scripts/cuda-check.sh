@@ -89,8 +89,10 @@ else
     "$PYTHON" -m venv "$TC/venv" ||
         die "could not make a venv with $PYTHON (Debian: apt-get install python3-venv)"
     printf '%s' "$REQUIREMENTS" >"$TC/requirements.txt"
-    # --no-cache-dir: the wheels are ~900 MB and the venv is the cache.
-    "$TC/venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir \
+    # --no-cache-dir: the wheels are ~900 MB and the venv is the cache. Their download and
+    # unpacking go in $TC/tmp, not in /tmp, which may be a small tmpfs.
+    mkdir -p "$TC/tmp"
+    TMPDIR=$TC/tmp "$TC/venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir \
         --no-deps --only-binary=:all: --require-hashes -r "$TC/requirements.txt" ||
         die "pip could not install the toolkit wheels (is PyPI reachable?)"
     SITE=$("$TC/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
@@ -99,6 +101,7 @@ else
     # Stable names, relative so that the folder can move.
     ln -sfn "${SITE#"$TC"/}/nvidia/cu13" "$TC/cuda"
     ln -sfn "${SITE#"$TC"/}/nvidia/nccl" "$TC/nccl"
+    rm -rf "$TC/tmp"
     echo "$WANT" >"$STAMP"
 fi
 CUDA=$TC/cuda
