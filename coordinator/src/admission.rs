@@ -6,8 +6,10 @@
 //! vocabulary, the sequence fits the model's length and the replica's KV cache, parameters are
 //! in range. The limits follow vLLM's and OpenAI's where they exist.
 
-use helios_proto::v1::{ChatMessage as ProtoMessage, GenerateRequest, SamplingParams};
+use helios_proto::v1::constraint::Kind;
+use helios_proto::v1::{ChatMessage as ProtoMessage, Constraint, GenerateRequest, SamplingParams};
 
+use crate::constraint::ConstraintSpec;
 use crate::error::ServeError;
 use crate::scheduler::SequenceParams;
 use crate::tokenizer::{ChatMessage, TextTokenizer};
@@ -53,6 +55,8 @@ pub struct Limits {
 #[derive(Debug, Clone)]
 pub struct Admitted {
     pub prompt_ids: Vec<u32>,
+    /// Its constraint, to compile before it queues (`params.constraint` then holds it).
+    pub constraint: Option<ConstraintSpec>,
     pub params: SequenceParams,
     pub stop: Vec<String>,
     /// None: no logprobs; Some(n): the sampled token's and the top n.
@@ -269,6 +273,7 @@ pub fn admit(
     }
     Ok(Admitted {
         prompt_ids: ids,
+        constraint: constraint_spec(p.constraint.as_ref())?,
         params: SequenceParams {
             max_new_tokens,
             sampling: SamplingParams {
@@ -288,10 +293,53 @@ pub fn admit(
             priority: req.priority,
             deadline: None,
             return_logits: false,
+            constraint: None,
         },
         stop: p.stop,
         logprobs: p.logprobs,
     })
+}
+
+/// The most bytes a constraint's text may have (a schema, a regex or a grammar).
+pub const MAX_CONSTRAINT_BYTES: usize = 256 * 1024;
+
+/// What a request's `constraint` asks for; an empty one is refused.
+fn constraint_spec(c: Option<&Constraint>) -> Result<Option<ConstraintSpec>, ServeError> {
+    let Some(c) = c else { return Ok(None) };
+    let spec = match &c.kind {
+        None => {
+            return Err(invalid(
+                "constraint",
+                "constraint: set one of json_schema, json_object, regex or grammar",
+            ))
+        }
+        Some(Kind::JsonSchema(s)) => ConstraintSpec::JsonSchema(s.clone()),
+        Some(Kind::JsonObject(true)) => ConstraintSpec::JsonObject,
+        Some(Kind::JsonObject(false)) => {
+            return Err(invalid(
+                "constraint",
+                "constraint: json_object must be true when it is the one set",
+            ))
+        }
+        Some(Kind::Regex(s)) => ConstraintSpec::Regex(s.clone()),
+        Some(Kind::Grammar(s)) => ConstraintSpec::Grammar(s.clone()),
+    };
+    let len = match &spec {
+        ConstraintSpec::JsonSchema(s) | ConstraintSpec::Regex(s) | ConstraintSpec::Grammar(s) => {
+            s.len()
+        }
+        ConstraintSpec::JsonObject => 0,
+    };
+    if len > MAX_CONSTRAINT_BYTES {
+        return Err(invalid(
+            "constraint",
+            format!(
+                "constraint: {} is {len} bytes; at most {MAX_CONSTRAINT_BYTES}",
+                spec.field()
+            ),
+        ));
+    }
+    Ok(Some(spec))
 }
 
 #[cfg(test)]

@@ -12,14 +12,15 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use helios_proto::v1::{ChatMessage, GenerateRequest};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::admission::{self, Limits, RequestCaps};
+use crate::admission::{self, Admitted, Limits, RequestCaps};
+use crate::constraint::{GrammarError, GrammarOptions, Grammars};
 use crate::error::ServeError;
 use crate::membership::Membership;
 use crate::metrics::Metrics;
@@ -50,6 +51,8 @@ pub struct ServingOptions {
     pub log_prompts: bool,
     /// What one request may ask for.
     pub caps: RequestCaps,
+    /// Bounds on structured outputs' grammars.
+    pub grammars: GrammarOptions,
 }
 
 /// What the transport knows of a call besides its message.
@@ -77,7 +80,46 @@ struct Inner {
     metrics: Arc<Metrics>,
     log_prompts: bool,
     caps: RequestCaps,
+    /// Built when the first constrained request comes (a trie of the whole vocabulary).
+    grammars: OnceLock<Result<Grammars, String>>,
+    grammar_opts: GrammarOptions,
     next_request: AtomicU64,
+}
+
+/// Admission's own time (tokenizing, rendering a template) beyond a grammar's bound.
+const ADMISSION_SLACK: Duration = Duration::from_secs(5);
+
+impl Inner {
+    /// Compiles the request's constraint into its matcher (blocking: admission's pool).
+    fn compile_constraint(
+        &self,
+        mut a: Admitted,
+        vocab_size: usize,
+    ) -> Result<Admitted, ServeError> {
+        let Some(spec) = a.constraint.take() else {
+            return Ok(a);
+        };
+        let grammars = self
+            .grammars
+            .get_or_init(|| {
+                let tok = &self.tokenizer;
+                let eos = tok.eos_token_ids().first().copied().unwrap_or(0);
+                Grammars::new(tok.inner(), eos, vocab_size, self.grammar_opts)
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .as_ref()
+            .map_err(|e| {
+                ServeError::invalid(
+                    "constraint",
+                    format!("structured outputs are not available for this tokenizer: {e}"),
+                )
+            })?;
+        let c = grammars
+            .compile(&spec)
+            .map_err(|e| ServeError::invalid("constraint", e.to_string()))?;
+        a.params.constraint = Some(c);
+        Ok(a)
+    }
 }
 
 impl FrontDoor {
@@ -99,6 +141,8 @@ impl FrontDoor {
             metrics: Arc::new(Metrics::new()),
             log_prompts: opts.log_prompts,
             caps: opts.caps,
+            grammars: OnceLock::new(),
+            grammar_opts: opts.grammars,
             next_request: AtomicU64::new(0),
         }));
         if front.0.failover.is_some() {
@@ -250,12 +294,21 @@ impl FrontDoor {
         }
         let limits = limits(&replicas).ok_or(ServeError::Starting)?;
         let (tokenizer, caps) = (self.0.tokenizer.clone(), self.0.caps);
-        let (req, admitted) = tokio::task::spawn_blocking(move || {
-            let admitted = admission::admit(&tokenizer, &req, &limits, &caps);
+        let inner = self.0.clone();
+        let admission = tokio::task::spawn_blocking(move || {
+            let admitted = admission::admit(&tokenizer, &req, &limits, &caps)
+                .and_then(|a| inner.compile_constraint(a, limits.vocab_size));
             (req, admitted)
-        })
-        .await
-        .map_err(|e| ServeError::Internal(format!("admission task: {e}")))?;
+        });
+        // A grammar that compiles past the bound is refused (the bound also stops the compile
+        // itself, within llguidance's limits).
+        let bound = self.0.grammar_opts.compile_timeout + ADMISSION_SLACK;
+        let (req, admitted) = tokio::time::timeout(bound, admission)
+            .await
+            .map_err(|_| {
+                ServeError::invalid("constraint", GrammarError::TooSlow(bound).to_string())
+            })?
+            .map_err(|e| ServeError::Internal(format!("admission task: {e}")))?;
         let mut admitted = admitted?;
         admitted.params.deadline = call.deadline;
         admitted.params.return_logits = logits.is_some();

@@ -20,6 +20,7 @@
 pub mod access;
 pub mod admission;
 pub mod block_manager;
+pub mod constraint;
 pub mod detokenizer;
 pub mod error;
 pub mod front_door;

@@ -19,6 +19,9 @@ use clap::{Args, Parser, Subcommand};
 use futures::{Stream, StreamExt};
 use helios_coordinator::access::Access;
 use helios_coordinator::admission::{RequestCaps, DEFAULT_MAX_STOP_STRINGS};
+use helios_coordinator::constraint::{
+    GrammarOptions, DEFAULT_CACHE_ENTRIES, DEFAULT_COMPILE_TIMEOUT_SECS,
+};
 use helios_coordinator::front_door::{CallContext, FrontDoor, ServingOptions};
 use helios_coordinator::listener::{
     ApiOptions, TlsFiles, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_STREAMS_PER_CONNECTION,
@@ -162,6 +165,13 @@ struct ReplicaArgs {
     /// Most stop strings per request.
     #[arg(long, default_value_t = DEFAULT_MAX_STOP_STRINGS)]
     max_stop_strings: usize,
+    /// Structured outputs: seconds a request's JSON Schema, regex or grammar may take to
+    /// compile; a slower one is refused (INVALID_ARGUMENT).
+    #[arg(long, default_value_t = DEFAULT_COMPILE_TIMEOUT_SECS as f64)]
+    grammar_compile_timeout: f64,
+    /// Structured outputs: compiled grammars kept in memory for reuse (0: none).
+    #[arg(long, default_value_t = DEFAULT_CACHE_ENTRIES)]
+    grammar_cache_size: usize,
 }
 
 impl ReplicaArgs {
@@ -205,6 +215,10 @@ impl ReplicaArgs {
                 max_prompt_tokens: self.max_prompt_tokens,
                 max_new_tokens: self.max_new_tokens_limit,
                 max_stop_strings: self.max_stop_strings,
+            },
+            grammars: GrammarOptions {
+                compile_timeout: seconds(self.grammar_compile_timeout),
+                cache_entries: self.grammar_cache_size,
             },
         }
     }

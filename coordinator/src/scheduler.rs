@@ -25,6 +25,7 @@ use anyhow::{bail, Context, Result};
 use helios_proto::v1::{SampledToken, SamplingParams, SequenceStep, StepPlan, StepResult};
 
 use crate::block_manager::BlockManager;
+use crate::constraint::TokenConstraint;
 
 /// Why a sequence stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -51,6 +52,8 @@ pub struct SequenceParams {
     /// Rank 0 returns the whole logits row of every token sampled for it (debugging and
     /// tests: `helios logits`); a step carries logits only when one of its sequences asks.
     pub return_logits: bool,
+    /// Structured outputs: which tokens may come next (see [`crate::constraint`]).
+    pub constraint: Option<TokenConstraint>,
 }
 
 pub struct Sequence {
@@ -441,6 +444,9 @@ impl Scheduler {
         if self.planned.len() >= 2 {
             bail!("two planned steps are still unanswered");
         }
+        if self.awaits_constrained_token() {
+            return Ok(None);
+        }
         let mut budget = self.config.max_batch_tokens;
         let mut steps = Vec::new();
         let mut planned = Vec::new();
@@ -530,6 +536,16 @@ impl Scheduler {
         }))
     }
 
+    /// Whether a running constrained sequence's last token is still on its way back: its next
+    /// mask depends on it, so no step is planned until that answer is applied (overlap pauses
+    /// while constrained sequences run; the step in flight is not delayed).
+    fn awaits_constrained_token(&self) -> bool {
+        self.running.iter().any(|id| {
+            let s = &self.seqs[id];
+            s.pending > 0 && s.params.constraint.is_some()
+        })
+    }
+
     /// Moves the head of the waiting queue to running if its next chunk fits, after taking
     /// what the prefix cache holds of it; returns the chunk's length.
     fn admit(&mut self, id: u64, budget: usize) -> Option<usize> {
@@ -592,6 +608,10 @@ impl Scheduler {
         let sample = end == s.tokens.len() + s.pending;
         let mut sampling = s.params.sampling;
         sampling.output_index = end.saturating_sub(s.prompt_len) as u32;
+        let allowed_tokens = match &mut s.params.constraint {
+            Some(c) if sample => c.allowed()?,
+            _ => Vec::new(),
+        };
         steps.push(SequenceStep {
             seq_id: id,
             token_ids: if feed_sampled {
@@ -610,6 +630,7 @@ impl Scheduler {
                 Vec::new()
             },
             feed_sampled,
+            allowed_tokens,
         });
         s.sent_blocks = s.table.len();
         s.computed = end;
@@ -685,7 +706,9 @@ impl Scheduler {
             let Some(t) = t else { continue };
             s.pending = s.pending.saturating_sub(1);
             s.tokens.push(t.token_id);
-            let finish = if s.params.stop_token_ids.contains(&t.token_id) {
+            let eos = s.params.stop_token_ids.contains(&t.token_id);
+            let complete = !eos && s.params.constraint.as_mut().is_some_and(|c| accept(c, &t));
+            let finish = if eos || complete {
                 Some(FinishReason::Eos)
             } else if s.tokens.len() - s.prompt_len >= s.params.max_new_tokens {
                 Some(FinishReason::Length)
@@ -772,6 +795,22 @@ impl Scheduler {
             bail!("the deadline index and the sequences disagree");
         }
         Ok(())
+    }
+}
+
+/// Advances a constrained sequence past its sampled token; true when nothing may follow (the
+/// grammar is complete, or the token broke it: ranks honour the mask, so that means a bug
+/// rather than a client's input, and ending the output keeps it valid as far as it goes).
+fn accept(c: &mut TokenConstraint, t: &SampledToken) -> bool {
+    match c.accept(t.token_id) {
+        Ok(()) => c.is_complete(),
+        Err(e) => {
+            tracing::warn!(
+                seq = t.seq_id,
+                "a sampled token broke its constraint: {e:#}"
+            );
+            true
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use helios_proto::v1::{SamplingParams, StepPlan};
 
 use crate::block_tables::TableView;
+use crate::sampling;
 
 /// What a plan is checked against.
 #[derive(Debug, Clone, Copy)]
@@ -102,6 +103,28 @@ fn check_sampling(
     Ok(())
 }
 
+/// A constraint's mask must cover the vocabulary exactly and allow at least one token of it:
+/// an empty choice would leave the sampler nothing to draw.
+fn check_allowed(id: u64, mask: &[u8], lim: &BatchLimits) -> Result<()> {
+    if mask.is_empty() {
+        return Ok(());
+    }
+    let want = lim.vocab_size.div_ceil(8);
+    if mask.len() != want {
+        return Err(invalid(format!(
+            "sequence {id}: allowed_tokens has {} bytes, the vocabulary of {} needs {want}",
+            mask.len(),
+            lim.vocab_size
+        )));
+    }
+    if !(0..lim.vocab_size).any(|t| sampling::allows(mask, t)) {
+        return Err(invalid(format!(
+            "sequence {id}: allowed_tokens allows no token"
+        )));
+    }
+    Ok(())
+}
+
 impl StepBatch {
     /// Lays out `plan`; `tables[i]` is the block table of `plan.seqs[i]` (see
     /// [`crate::block_tables`]).
@@ -148,6 +171,7 @@ impl StepBatch {
             if let Some(p) = &s.sampling {
                 check_sampling(id, s.sample, p, &s.context_token_ids, lim)?;
             }
+            check_allowed(id, &s.allowed_tokens, lim)?;
             let needed = ctx.div_ceil(bs);
             if table.len() < needed {
                 return Err(invalid(format!(

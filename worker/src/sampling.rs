@@ -28,8 +28,8 @@ use helios_proto::v1::{SampledToken, SamplingParams, SequenceStep, TokenLogprob}
 /// out-of-range ids are ignored) so that nothing a peer sends can panic the sampler.
 pub fn sample(logits: &[f32], seq: &SequenceStep) -> SampledToken {
     let params = seq.sampling.as_ref();
-    let penalized = params.and_then(|p| penalize(logits, 0, p, &seq.context_token_ids));
-    let scores = penalized.as_deref().unwrap_or(logits);
+    let adjusted = adjust(logits, 0, seq);
+    let scores = adjusted.as_deref().unwrap_or(logits);
     let token_id = match params {
         Some(p) if p.temperature > 0.0 => sample_with(scores, p, seq.seq_id),
         _ => argmax(scores),
@@ -56,6 +56,33 @@ pub fn sample(logits: &[f32], seq: &SequenceStep) -> SampledToken {
             })
             .collect(),
     }
+}
+
+/// The scores sampling reads from `logits`, the logits of token ids `offset ..`: penalized,
+/// and with the tokens a constraint forbids at -infinity (`seq.allowed_tokens`); `None` when
+/// neither applies (no copy then).
+fn adjust(logits: &[f32], offset: usize, seq: &SequenceStep) -> Option<Vec<f32>> {
+    let penalized = seq
+        .sampling
+        .as_ref()
+        .and_then(|p| penalize(logits, offset, p, &seq.context_token_ids));
+    let mask = &seq.allowed_tokens;
+    if mask.is_empty() {
+        return penalized;
+    }
+    let mut out = penalized.unwrap_or_else(|| logits.to_vec());
+    for (i, v) in out.iter_mut().enumerate() {
+        if !allows(mask, offset + i) {
+            *v = f32::NEG_INFINITY;
+        }
+    }
+    Some(out)
+}
+
+/// Whether a constraint's bitset (`SequenceStep.allowed_tokens`) allows token `id`; ids past
+/// its end are not allowed.
+pub fn allows(mask: &[u8], id: usize) -> bool {
+    mask.get(id / 8).is_some_and(|b| b >> (id % 8) & 1 == 1)
 }
 
 /// The penalized copy of `logits`, the scores of token ids `offset ..` (a rank's slice of the
@@ -145,8 +172,8 @@ pub fn best_of_slice(
     k: usize,
 ) -> Vec<(u32, f32)> {
     let params = seq.sampling.as_ref();
-    let penalized = params.and_then(|p| penalize(slice, offset, p, &seq.context_token_ids));
-    let scores = penalized.as_deref().unwrap_or(slice);
+    let adjusted = adjust(slice, offset, seq);
+    let scores = adjusted.as_deref().unwrap_or(slice);
     let id = |i: u32| offset as u32 + i;
     if !params.is_some_and(|p| p.temperature > 0.0) {
         if scores.is_empty() {

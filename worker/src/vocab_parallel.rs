@@ -265,8 +265,13 @@ mod tests {
             17,
             top,
         ];
+        // A constraint that forbids the argmax and most of every slice.
+        let mut mask = vec![0u8; vocab.div_ceil(8)];
+        for t in (0..vocab).filter(|&t| t % 7 == 3 && t != top as usize) {
+            mask[t / 8] |= 1 << (t % 8);
+        }
         for (n, p) in options().into_iter().enumerate() {
-            for draw in 0..4 {
+            for (draw, allowed) in (0..4).flat_map(|d| [(d, Vec::new()), (d, mask.clone())]) {
                 let seq = SequenceStep {
                     seq_id: 9,
                     sample: true,
@@ -275,13 +280,18 @@ mod tests {
                         ..p
                     }),
                     context_token_ids: context.to_vec(),
+                    allowed_tokens: allowed,
                     ..Default::default()
                 };
                 let want = sampling::sample(row, &seq);
+                if !seq.allowed_tokens.is_empty() {
+                    assert!(sampling::allows(&mask, want.token_id as usize), "{want:?}");
+                }
                 assert_eq!(
                     split_token(row, &seq, world),
                     want,
-                    "option {n} {p:?}, draw {draw}, world {world}"
+                    "option {n} {p:?}, draw {draw}, masked {}, world {world}",
+                    !seq.allowed_tokens.is_empty()
                 );
             }
         }

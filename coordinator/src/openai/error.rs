@@ -124,6 +124,15 @@ impl ApiError {
         )
     }
 
+    /// The same error about `to` if it was about `from`.
+    pub fn param_renamed(self, from: &str, to: &str) -> Self {
+        if self.param.as_deref() == Some(from) {
+            self.with_param(to)
+        } else {
+            self
+        }
+    }
+
     pub fn with_param(mut self, param: &str) -> Self {
         self.param = Some(param.to_string());
         self

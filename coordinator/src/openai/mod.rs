@@ -29,6 +29,7 @@ pub mod body;
 pub mod error;
 pub mod logprobs;
 pub mod respond;
+pub mod structured;
 pub mod translate;
 pub mod types;
 
@@ -322,9 +323,16 @@ impl App {
         t: Translated,
         headers: &HeaderMap,
     ) -> Result<Response, ApiError> {
-        let error = |e: ServeError| match endpoint {
-            Endpoint::Chat => ApiError::from(e).for_chat(),
-            Endpoint::Completions => ApiError::from(e),
+        let constraint_param = t.constraint_param;
+        let error = |e: ServeError| {
+            let e = match endpoint {
+                Endpoint::Chat => ApiError::from(e).for_chat(),
+                Endpoint::Completions => ApiError::from(e),
+            };
+            match constraint_param {
+                Some(param) => e.param_renamed("constraint", param),
+                None => e,
+            }
         };
         let call = CallContext {
             deadline: None,

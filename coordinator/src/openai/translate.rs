@@ -5,13 +5,14 @@
 //! What is checked here is what only the OpenAI shape can get wrong: the several shapes of
 //! `prompt`, `stop` and message `content`, and the features Helios does not have, which are
 //! refused rather than silently ignored: more than one completion (`n`, `best_of`, several
-//! prompts), `echo`, `suffix`, `logit_bias`, tools and JSON response formats, content parts
-//! other than text.
+//! prompts), `echo`, `suffix`, `logit_bias`, tools, content parts other than text.
+//! Structured outputs are read in [`super::structured`].
 
 use helios_proto::v1::{ChatMessage, GenerateRequest, GenerationParameters};
 use serde_json::Value;
 
 use super::error::ApiError;
+use super::structured;
 use super::types::{ChatRequest, Common, CompletionRequest};
 use crate::admission::MAX_LOGPROBS;
 
@@ -33,6 +34,9 @@ pub struct Translated {
     /// `stream_options.include_usage`: a last chunk with `usage` and no choices.
     pub include_usage: bool,
     pub logprobs: LogprobsFormat,
+    /// The parameter that set a structured output constraint: errors about the constraint
+    /// name it.
+    pub constraint_param: Option<&'static str>,
 }
 
 /// `/v1/completions`.
@@ -85,15 +89,6 @@ pub fn completion(
 pub fn chat(req: ChatRequest, common: Common, request_id: &str) -> Result<Translated, ApiError> {
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::invalid_param("tools", "tools are not supported"));
-    }
-    if let Some(format) = &req.response_format {
-        let kind = format.get("type").and_then(Value::as_str);
-        if kind != Some("text") {
-            return Err(ApiError::invalid_param(
-                "response_format",
-                "only response_format {\"type\": \"text\"} is supported",
-            ));
-        }
     }
     let top = match (req.logprobs, req.top_logprobs) {
         (Some(true), top) => Some(top.unwrap_or(0)),
@@ -170,6 +165,7 @@ fn finish(
             "logit_bias is not supported",
         ));
     }
+    let (constraint_param, constraint) = structured::constraint(&c)?.unzip();
     let stream = c.stream.unwrap_or(false);
     let include_usage = c
         .stream_options
@@ -191,6 +187,7 @@ fn finish(
         stop_token_ids: c.stop_token_ids.unwrap_or_default(),
         ignore_eos: c.ignore_eos.unwrap_or(false),
         logprobs,
+        constraint,
     };
     Ok(Translated {
         request: GenerateRequest {
@@ -203,6 +200,7 @@ fn finish(
         stream,
         include_usage,
         logprobs: format,
+        constraint_param,
     })
 }
 
@@ -487,8 +485,21 @@ mod tests {
             (format!(r#"{{"messages": {user}, "n": 2}}"#), "n"),
             (format!(r#"{{"messages": {user}, "tools": [{{"type": "function"}}]}}"#), "tools"),
             (
-                format!(r#"{{"messages": {user}, "response_format": {{"type": "json_object"}}}}"#),
+                format!(r#"{{"messages": {user}, "response_format": {{"type": "xml"}}}}"#),
                 "response_format",
+            ),
+            (
+                format!(r#"{{"messages": {user}, "response_format": {{"type": "json_schema"}}}}"#),
+                "response_format",
+            ),
+            (
+                format!(r#"{{"messages": {user}, "guided_regex": "a", "guided_json": {{}}}}"#),
+                "guided_regex",
+            ),
+            (format!(r#"{{"messages": {user}, "guided_choice": []}}"#), "guided_choice"),
+            (
+                format!(r#"{{"messages": {user}, "structured_outputs": {{"regex": 5}}}}"#),
+                "structured_outputs",
             ),
         ] {
             let e = chat_of(&bad).expect_err(&bad);

@@ -38,7 +38,6 @@ pub struct ChatRequest {
     /// 0..=20, with `logprobs: true`.
     pub top_logprobs: Option<u32>,
     pub tools: Option<Vec<Value>>,
-    pub response_format: Option<Value>,
 }
 
 /// The sampling fields both endpoints share, read from the same body as the endpoint's own
@@ -69,6 +68,13 @@ pub struct Common {
     pub stop_token_ids: Option<Vec<u32>>,
     /// Lower runs first (as on the gRPC API).
     pub priority: Option<i32>,
+    // Structured outputs (see `super::structured`): OpenAI's, then vLLM's.
+    pub response_format: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<String>,
+    pub guided_grammar: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
+    pub structured_outputs: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
