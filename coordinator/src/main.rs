@@ -18,7 +18,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use futures::{Stream, StreamExt};
 use helios_coordinator::access::Access;
-use helios_coordinator::admission::{RequestCaps, DEFAULT_MAX_STOP_STRINGS};
+use helios_coordinator::admission::{
+    RequestCaps, DEFAULT_MAX_CHOICE_TOKENS, DEFAULT_MAX_STOP_STRINGS,
+};
 use helios_coordinator::front_door::{CallContext, FrontDoor, ServingOptions};
 use helios_coordinator::listener::{
     ApiOptions, TlsFiles, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_STREAMS_PER_CONNECTION,
@@ -162,6 +164,10 @@ struct ReplicaArgs {
     /// Most stop strings per request.
     #[arg(long, default_value_t = DEFAULT_MAX_STOP_STRINGS)]
     max_stop_strings: usize,
+    /// Most tokens one request's choices may generate together: `best_of` (or `n`) ×
+    /// `max_new_tokens`.
+    #[arg(long, default_value_t = DEFAULT_MAX_CHOICE_TOKENS)]
+    max_choice_tokens: usize,
 }
 
 impl ReplicaArgs {
@@ -205,6 +211,7 @@ impl ReplicaArgs {
                 max_prompt_tokens: self.max_prompt_tokens,
                 max_new_tokens: self.max_new_tokens_limit,
                 max_stop_strings: self.max_stop_strings,
+                max_choice_tokens: self.max_choice_tokens,
             },
         }
     }
