@@ -159,7 +159,7 @@ fn answer(opts: &FakeOptions, plan: &StepPlan) -> StepResult {
             .iter()
             .filter(|s| s.sample)
             .map(|s| {
-                let i = s.sampling.map_or(0, |p| p.output_index) as u64;
+                let i = s.sampling.as_ref().map_or(0, |p| p.output_index) as u64;
                 let at = (s.seq_id.wrapping_add(i) % opts.text.len() as u64) as usize;
                 SampledToken {
                     seq_id: s.seq_id,

@@ -537,6 +537,8 @@ fn push_cost(model: &std::path::Path, text: &[u32]) -> Result<f64> {
         params: SequenceParams::default(),
         stop: vec![STOP.into()],
         logprobs: None,
+        n: 1,
+        best_of: 1,
     };
     let (tx, mut rx) = response_channel();
     let trace = RequestTrace::start(

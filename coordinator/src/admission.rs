@@ -6,8 +6,12 @@
 //! vocabulary, the sequence fits the model's length and the replica's KV cache, parameters are
 //! in range. The limits follow vLLM's and OpenAI's where they exist.
 
+use std::collections::HashMap;
+
 use helios_proto::v1::constraint::Kind;
-use helios_proto::v1::{ChatMessage as ProtoMessage, Constraint, GenerateRequest, SamplingParams};
+use helios_proto::v1::{
+    ChatMessage as ProtoMessage, Constraint, GenerateRequest, GenerationParameters, SamplingParams,
+};
 
 use crate::constraint::ConstraintSpec;
 use crate::error::ServeError;
@@ -22,6 +26,16 @@ pub const MAX_LOGPROBS: u32 = 20;
 /// string in bytes.
 pub const DEFAULT_MAX_STOP_STRINGS: usize = 16;
 pub const MAX_STOP_BYTES: usize = 256;
+/// Most choices one request may ask for (`n`, `best_of`; vLLM's bound).
+pub const MAX_CHOICES: u32 = 128;
+/// Most tokens one request's choices may generate together by default (`best_of` or `n` ×
+/// `max_new_tokens`; `--max-choice-tokens`): one request must not take a replica's whole KV
+/// cache and queue through many choices.
+pub const DEFAULT_MAX_CHOICE_TOKENS: usize = 65536;
+/// Most `logit_bias` entries one request may set (each is sent with every step it samples).
+pub const MAX_LOGIT_BIAS_ENTRIES: usize = 1024;
+/// The largest bias either way (OpenAI's range): ±100 all but bans or forces a token.
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
 
 /// What the operator allows one request (`--max-prompt-tokens`, `--max-new-tokens`,
 /// `--max-stop-strings`), within what the replicas can hold ([`Limits`]).
@@ -30,6 +44,8 @@ pub struct RequestCaps {
     pub max_prompt_tokens: Option<usize>,
     pub max_new_tokens: Option<usize>,
     pub max_stop_strings: usize,
+    /// `best_of` (or `n`) × `max_new_tokens` at most (`--max-choice-tokens`).
+    pub max_choice_tokens: usize,
 }
 
 impl Default for RequestCaps {
@@ -38,6 +54,7 @@ impl Default for RequestCaps {
             max_prompt_tokens: None,
             max_new_tokens: None,
             max_stop_strings: DEFAULT_MAX_STOP_STRINGS,
+            max_choice_tokens: DEFAULT_MAX_CHOICE_TOKENS,
         }
     }
 }
@@ -61,6 +78,28 @@ pub struct Admitted {
     pub stop: Vec<String>,
     /// None: no logprobs; Some(n): the sampled token's and the top n.
     pub logprobs: Option<u32>,
+    /// Choices returned (`n`) and generated (`best_of`, at least `n`): with more generated,
+    /// the `n` with the highest cumulative logprob are returned.
+    pub n: usize,
+    pub best_of: usize,
+}
+
+impl Admitted {
+    /// Choice `i` of the request: choice 0 as admitted, choice i sampling as the same request
+    /// with seed + i would (vLLM's convention), or unseeded as an independent draw.
+    pub fn choice(&self, i: usize) -> Admitted {
+        let mut c = self.clone();
+        if let Some(seed) = &mut c.params.sampling.seed {
+            *seed = seed.wrapping_add(i as u64);
+        }
+        c
+    }
+
+    /// Choices are chosen among (best_of > n): each streams its sampled tokens' logprobs,
+    /// which pick the best.
+    pub fn chooses(&self) -> bool {
+        self.best_of > self.n
+    }
 }
 
 fn invalid(field: &'static str, msg: impl Into<String>) -> ServeError {
@@ -168,7 +207,13 @@ pub fn admit(
     let room = limit - ids.len();
     let p = req.parameters.clone().unwrap_or_default();
     let cap = caps.max_new_tokens.unwrap_or(usize::MAX);
+    let (n, best_of) = choices(&p)?;
+    // Several choices share what one request may hold: the default shrinks to fit.
+    let share = (caps.max_choice_tokens / best_of)
+        .min(limits.kv_capacity.saturating_sub(ids.len()) / best_of)
+        .max(1);
     let max_new_tokens = match p.max_new_tokens {
+        None if best_of > 1 => DEFAULT_MAX_NEW_TOKENS.min(room).min(cap).min(share),
         None => DEFAULT_MAX_NEW_TOKENS.min(room).min(cap),
         Some(n) if n as usize > cap => {
             return Err(invalid(
@@ -187,6 +232,8 @@ pub fn admit(
         }
         Some(n) => n as usize,
     };
+    check_choice_tokens(n, best_of, ids.len(), max_new_tokens, limits, caps)?;
+    check_logit_bias(&p.logit_bias, limits.vocab_size)?;
     // Each message starts with the field it is about.
     let check = |ok: bool, field: &'static str, msg: &str| {
         if ok {
@@ -287,7 +334,9 @@ pub fn admit(
                 frequency_penalty: p.frequency_penalty,
                 presence_penalty: p.presence_penalty,
                 top_logprobs: p.logprobs.unwrap_or(0),
-                logprobs: p.logprobs.is_some(),
+                // Choosing the best choices needs every sampled token's logprob.
+                logprobs: p.logprobs.is_some() || best_of > n,
+                logit_bias: p.logit_bias.clone(),
             },
             stop_token_ids,
             priority: req.priority,
@@ -297,6 +346,8 @@ pub fn admit(
         },
         stop: p.stop,
         logprobs: p.logprobs,
+        n,
+        best_of,
     })
 }
 
@@ -340,6 +391,116 @@ fn constraint_spec(c: Option<&Constraint>) -> Result<Option<ConstraintSpec>, Ser
         ));
     }
     Ok(Some(spec))
+}
+
+/// `n` and `best_of` (unset: 1 and `n`), each in 1..=[`MAX_CHOICES`], `best_of` >= `n`.
+fn choices(p: &GenerationParameters) -> Result<(usize, usize), ServeError> {
+    let n = p.n.unwrap_or(1);
+    let best_of = p.best_of.unwrap_or(n);
+    for (field, v) in [("n", n), ("best_of", best_of)] {
+        if v == 0 || v > MAX_CHOICES {
+            return Err(invalid(
+                field,
+                format!("{field} is {v}; it must be 1 to {MAX_CHOICES}"),
+            ));
+        }
+    }
+    if best_of < n {
+        return Err(invalid(
+            "best_of",
+            format!("best_of ({best_of}) must be at least n ({n}): n of the best_of are returned"),
+        ));
+    }
+    Ok((n as usize, best_of as usize))
+}
+
+/// Every choice generates up to `max_new_tokens`: together within the operator's cap, and,
+/// the prompt held once, within the whole KV cache.
+fn check_choice_tokens(
+    n: usize,
+    best_of: usize,
+    prompt: usize,
+    max_new_tokens: usize,
+    limits: &Limits,
+    caps: &RequestCaps,
+) -> Result<(), ServeError> {
+    if best_of == 1 {
+        return Ok(());
+    }
+    let (field, count) = if best_of > n {
+        ("best_of", best_of)
+    } else {
+        ("n", n)
+    };
+    let tokens = best_of.saturating_mul(max_new_tokens);
+    if tokens > caps.max_choice_tokens {
+        return Err(invalid(
+            field,
+            format!(
+                "{field} × max_new_tokens = {count} × {max_new_tokens} = {tokens} tokens; this \
+                 server generates at most {} per request",
+                caps.max_choice_tokens
+            ),
+        ));
+    }
+    if prompt.saturating_add(tokens) > limits.kv_capacity {
+        return Err(invalid(
+            field,
+            format!(
+                "{count} choices of up to {max_new_tokens} tokens after a {prompt}-token prompt \
+                 need {} KV positions; this replica's KV cache holds {}",
+                prompt + tokens,
+                limits.kv_capacity
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// At most [`MAX_LOGIT_BIAS_ENTRIES`] entries, each a token id of the vocabulary and a finite
+/// bias within ±[`MAX_LOGIT_BIAS`]. The lowest offending id is named, so the message does not
+/// depend on the map's order.
+fn check_logit_bias(bias: &HashMap<u32, f32>, vocab_size: usize) -> Result<(), ServeError> {
+    if bias.len() > MAX_LOGIT_BIAS_ENTRIES {
+        return Err(invalid(
+            "logit_bias",
+            format!(
+                "logit_bias has {} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are allowed",
+                bias.len()
+            ),
+        ));
+    }
+    let bad = bias
+        .iter()
+        .filter(|(&t, b)| t as usize >= vocab_size || !b.is_finite() || b.abs() > MAX_LOGIT_BIAS)
+        .min_by_key(|(&t, _)| t);
+    match bad {
+        Some((&t, _)) if t as usize >= vocab_size => Err(invalid(
+            "logit_bias",
+            format!("logit_bias: token {t} is outside the vocabulary (size {vocab_size})"),
+        )),
+        Some((&t, b)) => Err(invalid(
+            "logit_bias",
+            format!(
+                "logit_bias[{t}] is {b}; a bias must be in [-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A request whose response is streamed cannot choose among its choices (`best_of` > `n`):
+/// the best are known only once all have finished (OpenAI refuses it too).
+pub fn check_streamable(p: Option<&GenerationParameters>) -> Result<(), ServeError> {
+    let (n, best_of) = p.map_or((None, None), |p| (p.n, p.best_of));
+    if best_of.is_some_and(|b| b > n.unwrap_or(1)) {
+        return Err(invalid(
+            "best_of",
+            "best_of > n cannot be streamed: the best n are known only once every choice has \
+             finished (ask without streaming)",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -498,12 +659,116 @@ mod tests {
     }
 
     #[test]
+    fn choices_and_logit_bias_are_checked_and_named() {
+        let p = GenerationParameters::default;
+        let bias = |entries: &[(u32, f32)]| GenerationParameters {
+            logit_bias: entries.iter().copied().collect(),
+            ..p()
+        };
+        for (params, field, words) in [
+            (GenerationParameters { n: Some(0), ..p() }, "n", "n is 0"),
+            (
+                GenerationParameters {
+                    n: Some(129),
+                    ..p()
+                },
+                "n",
+                "1 to 128",
+            ),
+            (
+                GenerationParameters {
+                    n: Some(3),
+                    best_of: Some(2),
+                    ..p()
+                },
+                "best_of",
+                "at least n (3)",
+            ),
+            (
+                GenerationParameters {
+                    n: Some(100),
+                    max_new_tokens: Some(11),
+                    ..p()
+                },
+                "n",
+                "KV cache holds 1024",
+            ),
+            (
+                bias(&[(49152, 1.0)]),
+                "logit_bias",
+                "token 49152 is outside",
+            ),
+            (bias(&[(5, 100.5)]), "logit_bias", "logit_bias[5] is 100.5"),
+            (bias(&[(5, f32::NAN)]), "logit_bias", "logit_bias[5]"),
+            (
+                bias(&(0..1025).map(|t| (t, 1.0)).collect::<Vec<_>>()),
+                "logit_bias",
+                "1025 entries",
+            ),
+        ] {
+            let e = admit(
+                smollm2(),
+                &req("Hello", params),
+                &LIMITS,
+                &RequestCaps::default(),
+            )
+            .expect_err(words);
+            let ServeError::InvalidArgument { field: f, message } = &e else {
+                panic!("{e:?}");
+            };
+            assert_eq!(*f, Some(field), "{message}");
+            assert!(message.contains(words), "{message:?} lacks {words:?}");
+        }
+        let caps = RequestCaps {
+            max_choice_tokens: 30,
+            ..Default::default()
+        };
+        let four = GenerationParameters {
+            n: Some(2),
+            best_of: Some(4),
+            max_new_tokens: Some(8),
+            seed: Some(u64::MAX),
+            ..bias(&[(3, -100.0), (7, 100.0)])
+        };
+        let e = admit(smollm2(), &req("Hi", four.clone()), &LIMITS, &caps).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("best_of × max_new_tokens = 4 × 8 = 32"),
+            "{e}"
+        );
+        let a = admit(
+            smollm2(),
+            &req("Hi", four),
+            &LIMITS,
+            &RequestCaps::default(),
+        )
+        .unwrap();
+        assert_eq!((a.n, a.best_of), (2, 4));
+        assert!(a.params.sampling.logprobs, "the best are chosen by logprob");
+        assert_eq!(a.params.sampling.logit_bias.len(), 2);
+        // Choice i is seeded seed + i, wrapping.
+        let seeds: Vec<_> = (0..3).map(|i| a.choice(i).params.sampling.seed).collect();
+        assert_eq!(seeds, [Some(u64::MAX), Some(0), Some(1)]);
+        // Unset, max_new_tokens shrinks so that every choice fits the cap.
+        let many = GenerationParameters { n: Some(8), ..p() };
+        let a = admit(smollm2(), &req("Hi", many), &LIMITS, &caps).unwrap();
+        assert_eq!(a.params.max_new_tokens, 30 / 8);
+        assert!(check_streamable(Some(&GenerationParameters {
+            best_of: Some(2),
+            ..p()
+        }))
+        .is_err());
+        assert!(check_streamable(Some(&GenerationParameters { n: Some(2), ..p() })).is_ok());
+    }
+
+    #[test]
     fn the_operators_caps_are_enforced_and_named() {
         let tok = smollm2();
         let caps = RequestCaps {
             max_prompt_tokens: Some(3),
             max_new_tokens: Some(5),
             max_stop_strings: 1,
+            max_choice_tokens: 8,
         };
         let admit_with =
             |prompt: &str, p: GenerationParameters| admit(tok, &req(prompt, p), &LIMITS, &caps);

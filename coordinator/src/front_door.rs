@@ -24,7 +24,7 @@ use crate::constraint::{GrammarError, GrammarOptions, Grammars};
 use crate::error::ServeError;
 use crate::membership::Membership;
 use crate::metrics::Metrics;
-use crate::output::{response_channel, RequestOutput, ResponseReceiver};
+use crate::output::{response_channels, RequestOutput, ResponseReceiver};
 use crate::replica::step_loop::NewRequest;
 use crate::replica::{Failover, Moved, Replica, ReplicaOptions, ReplicaState};
 use crate::replicas::Replicas;
@@ -329,23 +329,40 @@ impl FrontDoor {
         } else {
             req.request_id
         };
-        let trace = RequestTrace::start(
-            Arrival {
-                request_id,
-                parent: call.trace_parent,
-                prompt_tokens: admitted.prompt_ids.len() as u32,
-                max_new_tokens: admitted.params.max_new_tokens,
-                prompt_text: prompt_text.as_deref(),
-                arrival,
-            },
-            self.0.metrics.clone(),
-        );
-        let (tx, rx) = response_channel();
-        let mut output = RequestOutput::new(tx, &admitted, trace, replica.in_flight());
-        if let Some(logits) = logits {
-            output = output.with_logits(logits);
+        let (senders, rx) = response_channels(admitted.best_of);
+        let rx = if admitted.chooses() {
+            rx.keeping_best(admitted.n, admitted.logprobs.is_some())
+        } else {
+            rx
+        };
+        let mut logits = logits;
+        let mut choices = Vec::with_capacity(senders.len());
+        for (i, tx) in senders.into_iter().enumerate() {
+            // Each choice is traced (and counted) as a sequence of its own, under one id; the
+            // prompt is logged once.
+            let trace = RequestTrace::start(
+                Arrival {
+                    request_id: request_id.clone(),
+                    parent: call.trace_parent.clone(),
+                    prompt_tokens: admitted.prompt_ids.len() as u32,
+                    max_new_tokens: admitted.params.max_new_tokens,
+                    prompt_text: prompt_text.as_deref().filter(|_| i == 0),
+                    arrival,
+                },
+                self.0.metrics.clone(),
+            );
+            let choice = admitted.choice(i);
+            let mut output =
+                RequestOutput::new(tx, &choice, trace, replica.in_flight()).with_index(i as u32);
+            if let Some(logits) = logits.take() {
+                output = output.with_logits(logits);
+            }
+            choices.push(NewRequest {
+                admitted: choice,
+                output,
+            });
         }
-        replica.submit(NewRequest { admitted, output })?;
+        replica.submit(choices)?;
         Ok(rx)
     }
 

@@ -138,6 +138,7 @@ impl Generation for GenerationService {
         req: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let call = call_context(&req)?;
+        crate::admission::check_streamable(req.get_ref().parameters.as_ref()).map_err(status)?;
         let rx = self
             .front
             .generate(req.into_inner(), call)

@@ -18,7 +18,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use futures::{Stream, StreamExt};
 use helios_coordinator::access::Access;
-use helios_coordinator::admission::{RequestCaps, DEFAULT_MAX_STOP_STRINGS};
+use helios_coordinator::admission::{
+    RequestCaps, DEFAULT_MAX_CHOICE_TOKENS, DEFAULT_MAX_STOP_STRINGS,
+};
 use helios_coordinator::constraint::{
     GrammarOptions, DEFAULT_CACHE_ENTRIES, DEFAULT_COMPILE_TIMEOUT_SECS,
 };
@@ -172,6 +174,10 @@ struct ReplicaArgs {
     /// Structured outputs: compiled grammars kept in memory for reuse (0: none).
     #[arg(long, default_value_t = DEFAULT_CACHE_ENTRIES)]
     grammar_cache_size: usize,
+    /// Most tokens one request's choices may generate together: `best_of` (or `n`) ×
+    /// `max_new_tokens`.
+    #[arg(long, default_value_t = DEFAULT_MAX_CHOICE_TOKENS)]
+    max_choice_tokens: usize,
 }
 
 impl ReplicaArgs {
@@ -215,6 +221,7 @@ impl ReplicaArgs {
                 max_prompt_tokens: self.max_prompt_tokens,
                 max_new_tokens: self.max_new_tokens_limit,
                 max_stop_strings: self.max_stop_strings,
+                max_choice_tokens: self.max_choice_tokens,
             },
             grammars: GrammarOptions {
                 compile_timeout: seconds(self.grammar_compile_timeout),

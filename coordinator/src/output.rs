@@ -40,25 +40,58 @@ pub struct ResponseSender {
     overflowed: Arc<AtomicBool>,
 }
 
-/// The client's end of a request's channel.
+/// The client's end of one choice's channel.
 #[derive(Debug)]
-pub struct ResponseReceiver {
+struct ChoiceReceiver {
     rx: mpsc::Receiver<Item>,
     overflowed: Arc<AtomicBool>,
     /// The overflow was reported.
     told: bool,
+    /// Its last response (or an error) came.
+    done: bool,
 }
 
-/// A request's response channel (see [`OUTPUT_BUFFER`]).
-pub fn response_channel() -> (ResponseSender, ResponseReceiver) {
+/// The client's end of a request's channels, one per choice (one for most requests): the
+/// choices' responses interleaved as they come, each with its `index`. The last response of
+/// the last choice to finish carries the request's usage (the prompt once, every choice's
+/// tokens); the other choices' last responses carry none.
+#[derive(Debug)]
+pub struct ResponseReceiver {
+    choices: Vec<ChoiceReceiver>,
+    /// The choice looked at first next time, so that no choice starves the others.
+    next: usize,
+    /// Over the choices that finished.
+    usage: Usage,
+    /// Choices [`collect`] returns: fewer than generated when it picks the best (`best_of`).
+    keep: usize,
+    /// The logprobs came only to pick the best by: [`collect`] drops them.
+    strip_logprobs: bool,
+}
+
+/// One choice's channel (see [`OUTPUT_BUFFER`]).
+fn choice_channel() -> (ResponseSender, ChoiceReceiver) {
     let (tx, rx) = mpsc::channel(OUTPUT_BUFFER);
     let overflowed = Arc::new(AtomicBool::new(false));
-    let receiver = ResponseReceiver {
+    let receiver = ChoiceReceiver {
         rx,
         overflowed: overflowed.clone(),
         told: false,
+        done: false,
     };
     (ResponseSender { tx, overflowed }, receiver)
+}
+
+/// A request's response channel (one choice).
+pub fn response_channel() -> (ResponseSender, ResponseReceiver) {
+    let (tx, rx) = choice_channel();
+    (tx, ResponseReceiver::of(vec![rx]))
+}
+
+/// The channels of a request's `n` choices (at least one), in index order, and their one
+/// receiver.
+pub fn response_channels(n: usize) -> (Vec<ResponseSender>, ResponseReceiver) {
+    let (senders, receivers) = (0..n.max(1)).map(|_| choice_channel()).unzip();
+    (senders, ResponseReceiver::of(receivers))
 }
 
 impl ResponseSender {
@@ -79,18 +112,9 @@ impl ResponseSender {
     }
 }
 
-impl ResponseReceiver {
-    pub async fn recv(&mut self) -> Option<Item> {
-        std::future::poll_fn(|cx| self.poll_recv(cx)).await
-    }
-
-    /// A response if one is queued now.
-    pub fn try_recv(&mut self) -> Option<Item> {
-        self.rx.try_recv().ok()
-    }
-
+impl ChoiceReceiver {
     /// The next response; once the sender is gone after an overflow, RESOURCE_EXHAUSTED once.
-    pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Item>> {
+    fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Item>> {
         use std::task::Poll;
         match self.rx.poll_recv(cx) {
             Poll::Ready(None) if self.overflowed.load(Ordering::Acquire) && !self.told => {
@@ -99,6 +123,94 @@ impl ResponseReceiver {
             }
             other => other,
         }
+    }
+}
+
+impl ResponseReceiver {
+    fn of(choices: Vec<ChoiceReceiver>) -> Self {
+        let keep = choices.len();
+        Self {
+            choices,
+            next: 0,
+            usage: Usage::default(),
+            keep,
+            strip_logprobs: false,
+        }
+    }
+
+    /// [`collect`] returns only the `keep` choices with the highest cumulative logprob (best
+    /// first), without logprobs unless `logprobs` (the client asked for them).
+    pub fn keeping_best(mut self, keep: usize, logprobs: bool) -> Self {
+        self.keep = keep.clamp(1, self.choices.len());
+        self.strip_logprobs = !logprobs;
+        self
+    }
+
+    /// Every choice has sent its last response.
+    pub fn is_finished(&self) -> bool {
+        self.choices.iter().all(|c| c.done)
+    }
+
+    pub async fn recv(&mut self) -> Option<Item> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// A response if one is queued now.
+    pub fn try_recv(&mut self) -> Option<Item> {
+        let waker = futures::task::noop_waker();
+        match self.poll_recv(&mut std::task::Context::from_waker(&waker)) {
+            std::task::Poll::Ready(item) => item,
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    /// The next response of any choice, looking at each in turn from where it last stopped;
+    /// `None` once every choice finished, or when one ended without a finish reason (the
+    /// stream then reports it: [`ResponseStream`]).
+    pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Item>> {
+        use std::task::Poll;
+        let n = self.choices.len();
+        let mut waiting = false;
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            let c = &mut self.choices[i];
+            if c.done {
+                continue;
+            }
+            match c.poll_recv(cx) {
+                Poll::Ready(Some(Ok(resp))) => {
+                    self.next = (i + 1) % n;
+                    return Poll::Ready(Some(Ok(self.account(i, resp))));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    c.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => waiting = true,
+            }
+        }
+        if waiting {
+            Poll::Pending
+        } else {
+            Poll::Ready(None)
+        }
+    }
+
+    /// Notes choice `i`'s response: a last one adds its tokens to the usage, which only the
+    /// request's very last response carries.
+    fn account(&mut self, i: usize, mut resp: GenerateResponse) -> GenerateResponse {
+        if resp.finish_reason == WireFinish::Unspecified as i32 {
+            return resp;
+        }
+        self.choices[i].done = true;
+        if let Some(u) = resp.usage {
+            self.usage.prompt_tokens = u.prompt_tokens;
+            self.usage.completion_tokens += u.completion_tokens;
+            self.usage.total_tokens = self.usage.prompt_tokens + self.usage.completion_tokens;
+        }
+        resp.usage = self.is_finished().then_some(self.usage);
+        resp
     }
 }
 
@@ -138,6 +250,8 @@ pub struct RequestOutput {
     /// Its spans, metrics and log lines; its id, token counts and timings.
     trace: RequestTrace,
     logits: Option<LogitsSender>,
+    /// Which of its request's choices it is (every response says so).
+    index: u32,
 }
 
 impl RequestOutput {
@@ -152,10 +266,22 @@ impl RequestOutput {
             tx,
             detok: Detokenizer::new(&req.prompt_ids),
             stops: StopMatcher::new(req.stop.clone()),
-            logprobs: req.logprobs,
+            // Choosing the best choices reads every sampled token's logprob.
+            logprobs: if req.chooses() {
+                Some(req.logprobs.unwrap_or(0))
+            } else {
+                req.logprobs
+            },
             trace,
             logits: None,
+            index: 0,
         }
+    }
+
+    /// It streams choice `index` of its request.
+    pub fn with_index(mut self, index: u32) -> Self {
+        self.index = index;
+        self
     }
 
     /// Sends the logits of its first sampled token to `logits` (the request must ask the
@@ -236,6 +362,7 @@ impl RequestOutput {
             text,
             token_ids: vec![s.token.token_id],
             logprobs: logprobs.into_iter().collect(),
+            index: self.index,
             ..Default::default()
         };
         if let Some(reason) = finish {
@@ -269,6 +396,7 @@ impl RequestOutput {
         let mut resp = GenerateResponse {
             request_id: self.trace.request_id().to_string(),
             text: self.stops.finish(),
+            index: self.index,
             ..Default::default()
         };
         self.close(&mut resp, WireFinish::Cancelled, Instant::now());
@@ -329,11 +457,7 @@ impl futures::Stream for ResponseStream {
         }
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(item)) => {
-                let last = match &item {
-                    Ok(r) => r.finish_reason != WireFinish::Unspecified as i32,
-                    Err(_) => true,
-                };
-                self.ended = last;
+                self.ended = item.is_err() || self.rx.is_finished();
                 Poll::Ready(Some(item))
             }
             Poll::Ready(None) => {
@@ -347,25 +471,79 @@ impl futures::Stream for ResponseStream {
     }
 }
 
-/// Folds a stream's responses into the one answer of the unary `Generate`.
+/// Folds a stream's responses into the one answer of the unary `Generate`: with one choice,
+/// its whole text and tokens; with several, each choice whole in `choices` (the best ones only,
+/// best first, when it was asked to pick: [`ResponseReceiver::keeping_best`]) and the
+/// request's usage at the top.
 pub async fn collect(mut rx: ResponseReceiver) -> Result<GenerateResponse, ServeError> {
-    let mut whole = GenerateResponse::default();
+    let generated = rx.choices.len();
+    let mut choices: Vec<GenerateResponse> = (0..generated)
+        .map(|i| GenerateResponse {
+            index: i as u32,
+            ..Default::default()
+        })
+        .collect();
+    let mut usage = None;
     while let Some(resp) = rx.recv().await {
         let resp = resp?;
+        let whole = choices
+            .get_mut(resp.index as usize)
+            .ok_or_else(|| ServeError::Internal(format!("a response of choice {}", resp.index)))?;
         whole.request_id = resp.request_id;
         whole.text.push_str(&resp.text);
         whole.token_ids.extend(resp.token_ids);
         whole.logprobs.extend(resp.logprobs);
         if resp.finish_reason != WireFinish::Unspecified as i32 {
             whole.finish_reason = resp.finish_reason;
-            whole.usage = resp.usage;
             whole.timings = resp.timings;
-            return Ok(whole);
+            usage = resp.usage.or(usage);
+        }
+        if rx.is_finished() {
+            return Ok(whole_answer(choices, usage, rx.keep, rx.strip_logprobs));
         }
     }
     Err(ServeError::Internal(
         "the request ended without a finish reason".into(),
     ))
+}
+
+/// The answer of every choice collected: one choice as it is; several listed in `choices`,
+/// reduced to the best `keep` by cumulative logprob when fewer are kept than were generated.
+fn whole_answer(
+    mut choices: Vec<GenerateResponse>,
+    usage: Option<Usage>,
+    keep: usize,
+    strip_logprobs: bool,
+) -> GenerateResponse {
+    if choices.len() == 1 {
+        let mut only = choices.remove(0);
+        only.usage = usage;
+        return only;
+    }
+    if keep < choices.len() {
+        let score = |c: &GenerateResponse| -> f64 {
+            c.logprobs
+                .iter()
+                .filter_map(|l| l.sampled.as_ref())
+                .map(|t| t.logprob as f64)
+                .sum()
+        };
+        // Best first; equal scores keep index order.
+        choices.sort_by(|a, b| score(b).total_cmp(&score(a)));
+        choices.truncate(keep);
+        for (i, c) in choices.iter_mut().enumerate() {
+            c.index = i as u32;
+            if strip_logprobs {
+                c.logprobs.clear();
+            }
+        }
+    }
+    GenerateResponse {
+        request_id: choices[0].request_id.clone(),
+        usage,
+        choices,
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
@@ -398,6 +576,87 @@ mod tests {
         let items: Vec<_> = futures::executor::block_on(ResponseStream::new(rx).collect());
         assert_eq!(items.len(), 2);
         assert!(items.iter().all(Result::is_ok));
+    }
+
+    fn choice_response(index: u32, text: &str, logprob: f32, last: bool) -> Item {
+        Ok(GenerateResponse {
+            index,
+            request_id: "r".into(),
+            text: text.into(),
+            token_ids: vec![index],
+            logprobs: vec![SampledLogprobs {
+                sampled: Some(TokenLogprob {
+                    token_id: index,
+                    logprob,
+                }),
+                top: vec![],
+            }],
+            finish_reason: if last {
+                WireFinish::Length
+            } else {
+                WireFinish::Unspecified
+            } as i32,
+            usage: last.then_some(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 2,
+                total_tokens: 7,
+            }),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn choices_interleave_and_the_last_response_counts_the_prompt_once() {
+        let (tx, rx) = response_channels(3);
+        for (i, tx) in tx.iter().enumerate() {
+            let i = i as u32;
+            tx.send(choice_response(i, "a", -1.0, false));
+            tx.send(choice_response(i, "b", -1.0, true));
+        }
+        let items: Vec<GenerateResponse> =
+            futures::executor::block_on(ResponseStream::new(rx).collect::<Vec<_>>())
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+        let order: Vec<u32> = items.iter().map(|r| r.index).collect();
+        assert_eq!(order, [0, 1, 2, 0, 1, 2], "each choice in turn");
+        let usages: Vec<Option<Usage>> = items.iter().map(|r| r.usage).collect();
+        let total = Usage {
+            prompt_tokens: 5,
+            completion_tokens: 6,
+            total_tokens: 11,
+        };
+        assert_eq!(usages, [None, None, None, None, None, Some(total)]);
+    }
+
+    #[test]
+    fn best_of_keeps_the_choices_with_the_highest_cumulative_logprob() {
+        let (tx, rx) = response_channels(3);
+        for (i, lp) in [(0, -2.0), (1, -0.5), (2, -1.0)] {
+            tx[i].send(choice_response(i as u32, "x", lp, false));
+            tx[i].send(choice_response(i as u32, "y", lp, true));
+        }
+        let whole = futures::executor::block_on(collect(rx.keeping_best(2, false))).unwrap();
+        let kept: Vec<(u32, u32, usize)> = whole
+            .choices
+            .iter()
+            .map(|c| (c.index, c.token_ids[0], c.logprobs.len()))
+            .collect();
+        assert_eq!(
+            kept,
+            [(0, 1, 0), (1, 2, 0)],
+            "best first, renumbered, no logprobs"
+        );
+        assert_eq!(whole.choices[0].text, "xy");
+        assert_eq!(whole.usage.map(|u| u.completion_tokens), Some(6));
+        // Without choosing, every choice in index order.
+        let (tx, rx) = response_channels(2);
+        tx[1].send(choice_response(1, "q", -1.0, true));
+        tx[0].send(choice_response(0, "p", -1.0, true));
+        let whole = futures::executor::block_on(collect(rx)).unwrap();
+        let texts: Vec<&str> = whole.choices.iter().map(|c| c.text.as_str()).collect();
+        assert_eq!(texts, ["p", "q"]);
+        assert_eq!(whole.choices[1].logprobs.len(), 1);
     }
 
     #[test]

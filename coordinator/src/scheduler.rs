@@ -75,6 +75,9 @@ pub struct Sequence {
     sent_blocks: usize,
     running: bool,
     params: SequenceParams,
+    /// Another choice of the same request (its first): this one waits until that one's prompt
+    /// blocks are in the prefix cache, then takes them instead of computing them again.
+    leader: Option<u64>,
 }
 
 impl Sequence {
@@ -91,7 +94,14 @@ impl Sequence {
             sent_blocks: 0,
             running: false,
             params,
+            leader: None,
         }
+    }
+
+    /// A further choice of the request whose first choice is `leader`: it shares the prompt.
+    pub fn following(mut self, leader: u64) -> Self {
+        self.leader = Some(leader);
+        self
     }
 
     /// Positions this sequence may fill: prompt + max_new_tokens.
@@ -272,11 +282,24 @@ impl Scheduler {
     /// Queues a sequence; refused if it could never fit in the whole cache or the queue is
     /// full. Admission control checks the first so clients get a clear message early.
     pub fn add(&mut self, seq: Sequence) -> Result<(), AddError> {
-        self.enqueue(seq, true)
+        self.add_all(vec![seq])
     }
 
-    /// Queues `seq`; with `limited`, only within `max_waiting`.
-    fn enqueue(&mut self, seq: Sequence, limited: bool) -> Result<(), AddError> {
+    /// Queues the sequences of one request (its choices) all or none: the waiting limit counts
+    /// every one of them.
+    pub fn add_all(&mut self, seqs: Vec<Sequence>) -> Result<(), AddError> {
+        if self.waiting.len() + seqs.len() > self.config.max_waiting {
+            return Err(AddError::QueueFull(self.waiting.len()));
+        }
+        seqs.iter().try_for_each(|s| self.check(s))?;
+        for seq in seqs {
+            self.enqueue(seq, false)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `seq` could ever run here.
+    fn check(&self, seq: &Sequence) -> Result<(), AddError> {
         let need = seq.final_len().div_ceil(self.blocks.block_size());
         if seq.prompt_len == 0 {
             return Err(AddError::EmptyPrompt);
@@ -288,6 +311,12 @@ impl Scheduler {
                 total: self.blocks.num_total(),
             });
         }
+        Ok(())
+    }
+
+    /// Queues `seq`; with `limited`, only within `max_waiting`.
+    fn enqueue(&mut self, seq: Sequence, limited: bool) -> Result<(), AddError> {
+        self.check(&seq)?;
         if limited && self.waiting.len() >= self.config.max_waiting {
             return Err(AddError::QueueFull(self.waiting.len()));
         }
@@ -503,6 +532,9 @@ impl Scheduler {
             let Some(&(_, id)) = self.waiting.first() else {
                 break;
             };
+            if self.awaits_leader(id) {
+                break;
+            }
             let Some(n) = self.admit(id, budget) else {
                 break;
             };
@@ -544,6 +576,20 @@ impl Scheduler {
             let s = &self.seqs[id];
             s.pending > 0 && s.params.constraint.is_some()
         })
+    }
+
+    /// Whether waiting sequence `id` is a further choice whose leader (the request's first
+    /// choice, ahead of it in the queue) is running but has not yet put every full block of the
+    /// prompt the two share into the prefix cache. It waits at the head for a step or two, so
+    /// that the prompt is computed once; when the leader has ended, been aborted or is waiting
+    /// itself (preempted, requeued), it simply runs.
+    fn awaits_leader(&self, id: u64) -> bool {
+        let Some(s) = self.seqs.get(&id) else {
+            return false;
+        };
+        let leader = s.leader.and_then(|l| self.seqs.get(&l));
+        let shared = s.prompt_len.saturating_sub(1) / self.blocks.block_size();
+        self.config.prefix_caching && leader.is_some_and(|l| l.running && l.hashes.len() < shared)
     }
 
     /// Moves the head of the waiting queue to running if its next chunk fits, after taking
@@ -606,7 +652,7 @@ impl Scheduler {
         let end = s.computed + n;
         let feed_sampled = s.computed == s.tokens.len();
         let sample = end == s.tokens.len() + s.pending;
-        let mut sampling = s.params.sampling;
+        let mut sampling = s.params.sampling.clone();
         sampling.output_index = end.saturating_sub(s.prompt_len) as u32;
         let allowed_tokens = match &mut s.params.constraint {
             Some(c) if sample => c.allowed()?,

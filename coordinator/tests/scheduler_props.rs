@@ -243,7 +243,7 @@ impl Harness {
                 self.engine.kv.insert((table[pos / BLOCK], pos % BLOCK), t);
             }
             if s.sample {
-                let idx = s.sampling.map_or(0, |p| p.output_index);
+                let idx = s.sampling.as_ref().map_or(0, |p| p.output_index);
                 prop_assert_eq!(
                     idx as usize,
                     start + fed.len() - self.prompts[&s.seq_id].len(),

@@ -17,6 +17,12 @@ impl v1::SamplingParams {
     pub fn penalized(&self) -> bool {
         self.repetition_penalized() || self.frequency_penalty != 0.0 || self.presence_penalty != 0.0
     }
+
+    /// The scores differ from the logits before any decoding rule: a penalty or a logit bias.
+    /// Rank 0 then samples from a modified copy (the raw logits still give the logprobs).
+    pub fn reshaped(&self) -> bool {
+        self.penalized() || !self.logit_bias.is_empty()
+    }
 }
 
 /// Positions per KV-cache block, when not configured (vLLM's default): the coordinator's block

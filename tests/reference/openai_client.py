@@ -203,8 +203,14 @@ def bad(base, model, _config):
         "messages_string": ("POST", chat, {"json": {"model": model, "messages": "Hello"}}),
         "unknown_model": ("POST", comp, {"json": {"model": "gpt-4o", "prompt": "x"}}),
         "unknown_model_chat": ("POST", chat, {"json": {"model": "gpt-4o", "messages": user}}),
-        "n_2": ("POST", comp, {"json": {"model": model, "prompt": "x", "n": 2}}),
-        "n_2_chat": ("POST", chat, {"json": {"model": model, "messages": user, "n": 2}}),
+        "n_0": ("POST", comp, {"json": {"model": model, "prompt": "x", "n": 0}}),
+        "n_129_chat": ("POST", chat, {"json": {"model": model, "messages": user, "n": 129}}),
+        "best_of_below_n": ("POST", comp, {"json": {"model": model, "prompt": "x", "n": 3, "best_of": 2}}),
+        "best_of_stream": ("POST", comp, {"json": {"model": model, "prompt": "x", "best_of": 2, "stream": True}}),
+        "choice_tokens": ("POST", comp, {"json": {"model": model, "prompt": "x", "n": 100, "max_tokens": 1000}}),
+        "logit_bias_range": ("POST", chat, {"json": {"model": model, "messages": user, "logit_bias": {"5": 150}}}),
+        "logit_bias_unknown_id": ("POST", comp, {"json": {"model": model, "prompt": "x", "logit_bias": {"99999999": 1}}}),
+        "logit_bias_key": ("POST", comp, {"json": {"model": model, "prompt": "x", "logit_bias": {"the": 1}}}),
         "two_prompts": ("POST", comp, {"json": {"model": model, "prompt": ["a", "b"]}}),
         "echo": ("POST", comp, {"json": {"model": model, "prompt": "x", "echo": True}}),
         "body_5_mib": ("POST", comp, {"content": big, "headers": {"content-type": "application/json"}}),
@@ -236,7 +242,7 @@ def bad(base, model, _config):
     sdk = {}
     for name, call in {
         "unknown_model": lambda: client.completions.create(model="gpt-4o", prompt="x"),
-        "n_2": lambda: client.chat.completions.create(model=model, messages=user, n=2),
+        "n_0": lambda: client.chat.completions.create(model=model, messages=user, n=0),
     }.items():
         try:
             call()
@@ -248,6 +254,52 @@ def bad(base, model, _config):
     # Still serving.
     ok = client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0)
     r["after"] = [ok.choices[0].finish_reason, ok.usage.completion_tokens]
+    return r
+
+
+def choices(base, model, config):
+    """n, best_of and logit_bias through the SDK: choices as listed, streamed chunks in the order
+    they came (index, text), usage, and the legacy logprobs best_of is judged by."""
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    args = dict(
+        model=model, prompt=config["prompt"], max_tokens=10, temperature=0.9, seed=11,
+        extra_body={"ignore_eos": True},
+    )
+    r = {}
+    four = client.completions.create(n=4, logprobs=0, **args)
+    r["four"] = [
+        {"index": c.index, "text": c.text, "logprob": sum(c.logprobs.token_logprobs), "finish_reason": c.finish_reason}
+        for c in four.choices
+    ]
+    r["four_usage"] = four.usage.model_dump(exclude_none=True)
+    r["singles"] = [
+        client.completions.create(**{**args, "seed": 11 + i}).choices[0].text for i in range(4)
+    ]
+    stream = client.completions.create(n=4, stream=True, stream_options={"include_usage": True}, **args)
+    chunks, usage = [], None
+    for chunk in stream:
+        for c in chunk.choices:
+            chunks.append([c.index, c.text, c.finish_reason])
+        if chunk.usage:
+            usage = chunk.usage.model_dump(exclude_none=True)
+    r["stream"], r["stream_usage"] = chunks, usage
+    best = client.completions.create(n=2, best_of=4, **args)
+    r["best"] = [[c.index, c.text] for c in best.choices]
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": config["question"]}], n=3, max_tokens=8,
+        temperature=0.9, seed=3, stream=True,
+    )
+    chat_text = {}
+    for chunk in chat:
+        for c in chunk.choices:
+            chat_text[c.index] = chat_text.get(c.index, "") + (c.delta.content or "")
+    r["chat_stream"] = chat_text
+    # logit_bias with string keys, as the SDK sends it: +100 makes greedy say that token.
+    biased = client.completions.create(
+        model=model, prompt=config["prompt"], max_tokens=4, temperature=0,
+        logit_bias={str(config["forced"]): 100}, extra_body={"ignore_eos": True},
+    )
+    r["biased"] = biased.choices[0].text
     return r
 
 
@@ -314,7 +366,7 @@ def drain(base, model, config):
 def main():
     mode, base, model = sys.argv[1], sys.argv[2].rstrip("/"), sys.argv[3]
     config = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
-    modes = {"api": api, "bad": bad, "disconnect": disconnect, "drain": drain}
+    modes = {"api": api, "bad": bad, "choices": choices, "disconnect": disconnect, "drain": drain}
     print(json.dumps(modes[mode](base, model, config)))
 
 

@@ -229,7 +229,7 @@ async fn bad_inputs_get_openai_errors_and_the_server_serves_on() {
     let r = client("bad", &server, json!({}));
     let cases = r["cases"].as_object().expect("cases");
     // (case, HTTP status, param, words in the message)
-    let expected: [(&str, u16, Option<&str>, &str); 21] = [
+    let expected: [(&str, u16, Option<&str>, &str); 27] = [
         ("malformed_json", 400, None, "not valid JSON"),
         ("empty_body", 400, None, "empty"),
         ("not_an_object", 400, None, "JSON object"),
@@ -238,8 +238,24 @@ async fn bad_inputs_get_openai_errors_and_the_server_serves_on() {
         ("messages_string", 400, Some("messages"), "invalid type"),
         ("unknown_model", 404, Some("model"), "gpt-4o"),
         ("unknown_model_chat", 404, Some("model"), "gpt-4o"),
-        ("n_2", 400, Some("n"), "n must be 1"),
-        ("n_2_chat", 400, Some("n"), "n must be 1"),
+        ("n_0", 400, Some("n"), "n is 0"),
+        ("n_129_chat", 400, Some("n"), "1 to 128"),
+        ("best_of_below_n", 400, Some("best_of"), "at least n (3)"),
+        ("best_of_stream", 400, Some("best_of"), "cannot be streamed"),
+        ("choice_tokens", 400, Some("n"), "n × max_new_tokens"),
+        (
+            "logit_bias_range",
+            400,
+            Some("logit_bias"),
+            "logit_bias[5] is 150",
+        ),
+        (
+            "logit_bias_unknown_id",
+            400,
+            Some("logit_bias"),
+            "outside the vocabulary",
+        ),
+        ("logit_bias_key", 400, Some("logit_bias"), "not a token id"),
         ("two_prompts", 400, Some("prompt"), "2 prompts"),
         ("echo", 400, Some("echo"), "echo is not supported"),
         ("body_5_mib", 400, None, "over the limit of 4 MiB"),
@@ -299,8 +315,8 @@ async fn bad_inputs_get_openai_errors_and_the_server_serves_on() {
     // The SDK raises its typed errors from them.
     assert_eq!(r["sdk"]["unknown_model"][0], "NotFoundError");
     assert_eq!(r["sdk"]["unknown_model"][1], 404);
-    assert_eq!(r["sdk"]["n_2"][0], "BadRequestError");
-    assert_eq!(r["sdk"]["n_2"][1], 400);
+    assert_eq!(r["sdk"]["n_0"][0], "BadRequestError");
+    assert_eq!(r["sdk"]["n_0"][1], 400);
 
     // Still serving, and nothing is held.
     assert_eq!(r["after"], json!(["length", 4]));
@@ -344,4 +360,74 @@ async fn sigterm_drains_http_with_grpc() {
         .wait_exit(Duration::from_secs(10))
         .expect("the server did not exit after SIGTERM");
     assert!(exit.success(), "{exit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_client_gets_several_choices_and_logit_bias() {
+    let server = Process::serve_default("1", &[]);
+    let mut grpc = server.client().await;
+    let prompt_tokens = helios_tests::server::tokenize(&mut grpc, PROMPT)
+        .await
+        .expect("tokenize")
+        .len();
+    let forced = 1234;
+    let config = json!({"prompt": PROMPT, "question": QUESTION, "forced": forced});
+    let r = client("choices", &server, config);
+
+    // n = 4, seeded: choice i is the request with n = 1 and seed + i; listed in index order.
+    let four = r["four"].as_array().expect("four");
+    let indices: Vec<u64> = four.iter().filter_map(|c| c["index"].as_u64()).collect();
+    assert_eq!(indices, [0, 1, 2, 3]);
+    let four_texts: Vec<&str> = four.iter().filter_map(|c| c["text"].as_str()).collect();
+    assert_eq!(four_texts, texts(&r["singles"]));
+    assert_eq!(
+        r["four_usage"],
+        json!({"prompt_tokens": prompt_tokens, "completion_tokens": 40,
+            "total_tokens": prompt_tokens + 40})
+    );
+
+    // Streamed: chunks of the choices interleaved, each index's text the unary choice's, and
+    // the usage once all have finished.
+    let chunks = r["stream"].as_array().expect("stream");
+    let mut streamed = vec![String::new(); 4];
+    let mut order = Vec::new();
+    for c in chunks {
+        let i = c[0].as_u64().expect("index") as usize;
+        streamed[i].push_str(c[1].as_str().unwrap_or_default());
+        order.push(i);
+    }
+    assert_eq!(streamed, four_texts);
+    let switches = order.windows(2).filter(|w| w[0] != w[1]).count();
+    assert!(switches > 3, "interleaved: {order:?}");
+    assert_eq!(r["stream_usage"], r["four_usage"]);
+    let chat = r["chat_stream"].as_object().expect("chat");
+    assert_eq!(chat.len(), 3, "{chat:?}");
+
+    // best_of = 4, n = 2: the two with the highest cumulative logprob, best first.
+    let mut ranked: Vec<(f64, &str)> = four
+        .iter()
+        .map(|c| {
+            (
+                c["logprob"].as_f64().unwrap_or(f64::NAN),
+                c["text"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
+    assert_eq!(
+        r["best"],
+        json!([[0, ranked[0].1], [1, ranked[1].1]]),
+        "{ranked:?}"
+    );
+
+    // logit_bias {"1234": 100}: greedy says token 1234 four times.
+    let token = grpc
+        .detokenize(helios_proto::v1::DetokenizeRequest {
+            token_ids: vec![forced; 4],
+        })
+        .await
+        .expect("detokenize")
+        .into_inner()
+        .text;
+    assert_eq!(r["biased"], token.as_str());
 }

@@ -87,6 +87,16 @@ fn check_sampling(
             p.repetition_penalty
         )));
     }
+    if let Some((t, b)) = p
+        .logit_bias
+        .iter()
+        .find(|(&t, b)| t as usize >= lim.vocab_size || !b.is_finite())
+    {
+        return Err(invalid(format!(
+            "sequence {id}: logit_bias {t}: {b} is outside the vocabulary of {} or not finite",
+            lim.vocab_size
+        )));
+    }
     if let Some(t) = context.iter().find(|&&t| t as usize >= lim.vocab_size) {
         return Err(invalid(format!(
             "sequence {id}: context token {t} is outside the vocabulary of {}",

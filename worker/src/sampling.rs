@@ -5,8 +5,9 @@
 //! same tokens alone, in any batch, and after being recomputed. Penalties keep that property
 //! because they read only the sequence's own context, which the coordinator sends with the step.
 //!
-//! Penalties (repetition, then frequency and presence, in vLLM's order) are applied to a copy of
-//! the logits before any decoding rule, so greedy decoding is penalized too. The counts come from
+//! Penalties (repetition, then frequency and presence, in vLLM's order) and then the logit bias
+//! are applied to a copy of the logits before any decoding rule, so greedy decoding is
+//! penalized (and biased) too. The counts come from
 //! sorting the context (usually far shorter than the vocabulary) rather than from a vocab-sized
 //! table: only the tokens that occur are touched, and the one vocab-sized allocation per token
 //! is the penalized copy itself, which we need anyway because the raw logits must survive.
@@ -86,18 +87,21 @@ pub fn allows(mask: &[u8], id: usize) -> bool {
 }
 
 /// The penalized copy of `logits`, the scores of token ids `offset ..` (a rank's slice of the
-/// vocabulary, or all of it from 0), or `None` when `p` sets no penalty (no copy then).
+/// vocabulary, or all of it from 0), or `None` when `p` sets no penalty and no bias (no copy
+/// then).
 ///
 /// Repetition (whole context): a positive logit is divided by the penalty, any other multiplied,
 /// so a penalty > 1 always lowers it. Then frequency and presence (the output only, the last
-/// `output_index` tokens of the context): `logit -= frequency * count + presence`.
+/// `output_index` tokens of the context): `logit -= frequency * count + presence`. Then the
+/// logit bias, as vLLM orders it: `logit += bias`, each entry on the slice that holds its id,
+/// so a slice's best candidates are those of the biased whole row.
 fn penalize(
     logits: &[f32],
     offset: usize,
     p: &SamplingParams,
     context: &[u32],
 ) -> Option<Vec<f32>> {
-    if !p.penalized() {
+    if !p.reshaped() {
         return None;
     }
     let mut out = logits.to_vec();
@@ -121,6 +125,12 @@ fn penalize(
             if let Some(v) = at(run[0]).and_then(|i| out.get_mut(i)) {
                 *v -= p.frequency_penalty * run.len() as f32 + p.presence_penalty;
             }
+        }
+    }
+    // Each id once (a map), so the order of the entries cannot change the sums.
+    for (&t, &bias) in &p.logit_bias {
+        if let Some(v) = at(t).and_then(|i| out.get_mut(i)) {
+            *v += bias;
         }
     }
     Some(out)
@@ -626,6 +636,44 @@ mod tests {
     }
 
     #[test]
+    fn logit_bias_comes_after_the_penalties_and_leaves_logprobs_alone() {
+        let bias = |entries: &[(u32, f32)]| SamplingParams {
+            logit_bias: entries.iter().copied().collect(),
+            ..Default::default()
+        };
+        let logits = [3.0f32, 1.0, 2.0];
+        // +100 forces a token, -100 bans one; ids outside the slice are ignored.
+        assert_eq!(penalized_greedy(&logits, bias(&[(1, 100.0)]), &[]), 1);
+        assert_eq!(penalized_greedy(&logits, bias(&[(0, -100.0)]), &[]), 2);
+        assert_eq!(
+            penalize(&logits, 0, &bias(&[(2, 0.5), (9, 1.0)]), &[]),
+            Some(vec![3.0, 1.0, 2.5])
+        );
+        // On a slice starting at id 1 the entry for id 2 lands on its second score.
+        assert_eq!(
+            penalize(&logits[1..], 1, &bias(&[(2, 0.5), (0, 7.0)]), &[]),
+            Some(vec![1.0, 2.5])
+        );
+        // After repetition: 4 / 2 + 1 = 3 (before it, (4 + 1) / 2 = 2.5).
+        let both = SamplingParams {
+            repetition_penalty: 2.0,
+            ..bias(&[(0, 1.0)])
+        };
+        assert_eq!(penalize(&[4.0, 0.0], 0, &both, &[0]), Some(vec![3.0, 0.0]));
+        // The sampled token moves; its reported logprob is the unbiased one.
+        let asked = SamplingParams {
+            logprobs: true,
+            top_logprobs: 1,
+            ..bias(&[(1, 100.0)])
+        };
+        let t = sample(&logits, &seq(Some(asked), &[], 1));
+        let lsm = brute_log_softmax(&logits);
+        assert_eq!(t.token_id, 1);
+        assert!((t.logprob as f64 - lsm[1]).abs() < 1e-6);
+        assert_eq!(t.top_logprobs[0].token_id, 0);
+    }
+
+    #[test]
     fn logprobs_come_from_the_unpenalized_distribution() {
         let logits: Vec<f32> = (0..40).map(|i| (i as f32 * 0.71).cos() * 3.0).collect();
         let lsm = brute_log_softmax(&logits);
@@ -637,7 +685,7 @@ mod tests {
             top_logprobs: 3,
             ..Default::default()
         };
-        let plain = sample(&logits, &seq(Some(p), &[], 1));
+        let plain = sample(&logits, &seq(Some(p.clone()), &[], 1));
         let pen = sample(&logits, &seq(Some(p), &[top], 1));
         assert_eq!(plain.token_id, top);
         assert_ne!(pen.token_id, top, "the penalty moves greedy off the argmax");

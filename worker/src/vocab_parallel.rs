@@ -197,8 +197,10 @@ mod tests {
         vec![spread, peaked, ties, negative]
     }
 
-    /// Every sampling option, alone and combined, with penalties on tokens of every slice.
-    fn options() -> Vec<SamplingParams> {
+    /// Every sampling option, alone and combined, with penalties on tokens of every slice, and
+    /// logit biases (`top`: the row's argmax, `vocab`: its length) that ban the argmax, lift
+    /// tokens of every slice, or do both under penalties.
+    fn options(top: u32, vocab: u32) -> Vec<SamplingParams> {
         let base = |t: f32, k: u32, p: f32, min_p: f32| SamplingParams {
             temperature: t,
             top_k: k,
@@ -235,10 +237,37 @@ mod tests {
                 });
             }
         }
+        let biases = [
+            vec![(top, -100.0)],
+            vec![(3, 4.0), (vocab / 2, 6.0), (vocab - 1, -3.0), (17, 1.5)],
+            vec![(top, -100.0), (vocab - 1, 100.0)],
+        ];
+        for bias in biases {
+            for p in [
+                base(0.0, 0, 1.0, 0.0),
+                base(0.9, 20, 0.8, 0.0),
+                base(0.9, 0, 0.8, 0.0),
+                SamplingParams {
+                    repetition_penalty: 1.3,
+                    frequency_penalty: 0.7,
+                    output_index: 6,
+                    ..base(0.8, 5, 1.0, 0.0)
+                },
+                SamplingParams {
+                    top_logprobs: 3,
+                    ..base(0.0, 0, 1.0, 0.0)
+                },
+            ] {
+                out.push(SamplingParams {
+                    logit_bias: bias.iter().copied().collect(),
+                    ..p
+                });
+            }
+        }
         for p in [base(0.0, 0, 1.0, 0.0), base(0.9, 20, 1.0, 0.0)] {
             out.push(SamplingParams {
                 logprobs: true,
-                ..p
+                ..p.clone()
             });
             out.push(SamplingParams {
                 top_logprobs: 5,
@@ -270,14 +299,14 @@ mod tests {
         for t in (0..vocab).filter(|&t| t % 7 == 3 && t != top as usize) {
             mask[t / 8] |= 1 << (t % 8);
         }
-        for (n, p) in options().into_iter().enumerate() {
+        for (n, p) in options(top, vocab as u32).into_iter().enumerate() {
             for (draw, allowed) in (0..4).flat_map(|d| [(d, Vec::new()), (d, mask.clone())]) {
                 let seq = SequenceStep {
                     seq_id: 9,
                     sample: true,
                     sampling: Some(SamplingParams {
                         output_index: p.output_index + draw,
-                        ..p
+                        ..p.clone()
                     }),
                     context_token_ids: context.to_vec(),
                     allowed_tokens: allowed,

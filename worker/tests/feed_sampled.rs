@@ -128,7 +128,7 @@ impl Seq {
             token_ids: self.prompt.clone(),
             block_table: (self.first_block..self.first_block + BLOCKS_PER_SEQ).collect(),
             sample: true,
-            sampling: self.sampling,
+            sampling: self.sampling.clone(),
             context_token_ids: if self.penalized() {
                 self.prompt.clone()
             } else {
@@ -157,7 +157,7 @@ impl Seq {
             start_pos: (seen - 1) as u32,
             append_blocks: true,
             sample: true,
-            sampling: self.sampling.map(|p| SamplingParams {
+            sampling: self.sampling.clone().map(|p| SamplingParams {
                 output_index: self.out.len() as u32,
                 ..p
             }),

@@ -347,7 +347,8 @@ impl App {
             t.logprobs,
             t.include_usage,
             self.front.tokenizer(),
-        );
+        )
+        .with_choices(t.choices);
         if t.stream {
             return Ok(responder.stream(rx));
         }

@@ -2,9 +2,11 @@
 //! server-sent events.
 //!
 //! A stream is `data: {chunk}\n\n` per response that adds text or logprobs (a chat stream
-//! starts with a chunk whose delta is `role: "assistant"`); the last carries `finish_reason`;
-//! then, with `stream_options.include_usage`, a chunk with `usage` and no choices; then
-//! `data: [DONE]`. An error after the stream started (the replica went down) is sent as
+//! starts with a chunk per choice whose delta is `role: "assistant"`); a choice's last carries
+//! its `finish_reason`. With `n` > 1 the choices' chunks are interleaved as they come, each
+//! naming its `index`, as OpenAI's are. Once every choice has finished: with
+//! `stream_options.include_usage`, a chunk with `usage` (the prompt once, every choice's
+//! tokens) and no choices; then `data: [DONE]`. An error after the stream started (the replica went down) is sent as
 //! `data: {"error": {...}}`, then `data: [DONE]`.
 //!
 //! Finish reasons as OpenAI names them: `length`, or `stop` for an EOS token and a stop string
@@ -48,8 +50,10 @@ pub struct Responder {
     pub logprobs: LogprobsFormat,
     pub include_usage: bool,
     pub tokenizer: Arc<TextTokenizer>,
-    /// Characters of completion text streamed so far (the legacy `text_offset`).
-    offset: u32,
+    /// Per choice, characters of completion text streamed so far (the legacy `text_offset`).
+    offsets: Vec<u32>,
+    /// Choices whose last response was streamed.
+    finished: usize,
 }
 
 /// OpenAI's name of a finish reason; None until the last response.
@@ -94,51 +98,83 @@ impl Responder {
             logprobs,
             include_usage,
             tokenizer,
-            offset: 0,
+            offsets: vec![0],
+            finished: 0,
         }
     }
 
+    /// It answers a request of `n` choices (1 unless set).
+    pub fn with_choices(mut self, n: usize) -> Self {
+        self.offsets = vec![0; n.max(1)];
+        self
+    }
+
     /// The whole answer of a request that was not streamed (`whole` as `output::collect`
-    /// folds the responses).
-    pub fn whole(mut self, whole: GenerateResponse) -> String {
-        let finish = finish_reason(whole.finish_reason);
+    /// folds the responses: one choice, or several in `whole.choices`).
+    pub fn whole(mut self, mut whole: GenerateResponse) -> String {
         let usage = usage(&whole);
+        let choices = match std::mem::take(&mut whole.choices) {
+            several if !several.is_empty() => several,
+            _ => vec![whole],
+        };
         match self.endpoint {
-            Endpoint::Completions => json(&Completion {
-                id: self.id.clone(),
-                object: "text_completion",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![CompletionChoice {
-                    index: 0,
-                    logprobs: self.legacy(&whole),
-                    text: whole.text,
-                    finish_reason: finish,
-                }],
-                usage: Some(usage),
-            }),
-            Endpoint::Chat => json(&ChatCompletion {
-                id: self.id.clone(),
-                object: "chat.completion",
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![ChatChoice {
-                    index: 0,
-                    logprobs: self.chat_logprobs(&whole),
-                    message: ChatMessageOut {
-                        role: "assistant",
-                        content: whole.text,
-                    },
-                    finish_reason: finish,
-                }],
-                usage,
-            }),
+            Endpoint::Completions => {
+                let choices = choices
+                    .into_iter()
+                    .map(|c| CompletionChoice {
+                        index: c.index,
+                        logprobs: self.legacy(&c),
+                        finish_reason: finish_reason(c.finish_reason),
+                        text: c.text,
+                    })
+                    .collect();
+                json(&Completion {
+                    id: self.id.clone(),
+                    object: "text_completion",
+                    created: self.created,
+                    model: self.model.clone(),
+                    choices,
+                    usage: Some(usage),
+                })
+            }
+            Endpoint::Chat => {
+                let choices = choices
+                    .into_iter()
+                    .map(|c| ChatChoice {
+                        index: c.index,
+                        logprobs: self.chat_logprobs(&c),
+                        finish_reason: finish_reason(c.finish_reason),
+                        message: ChatMessageOut {
+                            role: "assistant",
+                            content: c.text,
+                        },
+                    })
+                    .collect();
+                json(&ChatCompletion {
+                    id: self.id.clone(),
+                    object: "chat.completion",
+                    created: self.created,
+                    model: self.model.clone(),
+                    choices,
+                    usage,
+                })
+            }
         }
     }
 
     fn legacy(&mut self, r: &GenerateResponse) -> Option<super::types::CompletionLogprobs> {
-        (self.logprobs == LogprobsFormat::Legacy)
-            .then(|| logprobs::completion(&self.tokenizer, &r.logprobs, &mut self.offset))
+        if self.logprobs != LogprobsFormat::Legacy {
+            return None;
+        }
+        let i = r.index as usize;
+        if i >= self.offsets.len() {
+            self.offsets.resize(i + 1, 0);
+        }
+        Some(logprobs::completion(
+            &self.tokenizer,
+            &r.logprobs,
+            &mut self.offsets[i],
+        ))
     }
 
     fn chat_logprobs(&self, r: &GenerateResponse) -> Option<super::types::ChatLogprobs> {
@@ -168,22 +204,27 @@ impl Responder {
         })
     }
 
-    /// What a stream starts with: a chat stream names the role first, as OpenAI's does.
+    /// What a stream starts with: a chat stream names every choice's role first, as OpenAI's
+    /// does.
     pub fn opening(&self) -> Vec<String> {
         match self.endpoint {
             Endpoint::Completions => Vec::new(),
-            Endpoint::Chat => vec![self.chat_chunk(
-                vec![ChatChunkChoice {
-                    index: 0,
-                    delta: Delta {
-                        role: Some("assistant"),
-                        content: Some(String::new()),
-                    },
-                    logprobs: None,
-                    finish_reason: None,
-                }],
-                None,
-            )],
+            Endpoint::Chat => (0..self.offsets.len() as u32)
+                .map(|index| {
+                    self.chat_chunk(
+                        vec![ChatChunkChoice {
+                            index,
+                            delta: Delta {
+                                role: Some("assistant"),
+                                content: Some(String::new()),
+                            },
+                            logprobs: None,
+                            finish_reason: None,
+                        }],
+                        None,
+                    )
+                })
+                .collect(),
         }
     }
 
@@ -201,7 +242,7 @@ impl Responder {
             out.push(match self.endpoint {
                 Endpoint::Completions => {
                     let choice = CompletionChoice {
-                        index: 0,
+                        index: r.index,
                         logprobs: self.legacy(&r),
                         text: r.text.clone(),
                         finish_reason: finish,
@@ -210,7 +251,7 @@ impl Responder {
                 }
                 Endpoint::Chat => {
                     let choice = ChatChunkChoice {
-                        index: 0,
+                        index: r.index,
                         logprobs: self.chat_logprobs(&r),
                         delta: Delta {
                             role: None,
@@ -223,6 +264,10 @@ impl Responder {
             });
         }
         if finish.is_some() {
+            self.finished += 1;
+        }
+        // The request's last response: every choice has finished (it carries the usage).
+        if finish.is_some() && self.finished >= self.offsets.len() {
             if self.include_usage {
                 let usage = Some(usage(&r));
                 out.push(match self.endpoint {
@@ -341,6 +386,50 @@ mod tests {
             })
             .collect();
         assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+    }
+
+    #[test]
+    fn several_choices_stream_by_index_and_end_once_all_have_finished() {
+        let mut r = responder(Endpoint::Chat, LogprobsFormat::None, true).with_choices(2);
+        let mut events = r.opening();
+        let mut tok = |index: u32, text: &str, finish| {
+            let mut t = token(index, text, finish).unwrap();
+            t.index = index;
+            r.events(Ok(t))
+        };
+        events.extend(tok(1, "B", FinishReason::Unspecified));
+        events.extend(tok(0, "A", FinishReason::Eos));
+        assert_ne!(events.last().map(String::as_str), Some("[DONE]"));
+        events.extend(tok(1, "b", FinishReason::Length));
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let v = parse(&events);
+        let indices: Vec<Option<u64>> = v
+            .iter()
+            .map(|c| c["choices"][0]["index"].as_u64())
+            .collect();
+        assert_eq!(indices[..5], [0, 1, 1, 0, 1].map(Some));
+        assert_eq!(v[0]["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(v[1]["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(v[5]["choices"].as_array().map(Vec::len), Some(0));
+        assert_eq!(v.len(), 6, "one usage chunk, after the last choice");
+        // Whole: every choice, usage at the top.
+        let r = responder(Endpoint::Completions, LogprobsFormat::None, false).with_choices(2);
+        let choices = (0..2)
+            .map(|i| GenerateResponse {
+                index: i,
+                text: format!("t{i}"),
+                finish_reason: FinishReason::Length as i32,
+                ..Default::default()
+            })
+            .collect();
+        let whole = GenerateResponse {
+            choices,
+            ..token(0, "", FinishReason::Unspecified).unwrap()
+        };
+        let v: serde_json::Value = serde_json::from_str(&r.whole(whole)).unwrap();
+        assert_eq!(v["choices"][1]["text"], "t1");
+        assert_eq!(v["choices"][1]["index"], 1);
+        assert_eq!(v["choices"][1]["finish_reason"], "length");
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //! vocabulary are checked there, with the same messages, not here.
 //!
 //! What is checked here is what only the OpenAI shape can get wrong: the several shapes of
-//! `prompt`, `stop` and message `content`, and the features Helios does not have, which are
-//! refused rather than silently ignored: more than one completion (`n`, `best_of`, several
-//! prompts), `echo`, `suffix`, `logit_bias`, tools, content parts other than text.
-//! Structured outputs are read in [`super::structured`].
+//! `prompt`, `stop`, message `content` and `logit_bias` (string keys), `best_of` with `stream`,
+//! and the features Helios does not have, which are refused rather than silently ignored:
+//! several prompts, `echo`, `suffix`, tools, content parts other than text. Structured
+//! outputs are read in [`super::structured`]. `n`, `best_of` and the bias values are checked by admission, as for gRPC.
+
+use std::collections::HashMap;
 
 use helios_proto::v1::{ChatMessage, GenerateRequest, GenerationParameters};
 use serde_json::Value;
@@ -14,7 +16,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::structured;
 use super::types::{ChatRequest, Common, CompletionRequest};
-use crate::admission::MAX_LOGPROBS;
+use crate::admission::{check_streamable, MAX_LOGPROBS};
 
 /// Which logprobs format a response carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +39,8 @@ pub struct Translated {
     /// The parameter that set a structured output constraint: errors about the constraint
     /// name it.
     pub constraint_param: Option<&'static str>,
+    /// Choices the answer holds (`n`).
+    pub choices: usize,
 }
 
 /// `/v1/completions`.
@@ -54,12 +58,6 @@ pub fn completion(
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
     }
-    if req.best_of.is_some_and(|b| b != 1) {
-        return Err(ApiError::invalid_param(
-            "best_of",
-            "best_of must be 1: one completion per request",
-        ));
-    }
     if let Some(n) = req.logprobs.filter(|&n| n > MAX_LOGPROBS) {
         return Err(ApiError::invalid_param(
             "logprobs",
@@ -71,7 +69,7 @@ pub fn completion(
         Some(_) => LogprobsFormat::Legacy,
         None => LogprobsFormat::None,
     };
-    finish(
+    let mut t = finish(
         common,
         request_id,
         GenerateRequest {
@@ -82,7 +80,14 @@ pub fn completion(
         req.max_tokens,
         req.logprobs,
         logprobs,
-    )
+    )?;
+    if let Some(p) = t.request.parameters.as_mut() {
+        p.best_of = req.best_of;
+    }
+    if t.stream {
+        check_streamable(t.request.parameters.as_ref()).map_err(ApiError::from)?;
+    }
+    Ok(t)
 }
 
 /// `/v1/chat/completions`.
@@ -153,18 +158,6 @@ fn finish(
     logprobs: Option<u32>,
     format: LogprobsFormat,
 ) -> Result<Translated, ApiError> {
-    if c.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid_param(
-            "n",
-            "n must be 1: one completion per request",
-        ));
-    }
-    if c.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
-        return Err(ApiError::invalid_param(
-            "logit_bias",
-            "logit_bias is not supported",
-        ));
-    }
     let (constraint_param, constraint) = structured::constraint(&c)?.unzip();
     let stream = c.stream.unwrap_or(false);
     let include_usage = c
@@ -188,6 +181,9 @@ fn finish(
         ignore_eos: c.ignore_eos.unwrap_or(false),
         logprobs,
         constraint,
+        n: c.n,
+        best_of: None,
+        logit_bias: logit_bias(c.logit_bias)?,
     };
     Ok(Translated {
         request: GenerateRequest {
@@ -201,7 +197,27 @@ fn finish(
         include_usage,
         logprobs: format,
         constraint_param,
+        choices: c.n.unwrap_or(1) as usize,
     })
+}
+
+/// `logit_bias`: token ids as string keys (OpenAI's JSON shape), numbers as biases; their
+/// ranges are admission's to check.
+fn logit_bias(b: Option<serde_json::Map<String, Value>>) -> Result<HashMap<u32, f32>, ApiError> {
+    let bad = |msg: String| ApiError::invalid_param("logit_bias", msg);
+    b.unwrap_or_default()
+        .into_iter()
+        .map(|(key, v)| {
+            let id = key
+                .trim()
+                .parse::<u32>()
+                .map_err(|_| bad(format!("logit_bias: key {key:?} is not a token id")))?;
+            let bias = v
+                .as_f64()
+                .ok_or_else(|| bad(format!("logit_bias[{key}] is {v}, not a number")))?;
+            Ok((id, bias as f32))
+        })
+        .collect()
 }
 
 /// A completions `prompt`: (text, token ids), one of them set.
@@ -211,7 +227,7 @@ fn prompt(p: Option<Value>) -> Result<(String, Vec<u32>), ApiError> {
         "prompt must be a string, an array of token ids, or an array holding one of either";
     let one_only = |n: usize| {
         bad(&format!(
-            "{n} prompts: one prompt per request (batched prompts are not supported, as n > 1 is not)"
+            "{n} prompts: one prompt per request (batched prompts are not supported; n asks for several completions of one)"
         ))
     };
     match p {
@@ -402,15 +418,22 @@ mod tests {
     #[test]
     fn unsupported_features_are_refused_by_name() {
         for (bad, param) in [
-            (r#"{"prompt": "x", "n": 2}"#, "n"),
-            (r#"{"prompt": "x", "n": 0}"#, "n"),
-            (r#"{"prompt": "x", "best_of": 3}"#, "best_of"),
+            (r#"{"prompt": "x", "n": -1}"#, "n"),
+            (
+                r#"{"prompt": "x", "best_of": 3, "stream": true}"#,
+                "best_of",
+            ),
             (r#"{"prompt": "x", "echo": true}"#, "echo"),
             (r#"{"prompt": "x", "suffix": "end"}"#, "suffix"),
             (
-                r#"{"prompt": "x", "logit_bias": {"50256": -100}}"#,
+                r#"{"prompt": "x", "logit_bias": {"a": -100}}"#,
                 "logit_bias",
             ),
+            (
+                r#"{"prompt": "x", "logit_bias": {"7": "up"}}"#,
+                "logit_bias",
+            ),
+            (r#"{"prompt": "x", "logit_bias": [1]}"#, "logit_bias"),
             (r#"{"prompt": "x", "logprobs": 21}"#, "logprobs"),
             (r#"{"prompt": "x", "stop": [1]}"#, "stop"),
             (r#"{"prompt": "x", "max_tokens": "ten"}"#, "max_tokens"),
@@ -424,6 +447,24 @@ mod tests {
             assert_eq!(e.status.as_u16(), 400, "{bad}");
             assert_eq!(e.param.as_deref(), Some(param), "{bad}: {}", e.message);
         }
+    }
+
+    #[test]
+    fn choices_and_logit_bias_reach_the_generate_request() {
+        let t = completion_of(
+            r#"{"prompt": "x", "n": 2, "best_of": 3, "logit_bias": {"50256": -100, " 7": 2.5}}"#,
+        )
+        .unwrap();
+        let p = params(&t);
+        assert_eq!((p.n, p.best_of, t.choices), (Some(2), Some(3), 2));
+        let bias: std::collections::BTreeMap<u32, f32> =
+            p.logit_bias.iter().map(|(&k, &v)| (k, v)).collect();
+        assert_eq!(bias, [(7, 2.5), (50256, -100.0)].into());
+        // Streamed, n choices are fine; only choosing among more (best_of > n) is not.
+        assert!(completion_of(r#"{"prompt": "x", "n": 3, "stream": true}"#).is_ok());
+        assert!(completion_of(r#"{"prompt": "x", "n": 3, "best_of": 3, "stream": true}"#).is_ok());
+        let t = chat_of(r#"{"messages": [{"role": "user", "content": "x"}], "n": 4}"#).unwrap();
+        assert_eq!((params(&t).n, t.choices), (Some(4), 4));
     }
 
     #[test]
@@ -482,7 +523,7 @@ mod tests {
             (format!(r#"{{"messages": {user}, "top_logprobs": 2}}"#), "top_logprobs"),
             (format!(r#"{{"messages": {user}, "logprobs": true, "top_logprobs": 21}}"#), "top_logprobs"),
             (format!(r#"{{"messages": {user}, "logprobs": 2}}"#), "logprobs"),
-            (format!(r#"{{"messages": {user}, "n": 2}}"#), "n"),
+            (format!(r#"{{"messages": {user}, "n": "two"}}"#), "n"),
             (format!(r#"{{"messages": {user}, "tools": [{{"type": "function"}}]}}"#), "tools"),
             (
                 format!(r#"{{"messages": {user}, "response_format": {{"type": "xml"}}}}"#),

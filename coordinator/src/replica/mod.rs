@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use self::ranks::Ranks;
 pub use self::ranks::RecoveryOptions;
 pub use self::snapshot::{Published, ReplicaSnapshot, ReplicaState, StepTotals};
-use self::step_loop::{LoopMessage, NewRequest, Observers, Placement, StepLoop};
+use self::step_loop::{fail_choices, LoopMessage, NewRequest, Observers, Placement, StepLoop};
 use crate::admission::Limits;
 use crate::error::ServeError;
 use crate::membership::Membership;
@@ -211,19 +211,21 @@ impl Replica {
         &self.0.in_flight
     }
 
-    /// Hands an admitted request to the step loop, or answers it with the reason the replica
-    /// cannot take it.
-    pub fn submit(&self, mut request: NewRequest) -> Result<(), ServeError> {
+    /// Hands an admitted request (its choices, the first first) to the step loop, or answers
+    /// it with the reason the replica cannot take it.
+    pub fn submit(&self, mut choices: Vec<NewRequest>) -> Result<(), ServeError> {
         if let Some(refused) = self.state().refusal() {
-            request.output.fail(refused.clone());
+            fail_choices(choices, &refused);
             return Err(refused);
         }
-        request.output.routed(self.0.id);
-        let message = LoopMessage::Request(Box::new(request));
+        for c in &mut choices {
+            c.output.routed(self.0.id);
+        }
+        let message = LoopMessage::Request(choices);
         if let Err(mpsc::error::SendError(message)) = self.0.requests.send(message) {
             let stopped = ServeError::ReplicaDown("the step loop has stopped".into());
             if let LoopMessage::Request(r) = message {
-                r.output.fail(stopped.clone());
+                fail_choices(r, &stopped);
             }
             return Err(stopped);
         }

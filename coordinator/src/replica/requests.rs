@@ -26,18 +26,36 @@ impl Requests {
         }
     }
 
-    /// Queues an admitted request, or answers it why not.
-    pub fn add(&mut self, r: NewRequest) {
-        let id = self.next_seq;
-        self.next_seq += 1;
-        let seq = Sequence::new(id, r.admitted.prompt_ids, r.admitted.params);
-        match self.scheduler.add(seq) {
+    /// Queues an admitted request, one sequence per choice (all or none), or answers it why
+    /// not. Choices after the first follow it: they take its prompt's blocks from the prefix
+    /// cache once it has computed them.
+    pub fn add(&mut self, choices: Vec<NewRequest>) {
+        let first = self.next_seq;
+        self.next_seq += choices.len() as u64;
+        let mut seqs = Vec::with_capacity(choices.len());
+        let mut outputs = Vec::with_capacity(choices.len());
+        for (id, c) in (first..).zip(choices) {
+            let seq = Sequence::new(id, c.admitted.prompt_ids, c.admitted.params);
+            seqs.push(if id == first {
+                seq
+            } else {
+                seq.following(first)
+            });
+            outputs.push((id, c.output));
+        }
+        let error = match self.scheduler.add_all(seqs) {
             Ok(()) => {
-                tracing::debug!(request_id = r.output.request_id(), seq = id, "queued");
-                self.outputs.insert(id, r.output);
+                for (id, output) in outputs {
+                    tracing::debug!(request_id = output.request_id(), seq = id, "queued");
+                    self.outputs.insert(id, output);
+                }
+                return;
             }
-            Err(AddError::QueueFull(n)) => r.output.fail(ServeError::QueueFull(n)),
-            Err(e) => r.output.fail(ServeError::invalid_request(e.to_string())),
+            Err(AddError::QueueFull(n)) => ServeError::QueueFull(n),
+            Err(e) => ServeError::invalid_request(e.to_string()),
+        };
+        for (_, output) in outputs {
+            output.fail(error.clone());
         }
     }
 
@@ -141,17 +159,23 @@ impl Requests {
 }
 
 impl Moved {
-    /// A request that was never queued here, moving on as it came.
-    pub fn unqueued(from: u32, r: NewRequest) -> Self {
-        let prompt_len = r.admitted.prompt_ids.len();
-        Self {
-            from,
-            departing: Departing {
-                tokens: r.admitted.prompt_ids,
-                prompt_len,
-                params: r.admitted.params,
-            },
-            output: r.output,
-        }
+    /// A request that was never queued here, moving on as it came: each choice on its own
+    /// (they no longer wait for one another).
+    pub fn unqueued(from: u32, choices: Vec<NewRequest>) -> Vec<Self> {
+        choices
+            .into_iter()
+            .map(|r| {
+                let prompt_len = r.admitted.prompt_ids.len();
+                Self {
+                    from,
+                    departing: Departing {
+                        tokens: r.admitted.prompt_ids,
+                        prompt_len,
+                        params: r.admitted.params,
+                    },
+                    output: r.output,
+                }
+            })
+            .collect()
     }
 }

@@ -73,15 +73,23 @@ const RECOVERY_TICK: Duration = Duration::from_millis(100);
 /// Most links from a step's span to the traced requests it served besides its parent's.
 const MAX_STEP_LINKS: usize = 32;
 
-/// A request that passed admission, on its way to the step loop.
+/// One choice of a request that passed admission, on its way to the step loop.
 pub struct NewRequest {
     pub admitted: Admitted,
     pub output: RequestOutput,
 }
 
+/// Ends every choice of a request with `error`.
+pub fn fail_choices(choices: Vec<NewRequest>, error: &ServeError) {
+    for c in choices {
+        c.output.fail(error.clone());
+    }
+}
+
 /// What the step loop is told.
 pub enum LoopMessage {
-    Request(Box<NewRequest>),
+    /// A new request: its choices, the first first (see `Requests::add`).
+    Request(Vec<NewRequest>),
     /// A request moved here from a lost replica, with its tokens.
     Resume(Box<Moved>),
     /// End every request now with finish reason CANCELLED (shutdown after its grace period).
@@ -338,7 +346,7 @@ impl StepLoop {
     /// Handles one message; `Some` when the loop must stop.
     async fn take(&mut self, m: LoopMessage) -> Option<Stop> {
         match m {
-            LoopMessage::Request(r) => self.requests.add(*r),
+            LoopMessage::Request(r) => self.requests.add(r),
             LoopMessage::Resume(m) => {
                 let p = &self.placement;
                 self.requests.resume(*m, p.id, &p.accepted);
@@ -452,9 +460,9 @@ impl StepLoop {
                         None => {}
                         Some(LoopMessage::Request(r)) if gave_up => {
                             let refused = published.state().refusal();
-                            r.output.fail(refused.unwrap_or(ServeError::Recovering(loss.why.clone())));
+                            fail_choices(r, &refused.unwrap_or(ServeError::Recovering(loss.why.clone())));
                         }
-                        Some(LoopMessage::Request(r)) => requests.add(*r),
+                        Some(LoopMessage::Request(r)) => requests.add(r),
                         Some(LoopMessage::Resume(m)) => {
                             requests.resume(*m, placement.id, &placement.accepted);
                         }
@@ -597,7 +605,7 @@ impl StepLoop {
                 continue;
             };
             match m {
-                LoopMessage::Request(r) => r.output.fail(error.clone()),
+                LoopMessage::Request(r) => fail_choices(r, &error),
                 LoopMessage::Resume(m) => m.output.fail(error.clone()),
                 LoopMessage::CancelAll => {}
                 LoopMessage::Release(grace, done) => {
@@ -631,7 +639,11 @@ impl Placement {
             return Some(m);
         };
         match m {
-            LoopMessage::Request(r) => failover.send(Moved::unqueued(self.id, *r)),
+            LoopMessage::Request(r) => {
+                for m in Moved::unqueued(self.id, r) {
+                    failover.send(m);
+                }
+            }
             LoopMessage::Resume(mut m) => {
                 m.from = self.id;
                 failover.send(*m);

@@ -165,7 +165,7 @@ fn penalties_carry_the_context_only_when_sampling() {
     assert_eq!(plan.seqs[0].context_token_ids, vec![3, 4, 5, 6, 7, 8]);
     let (plan, _) = step(&mut s);
     assert_eq!(plan.seqs[0].context_token_ids, vec![3, 4, 5, 6, 7, 8, 2]);
-    assert_eq!(plan.seqs[0].sampling.unwrap().output_index, 1);
+    assert_eq!(plan.seqs[0].sampling.as_ref().unwrap().output_index, 1);
 }
 
 #[test]
@@ -304,7 +304,10 @@ fn with_a_step_in_flight_the_next_feeds_its_tokens_by_reference() {
     let second = s.schedule().unwrap().unwrap();
     let q = &second.seqs[0];
     assert!(q.feed_sampled && q.token_ids.is_empty());
-    assert_eq!((q.start_pos, q.sampling.unwrap().output_index), (3, 1));
+    assert_eq!(
+        (q.start_pos, q.sampling.as_ref().unwrap().output_index),
+        (3, 1)
+    );
     assert!(s.schedule().is_err(), "at most two unanswered steps");
     assert_eq!(s.apply(answer(&first)).unwrap()[0].finish, None);
     // Max 3 tokens: two sampled or pending, so the third plan is the last.
@@ -540,4 +543,74 @@ fn moved_to_another_replica_every_sequence_samples_on_at_its_output_index() {
         }
         assert_eq!(tokens, undisturbed, "moved after {moved_after} steps");
     }
+}
+
+#[test]
+fn further_choices_wait_for_the_leaders_prompt_then_take_its_blocks() {
+    // A 10-token prompt in blocks of 4: two full blocks to share; a budget of 6 makes the
+    // leader read it in two steps.
+    let mut s = sched(64, 4, 6);
+    let prompt: Vec<u32> = (1..=10).collect();
+    let choices = (0..3)
+        .map(|i| {
+            let seq = Sequence::new(i, prompt.clone(), params(2));
+            if i == 0 {
+                seq
+            } else {
+                seq.following(0)
+            }
+        })
+        .collect();
+    s.add_all(choices).unwrap();
+    let ids = |plan: &StepPlan| plan.seqs.iter().map(|q| q.seq_id).collect::<Vec<_>>();
+    // The leader alone until its prompt's full blocks are answered (cached).
+    let (plan, _) = step(&mut s);
+    assert_eq!(ids(&plan), [0]);
+    let (plan, _) = step(&mut s);
+    assert_eq!(ids(&plan), [0]);
+    assert_eq!(s.stats().prefix_hit_tokens, 0);
+    // Both followers now take the two cached blocks and compute only the rest.
+    let (plan, _) = step(&mut s);
+    assert_eq!(ids(&plan), [0, 1, 2]);
+    let follower = &plan.seqs[1];
+    assert_eq!((follower.start_pos, follower.token_ids.len()), (8, 2));
+    assert_eq!(s.stats().prefix_hit_tokens, 2 * 8);
+}
+
+#[test]
+fn a_follower_whose_leader_is_gone_simply_runs() {
+    let mut s = sched(64, 4, 4);
+    let prompt: Vec<u32> = (1..=10).collect();
+    s.add_all(vec![
+        Sequence::new(0, prompt.clone(), params(2)),
+        Sequence::new(1, prompt, params(2)).following(0),
+    ])
+    .unwrap();
+    let (plan, _) = step(&mut s);
+    assert_eq!(plan.seqs.len(), 1);
+    assert!(s.abort(0));
+    let (plan, _) = step(&mut s);
+    assert_eq!(plan.seqs[0].seq_id, 1);
+}
+
+#[test]
+fn a_requests_choices_are_queued_all_or_none() {
+    let mut s = Scheduler::new(
+        BlockManager::new(64, 4),
+        SchedulerConfig {
+            max_waiting: 3,
+            ..config(8)
+        },
+    );
+    s.add(Sequence::new(0, vec![1; 5], params(2))).unwrap();
+    let three = (1..4)
+        .map(|i| Sequence::new(i, vec![1; 5], params(2)))
+        .collect();
+    assert!(matches!(s.add_all(three), Err(AddError::QueueFull(1))));
+    assert_eq!(s.stats().waiting, 1, "none of the three was queued");
+    let two = (1..3)
+        .map(|i| Sequence::new(i, vec![1; 5], params(2)))
+        .collect();
+    s.add_all(two).unwrap();
+    assert_eq!(s.stats().waiting, 3);
 }

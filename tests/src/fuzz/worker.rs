@@ -495,7 +495,7 @@ fn mutate_plan(
         8 => many_sequences(rng, shape, plan),
         9 => {
             let s = &mut plan.seqs[i];
-            s.sampling = Some(odd_sampling(rng, s.sampling.unwrap_or_default()));
+            s.sampling = Some(odd_sampling(rng, s.sampling.take().unwrap_or_default()));
             s.sample = true;
             (Good, "plan:sampling")
         }
