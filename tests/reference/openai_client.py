@@ -109,6 +109,9 @@ def api(base, model, config):
     r["completion_stream"] = completion_stream(stream)
     ids = dict(args, prompt=config["prompt_ids"])
     r["completion_from_ids"] = client.completions.create(**ids).choices[0].text
+    # echo: the prompt, then the completion (from text and from token ids).
+    r["echo"] = client.completions.create(echo=True, **args).choices[0].text
+    r["echo_from_ids"] = client.completions.create(echo=True, **ids).choices[0].text
 
     # Chat, greedy.
     messages = [{"role": "user", "content": config["question"]}]

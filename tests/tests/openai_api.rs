@@ -116,6 +116,9 @@ async fn the_openai_client_gets_what_grpc_gets() {
     assert_eq!(s["usage_chunk_choices"], 0);
     assert_eq!(s["tokens"], 16, "one logprob entry per streamed token");
     assert_eq!(r["completion_from_ids"], c["text"]);
+    let completion = c["text"].as_str().expect("text");
+    assert_eq!(r["echo"], format!("{PROMPT}{completion}"));
+    assert_eq!(r["echo_from_ids"], format!("{PROMPT}{completion}"));
 
     // Legacy logprobs: one entry per token, tokens spell the text, offsets follow them, the
     // greedy token is the most likely of its top 2.

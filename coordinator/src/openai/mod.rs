@@ -315,6 +315,22 @@ async fn chat_completions(State(app): State<App>, headers: HeaderMap, body: Json
 }
 
 impl App {
+    /// The prompt as text, when the request echoes it: as given, or its token ids decoded.
+    fn echo_text(&self, t: &Translated) -> Result<Option<String>, ApiError> {
+        if !t.echo {
+            return Ok(None);
+        }
+        let r = &t.request;
+        if r.token_ids.is_empty() {
+            return Ok(Some(r.prompt.clone()));
+        }
+        self.front
+            .tokenizer()
+            .decode(&r.token_ids)
+            .map(Some)
+            .map_err(|e| ApiError::invalid_param("prompt", format!("prompt: {e:#}")))
+    }
+
     /// The serving path, shared with gRPC; then the answer in the endpoint's shape.
     async fn generate(
         &self,
@@ -338,6 +354,7 @@ impl App {
             deadline: None,
             trace_parent: telemetry::extract(&telemetry::HeaderExtractor(headers)),
         };
+        let echo = self.echo_text(&t)?;
         let rx = self.front.generate(t.request, call).await.map_err(error)?;
         let responder = Responder::new(
             endpoint,
@@ -348,7 +365,8 @@ impl App {
             t.include_usage,
             self.front.tokenizer(),
         )
-        .with_choices(t.choices);
+        .with_choices(t.choices)
+        .with_echo(echo);
         if t.stream {
             return Ok(responder.stream(rx));
         }

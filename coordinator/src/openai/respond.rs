@@ -54,6 +54,10 @@ pub struct Responder {
     offsets: Vec<u32>,
     /// Choices whose last response was streamed.
     finished: usize,
+    /// Completions' `echo`: the prompt text, put before each choice's first text.
+    echo: Option<String>,
+    /// Per choice, whether its echo was streamed.
+    echoed: Vec<bool>,
 }
 
 /// OpenAI's name of a finish reason; None until the last response.
@@ -100,7 +104,25 @@ impl Responder {
             tokenizer,
             offsets: vec![0],
             finished: 0,
+            echo: None,
+            echoed: vec![false],
         }
+    }
+
+    /// Each choice's text starts with `prompt` (completions' `echo`).
+    pub fn with_echo(mut self, prompt: Option<String>) -> Self {
+        self.echo = prompt.filter(|_| self.endpoint == Endpoint::Completions);
+        self
+    }
+
+    /// The echo choice `index` still owes, once.
+    fn take_echo(&mut self, index: u32) -> Option<String> {
+        let echo = self.echo.as_ref()?;
+        let i = index as usize;
+        if i >= self.echoed.len() {
+            self.echoed.resize(i + 1, false);
+        }
+        (!std::mem::replace(&mut self.echoed[i], true)).then(|| echo.clone())
     }
 
     /// It answers a request of `n` choices (1 unless set).
@@ -125,7 +147,7 @@ impl Responder {
                         index: c.index,
                         logprobs: self.legacy(&c),
                         finish_reason: finish_reason(c.finish_reason),
-                        text: c.text,
+                        text: self.echo.clone().unwrap_or_default() + &c.text,
                     })
                     .collect();
                 json(&Completion {
@@ -238,13 +260,14 @@ impl Responder {
         let finish = finish_reason(r.finish_reason);
         let mut out = Vec::new();
         let has_logprobs = self.logprobs != LogprobsFormat::None && !r.logprobs.is_empty();
-        if !r.text.is_empty() || has_logprobs || finish.is_some() {
+        let echo = self.take_echo(r.index);
+        if !r.text.is_empty() || has_logprobs || finish.is_some() || echo.is_some() {
             out.push(match self.endpoint {
                 Endpoint::Completions => {
                     let choice = CompletionChoice {
                         index: r.index,
                         logprobs: self.legacy(&r),
-                        text: r.text.clone(),
+                        text: echo.unwrap_or_default() + &r.text,
                         finish_reason: finish,
                     };
                     self.completion_chunk(vec![choice], None)
@@ -464,5 +487,42 @@ mod tests {
         assert_eq!(v["choices"][0]["finish_reason"], "abort");
         assert_eq!(v["choices"][0]["logprobs"], serde_json::Value::Null);
         assert_eq!(v["usage"]["completion_tokens"], 3);
+    }
+
+    #[test]
+    fn an_echo_starts_every_choice_once_streamed_or_whole() {
+        let echo = || Some("Once upon".to_string());
+        let mut r = responder(Endpoint::Completions, LogprobsFormat::None, false)
+            .with_choices(2)
+            .with_echo(echo());
+        let mut tok = |index: u32, text: &str, finish| {
+            let mut t = token(1, text, finish).unwrap();
+            t.index = index;
+            r.events(Ok(t))
+        };
+        // A first token with no text of its own still carries the echo.
+        let mut events = tok(1, "", FinishReason::Unspecified);
+        events.extend(tok(0, " a", FinishReason::Unspecified));
+        events.extend(tok(1, " time", FinishReason::Stop));
+        events.extend(tok(0, " time", FinishReason::Stop));
+        let text = |i: u64| -> String {
+            parse(&events)
+                .iter()
+                .flat_map(|c| c["choices"].as_array().cloned().unwrap_or_default())
+                .filter(|c| c["index"] == i)
+                .map(|c| c["text"].as_str().unwrap_or("").to_string())
+                .collect()
+        };
+        assert_eq!(text(0), "Once upon a time");
+        assert_eq!(text(1), "Once upon time");
+        let whole = token(1, " a time", FinishReason::Stop).unwrap();
+        let r = responder(Endpoint::Completions, LogprobsFormat::None, false).with_echo(echo());
+        let v: serde_json::Value = serde_json::from_str(&r.whole(whole)).unwrap();
+        assert_eq!(v["choices"][0]["text"], "Once upon a time");
+        // Chat has no echo.
+        let r = responder(Endpoint::Chat, LogprobsFormat::None, false).with_echo(echo());
+        let whole = token(1, "Hi", FinishReason::Stop).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&r.whole(whole)).unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "Hi");
     }
 }

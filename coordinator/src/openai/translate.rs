@@ -41,6 +41,8 @@ pub struct Translated {
     pub constraint_param: Option<&'static str>,
     /// Choices the answer holds (`n`).
     pub choices: usize,
+    /// Completions' `echo`: each choice's text starts with the prompt.
+    pub echo: bool,
 }
 
 /// `/v1/completions`.
@@ -49,10 +51,11 @@ pub fn completion(
     common: Common,
     request_id: &str,
 ) -> Result<Translated, ApiError> {
-    if req.echo == Some(true) {
+    if req.echo == Some(true) && req.logprobs.is_some() {
         return Err(ApiError::invalid_param(
             "echo",
-            "echo is not supported: the response holds the completion only",
+            "echo with logprobs is not supported: prompt tokens' logprobs are not computed \
+             (echo alone is)",
         ));
     }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
@@ -84,6 +87,7 @@ pub fn completion(
     if let Some(p) = t.request.parameters.as_mut() {
         p.best_of = req.best_of;
     }
+    t.echo = req.echo.unwrap_or(false);
     if t.stream {
         check_streamable(t.request.parameters.as_ref()).map_err(ApiError::from)?;
     }
@@ -198,6 +202,7 @@ fn finish(
         logprobs: format,
         constraint_param,
         choices: c.n.unwrap_or(1) as usize,
+        echo: false,
     })
 }
 
@@ -423,7 +428,7 @@ mod tests {
                 r#"{"prompt": "x", "best_of": 3, "stream": true}"#,
                 "best_of",
             ),
-            (r#"{"prompt": "x", "echo": true}"#, "echo"),
+            (r#"{"prompt": "x", "echo": true, "logprobs": 1}"#, "echo"),
             (r#"{"prompt": "x", "suffix": "end"}"#, "suffix"),
             (
                 r#"{"prompt": "x", "logit_bias": {"a": -100}}"#,
