@@ -17,6 +17,7 @@
 //! Results go to stdout as a table, or as JSON with `--json`.
 
 mod allreduce;
+mod constraint;
 mod fake_worker;
 mod load;
 mod memory;
@@ -69,6 +70,9 @@ enum Command {
     Memory(memory::MemoryArgs),
     /// Rank 0's cost of choosing one token, on the default model's real logits.
     Sampling(sampling::SamplingArgs),
+    /// Structured outputs: grammar compile time, the mask per constrained token, a rank's
+    /// cost of applying one.
+    Constraint(constraint::ConstraintArgs),
     /// The scheduler's decision time per decode step (schedule + apply), in-process.
     Scheduler(scheduler::SchedulerArgs),
     /// The router's decision time per request over many replicas' prefix caches, in-process.
@@ -133,6 +137,7 @@ fn main() -> Result<()> {
         Command::Kernel(a) => kernel(a),
         Command::Allreduce(a) => allreduce::run(a),
         Command::Sampling(a) => sampling::run(a),
+        Command::Constraint(a) => constraint::run(a),
         Command::Memory(a) => memory::run(a),
         Command::Scheduler(a) => scheduler::run(a),
         Command::Router(a) => router::run(a),

@@ -153,6 +153,14 @@ pub struct LoadArgs {
     /// request that ends otherwise counts as failed.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// gRPC: this fraction of the requests (0 to 1, evenly spread) is constrained to
+    /// --constraint-regex (structured outputs' cost).
+    #[arg(long)]
+    pub constrained: Option<f64>,
+    /// The regex constrained requests follow; the default never completes within a run's
+    /// output length, so every request generates it whole.
+    #[arg(long, default_value = DEFAULT_CONSTRAINT_REGEX)]
+    pub constraint_regex: String,
     /// OpenAI: a JSON object merged into every request body, e.g. `{"logit_bias": {"2": -100}}`
     /// for a server without `ignore_eos`.
     #[arg(long)]
@@ -171,6 +179,9 @@ pub struct LoadArgs {
     #[arg(long, alias = "disable-tqdm")]
     pub no_progress: bool,
 }
+
+/// Words and punctuation, a thousand of them: plain text that no run's output length completes.
+pub const DEFAULT_CONSTRAINT_REGEX: &str = "([A-Za-z]+[ .,]){1000}";
 
 /// The validated shape of a run.
 struct Plan {
@@ -230,6 +241,14 @@ impl LoadArgs {
         if !extra_body.is_empty() && self.protocol != Protocol::Openai {
             bail!("--extra-body applies to --protocol openai");
         }
+        if let Some(f) = self.constrained {
+            if !(0.0..=1.0).contains(&f) {
+                bail!("--constrained must be a fraction in [0, 1]");
+            }
+            if self.protocol != Protocol::Grpc {
+                bail!("--constrained applies to --protocol grpc");
+            }
+        }
         Ok(Plan {
             workload,
             load,
@@ -241,6 +260,7 @@ impl LoadArgs {
                 top_k: self.top_k,
                 seed: self.seed,
                 ignore_eos: self.ignore_eos,
+                constrained: self.constrained.map(|f| (f, self.constraint_regex.clone())),
             },
             seed: self.seed.unwrap_or(0),
             timeout: Duration::from_secs_f64(self.request_timeout),
@@ -419,6 +439,7 @@ impl LoadArgs {
             "output_len": self.output_len.or(random.then_some(DEFAULT_LEN)),
             "ignore_eos": self.ignore_eos,
             "temperature": self.temperature,
+            "constrained": self.constrained,
         });
         let mut m = match v {
             Value::Object(m) => m,

@@ -13,7 +13,8 @@ use anyhow::{Context, Result};
 use helios_proto::auth::{client_endpoint, Authorize};
 use helios_proto::v1::generation_client::GenerationClient;
 use helios_proto::v1::{
-    FinishReason, GenerateRequest, GenerationParameters, ModelInfoRequest, ModelInfoResponse,
+    constraint, Constraint, FinishReason, GenerateRequest, GenerationParameters, ModelInfoRequest,
+    ModelInfoResponse,
 };
 use serde_json::{json, Map, Value};
 use tonic::service::interceptor::InterceptedService;
@@ -90,6 +91,9 @@ impl Grpc {
                 top_k: s.top_k.map_or(0, |k| k.try_into().unwrap_or(i32::MAX)),
                 seed: s.seed,
                 ignore_eos: s.ignore_eos,
+                constraint: s.constraint_of(i).map(|rx| Constraint {
+                    kind: Some(constraint::Kind::Regex(rx.into())),
+                }),
                 ..Default::default()
             }),
             session_id: prompt.session_id.clone().unwrap_or_default(),

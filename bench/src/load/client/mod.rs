@@ -54,6 +54,18 @@ pub struct Sampling {
     pub seed: Option<u64>,
     /// Generate exactly `max_tokens`, past end-of-sequence; a request that ends otherwise fails.
     pub ignore_eos: bool,
+    /// Structured outputs (gRPC): this fraction of the requests, evenly spread, is held to
+    /// this regex.
+    pub constrained: Option<(f64, String)>,
+}
+
+impl Sampling {
+    /// The regex request `i` is held to, if any: request i is constrained when
+    /// `floor((i + 1) · fraction)` passes an integer, which spreads them evenly.
+    pub fn constraint_of(&self, i: usize) -> Option<&str> {
+        let (f, rx) = self.constrained.as_ref()?;
+        ((((i + 1) as f64) * f).floor() > ((i as f64) * f).floor()).then_some(rx.as_str())
+    }
 }
 
 /// The server under load.
