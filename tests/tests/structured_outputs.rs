@@ -1,12 +1,18 @@
 //! Structured outputs end to end on the default model (tp 1 and 3): JSON schemas through the
 //! official `openai` package (`tests/reference/structured_client.py` records, validating each
 //! answer with `jsonschema`; the checks are here), regexes and grammars over gRPC, streamed
-//! and unary alike, unconstrained requests unchanged beside constrained ones, and bad
-//! constraints refused while the server serves on.
+//! and unary alike, unconstrained requests unchanged beside constrained ones, constrained ones
+//! unchanged through preemption and a lost worker, and bad constraints refused while the server
+//! serves on.
+
+use std::time::Duration;
 
 use helios_proto::v1::constraint::Kind;
-use helios_proto::v1::{Constraint, GenerationParameters};
-use helios_tests::server::{chat_request, prompt_request, stream_all, Process};
+use helios_proto::v1::{Constraint, FinishReason, GenerateRequest, GenerationParameters};
+use helios_tests::recovery::{metric, metrics_text, run_streams, Answers, Running};
+use helios_tests::server::{
+    chat_request, model_info, prompt_request, send_signal, stream_all, Process, Streamed,
+};
 use serde_json::Value;
 
 /// The id `/v1/models` lists for the default model.
@@ -171,4 +177,83 @@ async fn regexes_and_grammars_over_grpc_match_every_output() {
         .await
         .expect("serves on");
     assert!(ok.into_inner().text.starts_with('{'));
+}
+
+/// A schema small enough to finish within a few dozen tokens.
+const FOX: &str = r#"{"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 12},
+    "legs": {"type": "integer", "minimum": 0, "maximum": 8},
+    "color": {"enum": ["red", "grey", "white"]}
+}, "required": ["name", "legs", "color"], "additionalProperties": false}"#;
+
+fn fox_requests() -> Vec<GenerateRequest> {
+    (0..8)
+        .map(|i| {
+            let (temperature, seed) = if i % 2 == 0 { (0.0, 1) } else { (0.8, i) };
+            let mut p = constrained(Kind::JsonSchema(FOX.into()), temperature, seed);
+            p.max_new_tokens = Some(64);
+            prompt_request(&format!("Request {i}: describe a fox in JSON."), p)
+        })
+        .collect()
+}
+
+/// Every answer ended as its constraint allows and equals the request's answer alone.
+fn assert_unchanged(got: &Answers, alone: &[Streamed], what: &str) {
+    assert_eq!(got.len(), alone.len());
+    for (i, (g, a)) in got.iter().zip(alone).enumerate() {
+        let g = g
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{what}: stream {i}: {e:?}"));
+        assert_eq!(g.token_ids, a.token_ids, "{what}: stream {i}");
+        assert_eq!(g.text, a.text, "{what}: stream {i}");
+        if g.finish_reason == Some(FinishReason::Eos) {
+            let v: Value = serde_json::from_str(&g.text).expect(&g.text);
+            assert!(v["legs"].as_u64().is_some_and(|l| l <= 8), "{}", g.text);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constrained_requests_keep_their_tokens_through_preemption_and_a_lost_worker() {
+    // Eight streams of up to ~80 positions (5 blocks) each in 8 blocks: they preempt one
+    // another, and are recomputed from their kept tokens.
+    let flags = [
+        "--num-kv-blocks",
+        "8",
+        "--max-batch-tokens",
+        "32",
+        "--recovery-timeout",
+        "60",
+    ];
+    let server = Process::serve_default("3", &flags);
+    let mut client = server.client().await;
+    let mut alone = Vec::new();
+    for r in fox_requests() {
+        alone.push(stream_all(&mut client, r).await.expect("alone"));
+    }
+    assert!(alone
+        .iter()
+        .any(|a| a.finish_reason == Some(FinishReason::Eos)));
+    let before = model_info(&mut client).await.preemptions_total;
+    let together = run_streams(&client, fox_requests()).await;
+    assert_unchanged(&together, &alone, "preempted");
+    let preemptions = model_info(&mut client).await.preemptions_total - before;
+    assert!(
+        preemptions > 0,
+        "no preemption: the test no longer tests it"
+    );
+
+    // Again, rank 1 killed once every stream has answered: the replica requeues them, the
+    // worker is respawned, and each constrained sequence goes on from its answered tokens.
+    let workers = server.children();
+    let run = Running::start(&client, fox_requests());
+    run.wait_for(8, Duration::from_secs(120)).await;
+    send_signal(workers[1], "-KILL");
+    let disturbed = run.finish(Duration::from_secs(180)).await;
+    assert_unchanged(&disturbed, &alone, "recovered");
+    let requeued = metric(
+        &metrics_text(&server.http_url()),
+        "helios_sequences_requeued_total{replica=\"0\"}",
+    );
+    assert!(requeued.unwrap_or(0.0) >= 1.0, "nothing was requeued");
 }
