@@ -170,6 +170,66 @@ pub fn admit(
     caps: &RequestCaps,
 ) -> Result<Admitted, ServeError> {
     let ids = prompt_ids(tokenizer, &req.prompt, &req.messages, &req.token_ids)?;
+    let room = check_prompt(&ids, limits, caps)?;
+    let p = req.parameters.clone().unwrap_or_default();
+    let (n, best_of) = choices(&p)?;
+    let max_new_tokens = max_new_tokens(&p, ids.len(), room, best_of, limits, caps)?;
+    check_choice_tokens(n, best_of, ids.len(), max_new_tokens, limits, caps)?;
+    check_logit_bias(&p.logit_bias, limits.vocab_size)?;
+    check_ranges(&p)?;
+    check_stops(&p, limits, caps)?;
+    let mut stop_token_ids = p.stop_token_ids.clone();
+    if !p.ignore_eos {
+        stop_token_ids.extend_from_slice(tokenizer.eos_token_ids());
+    }
+    Ok(Admitted {
+        prompt_ids: ids,
+        constraint: constraint_spec(p.constraint.as_ref())?,
+        params: SequenceParams {
+            max_new_tokens,
+            sampling: SamplingParams {
+                temperature: p.temperature,
+                top_k: p.top_k as u32,
+                top_p: p.top_p.unwrap_or(1.0),
+                min_p: p.min_p,
+                seed: p.seed,
+                output_index: 0,
+                repetition_penalty: p.repetition_penalty.unwrap_or(1.0),
+                frequency_penalty: p.frequency_penalty,
+                presence_penalty: p.presence_penalty,
+                top_logprobs: p.logprobs.unwrap_or(0),
+                // Choosing the best choices needs every sampled token's logprob.
+                logprobs: p.logprobs.is_some() || best_of > n,
+                logit_bias: p.logit_bias.clone(),
+            },
+            stop_token_ids,
+            priority: req.priority,
+            deadline: None,
+            return_logits: false,
+            constraint: None,
+        },
+        stop: p.stop,
+        logprobs: p.logprobs,
+        n,
+        best_of,
+    })
+}
+
+/// The longest a sequence may grow (the model's length, or what the whole KV cache holds),
+/// and how a message names that bound.
+fn length_limit(limits: &Limits) -> (usize, &'static str) {
+    let limit = limits.max_model_len.min(limits.kv_capacity);
+    let what = if limits.kv_capacity < limits.max_model_len {
+        "this replica's KV cache holds"
+    } else {
+        "this model's length allows"
+    };
+    (limit, what)
+}
+
+/// The prompt is within the operator's cap, the vocabulary and the length limit; returns the
+/// room it leaves for new tokens (at least 1).
+fn check_prompt(ids: &[u32], limits: &Limits, caps: &RequestCaps) -> Result<usize, ServeError> {
     if let Some(cap) = caps.max_prompt_tokens.filter(|&cap| ids.len() > cap) {
         return Err(invalid(
             "prompt",
@@ -188,53 +248,55 @@ pub fn admit(
             ),
         ));
     }
-    let limit = limits.max_model_len.min(limits.kv_capacity);
-    let what = if limits.kv_capacity < limits.max_model_len {
-        "this replica's KV cache holds"
-    } else {
-        "this model's length allows"
-    };
+    let (limit, what) = length_limit(limits);
     if ids.len() >= limit {
         return Err(invalid(
             "prompt",
             format!(
-            "the prompt is {} tokens; {what} at most {} (the prompt plus at least one new token)",
-            ids.len(),
-            limit - 1
-        ),
+                "the prompt is {} tokens; {what} at most {} (the prompt plus at least one new token)",
+                ids.len(),
+                limit - 1
+            ),
         ));
     }
-    let room = limit - ids.len();
-    let p = req.parameters.clone().unwrap_or_default();
+    Ok(limit - ids.len())
+}
+
+/// `max_new_tokens` as asked, within the room the prompt leaves and the operator's cap; unset,
+/// the default, shrunk to fit (several choices share what one request may hold).
+fn max_new_tokens(
+    p: &GenerationParameters,
+    prompt_len: usize,
+    room: usize,
+    best_of: usize,
+    limits: &Limits,
+    caps: &RequestCaps,
+) -> Result<usize, ServeError> {
     let cap = caps.max_new_tokens.unwrap_or(usize::MAX);
-    let (n, best_of) = choices(&p)?;
-    // Several choices share what one request may hold: the default shrinks to fit.
     let share = (caps.max_choice_tokens / best_of)
-        .min(limits.kv_capacity.saturating_sub(ids.len()) / best_of)
+        .min(limits.kv_capacity.saturating_sub(prompt_len) / best_of)
         .max(1);
-    let max_new_tokens = match p.max_new_tokens {
-        None if best_of > 1 => DEFAULT_MAX_NEW_TOKENS.min(room).min(cap).min(share),
-        None => DEFAULT_MAX_NEW_TOKENS.min(room).min(cap),
-        Some(n) if n as usize > cap => {
-            return Err(invalid(
-                "max_new_tokens",
-                format!("max_new_tokens is {n}; this server generates at most {cap} tokens per request"),
-            ))
-        }
-        Some(0) => return Err(invalid("max_new_tokens", "max_new_tokens must be at least 1")),
-        Some(n) if n as usize > room => {
-            return Err(invalid(
-                "max_new_tokens",
-                format!(
-                "max_new_tokens is {n}, but the prompt ({} tokens) leaves room for {room} ({what} {limit} tokens)",
-                ids.len()
-            )))
-        }
-        Some(n) => n as usize,
-    };
-    check_choice_tokens(n, best_of, ids.len(), max_new_tokens, limits, caps)?;
-    check_logit_bias(&p.logit_bias, limits.vocab_size)?;
-    // Each message starts with the field it is about.
+    let (limit, what) = length_limit(limits);
+    match p.max_new_tokens {
+        None if best_of > 1 => Ok(DEFAULT_MAX_NEW_TOKENS.min(room).min(cap).min(share)),
+        None => Ok(DEFAULT_MAX_NEW_TOKENS.min(room).min(cap)),
+        Some(n) if n as usize > cap => Err(invalid(
+            "max_new_tokens",
+            format!("max_new_tokens is {n}; this server generates at most {cap} tokens per request"),
+        )),
+        Some(0) => Err(invalid("max_new_tokens", "max_new_tokens must be at least 1")),
+        Some(n) if n as usize > room => Err(invalid(
+            "max_new_tokens",
+            format!(
+                "max_new_tokens is {n}, but the prompt ({prompt_len} tokens) leaves room for {room} ({what} {limit} tokens)"
+            ),
+        )),
+        Some(n) => Ok(n as usize),
+    }
+}
+
+/// The sampling parameters are in range; each message starts with the field it is about.
+fn check_ranges(p: &GenerationParameters) -> Result<(), ServeError> {
     let check = |ok: bool, field: &'static str, msg: &str| {
         if ok {
             Ok(())
@@ -275,12 +337,22 @@ pub fn admit(
         "presence_penalty",
         "presence_penalty must be in [-2, 2]",
     )?;
-    if let Some(n) = p.logprobs.filter(|&n| n > MAX_LOGPROBS) {
-        return Err(invalid(
+    match p.logprobs.filter(|&n| n > MAX_LOGPROBS) {
+        Some(n) => Err(invalid(
             "logprobs",
             format!("logprobs is {n}; at most {MAX_LOGPROBS} top logprobs can be returned"),
-        ));
+        )),
+        None => Ok(()),
     }
+}
+
+/// Stop strings within the operator's count and our length bound; stop tokens in the
+/// vocabulary.
+fn check_stops(
+    p: &GenerationParameters,
+    limits: &Limits,
+    caps: &RequestCaps,
+) -> Result<(), ServeError> {
     if p.stop.len() > caps.max_stop_strings {
         return Err(invalid(
             "stop",
@@ -314,41 +386,7 @@ pub fn admit(
             ),
         ));
     }
-    let mut stop_token_ids = p.stop_token_ids.clone();
-    if !p.ignore_eos {
-        stop_token_ids.extend_from_slice(tokenizer.eos_token_ids());
-    }
-    Ok(Admitted {
-        prompt_ids: ids,
-        constraint: constraint_spec(p.constraint.as_ref())?,
-        params: SequenceParams {
-            max_new_tokens,
-            sampling: SamplingParams {
-                temperature: p.temperature,
-                top_k: p.top_k as u32,
-                top_p,
-                min_p: p.min_p,
-                seed: p.seed,
-                output_index: 0,
-                repetition_penalty: repetition,
-                frequency_penalty: p.frequency_penalty,
-                presence_penalty: p.presence_penalty,
-                top_logprobs: p.logprobs.unwrap_or(0),
-                // Choosing the best choices needs every sampled token's logprob.
-                logprobs: p.logprobs.is_some() || best_of > n,
-                logit_bias: p.logit_bias.clone(),
-            },
-            stop_token_ids,
-            priority: req.priority,
-            deadline: None,
-            return_logits: false,
-            constraint: None,
-        },
-        stop: p.stop,
-        logprobs: p.logprobs,
-        n,
-        best_of,
-    })
+    Ok(())
 }
 
 /// The most bytes a constraint's text may have (a schema, a regex or a grammar).

@@ -215,7 +215,7 @@ def bad(base, model, _config):
         "logit_bias_unknown_id": ("POST", comp, {"json": {"model": model, "prompt": "x", "logit_bias": {"99999999": 1}}}),
         "logit_bias_key": ("POST", comp, {"json": {"model": model, "prompt": "x", "logit_bias": {"the": 1}}}),
         "two_prompts": ("POST", comp, {"json": {"model": model, "prompt": ["a", "b"]}}),
-        "echo": ("POST", comp, {"json": {"model": model, "prompt": "x", "echo": True}}),
+        "echo": ("POST", comp, {"json": {"model": model, "prompt": "x", "echo": True, "logprobs": 1}}),
         "body_5_mib": ("POST", comp, {"content": big, "headers": {"content-type": "application/json"}}),
         "negative_temperature": ("POST", comp, {"json": {"model": model, "prompt": "x", "temperature": -1}}),
         "negative_temperature_stream": (

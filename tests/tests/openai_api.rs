@@ -260,7 +260,12 @@ async fn bad_inputs_get_openai_errors_and_the_server_serves_on() {
         ),
         ("logit_bias_key", 400, Some("logit_bias"), "not a token id"),
         ("two_prompts", 400, Some("prompt"), "2 prompts"),
-        ("echo", 400, Some("echo"), "echo is not supported"),
+        (
+            "echo",
+            400,
+            Some("echo"),
+            "echo with logprobs is not supported",
+        ),
         ("body_5_mib", 400, None, "over the limit of 4 MiB"),
         (
             "negative_temperature",
