@@ -30,6 +30,8 @@ pub mod error;
 pub mod logprobs;
 pub mod respond;
 pub mod structured;
+pub mod tool_calls;
+pub mod tools;
 pub mod translate;
 pub mod types;
 
@@ -348,7 +350,8 @@ impl App {
             t.include_usage,
             self.front.tokenizer(),
         )
-        .with_choices(t.choices);
+        .with_choices(t.choices)
+        .with_tools(t.tools);
         if t.stream {
             return Ok(responder.stream(rx));
         }

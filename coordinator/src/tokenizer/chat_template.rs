@@ -153,7 +153,7 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
 }
 
 /// Writes `v` as Python's `json.dumps(v, ensure_ascii=False, indent=indent, sort_keys=sort_keys)`.
-fn write_python_json(
+pub(crate) fn write_python_json(
     out: &mut String,
     v: &serde_json::Value,
     indent: Option<usize>,
