@@ -350,6 +350,42 @@ pub fn fallback_messages(
     Ok(out)
 }
 
+/// The conversation as a template that renders tools sees it (transformers' shape, as vLLM
+/// passes it): roles, text, assistant `tool_calls` with their arguments as JSON objects, and
+/// `tool_call_id`. Checked as [`fallback_messages`] checks it.
+pub fn template_messages(
+    messages: &[ChatMessageIn],
+    content: impl Fn(usize, Option<Value>) -> Result<String, ApiError>,
+) -> Result<Vec<crate::tokenizer::ChatMessage>, ApiError> {
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let calls = history_calls(i, m.tool_calls.as_ref())?;
+            let mut out = crate::tokenizer::ChatMessage::new(
+                role(m.role.clone()),
+                content(i, m.content.clone())?,
+            );
+            if !calls.is_empty() {
+                let ids = m.tool_calls.as_ref().and_then(Value::as_array);
+                let calls: Vec<Value> = calls
+                    .into_iter()
+                    .enumerate()
+                    .map(|(j, c)| {
+                        let id = ids
+                            .and_then(|ids| ids.get(j)?.get("id")?.as_str())
+                            .map_or_else(call_id, String::from);
+                        json!({"id": id, "type": "function", "function": c})
+                    })
+                    .collect();
+                out.tool_calls = Some(Value::Array(calls));
+            }
+            out.tool_call_id = m.tool_call_id.clone();
+            Ok(out)
+        })
+        .collect()
+}
+
 /// OpenAI's newer name for the system role, which chat templates do not know.
 pub fn role(role: String) -> String {
     if role == "developer" {
@@ -532,7 +568,7 @@ mod tests {
             state ^= state >> 7;
             state ^= state << 17;
             // Short tokens first half the time, so strings end.
-            let pick = if state % 2 == 0 {
+            let pick = if state.is_multiple_of(2) {
                 allowed[state as usize / 2 % allowed.len()]
             } else {
                 *allowed
@@ -653,6 +689,39 @@ mod tests {
         )];
         let e = fallback_messages(bad, None, plain).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].tool_calls"));
+    }
+
+    #[test]
+    fn a_template_that_renders_tools_gets_them_and_the_calls_as_objects() {
+        let t = tools(json!("auto"), None).unwrap().unwrap();
+        let history = vec![
+            msg(json!({"role": "developer", "content": "Be brief."})),
+            msg(json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 1}"}}]})),
+            msg(json!({"role": "tool", "tool_call_id": "call_1", "content": "2"})),
+        ];
+        let msgs = template_messages(&history, plain).unwrap();
+        assert_eq!(
+            msgs[0],
+            crate::tokenizer::ChatMessage::new("system", "Be brief.")
+        );
+        assert_eq!(
+            msgs[1].tool_calls,
+            Some(
+                json!([{"id": "call_1", "type": "function", "function": {"name": "add", "arguments": {"a": 1}}}])
+            )
+        );
+        assert_eq!(msgs[2].tool_call_id.as_deref(), Some("call_1"));
+        let template = crate::tokenizer::ChatTemplate::new(
+            "{% for t in tools %}{{ t.function.name }} {% endfor %}|{% for m in messages %}\
+             {% for c in m.tool_calls or [] %}{{ c.function.name }}({{ c.function.arguments.a }}){% endfor %}\
+             {{ m.tool_call_id or '' }}:{{ m.content }};{% endfor %}",
+        )
+        .unwrap();
+        let out = template
+            .render_with_tools(&msgs, Some(&t.specs()), false, None, None)
+            .unwrap();
+        assert_eq!(out, "get_weather add now |:Be brief.;add(1):;call_1:2;");
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct Translated {
     pub choices: usize,
     /// Tools whose calls the answer is parsed for (`tool_choice` other than `none`).
     pub tools: Option<Tools>,
+    /// With tools: the conversation and the tools for a chat template that renders them
+    /// (then the prompt is rendered from these instead of the fallback's `messages`).
+    pub templated: Option<(Vec<crate::tokenizer::ChatMessage>, Vec<Value>)>,
 }
 
 /// `/v1/completions`.
@@ -119,6 +122,10 @@ pub fn chat(req: ChatRequest, common: Common, request_id: &str) -> Result<Transl
     if messages.is_empty() {
         return Err(ApiError::invalid_param("messages", "messages is empty"));
     }
+    let templated = match tools.as_ref().filter(|t| t.active()) {
+        Some(t) => Some((tools::template_messages(&messages, content)?, t.specs())),
+        None => None,
+    };
     let messages = tools::fallback_messages(messages, tools.as_ref(), content)?;
     let format = match top {
         Some(_) => LogprobsFormat::Chat,
@@ -136,6 +143,7 @@ pub fn chat(req: ChatRequest, common: Common, request_id: &str) -> Result<Transl
         format,
     )?;
     with_tools(&mut t, tools)?;
+    t.templated = templated;
     Ok(t)
 }
 
@@ -213,6 +221,7 @@ fn finish(
         constraint_param,
         choices: c.n.unwrap_or(1) as usize,
         tools: None,
+        templated: None,
     })
 }
 
