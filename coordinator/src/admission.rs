@@ -140,10 +140,7 @@ pub fn prompt_ids(
     } else {
         let messages: Vec<ChatMessage> = messages
             .iter()
-            .map(|m| ChatMessage {
-                role: m.role.clone(),
-                content: m.content.clone(),
-            })
+            .map(|m| ChatMessage::new(m.role.clone(), m.content.clone()))
             .collect();
         if let Some(i) = messages.iter().position(|m| m.role.is_empty()) {
             return Err(invalid("messages", format!("messages[{i}].role is empty")));

@@ -30,6 +30,8 @@ pub mod error;
 pub mod logprobs;
 pub mod respond;
 pub mod structured;
+pub mod tool_calls;
+pub mod tools;
 pub mod translate;
 pub mod types;
 
@@ -308,7 +310,8 @@ async fn chat_completions(State(app): State<App>, headers: HeaderMap, body: Json
         let req: ChatRequest = body.view()?;
         let common: Common = body.view()?;
         app.model.check(req.model.as_deref())?;
-        let t = translate::chat(req, common, &id)?;
+        let mut t = translate::chat(req, common, &id)?;
+        app.render_tools(&mut t).await?;
         app.generate(Endpoint::Chat, id, t, &headers).await
     };
     answer.await.unwrap_or_else(IntoResponse::into_response)
@@ -329,6 +332,28 @@ impl App {
             .decode(&r.token_ids)
             .map(Some)
             .map_err(|e| ApiError::invalid_param("prompt", format!("prompt: {e:#}")))
+    }
+
+    /// A chat template that renders tools itself gets them: the prompt is rendered here, with
+    /// `tools` in its context, and sent as the request's prompt (the core knows no tools).
+    /// On the blocking pool, as admission renders.
+    async fn render_tools(&self, t: &mut Translated) -> Result<(), ApiError> {
+        let tok = self.front.tokenizer();
+        if !tok.chat_template_takes_tools() {
+            return Ok(());
+        }
+        let Some((messages, tools)) = t.templated.take() else {
+            return Ok(());
+        };
+        let prompt = tokio::task::spawn_blocking(move || {
+            tok.apply_chat_template_with_tools(&messages, Some(&tools), true)
+        })
+        .await
+        .map_err(|e| ApiError::from(ServeError::Internal(format!("rendering tools: {e}"))))?
+        .map_err(|e| ApiError::invalid_param("messages", format!("messages: {e:#}")))?;
+        t.request.messages.clear();
+        t.request.prompt = prompt;
+        Ok(())
     }
 
     /// The serving path, shared with gRPC; then the answer in the endpoint's shape.
@@ -366,7 +391,8 @@ impl App {
             self.front.tokenizer(),
         )
         .with_choices(t.choices)
-        .with_echo(echo);
+        .with_echo(echo)
+        .with_tools(t.tools);
         if t.stream {
             return Ok(responder.stream(rx));
         }

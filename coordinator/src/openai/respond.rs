@@ -26,10 +26,12 @@ use serde::Serialize;
 
 use super::error::ApiError;
 use super::logprobs;
+use super::tool_calls::{self, CallParser, Piece};
+use super::tools::{call_id, Tools};
 use super::translate::LogprobsFormat;
 use super::types::{
     ChatChoice, ChatChunk, ChatChunkChoice, ChatCompletion, ChatMessageOut, Completion,
-    CompletionChoice, Delta, Usage,
+    CompletionChoice, Delta, FunctionCall, FunctionDelta, ToolCall, ToolCallDelta, Usage,
 };
 use crate::error::ServeError;
 use crate::output::{ResponseReceiver, ResponseStream};
@@ -58,6 +60,9 @@ pub struct Responder {
     echo: Option<String>,
     /// Per choice, whether its echo was streamed.
     echoed: Vec<bool>,
+    /// Tools whose calls the answer is parsed for, and per choice the parser of a stream.
+    tools: Option<Tools>,
+    parsers: Vec<CallParser>,
 }
 
 /// OpenAI's name of a finish reason; None until the last response.
@@ -106,6 +111,8 @@ impl Responder {
             finished: 0,
             echo: None,
             echoed: vec![false],
+            tools: None,
+            parsers: Vec::new(),
         }
     }
 
@@ -128,6 +135,16 @@ impl Responder {
     /// It answers a request of `n` choices (1 unless set).
     pub fn with_choices(mut self, n: usize) -> Self {
         self.offsets = vec![0; n.max(1)];
+        self
+    }
+
+    /// Its chat answer is parsed for calls of `tools` (after [`Self::with_choices`]).
+    pub fn with_tools(mut self, tools: Option<Tools>) -> Self {
+        if let Some(t) = &tools {
+            let parser = CallParser::new(t.names(), t.parallel);
+            self.parsers = vec![parser; self.offsets.len()];
+        }
+        self.tools = tools;
         self
     }
 
@@ -160,18 +177,7 @@ impl Responder {
                 })
             }
             Endpoint::Chat => {
-                let choices = choices
-                    .into_iter()
-                    .map(|c| ChatChoice {
-                        index: c.index,
-                        logprobs: self.chat_logprobs(&c),
-                        finish_reason: finish_reason(c.finish_reason),
-                        message: ChatMessageOut {
-                            role: "assistant",
-                            content: c.text,
-                        },
-                    })
-                    .collect();
+                let choices = choices.into_iter().map(|c| self.chat_choice(c)).collect();
                 json(&ChatCompletion {
                     id: self.id.clone(),
                     object: "chat.completion",
@@ -181,6 +187,39 @@ impl Responder {
                     usage,
                 })
             }
+        }
+    }
+
+    /// One choice of a whole chat answer; with tools, its calls parsed out of the text.
+    fn chat_choice(&self, c: GenerateResponse) -> ChatChoice {
+        let logprobs = self.chat_logprobs(&c);
+        let finish = finish_reason(c.finish_reason);
+        let (content, tool_calls) = match &self.tools {
+            None => (Some(c.text), Vec::new()),
+            Some(t) => {
+                let parsed = tool_calls::parse(t.names(), t.parallel, &c.text);
+                let calls: Vec<ToolCall> = parsed
+                    .calls
+                    .into_iter()
+                    .map(|(name, arguments)| ToolCall {
+                        id: call_id(),
+                        kind: "function",
+                        function: FunctionCall { name, arguments },
+                    })
+                    .collect();
+                let content = Some(parsed.content).filter(|c| !c.is_empty());
+                (content, calls)
+            }
+        };
+        ChatChoice {
+            index: c.index,
+            logprobs,
+            finish_reason: tool_finish(finish, !tool_calls.is_empty()),
+            message: ChatMessageOut {
+                role: "assistant",
+                content,
+                tool_calls,
+            },
         }
     }
 
@@ -239,6 +278,7 @@ impl Responder {
                             delta: Delta {
                                 role: Some("assistant"),
                                 content: Some(String::new()),
+                                ..Default::default()
                             },
                             logprobs: None,
                             finish_reason: None,
@@ -261,7 +301,9 @@ impl Responder {
         let mut out = Vec::new();
         let has_logprobs = self.logprobs != LogprobsFormat::None && !r.logprobs.is_empty();
         let echo = self.take_echo(r.index);
-        if !r.text.is_empty() || has_logprobs || finish.is_some() || echo.is_some() {
+        if self.endpoint == Endpoint::Chat && self.tools.is_some() {
+            out = self.tool_chunks(&r, finish);
+        } else if !r.text.is_empty() || has_logprobs || finish.is_some() || echo.is_some() {
             out.push(match self.endpoint {
                 Endpoint::Completions => {
                     let choice = CompletionChoice {
@@ -277,8 +319,8 @@ impl Responder {
                         index: r.index,
                         logprobs: self.chat_logprobs(&r),
                         delta: Delta {
-                            role: None,
                             content: (!r.text.is_empty()).then(|| r.text.clone()),
+                            ..Default::default()
                         },
                         finish_reason: finish,
                     };
@@ -303,6 +345,43 @@ impl Responder {
         out
     }
 
+    /// The chunks one response of a chat stream with tools makes: its text through the
+    /// choice's parser, as content and call deltas (none while text is held back), logprobs
+    /// on the first, the finish reason on the last.
+    fn tool_chunks(&mut self, r: &GenerateResponse, finish: Option<&'static str>) -> Vec<String> {
+        let (pieces, called) = match self.parsers.get_mut(r.index as usize) {
+            Some(p) => {
+                let mut pieces = p.push(&r.text);
+                if finish.is_some() {
+                    pieces.extend(p.finish());
+                }
+                (pieces, p.calls() > 0)
+            }
+            None => (vec![Piece::Text(r.text.clone())], false),
+        };
+        let mut deltas = deltas(pieces);
+        let has_logprobs = self.logprobs != LogprobsFormat::None && !r.logprobs.is_empty();
+        if deltas.is_empty() && (has_logprobs || finish.is_some()) {
+            deltas.push(Delta::default());
+        }
+        let mut logprobs = self.chat_logprobs(r);
+        let last = deltas.len().saturating_sub(1);
+        let finish = tool_finish(finish, called);
+        deltas
+            .into_iter()
+            .enumerate()
+            .map(|(k, delta)| {
+                let choice = ChatChunkChoice {
+                    index: r.index,
+                    delta,
+                    logprobs: logprobs.take(),
+                    finish_reason: if k == last { finish } else { None },
+                };
+                self.chat_chunk(vec![choice], None)
+            })
+            .collect()
+    }
+
     /// The SSE response over a request's receiver (see the module doc).
     pub fn stream(mut self, rx: ResponseReceiver) -> Response {
         let opening = self.opening();
@@ -315,6 +394,65 @@ impl Responder {
             .map(|data| Ok::<_, Infallible>(Event::default().data(data)));
         Sse::new(events).into_response()
     }
+}
+
+/// `tool_calls` for an answer that called tools and ended by itself.
+fn tool_finish(finish: Option<&'static str>, called: bool) -> Option<&'static str> {
+    match finish {
+        Some("stop") if called => Some("tool_calls"),
+        other => other,
+    }
+}
+
+/// The parser's pieces as deltas: text as `content`, a call's start with its id, type and
+/// name (and empty `arguments`), then its arguments; neighbours of a kind merged.
+fn deltas(pieces: Vec<Piece>) -> Vec<Delta> {
+    let mut out: Vec<Delta> = Vec::new();
+    for piece in pieces {
+        match piece {
+            Piece::Text(t) => match out.last_mut().and_then(|d| d.content.as_mut()) {
+                Some(content) => content.push_str(&t),
+                None => out.push(Delta {
+                    content: Some(t),
+                    ..Default::default()
+                }),
+            },
+            Piece::Call { index, name } => out.push(Delta {
+                tool_calls: vec![ToolCallDelta {
+                    index: index as u32,
+                    id: Some(call_id()),
+                    kind: Some("function"),
+                    function: FunctionDelta {
+                        name: Some(name),
+                        arguments: String::new(),
+                    },
+                }],
+                ..Default::default()
+            }),
+            Piece::Args { index, text } => {
+                let more = out
+                    .last_mut()
+                    .and_then(|d| d.tool_calls.last_mut())
+                    .filter(|c| c.index == index as u32 && c.id.is_none());
+                match more {
+                    Some(c) => c.function.arguments.push_str(&text),
+                    None => out.push(Delta {
+                        tool_calls: vec![ToolCallDelta {
+                            index: index as u32,
+                            id: None,
+                            kind: None,
+                            function: FunctionDelta {
+                                name: None,
+                                arguments: text,
+                            },
+                        }],
+                        ..Default::default()
+                    }),
+                }
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -524,5 +662,80 @@ mod tests {
         let whole = token(1, "Hi", FinishReason::Stop).unwrap();
         let v: serde_json::Value = serde_json::from_str(&r.whole(whole)).unwrap();
         assert_eq!(v["choices"][0]["message"]["content"], "Hi");
+    }
+
+    #[test]
+    fn a_streamed_call_is_deltas_that_add_up_to_the_whole_answer() {
+        let tools = super::super::tools::read(
+            Some(serde_json::json!([{"type": "function", "function": {"name": "add"}}])),
+            None,
+            None,
+        )
+        .unwrap();
+        let text = "Sure. <tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 22}}\n</tool_call>";
+        let whole =
+            responder(Endpoint::Chat, LogprobsFormat::None, false).with_tools(tools.clone());
+        let w: serde_json::Value =
+            serde_json::from_str(&whole.whole(token(1, text, FinishReason::Eos).unwrap())).unwrap();
+        let m = &w["choices"][0]["message"];
+        assert_eq!(w["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(m["content"], "Sure. ");
+        assert_eq!(m["tool_calls"][0]["type"], "function");
+        assert_eq!(m["tool_calls"][0]["function"]["name"], "add");
+        assert_eq!(
+            m["tool_calls"][0]["function"]["arguments"],
+            "{\"a\": 1, \"b\": 22}"
+        );
+        assert!(m["tool_calls"][0]["id"]
+            .as_str()
+            .unwrap()
+            .starts_with("call_"));
+        // Streamed three bytes at a time.
+        let mut r = responder(Endpoint::Chat, LogprobsFormat::None, false).with_tools(tools);
+        let mut events = r.opening();
+        let bytes = text.as_bytes();
+        for (k, piece) in bytes.chunks(3).enumerate() {
+            let last = (k + 1) * 3 >= bytes.len();
+            let finish = if last {
+                FinishReason::Eos
+            } else {
+                FinishReason::Unspecified
+            };
+            events.extend(r.events(token(1, std::str::from_utf8(piece).unwrap(), finish)));
+        }
+        let v = parse(&events);
+        let (mut content, mut args, mut names) = (String::new(), String::new(), Vec::new());
+        for c in &v[1..] {
+            let d = &c["choices"][0]["delta"];
+            content.push_str(d["content"].as_str().unwrap_or(""));
+            if let Some(call) = d["tool_calls"].get(0) {
+                assert_eq!(call["index"], 0);
+                if let Some(name) = call["function"]["name"].as_str() {
+                    assert_eq!(call["function"]["arguments"], "");
+                    assert!(call["id"].as_str().unwrap().starts_with("call_"));
+                    names.push(name.to_string());
+                }
+                args.push_str(call["function"]["arguments"].as_str().unwrap());
+            }
+        }
+        assert!(
+            !content.contains('<'),
+            "the tag is never content: {content:?}"
+        );
+        assert_eq!(
+            (content.as_str(), names),
+            ("Sure. ", vec!["add".to_string()])
+        );
+        assert_eq!(
+            args,
+            m["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .unwrap()
+        );
+        assert_eq!(
+            v.last().unwrap()["choices"][0]["finish_reason"],
+            "tool_calls"
+        );
+        assert!(v.len() > 4, "the arguments come in pieces: {events:?}");
     }
 }

@@ -5,16 +5,18 @@
 //! What is checked here is what only the OpenAI shape can get wrong: the several shapes of
 //! `prompt`, `stop`, message `content` and `logit_bias` (string keys), `best_of` with `stream`,
 //! and the features Helios does not have, which are refused rather than silently ignored:
-//! several prompts, `echo`, `suffix`, tools, content parts other than text. Structured
+//! several prompts, `echo`, `suffix`, content parts other than text. Tools are read in
+//! [`super::tools`]. Structured
 //! outputs are read in [`super::structured`]. `n`, `best_of` and the bias values are checked by admission, as for gRPC.
 
 use std::collections::HashMap;
 
-use helios_proto::v1::{ChatMessage, GenerateRequest, GenerationParameters};
+use helios_proto::v1::{GenerateRequest, GenerationParameters};
 use serde_json::Value;
 
 use super::error::ApiError;
 use super::structured;
+use super::tools::{self, Tools};
 use super::types::{ChatRequest, Common, CompletionRequest};
 use crate::admission::{check_streamable, MAX_LOGPROBS};
 
@@ -43,6 +45,11 @@ pub struct Translated {
     pub choices: usize,
     /// Completions' `echo`: each choice's text starts with the prompt.
     pub echo: bool,
+    /// Tools whose calls the answer is parsed for (`tool_choice` other than `none`).
+    pub tools: Option<Tools>,
+    /// With tools: the conversation and the tools for a chat template that renders them
+    /// (then the prompt is rendered from these instead of the fallback's `messages`).
+    pub templated: Option<(Vec<crate::tokenizer::ChatMessage>, Vec<Value>)>,
 }
 
 /// `/v1/completions`.
@@ -96,9 +103,7 @@ pub fn completion(
 
 /// `/v1/chat/completions`.
 pub fn chat(req: ChatRequest, common: Common, request_id: &str) -> Result<Translated, ApiError> {
-    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::invalid_param("tools", "tools are not supported"));
-    }
+    let tools = tools::read(req.tools, req.tool_choice, req.parallel_tool_calls)?;
     let top = match (req.logprobs, req.top_logprobs) {
         (Some(true), top) => Some(top.unwrap_or(0)),
         (_, Some(_)) => {
@@ -121,26 +126,16 @@ pub fn chat(req: ChatRequest, common: Common, request_id: &str) -> Result<Transl
     if messages.is_empty() {
         return Err(ApiError::invalid_param("messages", "messages is empty"));
     }
-    let messages = messages
-        .into_iter()
-        .enumerate()
-        .map(|(i, m)| {
-            Ok(ChatMessage {
-                // OpenAI's newer name for the system role, which chat templates do not know.
-                role: if m.role == "developer" {
-                    "system".into()
-                } else {
-                    m.role
-                },
-                content: content(i, m.content)?,
-            })
-        })
-        .collect::<Result<Vec<_>, ApiError>>()?;
+    let templated = match tools.as_ref().filter(|t| t.active()) {
+        Some(t) => Some((tools::template_messages(&messages, content)?, t.specs())),
+        None => None,
+    };
+    let messages = tools::fallback_messages(messages, tools.as_ref(), content)?;
     let format = match top {
         Some(_) => LogprobsFormat::Chat,
         None => LogprobsFormat::None,
     };
-    finish(
+    let mut t = finish(
         common,
         request_id,
         GenerateRequest {
@@ -150,7 +145,34 @@ pub fn chat(req: ChatRequest, common: Common, request_id: &str) -> Result<Transl
         req.max_completion_tokens.or(req.max_tokens),
         top,
         format,
-    )
+    )?;
+    with_tools(&mut t, tools)?;
+    t.templated = templated;
+    Ok(t)
+}
+
+/// A required or named call is enforced by its grammar, which leaves no room for another
+/// structured output; the answer is parsed for calls unless `tool_choice` is `none`.
+fn with_tools(t: &mut Translated, tools: Option<Tools>) -> Result<(), ApiError> {
+    let Some(tools) = tools.filter(Tools::active) else {
+        return Ok(());
+    };
+    if let Some(constraint) = tools.constraint() {
+        if let Some(other) = t.constraint_param {
+            return Err(ApiError::invalid_param(
+                "tool_choice",
+                format!(
+                    "a required tool call is a structured output already; it cannot be combined with {other}"
+                ),
+            ));
+        }
+        if let Some(p) = t.request.parameters.as_mut() {
+            p.constraint = Some(constraint);
+        }
+        t.constraint_param = Some("tools");
+    }
+    t.tools = Some(tools);
+    Ok(())
 }
 
 /// The sampling fields and the rest of the request.
@@ -203,6 +225,8 @@ fn finish(
         constraint_param,
         choices: c.n.unwrap_or(1) as usize,
         echo: false,
+        tools: None,
+        templated: None,
     })
 }
 
@@ -290,7 +314,7 @@ fn stop(s: Option<Value>) -> Result<Vec<String>, ApiError> {
 
 /// A message's `content`: a string, text parts (joined with newlines, as vLLM does), or null
 /// (an assistant turn that only called tools).
-fn content(i: usize, c: Option<Value>) -> Result<String, ApiError> {
+pub(super) fn content(i: usize, c: Option<Value>) -> Result<String, ApiError> {
     let param = format!("messages[{i}].content");
     let bad = |msg: String| ApiError::invalid_param(&param, msg);
     match c {
@@ -529,7 +553,7 @@ mod tests {
             (format!(r#"{{"messages": {user}, "logprobs": true, "top_logprobs": 21}}"#), "top_logprobs"),
             (format!(r#"{{"messages": {user}, "logprobs": 2}}"#), "logprobs"),
             (format!(r#"{{"messages": {user}, "n": "two"}}"#), "n"),
-            (format!(r#"{{"messages": {user}, "tools": [{{"type": "function"}}]}}"#), "tools"),
+            (format!(r#"{{"messages": {user}, "tools": [{{"type": "function"}}]}}"#), "tools[0].function"),
             (
                 format!(r#"{{"messages": {user}, "response_format": {{"type": "xml"}}}}"#),
                 "response_format",

@@ -37,7 +37,11 @@ pub struct ChatRequest {
     pub logprobs: Option<bool>,
     /// 0..=20, with `logprobs: true`.
     pub top_logprobs: Option<u32>,
-    pub tools: Option<Vec<Value>>,
+    /// Functions the model may call, `tool_choice` and `parallel_tool_calls`: read by
+    /// [`super::tools`].
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
 }
 
 /// The sampling fields both endpoints share, read from the same body as the endpoint's own
@@ -87,6 +91,10 @@ pub struct ChatMessageIn {
     pub role: String,
     /// A string, an array of `{"type": "text", "text": ...}` parts, or null.
     pub content: Option<Value>,
+    /// An assistant's calls: `[{"id", "type": "function", "function": {"name", "arguments"}}]`.
+    pub tool_calls: Option<Value>,
+    /// A `tool` message: the call it answers.
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -163,7 +171,44 @@ pub struct ChatChoice {
 #[derive(Debug, Serialize)]
 pub struct ChatMessageOut {
     pub role: &'static str,
-    pub content: String,
+    /// Null only when the model called tools and wrote nothing else.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+}
+
+/// A call the model made (`function.arguments` is JSON text, as OpenAI sends it).
+#[derive(Debug, Serialize)]
+pub struct ToolCall {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FunctionCall {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// A piece of a streamed call: its first names it (`id`, `type`, `function.name`, empty
+/// `arguments`), the next carry more of `function.arguments`.
+#[derive(Debug, Serialize)]
+pub struct ToolCallDelta {
+    pub index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 /// One chunk of a streamed chat completion.
@@ -192,6 +237,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallDelta>,
 }
 
 /// Chat logprobs: one entry per generated token.

@@ -18,7 +18,8 @@
 //! * `tojson` formats like Python's `json.dumps(x, ensure_ascii=False, indent=..)`
 //!   (`", "` / `": "` separators, `indent` and `sort_keys` keyword arguments).
 //!
-//! The template context is `messages`, `add_generation_prompt`, `bos_token` and `eos_token`.
+//! The template context is `messages`, `add_generation_prompt`, `bos_token` and `eos_token`, and
+//! `tools` when a chat request declares tools and the template renders them (`render_with_tools`).
 //! One known difference: minijinja keeps map keys sorted, so `messages | tojson` lists a message's
 //! keys alphabetically where Python keeps insertion order.
 
@@ -31,13 +32,21 @@ use minijinja::{AutoEscape, Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 
 /// One message of a conversation, as chat templates see it (`message['role']`,
-/// `message['content']`).
+/// `message['content']`, and for tool-calling templates `message['tool_calls']` and
+/// `message['tool_call_id']`, absent unless set, so templates that test for them with
+/// `is defined` render other messages exactly as before).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     /// `system`, `user`, `assistant`, ...
     pub role: String,
     /// The message text.
     pub content: String,
+    /// An assistant's calls, as OpenAI's `tool_calls` (arguments as JSON objects).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -46,6 +55,8 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
         }
     }
 }
@@ -92,6 +103,25 @@ impl ChatTemplate {
         bos_token: Option<&str>,
         eos_token: Option<&str>,
     ) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt, bos_token, eos_token)
+    }
+
+    /// Whether the template renders `tools` itself (it names them); otherwise tools are
+    /// described to the model in a message (`openai::tools`).
+    pub fn takes_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
+    /// [`Self::render`] with `tools` (OpenAI's `[{"type": "function", "function": {...}}]`)
+    /// in the context, as transformers passes them; None leaves `tools` undefined.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -101,6 +131,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => bos_token.map(Value::from).unwrap_or(Value::UNDEFINED),
             eos_token => eos_token.map(Value::from).unwrap_or(Value::UNDEFINED),
+            tools => tools.map(Value::from_serialize).unwrap_or(Value::UNDEFINED),
         };
         template
             .render(ctx)
@@ -153,7 +184,7 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<Value, Error> {
 }
 
 /// Writes `v` as Python's `json.dumps(v, ensure_ascii=False, indent=indent, sort_keys=sort_keys)`.
-fn write_python_json(
+pub(crate) fn write_python_json(
     out: &mut String,
     v: &serde_json::Value,
     indent: Option<usize>,
@@ -393,6 +424,40 @@ mod tests {
         assert!(format_utc(0, "%Q").is_err());
         let t = ChatTemplate::new("{{ strftime_now('%Y') | length }}").unwrap();
         assert_eq!(t.render(&[], false, None, None).unwrap(), "4");
+    }
+
+    #[test]
+    fn tools_and_tool_messages_reach_a_template_that_uses_them() {
+        let t = ChatTemplate::new(
+            "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }}:{{ t.function.parameters | tojson }};{% endfor %}</tools>{% endif %}\
+             {% for m in messages %}[{{ m.role }}]{% if m.tool_calls is defined %}{% for c in m.tool_calls %}\
+             call {{ c.function.name }} {{ c.function.arguments | tojson }}{% endfor %}{% endif %}\
+             {% if m.tool_call_id is defined %}({{ m.tool_call_id }}){% endif %}{{ m.content }}{% endfor %}",
+        )
+        .unwrap();
+        assert!(t.takes_tools());
+        let tools = [
+            serde_json::json!({"type": "function", "function": {"name": "add",
+            "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}),
+        ];
+        let mut call = ChatMessage::new("assistant", "");
+        call.tool_calls = Some(serde_json::json!([{"id": "call_1", "type": "function",
+            "function": {"name": "add", "arguments": {"a": 1}}}]));
+        let mut result = ChatMessage::new("tool", "2");
+        result.tool_call_id = Some("call_1".into());
+        let msgs = [user("1+1?"), call, result];
+        assert_eq!(
+            t.render_with_tools(&msgs, Some(&tools), false, None, None).unwrap(),
+            // Keys sorted: minijinja's maps (the module doc's one known difference).
+            "<tools>add:{\"properties\": {\"a\": {\"type\": \"integer\"}}, \"type\": \"object\"};</tools>\
+             [user]1+1?[assistant]call add {\"a\": 1}[tool](call_1)2"
+        );
+        // Without tools, messages without calls render as ever.
+        assert_eq!(
+            t.render(&[user("hi")], false, None, None).unwrap(),
+            "[user]hi"
+        );
+        assert!(!ChatTemplate::new("{{ messages }}").unwrap().takes_tools());
     }
 
     /// Message text a hostile client might send: template syntax, control characters, unicode,

@@ -285,10 +285,26 @@ impl TextTokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        self.apply_chat_template_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Whether the model's chat template renders `tools` itself.
+    pub fn chat_template_takes_tools(&self) -> bool {
+        matches!(&self.chat_template, TemplateSlot::Ready(t) if t.takes_tools())
+    }
+
+    /// [`Self::apply_chat_template`] with OpenAI's `tools` in the template's context.
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         match &self.chat_template {
             TemplateSlot::Ready(t) => t
-                .render(
+                .render_with_tools(
                     messages,
+                    tools,
                     add_generation_prompt,
                     self.bos_token.as_deref(),
                     self.eos_token.as_deref(),
