@@ -167,14 +167,7 @@ impl Responder {
                         text: self.echo.clone().unwrap_or_default() + &c.text,
                     })
                     .collect();
-                json(&Completion {
-                    id: self.id.clone(),
-                    object: "text_completion",
-                    created: self.created,
-                    model: self.model.clone(),
-                    choices,
-                    usage: Some(usage),
-                })
+                self.completion_chunk(choices, Some(usage))
             }
             Endpoint::Chat => {
                 let choices = choices.into_iter().map(|c| self.chat_choice(c)).collect();
