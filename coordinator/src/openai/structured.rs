@@ -142,3 +142,100 @@ fn structured_outputs(so: &Value) -> Result<Vec<(&'static str, Kind)>, ApiError>
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn common(json: &str) -> Common {
+        serde_json::from_str(json).expect("a Common")
+    }
+
+    fn kind(json: &str) -> Option<(&'static str, Kind)> {
+        constraint(&common(json))
+            .expect("accepted")
+            .map(|(param, c)| (param, c.kind.expect("a kind")))
+    }
+
+    #[test]
+    fn each_way_of_asking_becomes_its_constraint() {
+        assert_eq!(kind(r#"{}"#), None);
+        assert_eq!(kind(r#"{"response_format": {"type": "text"}}"#), None);
+        assert_eq!(
+            kind(r#"{"response_format": {"type": "json_object"}}"#),
+            Some(("response_format", Kind::JsonObject(true)))
+        );
+        let schema = r#"{"type":"object"}"#;
+        let from_format = format!(
+            r#"{{"response_format": {{"type": "json_schema", "json_schema": {{"name": "x", "schema": {schema}, "strict": true}}}}}}"#
+        );
+        assert_eq!(
+            kind(&from_format),
+            Some(("response_format", Kind::JsonSchema(schema.into())))
+        );
+        // vLLM's guided_json: an object, or its JSON text as given.
+        assert_eq!(
+            kind(&format!(r#"{{"guided_json": {schema}}}"#)),
+            Some(("guided_json", Kind::JsonSchema(schema.into())))
+        );
+        assert_eq!(
+            kind(r#"{"guided_json": "{\"type\": \"array\"}"}"#),
+            Some((
+                "guided_json",
+                Kind::JsonSchema(r#"{"type": "array"}"#.into())
+            ))
+        );
+        assert_eq!(
+            kind(r#"{"guided_regex": "[0-9]+"}"#),
+            Some(("guided_regex", Kind::Regex("[0-9]+".into())))
+        );
+        // A choice is a grammar of its strings, quoted as JSON (and so as Lark) quotes them.
+        assert_eq!(
+            kind(r#"{"guided_choice": ["yes", "a \"b\""]}"#),
+            Some((
+                "guided_choice",
+                Kind::Grammar(r#"start: "yes" | "a \"b\"""#.into())
+            ))
+        );
+        assert_eq!(
+            kind(r#"{"structured_outputs": {"regex": "a+"}}"#),
+            Some(("structured_outputs", Kind::Regex("a+".into())))
+        );
+        assert_eq!(
+            kind(r#"{"structured_outputs": {"choice": ["x"]}}"#),
+            Some(("structured_outputs", Kind::Grammar(r#"start: "x""#.into())))
+        );
+    }
+
+    #[test]
+    fn two_constraints_or_bad_shapes_are_refused_by_name() {
+        for (json, param) in [
+            (
+                r#"{"guided_regex": "a", "guided_grammar": "start: \"a\""}"#,
+                "guided_grammar",
+            ),
+            (
+                r#"{"response_format": {"type": "json_object"}, "guided_regex": "a"}"#,
+                "guided_regex",
+            ),
+            (
+                r#"{"response_format": {"type": "yaml"}}"#,
+                "response_format",
+            ),
+            (
+                r#"{"response_format": {"type": "json_schema"}}"#,
+                "response_format",
+            ),
+            (r#"{"guided_json": 5}"#, "guided_json"),
+            (r#"{"guided_choice": []}"#, "guided_choice"),
+            (r#"{"structured_outputs": "json"}"#, "structured_outputs"),
+            (
+                r#"{"structured_outputs": {"choice": [1]}}"#,
+                "structured_outputs",
+            ),
+        ] {
+            let e = constraint(&common(json)).expect_err(json);
+            assert_eq!(e.param.as_deref(), Some(param), "{json}: {}", e.message);
+        }
+    }
+}
