@@ -20,7 +20,7 @@ use helios_proto::v1::{ChatMessage, GenerateRequest};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::admission::{self, Admitted, Limits, RequestCaps};
-use crate::constraint::{GrammarError, GrammarOptions, Grammars};
+use crate::constraint::{GrammarOptions, Grammars};
 use crate::error::ServeError;
 use crate::membership::Membership;
 use crate::metrics::Metrics;
@@ -85,9 +85,6 @@ struct Inner {
     grammar_opts: GrammarOptions,
     next_request: AtomicU64,
 }
-
-/// Admission's own time (tokenizing, rendering a template) beyond a grammar's bound.
-const ADMISSION_SLACK: Duration = Duration::from_secs(5);
 
 impl Inner {
     /// Compiles the request's constraint into its matcher (blocking: admission's pool).
@@ -295,20 +292,16 @@ impl FrontDoor {
         let limits = limits(&replicas).ok_or(ServeError::Starting)?;
         let (tokenizer, caps) = (self.0.tokenizer.clone(), self.0.caps);
         let inner = self.0.clone();
-        let admission = tokio::task::spawn_blocking(move || {
+        // The grammar's bound lives in `Grammars::compile` (a permit waited for at most the
+        // bound, a compile slower than it refused): admission itself has no deadline, so a
+        // slow tokenization is never reported as a slow grammar.
+        let (req, admitted) = tokio::task::spawn_blocking(move || {
             let admitted = admission::admit(&tokenizer, &req, &limits, &caps)
                 .and_then(|a| inner.compile_constraint(a, limits.vocab_size));
             (req, admitted)
-        });
-        // A grammar that compiles past the bound is refused (the bound also stops the compile
-        // itself, within llguidance's limits).
-        let bound = self.0.grammar_opts.compile_timeout + ADMISSION_SLACK;
-        let (req, admitted) = tokio::time::timeout(bound, admission)
-            .await
-            .map_err(|_| {
-                ServeError::invalid("constraint", GrammarError::TooSlow(bound).to_string())
-            })?
-            .map_err(|e| ServeError::Internal(format!("admission task: {e}")))?;
+        })
+        .await
+        .map_err(|e| ServeError::Internal(format!("admission task: {e}")))?;
         let mut admitted = admitted?;
         admitted.params.deadline = call.deadline;
         admitted.params.return_logits = logits.is_some();

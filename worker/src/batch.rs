@@ -11,7 +11,6 @@ use candle_core::{DType, Device, Tensor};
 use helios_proto::v1::{SamplingParams, StepPlan};
 
 use crate::block_tables::TableView;
-use crate::sampling;
 
 /// What a plan is checked against.
 #[derive(Debug, Clone, Copy)]
@@ -127,7 +126,13 @@ fn check_allowed(id: u64, mask: &[u8], lim: &BatchLimits) -> Result<()> {
             lim.vocab_size
         )));
     }
-    if !(0..lim.vocab_size).any(|t| sampling::allows(mask, t)) {
+    // Bits past the vocabulary (the last byte's padding) do not count.
+    let tail = match lim.vocab_size % 8 {
+        0 => 0xFF,
+        used => (1u8 << used) - 1,
+    };
+    let (last, full) = mask.split_last().unwrap_or((&0, &[]));
+    if full.iter().all(|&b| b == 0) && last & tail == 0 {
         return Err(invalid(format!(
             "sequence {id}: allowed_tokens allows no token"
         )));
@@ -286,6 +291,40 @@ mod tests {
 
     fn refused(r: Result<StepBatch>) -> bool {
         r.is_err_and(|e| e.downcast_ref::<InvalidPlan>().is_some())
+    }
+
+    #[test]
+    fn a_constraint_mask_must_cover_the_vocabulary_and_allow_a_token_of_it() {
+        let with_mask = |mask: Vec<u8>| {
+            let plan = StepPlan {
+                seqs: vec![SequenceStep {
+                    seq_id: 5,
+                    token_ids: vec![1],
+                    start_pos: 2,
+                    block_table: vec![0],
+                    sample: true,
+                    allowed_tokens: mask,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            let table = TableView {
+                kept: &[],
+                added: &[0],
+            };
+            StepBatch::build(&plan, &[table], &LIM, DType::F32, &Device::Cpu)
+        };
+        // Ten tokens: two bytes, the second with two bits that count.
+        assert!(with_mask(Vec::new()).is_ok(), "no constraint");
+        assert!(with_mask(vec![0, 0b10]).is_ok(), "token 9");
+        assert!(with_mask(vec![0b1000_0000, 0]).is_ok(), "token 7");
+        assert!(refused(with_mask(vec![0, 0])), "nothing allowed");
+        assert!(
+            refused(with_mask(vec![0, 0b1111_1100])),
+            "only ids past the vocabulary"
+        );
+        assert!(refused(with_mask(vec![0xFF])), "too short");
+        assert!(refused(with_mask(vec![0xFF; 3])), "too long");
     }
 
     #[test]

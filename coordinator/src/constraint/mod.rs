@@ -191,6 +191,7 @@ impl Grammars {
         if !mask.iter().any(|&b| b != 0) {
             return Err(invalid(spec, "it allows no token to start the output"));
         }
+        c.next = Some(mask);
         Ok(c)
     }
 }
@@ -226,7 +227,8 @@ fn invalid(spec: &ConstraintSpec, e: impl fmt::Display) -> GrammarError {
 /// One sequence's constraint: which tokens may come next, given those it has accepted.
 pub struct TokenConstraint {
     matcher: Matcher,
-    /// The mask of the current state, computed once per state.
+    /// The first state's mask, computed at admission (off the step loop) and handed to the
+    /// first step that samples.
     next: Option<Vec<u8>>,
     vocab_size: usize,
 }
@@ -235,8 +237,9 @@ impl TokenConstraint {
     /// The tokens allowed next, as `SequenceStep.allowed_tokens` carries them. A complete
     /// grammar allows only EOS.
     pub fn allowed(&mut self) -> Result<Vec<u8>> {
-        if let Some(m) = &self.next {
-            return Ok(m.clone());
+        // The mask compiled at admission is handed over once; later states compute their own.
+        if let Some(m) = self.next.take() {
+            return Ok(m);
         }
         let vob = self.matcher.compute_mask_or_eos()?;
         let mut bytes = vec![0u8; self.vocab_size.div_ceil(8)];
@@ -254,7 +257,6 @@ impl TokenConstraint {
                 *last &= (1u8 << used) - 1;
             }
         }
-        self.next = Some(bytes.clone());
         Ok(bytes)
     }
 
