@@ -563,6 +563,7 @@ fn push_cost(model: &std::path::Path, text: &[u32]) -> Result<f64> {
             },
             finish: None,
             logits: None,
+            prompt_logprobs: None,
         };
         out.push(&tokenizer, s)?;
         if i % 256 == 255 {

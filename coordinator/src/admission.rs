@@ -204,6 +204,7 @@ pub fn admit(
             deadline: None,
             return_logits: false,
             constraint: None,
+            prompt_logprobs: p.prompt_logprobs,
         },
         stop: p.stop,
         logprobs: p.logprobs,
@@ -334,13 +335,18 @@ fn check_ranges(p: &GenerationParameters) -> Result<(), ServeError> {
         "presence_penalty",
         "presence_penalty must be in [-2, 2]",
     )?;
-    match p.logprobs.filter(|&n| n > MAX_LOGPROBS) {
-        Some(n) => Err(invalid(
-            "logprobs",
-            format!("logprobs is {n}; at most {MAX_LOGPROBS} top logprobs can be returned"),
-        )),
-        None => Ok(()),
+    for (field, asked) in [
+        ("logprobs", p.logprobs),
+        ("prompt_logprobs", p.prompt_logprobs),
+    ] {
+        if let Some(n) = asked.filter(|&n| n > MAX_LOGPROBS) {
+            return Err(invalid(
+                field,
+                format!("{field} is {n}; at most {MAX_LOGPROBS} top logprobs can be returned"),
+            ));
+        }
     }
+    Ok(())
 }
 
 /// Stop strings within the operator's count and our length bound; stop tokens in the

@@ -252,6 +252,8 @@ pub struct RequestOutput {
     logits: Option<LogitsSender>,
     /// Which of its request's choices it is (every response says so).
     index: u32,
+    /// The prompt, when its logprobs were asked for: they go out with the first token.
+    prompt_ids: Option<Vec<u32>>,
 }
 
 impl RequestOutput {
@@ -275,6 +277,7 @@ impl RequestOutput {
             trace,
             logits: None,
             index: 0,
+            prompt_ids: req.params.prompt_logprobs.map(|_| req.prompt_ids.clone()),
         }
     }
 
@@ -365,6 +368,13 @@ impl RequestOutput {
             index: self.index,
             ..Default::default()
         };
+        if let (Some(scores), Some(ids)) = (s.prompt_logprobs, self.prompt_ids.take()) {
+            // The first prompt token has nothing before it to be scored by.
+            resp.prompt_logprobs = std::iter::once(SampledLogprobs::default())
+                .chain(scores)
+                .collect();
+            resp.prompt_token_ids = ids;
+        }
         if let Some(reason) = finish {
             self.close(&mut resp, wire_finish(reason), now);
         }
@@ -493,6 +503,10 @@ pub async fn collect(mut rx: ResponseReceiver) -> Result<GenerateResponse, Serve
         whole.text.push_str(&resp.text);
         whole.token_ids.extend(resp.token_ids);
         whole.logprobs.extend(resp.logprobs);
+        if whole.prompt_token_ids.is_empty() {
+            whole.prompt_token_ids = resp.prompt_token_ids;
+            whole.prompt_logprobs = resp.prompt_logprobs;
+        }
         if resp.finish_reason != WireFinish::Unspecified as i32 {
             whole.finish_reason = resp.finish_reason;
             whole.timings = resp.timings;

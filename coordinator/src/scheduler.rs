@@ -22,7 +22,10 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use helios_proto::v1::{SampledToken, SamplingParams, SequenceStep, StepPlan, StepResult};
+use helios_proto::v1::{
+    PromptLogprobs, SampledLogprobs, SampledToken, SamplingParams, SequenceStep, StepPlan,
+    StepResult, TokenLogprob,
+};
 
 use crate::block_manager::BlockManager;
 use crate::constraint::TokenConstraint;
@@ -54,6 +57,10 @@ pub struct SequenceParams {
     pub return_logits: bool,
     /// Structured outputs: which tokens may come next (see [`crate::constraint`]).
     pub constraint: Option<TokenConstraint>,
+    /// Prompt logprobs: each prompt token's, and this many most likely tokens at each position.
+    /// The prompt is then computed whole, never read from the prefix cache, until they are
+    /// delivered with the first sampled token.
+    pub prompt_logprobs: Option<u32>,
 }
 
 pub struct Sequence {
@@ -78,6 +85,8 @@ pub struct Sequence {
     /// Another choice of the same request (its first): this one waits until that one's prompt
     /// blocks are in the prefix cache, then takes them instead of computing them again.
     leader: Option<u64>,
+    /// Prompt logprobs answered so far: entry `j` is the prompt token at position `j + 1`'s.
+    prompt_scores: Vec<SampledLogprobs>,
 }
 
 impl Sequence {
@@ -95,6 +104,7 @@ impl Sequence {
             running: false,
             params,
             leader: None,
+            prompt_scores: Vec::new(),
         }
     }
 
@@ -122,6 +132,12 @@ impl Sequence {
     fn key(&self) -> (i32, u64) {
         (self.params.priority, self.id)
     }
+
+    /// It asked for prompt logprobs and has not delivered them (they go with its first
+    /// sampled token): its prompt steps score their input, and it reads no prefix cache.
+    fn scores_prompt(&self) -> bool {
+        self.params.prompt_logprobs.is_some() && self.tokens.len() == self.prompt_len
+    }
 }
 
 /// A sequence on its way to another replica: its prompt and the tokens generated so far
@@ -140,6 +156,9 @@ pub struct Sampled {
     pub finish: Option<FinishReason>,
     /// The logits it was sampled from, when the sequence asked for them.
     pub logits: Option<Vec<f32>>,
+    /// With a sequence's first token, when it asked for them: the logprobs of its prompt
+    /// tokens after the first (entry `j` is position `j + 1`'s).
+    pub prompt_logprobs: Option<Vec<SampledLogprobs>>,
 }
 
 /// Why a sequence was not queued.
@@ -215,6 +234,9 @@ struct Planned {
     sample: bool,
     /// It samples and wants the logits it samples from.
     logits: bool,
+    /// Its input is scored: the step's first position, and the prompt logprobs the answer
+    /// must hold for it.
+    scored: Option<(usize, usize)>,
 }
 
 struct PlannedStep {
@@ -587,6 +609,9 @@ impl Scheduler {
         let Some(s) = self.seqs.get(&id) else {
             return false;
         };
+        if s.scores_prompt() {
+            return false; // it computes its prompt itself
+        }
         let leader = s.leader.and_then(|l| self.seqs.get(&l));
         let shared = s.prompt_len.saturating_sub(1) / self.blocks.block_size();
         self.config.prefix_caching && leader.is_some_and(|l| l.running && l.hashes.len() < shared)
@@ -603,7 +628,8 @@ impl Scheduler {
             return None;
         }
         let mut hits = 0;
-        if self.config.prefix_caching {
+        let cached = self.config.prefix_caching && !s.scores_prompt();
+        if cached {
             // Leave at least one token to compute: its logits give the next token.
             let max = (s.tokens.len() - 1) / bs;
             hits = self
@@ -625,7 +651,7 @@ impl Scheduler {
             self.seqs.insert(id, s);
             return None;
         }
-        if self.config.prefix_caching {
+        if cached {
             self.stats.prefix_query_tokens += s.tokens.len() as u64;
             self.stats.prefix_hit_tokens += s.computed as u64;
         }
@@ -658,6 +684,19 @@ impl Scheduler {
             Some(c) if sample => c.allowed()?,
             _ => Vec::new(),
         };
+        // Prompt logprobs: rows of this chunk score the prompt token after them; the last row
+        // the next chunk's first token, or nothing when it samples.
+        let scoring = s
+            .params
+            .prompt_logprobs
+            .filter(|_| s.scores_prompt() && s.computed < s.prompt_len);
+        let next_prompt_token = scoring
+            .and(s.tokens.get(end).copied())
+            .filter(|_| end < s.prompt_len);
+        let scored = scoring.map(|_| {
+            let first = s.computed;
+            (first, n - 1 + usize::from(next_prompt_token.is_some()))
+        });
         steps.push(SequenceStep {
             seq_id: id,
             token_ids: if feed_sampled {
@@ -677,6 +716,8 @@ impl Scheduler {
             },
             feed_sampled,
             allowed_tokens,
+            prompt_logprobs: scoring,
+            next_prompt_token,
         });
         s.sent_blocks = s.table.len();
         s.computed = end;
@@ -686,6 +727,7 @@ impl Scheduler {
             tokens: n,
             sample,
             logits: sample && s.params.return_logits,
+            scored,
         });
         Ok(())
     }
@@ -735,12 +777,17 @@ impl Scheduler {
         let mut tokens = result.tokens.into_iter();
         // Rows come in plan order (when some sequence asked): each is found by reading on.
         let mut rows = result.logits.into_iter();
+        let mut scores = result.prompt_logprobs.into_iter();
         let mut out = Vec::new();
         for p in step.seqs {
             let t = if p.sample { tokens.next() } else { None };
+            let scored = p.scored.and_then(|_| scores.next());
             let Some(s) = self.seqs.get_mut(&p.id) else {
                 continue; // aborted since: its token is dropped
             };
+            if let (Some((first, _)), Some(scored)) = (p.scored, scored) {
+                add_prompt_scores(s, first, scored);
+            }
             // A sequence preempted since is not running: it cannot have been admitted again
             // before this answer, as a third step is planned only after it.
             if s.running {
@@ -751,6 +798,9 @@ impl Scheduler {
             }
             let Some(t) = t else { continue };
             s.pending = s.pending.saturating_sub(1);
+            let prompt_logprobs = s
+                .scores_prompt()
+                .then(|| std::mem::take(&mut s.prompt_scores));
             s.tokens.push(t.token_id);
             let eos = s.params.stop_token_ids.contains(&t.token_id);
             let complete = !eos && s.params.constraint.as_mut().is_some_and(|c| accept(c, &t));
@@ -770,6 +820,7 @@ impl Scheduler {
                 token: t,
                 finish,
                 logits,
+                prompt_logprobs,
             });
         }
         for s in &out {
@@ -808,6 +859,23 @@ impl Scheduler {
                 "rank 0 sampled for sequence {}, which did not ask",
                 t.seq_id
             );
+        }
+        let mut scores = result.prompt_logprobs.iter();
+        for (p, (_, want)) in step.seqs.iter().filter_map(|p| Some((p, p.scored?))) {
+            let got = scores
+                .next()
+                .with_context(|| format!("rank 0 scored no prompt of sequence {}", p.id))?;
+            if got.seq_id != p.id || got.tokens.len() != want {
+                bail!(
+                    "rank 0 scored {} prompt tokens of sequence {} for {want} of sequence {}",
+                    got.tokens.len(),
+                    got.seq_id,
+                    p.id
+                );
+            }
+        }
+        if let Some(extra) = scores.next() {
+            bail!("rank 0 scored sequence {}, which did not ask", extra.seq_id);
         }
         Ok(())
     }
@@ -860,6 +928,22 @@ fn accept(c: &mut TokenConstraint, t: &SampledToken) -> bool {
     }
 }
 
+/// Adds the prompt logprobs a step answered for `s`, its rows from position `first` on: each
+/// scores the token one position later. A recompute (after a preemption or a lost rank)
+/// scores positions again that were answered before; those are kept as first answered.
+fn add_prompt_scores(s: &mut Sequence, first: usize, scored: PromptLogprobs) {
+    if !s.scores_prompt() {
+        return;
+    }
+    // Entry j of `prompt_scores` is position j + 1's; this answer's k-th, position first + 1 + k.
+    let have = s.prompt_scores.len();
+    if first > have {
+        return; // a gap: an earlier answer was lost, so the recompute from 0 fills it
+    }
+    s.prompt_scores
+        .extend(scored.tokens.into_iter().skip(have - first));
+}
+
 /// Puts the sequence's full, answered blocks into the prefix cache.
 fn cache_full_blocks(blocks: &mut BlockManager, s: &mut Sequence) {
     let bs = blocks.block_size();
@@ -885,6 +969,27 @@ pub fn answer_with(plan: &StepPlan, token: impl Fn(&SequenceStep) -> u32) -> Ste
                 seq_id: s.seq_id,
                 token_id: token(s),
                 ..Default::default()
+            })
+            .collect(),
+        prompt_logprobs: plan
+            .seqs
+            .iter()
+            .filter(|s| s.prompt_logprobs.is_some())
+            .map(|s| PromptLogprobs {
+                seq_id: s.seq_id,
+                tokens: s
+                    .token_ids
+                    .iter()
+                    .skip(1)
+                    .chain(&s.next_prompt_token)
+                    .map(|&token_id| SampledLogprobs {
+                        sampled: Some(TokenLogprob {
+                            token_id,
+                            logprob: 0.0,
+                        }),
+                        top: Vec::new(),
+                    })
+                    .collect(),
             })
             .collect(),
         ..Default::default()

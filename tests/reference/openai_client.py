@@ -60,6 +60,25 @@ def completion_stream(stream):
     return out
 
 
+def legacy_logprobs(text, lp):
+    return {
+        "text": text,
+        "tokens": lp.tokens,
+        "token_logprobs": lp.token_logprobs,
+        "top_logprobs": [None if t is None else list(t.items()) for t in lp.top_logprobs],
+        "text_offset": lp.text_offset,
+    }
+
+
+def merge_legacy(parts):
+    """The legacy logprobs of a stream's chunks as one object."""
+    merged = parts[0].model_copy(deep=True)
+    for p in parts[1:]:
+        for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            getattr(merged, k).extend(getattr(p, k))
+    return merged
+
+
 def chat_stream(stream):
     out = {"text": "", "finish_reasons": [], "tokens": 0, "usage": None, "roles": []}
     for chunk in stream:
@@ -112,6 +131,19 @@ def api(base, model, config):
     # echo: the prompt, then the completion (from text and from token ids).
     r["echo"] = client.completions.create(echo=True, **args).choices[0].text
     r["echo_from_ids"] = client.completions.create(echo=True, **ids).choices[0].text
+    # echo with logprobs, as lm-evaluation-harness scores a continuation: the prompt's
+    # tokens with their logprobs (the first null), then the completion's; whole and streamed.
+    scored = dict(args, prompt=config["scored_ids"], max_tokens=1, logprobs=1)
+    e = client.completions.create(echo=True, **scored).choices[0]
+    r["echo_logprobs"] = legacy_logprobs(e.text, e.logprobs)
+    stream = client.completions.create(echo=True, stream=True, **scored)
+    text, lps = "", []
+    for chunk in stream:
+        for c in chunk.choices:
+            text += c.text
+            if c.logprobs is not None:
+                lps.append(c.logprobs)
+    r["echo_logprobs_stream"] = legacy_logprobs(text, merge_legacy(lps))
 
     # Chat, greedy.
     messages = [{"role": "user", "content": config["question"]}]
@@ -215,7 +247,7 @@ def bad(base, model, _config):
         "logit_bias_unknown_id": ("POST", comp, {"json": {"model": model, "prompt": "x", "logit_bias": {"99999999": 1}}}),
         "logit_bias_key": ("POST", comp, {"json": {"model": model, "prompt": "x", "logit_bias": {"the": 1}}}),
         "two_prompts": ("POST", comp, {"json": {"model": model, "prompt": ["a", "b"]}}),
-        "echo": ("POST", comp, {"json": {"model": model, "prompt": "x", "echo": True, "logprobs": 1}}),
+        "echo_logprobs_21": ("POST", comp, {"json": {"model": model, "prompt": "x", "echo": True, "logprobs": 21}}),
         "body_5_mib": ("POST", comp, {"content": big, "headers": {"content-type": "application/json"}}),
         "negative_temperature": ("POST", comp, {"json": {"model": model, "prompt": "x", "temperature": -1}}),
         "negative_temperature_stream": (

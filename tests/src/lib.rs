@@ -135,6 +135,12 @@ pub fn reference_logits(model: &Path, ids: &[u32]) -> Result<Vec<f64>> {
     )
 }
 
+/// The reference's logits at every position of `ids`.
+pub fn reference_all_logits(model: &Path, ids: &[u32]) -> Result<Vec<Vec<f64>>> {
+    let args = ["--ids", &ids_arg(ids), "--all-positions"];
+    field(&llama_ref("logits", model, &args)?, "logits")
+}
+
 /// The reference's greedy continuation: (generated ids, top-1/top-2 logit gap at each step).
 pub fn reference_generate(model: &Path, ids: &[u32], n: usize) -> Result<(Vec<u32>, Vec<f64>)> {
     let n = n.to_string();

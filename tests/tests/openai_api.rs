@@ -89,7 +89,14 @@ async fn the_openai_client_gets_what_grpc_gets() {
         .expect("gRPC chat");
     assert_eq!(grpc_chat.text, "The capital of France is Paris.");
 
-    let config = json!({"prompt": PROMPT, "question": QUESTION, "prompt_ids": prompt_ids});
+    // The prompt and the first 4 greedy tokens, scored in one echo request.
+    let scored_ids: Vec<u32> = prompt_ids
+        .iter()
+        .chain(&grpc_completion.token_ids[..4])
+        .copied()
+        .collect();
+    let config = json!({"prompt": PROMPT, "question": QUESTION, "prompt_ids": prompt_ids,
+        "scored_ids": scored_ids});
     let r = client("api", &server, config);
 
     assert_eq!(r["models"], json!([MODEL]));
@@ -119,6 +126,11 @@ async fn the_openai_client_gets_what_grpc_gets() {
     let completion = c["text"].as_str().expect("text");
     assert_eq!(r["echo"], format!("{PROMPT}{completion}"));
     assert_eq!(r["echo_from_ids"], format!("{PROMPT}{completion}"));
+    check_echo_logprobs(&r["echo_logprobs"], &r["completion"], prompt_ids.len());
+    assert_eq!(
+        r["echo_logprobs_stream"], r["echo_logprobs"],
+        "streamed != unary (greedy)"
+    );
 
     // Legacy logprobs: one entry per token, tokens spell the text, offsets follow them, the
     // greedy token is the most likely of its top 2.
@@ -260,12 +272,7 @@ async fn bad_inputs_get_openai_errors_and_the_server_serves_on() {
         ),
         ("logit_bias_key", 400, Some("logit_bias"), "not a token id"),
         ("two_prompts", 400, Some("prompt"), "2 prompts"),
-        (
-            "echo",
-            400,
-            Some("echo"),
-            "echo with logprobs is not supported",
-        ),
+        ("echo_logprobs_21", 400, Some("logprobs"), "at most 20"),
         ("body_5_mib", 400, None, "over the limit of 4 MiB"),
         (
             "negative_temperature",
@@ -438,4 +445,50 @@ async fn the_openai_client_gets_several_choices_and_logit_bias() {
         .into_inner()
         .text;
     assert_eq!(r["biased"], token.as_str());
+}
+
+/// An echo with logprobs of the prompt and the first 4 greedy tokens of `completion` (its
+/// prompt `p` tokens long), as lm-evaluation-harness scores a continuation: one entry per
+/// token, the first null; the tokens spell the text; the continuation's logprobs are those
+/// the tokens had when generated, and each is the most likely at its position (greedy).
+fn check_echo_logprobs(e: &Value, completion: &Value, p: usize) {
+    let tokens = texts(&e["tokens"]);
+    let lps = e["token_logprobs"].as_array().expect("token_logprobs");
+    let top = e["top_logprobs"].as_array().expect("top_logprobs");
+    let offsets = e["text_offset"].as_array().expect("text_offset");
+    assert_eq!(
+        tokens.len(),
+        p + 5,
+        "prompt, 4 scored tokens and 1 generated"
+    );
+    assert_eq!(lps.len(), tokens.len());
+    assert_eq!(offsets.len(), tokens.len());
+    assert_eq!(tokens.concat(), e["text"].as_str().expect("text"));
+    assert!(
+        lps[0].is_null() && top[0].is_null(),
+        "nothing scores the first token"
+    );
+    assert_eq!(offsets[0], 0);
+    for (i, l) in lps.iter().enumerate().skip(1) {
+        let l = l.as_f64().expect("a logprob");
+        assert!(l <= 0.0 && l > -40.0, "{i}: {l}");
+        let pairs = top[i].as_array().expect("top");
+        assert!(matches!(pairs.len(), 1 | 2), "{i}: {pairs:?}");
+        assert!(
+            pairs.iter().any(|t| t[0] == tokens[i]),
+            "{i}: the token itself is listed"
+        );
+    }
+    let generated = completion["logprobs"]["token_logprobs"]
+        .as_array()
+        .expect("logprobs");
+    for k in 0..4 {
+        let (scored, want) = (lps[p + k].as_f64().unwrap(), generated[k].as_f64().unwrap());
+        assert!(
+            (scored - want).abs() < 2e-3,
+            "continuation token {k}: scored {scored}, generated {want}"
+        );
+        let best = &top[p + k].as_array().expect("top")[0];
+        assert_eq!(best[0], tokens[p + k], "token {k} is greedy");
+    }
 }

@@ -8,9 +8,10 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use helios_proto::v1::{SamplingParams, StepPlan};
+use helios_proto::v1::{SamplingParams, SequenceStep, StepPlan};
 
 use crate::block_tables::TableView;
+use crate::prompt_logprobs::{self, ScoredSeq};
 
 /// What a plan is checked against.
 #[derive(Debug, Clone, Copy)]
@@ -45,10 +46,21 @@ pub struct StepBatch {
     /// u32 `[T, kv_row_width]`: each token's KV slot, repeated across the row.
     pub write_slots: Tensor,
     pub seqs: Vec<SeqSlice>,
-    /// u32 `[N]`: the row of the last token of every sequence that needs logits.
+    /// u32 `[N + S]`: the rows whose logits are computed: first the last row of every
+    /// sequence that needs logits (`output_seqs`), then the `S` rows scored for prompt logprobs
+    /// (`scored`, in order).
     pub output_rows: Tensor,
-    /// Plan index of the sequence behind each output row.
+    /// Plan index of the sequence behind each of the first `N` output rows.
     pub output_seqs: Vec<usize>,
+    /// The sequences whose input is scored, in plan order: one output row per target.
+    pub scored: Vec<ScoredSeq>,
+}
+
+impl StepBatch {
+    /// Whether the forward pass computes any logits.
+    pub fn has_output(&self) -> bool {
+        !self.output_seqs.is_empty() || self.scored.iter().any(|s| !s.targets.is_empty())
+    }
 }
 
 /// A plan that cannot run; the step is refused, the worker stays healthy.
@@ -140,6 +152,37 @@ fn check_allowed(id: u64, mask: &[u8], lim: &BatchLimits) -> Result<()> {
     Ok(())
 }
 
+/// The targets of a sequence whose input is scored: each input token after the first, then
+/// the token after the step's last position when the plan names it.
+fn scored_seq(s: &SequenceStep, lim: &BatchLimits) -> Result<Option<ScoredSeq>> {
+    let Some(top) = s.prompt_logprobs else {
+        return Ok(None);
+    };
+    let id = s.seq_id;
+    if top as usize > prompt_logprobs::MAX_TOP {
+        return Err(invalid(format!(
+            "sequence {id}: prompt_logprobs {top} is above the most, {}",
+            prompt_logprobs::MAX_TOP
+        )));
+    }
+    if let Some(t) = s
+        .next_prompt_token
+        .filter(|&t| t as usize >= lim.vocab_size)
+    {
+        return Err(invalid(format!(
+            "sequence {id}: next_prompt_token {t} is outside the vocabulary of {}",
+            lim.vocab_size
+        )));
+    }
+    let mut targets: Vec<u32> = s.token_ids.iter().skip(1).copied().collect();
+    targets.extend(s.next_prompt_token);
+    Ok(Some(ScoredSeq {
+        seq_id: id,
+        targets,
+        top: top as usize,
+    }))
+}
+
 impl StepBatch {
     /// Lays out `plan`; `tables[i]` is the block table of `plan.seqs[i]` (see
     /// [`crate::block_tables`]).
@@ -163,6 +206,8 @@ impl StepBatch {
         let mut seqs = Vec::with_capacity(plan.seqs.len());
         let mut output_rows = Vec::new();
         let mut output_seqs = Vec::new();
+        let mut scored = Vec::new();
+        let mut scored_rows = Vec::new();
         for (i, (s, table)) in plan.seqs.iter().zip(tables).enumerate() {
             let id = s.seq_id;
             let q_len = s.token_ids.len();
@@ -234,6 +279,10 @@ impl StepBatch {
                 output_rows.push((q_start + q_len - 1) as u32);
                 output_seqs.push(i);
             }
+            if let Some(sc) = scored_seq(s, lim)? {
+                scored_rows.extend((0..sc.targets.len()).map(|j| (q_start + j) as u32));
+                scored.push(sc);
+            }
             seqs.push(SeqSlice {
                 q_start,
                 q_len,
@@ -243,6 +292,7 @@ impl StepBatch {
             });
         }
         let t = tokens.len();
+        output_rows.extend(scored_rows);
         Ok(Self {
             tokens: Tensor::new(tokens.as_slice(), device)?,
             positions: Tensor::new(positions.as_slice(), device)?,
@@ -250,6 +300,7 @@ impl StepBatch {
             seqs,
             output_rows: Tensor::new(output_rows.as_slice(), device)?,
             output_seqs,
+            scored,
         })
     }
 }
@@ -358,5 +409,44 @@ mod tests {
         assert!(refused(build(pen(1.0, 0.5, 0.0, 2), &[1], true)));
         // A chunk that does not sample never reads the context.
         assert!(build(pen(1.0, 0.5, 0.0, 2), &[], false).is_ok());
+    }
+
+    #[test]
+    fn a_scored_step_names_its_targets_and_its_bounds_are_checked() {
+        let with = |top: Option<u32>, next: Option<u32>| {
+            let plan = StepPlan {
+                seqs: vec![SequenceStep {
+                    seq_id: 5,
+                    token_ids: vec![1, 2, 3],
+                    start_pos: 0,
+                    block_table: vec![0],
+                    prompt_logprobs: top,
+                    next_prompt_token: next,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            let table = TableView {
+                kept: &[],
+                added: &[0],
+            };
+            StepBatch::build(&plan, &[table], &LIM, DType::F32, &Device::Cpu)
+        };
+        let b = with(Some(2), Some(7)).unwrap();
+        assert_eq!(b.scored.len(), 1);
+        assert_eq!(b.scored[0].targets, [2, 3, 7]);
+        assert_eq!(b.output_rows.to_vec1::<u32>().unwrap(), [0, 1, 2]);
+        assert!(b.has_output());
+        // The chunk that samples: its last row is not scored.
+        let b = with(Some(0), None).unwrap();
+        assert_eq!(b.scored[0].targets, [2, 3]);
+        assert_eq!(b.output_rows.to_vec1::<u32>().unwrap(), [0, 1]);
+        assert!(with(None, None).unwrap().scored.is_empty());
+        assert!(
+            refused(with(Some(2), Some(10))),
+            "next token outside the vocabulary"
+        );
+        let too_many = crate::prompt_logprobs::MAX_TOP as u32 + 1;
+        assert!(refused(with(Some(too_many), None)));
     }
 }

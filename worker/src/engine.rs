@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use helios_proto::v1::{Logits, ModelFacts, SequenceStep, StepPlan, StepResult};
+use helios_proto::v1::{Logits, ModelFacts, PromptLogprobs, SequenceStep, StepPlan, StepResult};
 use helios_proto::LoadFormat;
 
 use crate::batch::{invalid, BatchLimits, StepBatch};
@@ -22,6 +22,7 @@ use crate::block_tables::BlockTables;
 use crate::comm::{Communicator, Timed, BROADCAST_LIMIT};
 use crate::kv_cache::KvCache;
 use crate::model::Model;
+use crate::prompt_logprobs::{self, ScoredSeq};
 use crate::sampling::{self, Need};
 use crate::vocab_parallel::{self, Gathered};
 use crate::weights::{LoadOptions, Weights};
@@ -197,12 +198,15 @@ impl Engine {
             step_id: plan.step_id,
             ..Default::default()
         };
-        let Some(logits) = logits else {
-            return Ok(result);
+        let mut rows = match logits {
+            Some(logits) => logits.to_vec2::<f32>()?,
+            None => Vec::new(),
         };
-        let rows = logits.to_vec2::<f32>()?;
+        let scored_rows = rows.split_off(batch.output_seqs.len().min(rows.len()));
         let seqs: Vec<&SequenceStep> = batch.output_seqs.iter().map(|&i| &plan.seqs[i]).collect();
-        let Some(rows) = self.gather(rows, &seqs, plan.return_logits, &device)? else {
+        let gathered = self.gather(rows, &seqs, plan.return_logits, &device)?;
+        result.prompt_logprobs = self.score(&scored_rows, &batch.scored, &device)?;
+        let Some(rows) = gathered else {
             return Ok(result);
         };
         for (row, s) in rows.into_iter().zip(seqs) {
@@ -259,6 +263,32 @@ impl Engine {
             return Ok(None);
         }
         Ok(Some(vocab_parallel::decode(&all, &needs, vocab, world)?))
+    }
+
+    /// Rank 0: the prompt logprobs of every scored sequence, from every rank's share of the
+    /// scored rows (`rows`: this rank's logits of them); empty on the other ranks. Every rank
+    /// calls it alike (see [`crate::prompt_logprobs`]).
+    fn score(
+        &mut self,
+        rows: &[Vec<f32>],
+        scored: &[ScoredSeq],
+        device: &Device,
+    ) -> Result<Vec<PromptLogprobs>> {
+        if scored.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        let offset = vocab_parallel::slice_of(self.limits.vocab_size, rank, world).start;
+        let mine = prompt_logprobs::encode(rows, scored, offset);
+        let all = if world == 1 || mine.is_empty() {
+            mine
+        } else {
+            self.comm.all_gather(&mine, device)?
+        };
+        if rank != 0 {
+            return Ok(Vec::new());
+        }
+        prompt_logprobs::decode(&all, scored, world)
     }
 
     /// Gives every `feed_sampled` sequence of `plan` the token rank 0 sampled for it in the

@@ -236,7 +236,7 @@ fn log_normalizer(logits: &[f32]) -> f64 {
 /// The ids of the `n` largest logits (at most the vocabulary), largest first, ties to the lower
 /// id. Partial selection keeps this O(vocab) however large the vocabulary; only the `n` chosen
 /// are sorted.
-fn top_n(logits: &[f32], n: usize) -> Vec<u32> {
+pub(crate) fn top_n(logits: &[f32], n: usize) -> Vec<u32> {
     let n = n.min(logits.len());
     if n == 0 {
         return Vec::new();

@@ -70,23 +70,57 @@ pub fn completion(
 ) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
     for l in logprobs {
-        let s = sampled(l);
-        let (token, _) = text_of(tok, s.token_id);
+        push(&mut out, tok, sampled(l).token_id, Some(l), offset);
+    }
+    out
+}
+
+/// The echoed prompt's entries of the legacy format (`ids`, and their `prompt_logprobs` as
+/// the gRPC API gives them: the first without a logprob, which shows as `null`), put before
+/// the generated tokens' entries of `generated`.
+pub fn with_prompt(
+    tok: &TextTokenizer,
+    ids: &[u32],
+    prompt_logprobs: &[SampledLogprobs],
+    generated: &[SampledLogprobs],
+    offset: &mut u32,
+) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    for (k, &id) in ids.iter().enumerate() {
+        let scored = prompt_logprobs.get(k).filter(|l| l.sampled.is_some());
+        push(&mut out, tok, id, scored, offset);
+    }
+    for l in generated {
+        push(&mut out, tok, sampled(l).token_id, Some(l), offset);
+    }
+    out
+}
+
+/// One token's entry: its text, its logprob and the top N (both `null` without `l`).
+fn push(
+    out: &mut CompletionLogprobs,
+    tok: &TextTokenizer,
+    id: u32,
+    l: Option<&SampledLogprobs>,
+    offset: &mut u32,
+) {
+    let (token, _) = text_of(tok, id);
+    let top = l.map(|l| {
         let mut top: Vec<(String, f32)> = l
             .top
             .iter()
             .map(|t| (text_of(tok, t.token_id).0, t.logprob))
             .collect();
-        if !l.top.iter().any(|t| t.token_id == s.token_id) {
-            top.push((token.clone(), s.logprob));
+        if !l.top.iter().any(|t| t.token_id == id) {
+            top.push((token.clone(), sampled(l).logprob));
         }
-        out.text_offset.push(*offset);
-        *offset += token.chars().count() as u32;
-        out.tokens.push(token);
-        out.token_logprobs.push(s.logprob);
-        out.top_logprobs.push(TopLogprobMap(top));
-    }
-    out
+        TopLogprobMap(top)
+    });
+    out.text_offset.push(*offset);
+    *offset += token.chars().count() as u32;
+    out.tokens.push(token);
+    out.token_logprobs.push(l.map(|l| sampled(l).logprob));
+    out.top_logprobs.push(top);
 }
 
 /// The chat format: each token with its bytes and its top N alternatives.
@@ -158,12 +192,47 @@ mod tests {
         assert_eq!(c.tokens.concat(), " Paris is");
         assert_eq!(c.text_offset, [3, 9]);
         assert_eq!(offset, 12);
-        assert_eq!(c.token_logprobs, [-0.5, -0.5]);
+        assert_eq!(c.token_logprobs, [Some(-0.5), Some(-0.5)]);
         // The sampled token is always in top_logprobs; here it is among the top 2.
-        assert_eq!(c.top_logprobs[0].0.len(), 2);
+        assert_eq!(c.top_logprobs[0].as_ref().unwrap().0.len(), 2);
         let chat = chat(tok, &logprobs);
         assert_eq!(chat.content.len(), 2);
         assert_eq!(chat.content[0].bytes, b" Paris");
         assert_eq!(chat.content[1].top_logprobs[1].token, " is");
+    }
+
+    #[test]
+    fn an_echoed_prompt_comes_first_its_first_token_without_a_logprob() {
+        let tok = smollm2();
+        let prompt = tok.encode("The capital").unwrap();
+        let answer = tok.encode(" is").unwrap();
+        let lp = |id: u32, logprob: f32| SampledLogprobs {
+            sampled: Some(TokenLogprob {
+                token_id: id,
+                logprob,
+            }),
+            top: vec![],
+        };
+        // As the gRPC API gives them: one per prompt token, the first without `sampled`.
+        let scored: Vec<SampledLogprobs> = std::iter::once(SampledLogprobs::default())
+            .chain(prompt[1..].iter().map(|&id| lp(id, -3.0)))
+            .collect();
+        let generated = vec![lp(answer[0], -0.25)];
+        let mut offset = 0;
+        let c = with_prompt(tok, &prompt, &scored, &generated, &mut offset);
+        assert_eq!(c.tokens.concat(), "The capital is");
+        assert_eq!(c.tokens.len(), prompt.len() + 1);
+        assert_eq!(c.token_logprobs[0], None);
+        assert!(c.top_logprobs[0].is_none());
+        assert!(c.token_logprobs[1..prompt.len()]
+            .iter()
+            .all(|&l| l == Some(-3.0)));
+        assert_eq!(c.token_logprobs.last(), Some(&Some(-0.25)));
+        assert_eq!(c.text_offset[0], 0);
+        assert_eq!(offset, "The capital is".len() as u32);
+        // JSON: the first entry's logprob and top are null, as OpenAI's.
+        let json = serde_json::to_value(&c).unwrap();
+        assert!(json["token_logprobs"][0].is_null());
+        assert!(json["top_logprobs"][0].is_null());
     }
 }

@@ -224,11 +224,19 @@ impl Responder {
         if i >= self.offsets.len() {
             self.offsets.resize(i + 1, 0);
         }
-        Some(logprobs::completion(
-            &self.tokenizer,
-            &r.logprobs,
-            &mut self.offsets[i],
-        ))
+        let offset = &mut self.offsets[i];
+        // A choice's first response holds its prompt's logprobs when it echoes the prompt.
+        Some(if self.echo.is_some() && !r.prompt_token_ids.is_empty() {
+            logprobs::with_prompt(
+                &self.tokenizer,
+                &r.prompt_token_ids,
+                &r.prompt_logprobs,
+                &r.logprobs,
+                offset,
+            )
+        } else {
+            logprobs::completion(&self.tokenizer, &r.logprobs, offset)
+        })
     }
 
     fn chat_logprobs(&self, r: &GenerateResponse) -> Option<super::types::ChatLogprobs> {

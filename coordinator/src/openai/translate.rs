@@ -5,7 +5,7 @@
 //! What is checked here is what only the OpenAI shape can get wrong: the several shapes of
 //! `prompt`, `stop`, message `content` and `logit_bias` (string keys), `best_of` with `stream`,
 //! and the features Helios does not have, which are refused rather than silently ignored:
-//! several prompts, `echo`, `suffix`, content parts other than text. Tools are read in
+//! several prompts, `suffix`, content parts other than text. Tools are read in
 //! [`super::tools`]. Structured
 //! outputs are read in [`super::structured`]. `n`, `best_of` and the bias values are checked by admission, as for gRPC.
 
@@ -58,13 +58,6 @@ pub fn completion(
     common: Common,
     request_id: &str,
 ) -> Result<Translated, ApiError> {
-    if req.echo == Some(true) && req.logprobs.is_some() {
-        return Err(ApiError::invalid_param(
-            "echo",
-            "echo with logprobs is not supported: prompt tokens' logprobs are not computed \
-             (echo alone is)",
-        ));
-    }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
     }
@@ -91,10 +84,12 @@ pub fn completion(
         req.logprobs,
         logprobs,
     )?;
+    t.echo = req.echo.unwrap_or(false);
     if let Some(p) = t.request.parameters.as_mut() {
         p.best_of = req.best_of;
+        // The echoed prompt's tokens get logprobs too, as OpenAI's legacy API gives them.
+        p.prompt_logprobs = req.logprobs.filter(|_| t.echo);
     }
-    t.echo = req.echo.unwrap_or(false);
     if t.stream {
         check_streamable(t.request.parameters.as_ref()).map_err(ApiError::from)?;
     }
@@ -210,6 +205,7 @@ fn finish(
         n: c.n,
         best_of: None,
         logit_bias: logit_bias(c.logit_bias)?,
+        prompt_logprobs: None,
     };
     Ok(Translated {
         request: GenerateRequest {
@@ -445,6 +441,23 @@ mod tests {
     }
 
     #[test]
+    fn echo_with_logprobs_asks_for_the_prompts_logprobs() {
+        let prompt_logprobs = |body: &str| {
+            let v: Value = serde_json::from_str(body).unwrap();
+            let req: CompletionRequest = serde_json::from_value(v.clone()).unwrap();
+            let common: Common = serde_json::from_value(v).unwrap();
+            let t = completion(req, common, "id").unwrap();
+            t.request.parameters.unwrap().prompt_logprobs
+        };
+        assert_eq!(
+            prompt_logprobs(r#"{"prompt": "x", "echo": true, "logprobs": 3}"#),
+            Some(3)
+        );
+        assert_eq!(prompt_logprobs(r#"{"prompt": "x", "echo": true}"#), None);
+        assert_eq!(prompt_logprobs(r#"{"prompt": "x", "logprobs": 3}"#), None);
+    }
+
+    #[test]
     fn unsupported_features_are_refused_by_name() {
         for (bad, param) in [
             (r#"{"prompt": "x", "n": -1}"#, "n"),
@@ -452,7 +465,6 @@ mod tests {
                 r#"{"prompt": "x", "best_of": 3, "stream": true}"#,
                 "best_of",
             ),
-            (r#"{"prompt": "x", "echo": true, "logprobs": 1}"#, "echo"),
             (r#"{"prompt": "x", "suffix": "end"}"#, "suffix"),
             (
                 r#"{"prompt": "x", "logit_bias": {"a": -100}}"#,

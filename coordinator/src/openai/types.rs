@@ -125,12 +125,13 @@ pub struct CompletionChoice {
     pub finish_reason: Option<&'static str>,
 }
 
-/// The legacy completions `logprobs` object: one entry per generated token in each list.
+/// The legacy completions `logprobs` object: one entry per token in each list, the echoed
+/// prompt's first (its first token has `null`s: nothing comes before it), then the generated.
 #[derive(Debug, Default, Serialize)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<TopLogprobMap>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<TopLogprobMap>>,
     /// Where each token starts in the completion's text, in characters.
     pub text_offset: Vec<u32>,
 }

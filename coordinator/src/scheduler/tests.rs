@@ -614,3 +614,129 @@ fn a_requests_choices_are_queued_all_or_none() {
     s.add_all(two).unwrap();
     assert_eq!(s.stats().waiting, 3);
 }
+
+/// [`answer`], with each scored prompt token's logprob minus its position: a test can tell
+/// which position an entry came from.
+fn scoring_answer(plan: &StepPlan) -> StepResult {
+    let mut r = answer(plan);
+    let scored = plan.seqs.iter().filter(|s| s.prompt_logprobs.is_some());
+    for (pl, seq) in r.prompt_logprobs.iter_mut().zip(scored) {
+        for (k, t) in pl.tokens.iter_mut().enumerate() {
+            if let Some(s) = t.sampled.as_mut() {
+                s.logprob = -((seq.start_pos as usize + 1 + k) as f32);
+            }
+        }
+    }
+    r
+}
+
+/// Runs `s` until sequence `id` samples its first token; returns the plans' steps of `id` and
+/// that token.
+fn until_first_token(s: &mut Scheduler, id: u64) -> (Vec<SequenceStep>, Sampled) {
+    let mut steps = Vec::new();
+    for _ in 0..50 {
+        let plan = s.schedule().unwrap().unwrap();
+        steps.extend(plan.seqs.iter().filter(|q| q.seq_id == id).cloned());
+        let out = s.apply(scoring_answer(&plan)).unwrap();
+        s.audit().unwrap();
+        if let Some(t) = out.into_iter().find(|t| t.token.seq_id == id) {
+            return (steps, t);
+        }
+    }
+    panic!("sequence {id} sampled nothing");
+}
+
+fn assert_prompt_scored(t: &Sampled, prompt: &[u32]) {
+    let scores = t
+        .prompt_logprobs
+        .as_ref()
+        .expect("prompt logprobs with the first token");
+    assert_eq!(scores.len(), prompt.len() - 1);
+    for (j, e) in scores.iter().enumerate() {
+        let s = e.sampled.unwrap();
+        assert_eq!(s.token_id, prompt[j + 1], "entry {j}");
+        assert_eq!(
+            s.logprob,
+            -((j + 1) as f32),
+            "entry {j} is position {}'s",
+            j + 1
+        );
+    }
+}
+
+#[test]
+fn prompt_logprobs_score_every_prompt_token_once_across_chunks_never_from_the_cache() {
+    let mut s = sched(64, 4, 5);
+    let prompt: Vec<u32> = (10..23).collect();
+    // A first request puts the prompt's blocks in the prefix cache.
+    s.add(Sequence::new(1, prompt.clone(), params(2))).unwrap();
+    while let Some(plan) = s.schedule().unwrap() {
+        s.apply(answer(&plan)).unwrap();
+    }
+    let before = s.stats();
+    let mut p = params(3);
+    p.prompt_logprobs = Some(2);
+    s.add(Sequence::new(2, prompt.clone(), p)).unwrap();
+    let (steps, first) = until_first_token(&mut s, 2);
+    // Read whole, in chunks of 5: each chunk names the prompt token after it, the last none.
+    let chunks: Vec<(u32, usize, Option<u32>, Option<u32>)> = steps
+        .iter()
+        .map(|q| {
+            (
+                q.start_pos,
+                q.token_ids.len(),
+                q.prompt_logprobs,
+                q.next_prompt_token,
+            )
+        })
+        .collect();
+    assert_eq!(
+        chunks,
+        vec![
+            (0, 5, Some(2), Some(prompt[5])),
+            (5, 5, Some(2), Some(prompt[10])),
+            (10, 3, Some(2), None),
+        ]
+    );
+    assert_eq!(s.stats().prefix_query_tokens, before.prefix_query_tokens);
+    assert_prompt_scored(&first, &prompt);
+    // Later tokens neither score nor carry prompt logprobs.
+    while let Some(plan) = s.schedule().unwrap() {
+        assert!(plan.seqs.iter().all(|q| q.prompt_logprobs.is_none()));
+        for t in s.apply(scoring_answer(&plan)).unwrap() {
+            assert!(t.prompt_logprobs.is_none());
+        }
+    }
+    assert!(s.is_idle());
+}
+
+#[test]
+fn a_recomputed_prompt_keeps_the_scores_it_had_and_fills_in_the_rest() {
+    let mut s = sched(64, 4, 5);
+    let prompt: Vec<u32> = (30..42).collect();
+    let mut p = params(2);
+    p.prompt_logprobs = Some(0);
+    s.add(Sequence::new(4, prompt.clone(), p)).unwrap();
+    // One chunk answered, then the replica loses a rank: everything is recomputed from 0.
+    let plan = s.schedule().unwrap().unwrap();
+    s.apply(scoring_answer(&plan)).unwrap();
+    assert_eq!(s.requeue_all(), vec![4]);
+    let (steps, first) = until_first_token(&mut s, 4);
+    assert_eq!(steps[0].start_pos, 0, "recomputed from the start");
+    assert_prompt_scored(&first, &prompt);
+}
+
+#[test]
+fn an_answer_with_the_wrong_prompt_scores_fails_the_step() {
+    let mut s = sched(64, 4, 64);
+    let mut p = params(2);
+    p.prompt_logprobs = Some(1);
+    s.add(Sequence::new(6, vec![3; 9], p)).unwrap();
+    s.add(Sequence::new(7, vec![3; 9], params(2))).unwrap();
+    let plan = s.schedule().unwrap().unwrap();
+    let mut short = answer(&plan);
+    short.prompt_logprobs[0].tokens.pop();
+    let failed = s.apply(short).unwrap_err();
+    assert_eq!(failed.seq_ids, vec![6, 7]);
+    assert!(s.is_idle());
+}

@@ -151,7 +151,8 @@ impl Model {
     }
 
     /// Runs one step. Returns the logits of this rank's slice of the vocabulary,
-    /// `[N, vocab_slice]` (f32), of the batch's `N` output rows; `None` when it has none.
+    /// `[N, vocab_slice]` (f32), of the batch's `N` output rows (`StepBatch::output_rows`);
+    /// `None` when it has none.
     pub fn forward(
         &self,
         batch: &StepBatch,
@@ -175,7 +176,7 @@ impl Model {
                 .with_context(|| format!("all-reduce after MLP {i}"))?;
             x = (x + m)?;
         }
-        if batch.output_seqs.is_empty() {
+        if !batch.has_output() {
             return Ok(None);
         }
         let last = x.index_select(&batch.output_rows, 0)?;
