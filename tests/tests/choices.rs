@@ -177,6 +177,30 @@ async fn several_choices_share_the_prompt_and_equal_single_seeded_requests() {
             .is_some(),
         "every choice gave its blocks back"
     );
+
+    // A client that leaves cancels every choice: 4 × 2,000 tokens would take minutes here.
+    let long = GenerationParameters {
+        max_new_tokens: Some(2000),
+        ..sampled(Some(4), 3)
+    };
+    let mut stream = client
+        .generate_stream(prompt_request(PROMPT, long))
+        .await
+        .expect("n = 4, long")
+        .into_inner();
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 4 {
+        let r = stream.message().await.expect("a response").expect("more");
+        seen.insert(r.index);
+    }
+    assert_eq!(model_info(&mut client).await.requests_running, 4);
+    drop(stream);
+    assert!(
+        wait_until_idle(&mut client, total, std::time::Duration::from_secs(10))
+            .await
+            .is_some(),
+        "every choice was cancelled and gave its blocks back"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

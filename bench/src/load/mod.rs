@@ -161,6 +161,10 @@ pub struct LoadArgs {
     /// output length, so every request generates it whole.
     #[arg(long, default_value = DEFAULT_CONSTRAINT_REGEX)]
     pub constraint_regex: String,
+    /// gRPC: every request asks for its prompt's logprobs and this many most likely tokens at
+    /// each prompt position (the cost of scoring prompts, as evaluation harnesses do).
+    #[arg(long)]
+    pub prompt_logprobs: Option<u32>,
     /// OpenAI: a JSON object merged into every request body, e.g. `{"logit_bias": {"2": -100}}`
     /// for a server without `ignore_eos`.
     #[arg(long)]
@@ -249,6 +253,9 @@ impl LoadArgs {
                 bail!("--constrained applies to --protocol grpc");
             }
         }
+        if self.prompt_logprobs.is_some() && self.protocol != Protocol::Grpc {
+            bail!("--prompt-logprobs applies to --protocol grpc (OpenAI: --extra-body with echo and logprobs)");
+        }
         Ok(Plan {
             workload,
             load,
@@ -261,6 +268,7 @@ impl LoadArgs {
                 seed: self.seed,
                 ignore_eos: self.ignore_eos,
                 constrained: self.constrained.map(|f| (f, self.constraint_regex.clone())),
+                prompt_logprobs: self.prompt_logprobs,
             },
             seed: self.seed.unwrap_or(0),
             timeout: Duration::from_secs_f64(self.request_timeout),
@@ -440,6 +448,7 @@ impl LoadArgs {
             "ignore_eos": self.ignore_eos,
             "temperature": self.temperature,
             "constrained": self.constrained,
+            "prompt_logprobs": self.prompt_logprobs,
         });
         let mut m = match v {
             Value::Object(m) => m,

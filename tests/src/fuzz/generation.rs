@@ -17,9 +17,11 @@
 //! Never: UNKNOWN, UNAVAILABLE, INTERNAL from the service, a broken connection, a hang.
 
 use bytes::Bytes;
+use std::collections::HashMap;
+
 use helios_proto::v1::{
-    ChatMessage, DetokenizeRequest, GenerateRequest, GenerateResponse, GenerationParameters,
-    TokenizeRequest, TokenizeResponse,
+    constraint, ChatMessage, Constraint, DetokenizeRequest, GenerateRequest, GenerateResponse,
+    GenerationParameters, TokenizeRequest, TokenizeResponse,
 };
 use prost::Message;
 use tonic::{Code, Status};
@@ -363,7 +365,91 @@ fn parameters(rng: &mut Rng, model: ModelShape) -> Pick<GenerationParameters> {
         let (x, xv) = pick(rng, &pool);
         (p.logprobs, v) = (x, v.and(xv));
     }
+    if field(rng) {
+        let pool = [
+            (None, Good),
+            (Some(0), Good),
+            (Some(20), Good),
+            (Some(21), Bad),
+            (Some(u32::MAX), Bad),
+        ];
+        let (x, xv) = pick(rng, &pool);
+        (p.prompt_logprobs, v) = (x, v.and(xv));
+    }
+    v = v.and(choice_fields(rng, &mut p));
+    if field(rng) {
+        let (x, xv) = logit_bias(rng, model);
+        (p.logit_bias, v) = (x, v.and(xv));
+    }
+    if field(rng) {
+        let (x, xv) = constraint(rng);
+        (p.constraint, v) = (Some(x), v.and(xv));
+    }
     (p, v)
+}
+
+/// `n` and `best_of`: whether several choices fit depends on the KV cache and the call
+/// (`best_of` is not streamed), which the generator does not model; out of range is refused.
+fn choice_fields(rng: &mut Rng, p: &mut GenerationParameters) -> Verdict {
+    use Verdict::*;
+    let mut v = Good;
+    if rng.chance(1, 4) {
+        let pool = [
+            (None, Good),
+            (Some(1), Good),
+            (Some(2), Unsure),
+            (Some(0), Bad),
+            (Some(129), Bad),
+            (Some(u32::MAX), Bad),
+        ];
+        let (x, xv) = pick(rng, &pool);
+        (p.n, v) = (x, v.and(xv));
+    }
+    if rng.chance(1, 6) {
+        let pool = [(None, Good), (Some(2), Unsure), (Some(0), Unsure), (Some(1000), Bad)];
+        let (x, xv) = pick(rng, &pool);
+        (p.best_of, v) = (x, v.and(xv));
+    }
+    v
+}
+
+/// A logit bias: ids in and out of the vocabulary, values in and out of [-100, 100], too many.
+fn logit_bias(rng: &mut Rng, model: ModelShape) -> Pick<HashMap<u32, f32>> {
+    use Verdict::*;
+    let n = model.vocab_size;
+    let one = |id: u32, b: f32| HashMap::from([(id, b)]);
+    match rng.below(8) {
+        0 => (one(1, 5.0), Good),
+        1 => (one(n - 1, -100.0), Good),
+        2 => (one(0, 100.0), Good),
+        3 => (one(n, 1.0), Bad),
+        4 => (one(u32::MAX, 1.0), Bad),
+        5 => (one(1, 100.5), Bad),
+        6 => (one(1, *rng.pick(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY])), Bad),
+        _ => ((0..2000).map(|i| (i % n, 1.0)).collect(), Unsure),
+    }
+}
+
+/// A structured output constraint: valid ones (whether they compile for the model's tokenizer
+/// is not modelled), and ones that can never compile.
+fn constraint(rng: &mut Rng) -> Pick<Constraint> {
+    use constraint::Kind;
+    use Verdict::*;
+    let (kind, v) = rng
+        .pick(&[
+            (Kind::Regex("[a-z]{1,6}".into()), Unsure),
+            (Kind::JsonObject(true), Unsure),
+            (Kind::JsonSchema(r#"{"type": "integer"}"#.into()), Unsure),
+            (Kind::Grammar("start: \"yes\" | \"no\"".into()), Unsure),
+            (Kind::Regex("(".into()), Bad),
+            (Kind::Regex("a{1000000000}".into()), Unsure),
+            (Kind::JsonSchema("{".into()), Bad),
+            (Kind::JsonSchema(r#"{"type": "no such type"}"#.into()), Unsure),
+            (Kind::Grammar("start: undefined_rule".into()), Bad),
+            (Kind::Regex("x".repeat(300 * 1024)), Bad),
+        ])
+        .clone();
+    (Constraint { kind: Some(kind) }, v)
 }
 
 /// Where a float field of [`GenerationParameters`] is, and the values the API documents as

@@ -16,7 +16,9 @@
 //! rank votes over TCP. Shared memory is used only if all attached; otherwise everything stays
 //! on TCP (logged at info). All ranks decide from the same gathered bytes, so they agree.
 //! Rank 0 unlinks the file once every rank has voted: nobody can attach later, and only a crash
-//! within those few milliseconds leaves a file behind.
+//! within those few milliseconds leaves a file behind; the next segment made in that folder
+//! removes such leftovers of the same user (older than [`STALE_SEGMENT`]: a segment lives for
+//! milliseconds before it is unlinked).
 //!
 //! **Security.** The name travels only over the mesh, whose handshake proved the cluster secret
 //! (docs/architecture.md, "Security"); the file is private to the workers' user and is gone
@@ -313,6 +315,35 @@ impl Layout {
     }
 }
 
+/// How old a segment file must be to count as left behind by a crash.
+pub const STALE_SEGMENT: Duration = Duration::from_secs(60);
+/// Segment file names start so.
+const SEGMENT_PREFIX: &str = "helios-comm-";
+
+/// Removes the segment files in `dir` that `uid` owns and nobody touched for [`STALE_SEGMENT`]:
+/// a rank 0 killed between creating and unlinking one leaves it, and /dev/shm is memory.
+/// Returns how many went. A mapped file keeps its memory for whoever mapped it.
+fn sweep_stale(dir: &Path, uid: u32) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let stale = |e: &std::fs::DirEntry| {
+        let named = e.file_name().to_string_lossy().starts_with(SEGMENT_PREFIX);
+        let meta = e.metadata().ok();
+        let old = meta
+            .as_ref()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_SEGMENT);
+        named && old && meta.is_some_and(|m| m.is_file() && m.uid() == uid)
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(stale)
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
 /// Rank 0's new segment file, unlinked when dropped.
 struct Created {
     path: PathBuf,
@@ -326,7 +357,10 @@ impl Created {
         let (mut id, mut nonce) = ([0u8; 16], [0u8; NONCE]);
         getrandom::fill(&mut id).map_err(|e| anyhow!("no randomness: {e}"))?;
         getrandom::fill(&mut nonce).map_err(|e| anyhow!("no randomness: {e}"))?;
-        let name = format!("helios-comm-{}", id.map(|b| format!("{b:02x}")).concat());
+        let name = format!(
+            "{SEGMENT_PREFIX}{}",
+            id.map(|b| format!("{b:02x}")).concat()
+        );
         let path = dir.join(&name);
         let mut file = OpenOptions::new()
             .read(true)
@@ -336,6 +370,13 @@ impl Created {
             .open(&path)
             .with_context(|| format!("creating {}", path.display()))?;
         let created = Self { path, name, nonce };
+        let swept = sweep_stale(dir, file.metadata()?.uid());
+        if swept > 0 {
+            tracing::info!(
+                "communicator: removed {swept} shared-memory segments a crashed rank 0 left in {}",
+                dir.display()
+            );
+        }
         let mut header = [0u8; HEADER];
         header[..8].copy_from_slice(MAGIC);
         header[8..16].copy_from_slice(&(world as u64).to_le_bytes());
@@ -584,6 +625,36 @@ mod tests {
     use crate::comm::test_support::on_local_mesh;
     use std::sync::atomic::AtomicBool;
     use std::sync::mpsc;
+
+    #[test]
+    fn a_new_segment_sweeps_the_stale_ones_of_its_user_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - STALE_SEGMENT - Duration::from_secs(5);
+        let file = |name: &str, modified: Option<std::time::SystemTime>| {
+            let f = std::fs::File::create(dir.path().join(name)).unwrap();
+            if let Some(t) = modified {
+                f.set_modified(t).unwrap();
+            }
+        };
+        file("helios-comm-left-by-a-crash", Some(old));
+        file("helios-comm-attaching-now", None);
+        file("someone-elses-file", Some(old));
+        let created = Created::new(dir.path(), 2, 64).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mut want = vec![
+            "helios-comm-attaching-now".to_string(),
+            created.name.clone(),
+            "someone-elses-file".to_string(),
+        ];
+        want.sort();
+        assert_eq!(left, want);
+        drop(created);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
 
     fn opts(slot_bytes: usize) -> ShmOptions {
         ShmOptions {

@@ -94,6 +94,7 @@ impl Grpc {
                 constraint: s.constraint_of(i).map(|rx| Constraint {
                     kind: Some(constraint::Kind::Regex(rx.into())),
                 }),
+                prompt_logprobs: s.prompt_logprobs,
                 ..Default::default()
             }),
             session_id: prompt.session_id.clone().unwrap_or_default(),

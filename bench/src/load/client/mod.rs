@@ -57,6 +57,8 @@ pub struct Sampling {
     /// Structured outputs (gRPC): this fraction of the requests, evenly spread, is held to
     /// this regex.
     pub constrained: Option<(f64, String)>,
+    /// gRPC: prompt logprobs with this many most likely tokens.
+    pub prompt_logprobs: Option<u32>,
 }
 
 impl Sampling {
