@@ -4,7 +4,8 @@
 //! (one forward pass in-process), so top-p and min-p cut where a real distribution cuts. Each
 //! case times [`helios_worker::sampling::sample`]; the last row times sorting the whole
 //! vocabulary by logit, which is what the sampler did per token before it selected only the
-//! candidates a draw can reach.
+//! candidates a draw can reach. One more row times what a rank computes per scored prompt
+//! row (prompt logprobs) besides the lm_head.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -13,6 +14,7 @@ use anyhow::{Context, Result};
 use helios_proto::v1::{SamplingParams, SequenceStep, StepPlan};
 use helios_worker::comm::SingleRank;
 use helios_worker::engine::{Engine, EngineOptions};
+use helios_worker::prompt_logprobs::share;
 use helios_worker::sampling::sample;
 
 #[derive(clap::Args)]
@@ -95,6 +97,15 @@ pub fn run(a: SamplingArgs) -> Result<()> {
             t.elapsed().as_secs_f64() / a.calls as f64 * 1e6
         );
     }
+    let t = Instant::now();
+    for i in 0..a.calls {
+        let target = (i * 7919 % vocab) as u32;
+        std::hint::black_box(share(&logits, 0, target, 5));
+    }
+    println!(
+        "| a scored prompt row's share at tp 1 (prompt logprobs, top 5) | {:.1} |",
+        t.elapsed().as_secs_f64() / a.calls as f64 * 1e6
+    );
     let t = Instant::now();
     for _ in 0..a.calls {
         let mut idx: Vec<usize> = (0..logits.len()).collect();

@@ -53,15 +53,11 @@ const NO_ID: u32 = u32::MAX;
 /// The share of `row`, the logits of ids `offset ..`, for a row predicting `target`.
 pub fn share(row: &[f32], offset: usize, target: u32, top: usize) -> Share {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum = if max == f32::NEG_INFINITY {
-        0.0
-    } else {
-        row.iter().map(|&v| (v as f64 - max as f64).exp()).sum()
-    };
+    let sum = sampling::sum_exp(row, max);
     let target = (target as usize)
         .checked_sub(offset)
         .and_then(|i| row.get(i).copied());
-    let best = sampling::top_n(row, top)
+    let best = sampling::top_few(row, top)
         .into_iter()
         .map(|i| (offset as u32 + i, row[i as usize]))
         .collect();

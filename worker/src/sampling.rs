@@ -49,7 +49,7 @@ pub fn sample(logits: &[f32], seq: &SequenceStep) -> SampledToken {
         seq_id: seq.seq_id,
         token_id,
         logprob: logprob(token_id as usize),
-        top_logprobs: top_n(logits, n)
+        top_logprobs: top_few(logits, n)
             .into_iter()
             .map(|i| TokenLogprob {
                 token_id: i,
@@ -228,9 +228,85 @@ fn argmax(logits: &[f32]) -> u32 {
 
 /// `log(sum(exp(logits)))`, computed stably: `logits[i] - this` is log_softmax at `i`.
 fn log_normalizer(logits: &[f32]) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&v| (v as f64 - max).exp()).sum();
-    max + sum.ln()
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max as f64 + sum_exp(logits, max).ln()
+}
+
+/// `Σ e^(v − max)` over `logits` (`max` their largest; 0 when it is −∞). A pass over the whole
+/// vocabulary per logprob asked for, so it is written to vectorize: f32 exponentials in 16
+/// lanes ([`exp_nonpositive`]), each block of 1024 summed into an f64 (relative error below
+/// 1e-6, where an f64 `exp` per logit costs ten times as much).
+pub(crate) fn sum_exp(logits: &[f32], max: f32) -> f64 {
+    if max == f32::NEG_INFINITY {
+        return 0.0;
+    }
+    const LANES: usize = 16;
+    let mut total = 0f64;
+    for block in logits.chunks(1024) {
+        let mut acc = [0f32; LANES];
+        let mut lanes = block.chunks_exact(LANES);
+        for c in &mut lanes {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += exp_nonpositive(v - max);
+            }
+        }
+        let rest: f32 = lanes
+            .remainder()
+            .iter()
+            .map(|&v| exp_nonpositive(v - max))
+            .sum();
+        total += acc.iter().map(|&a| a as f64).sum::<f64>() + rest as f64;
+    }
+    total
+}
+
+/// `e^x` for `x ≤ 0` in f32, without a branch or a library call (so loops over it vectorize):
+/// `x = k·ln 2 + r` with `|r| ≤ ln 2 / 2` (k rounded by the 1.5·2^23 trick), a degree-7
+/// Taylor polynomial for `e^r` (relative error below 1e-7), `2^k` from exponent bits. Below
+/// −87 (where `e^x` leaves f32's normal range) it gives `e^-87`, less than 2e-38, which no sum
+/// of logits notices. NaN gives `e^-87` too.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.max(-87.0).min(0.0);
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let k = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
+    let kf = shifted - ROUND;
+    let r = x - kf * LN2_HI - kf * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(((k + 127) as u32) << 23)
+}
+
+/// [`top_n`] for the few most likely tokens logprobs return (up to 32): one pass that keeps
+/// the best `n` seen so far and looks at a logit only when it beats the worst of them, which
+/// for a whole vocabulary is nearly always a single comparison. Larger `n` take [`top_n`].
+pub(crate) fn top_few(logits: &[f32], n: usize) -> Vec<u32> {
+    const FEW: usize = 32;
+    let n = n.min(logits.len());
+    if n > FEW {
+        return top_n(logits, n);
+    }
+    if n == 0 {
+        return Vec::new();
+    }
+    // Best first; ties keep the lower id first, as ids come in order.
+    let mut best: Vec<(f32, u32)> = Vec::with_capacity(n + 1);
+    for (i, &v) in logits.iter().enumerate() {
+        if best.len() == n && best[n - 1].0.total_cmp(&v).is_ge() {
+            continue;
+        }
+        let at = best.partition_point(|&(b, _)| b.total_cmp(&v).is_ge());
+        best.insert(at, (v, i as u32));
+        best.truncate(n);
+    }
+    best.into_iter().map(|(_, i)| i).collect()
 }
 
 /// The ids of the `n` largest logits (at most the vocabulary), largest first, ties to the lower
@@ -693,6 +769,40 @@ mod tests {
         assert!((lp - lsm[pen.token_id as usize]).abs() < 1e-5);
         assert_eq!(plain.top_logprobs, pen.top_logprobs);
         assert_eq!(pen.top_logprobs[0].token_id, top);
+    }
+
+    #[test]
+    fn the_fast_normalizer_and_top_few_agree_with_the_plain_ones() {
+        let mut state = 3u64;
+        let mut next = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let rows: Vec<Vec<f32>> = vec![
+            (0..49_152).map(|_| next() * 40.0 - 20.0).collect(),
+            (0..1000)
+                .map(|i| ((i * 7919) % 97) as f32 * 0.1 - 4.0)
+                .collect(),
+            (0..77).map(|i| -(i as f32) * 3.0).collect(),
+            vec![-1e30, 0.0, -200.0, f32::NEG_INFINITY],
+            (0..300).map(|i| (i % 5) as f32).collect(),
+        ];
+        for row in &rows {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let plain: f64 = row.iter().map(|&v| (v as f64 - max as f64).exp()).sum();
+            let fast = sum_exp(row, max);
+            assert!((fast / plain - 1.0).abs() < 1e-6, "{fast} vs {plain}");
+            for n in [1, 2, 5, 20, 32, 33, 100] {
+                assert_eq!(top_few(row, n), top_n(row, n), "n = {n}");
+            }
+        }
+        for x in [0.0f32, -1e-8, -0.3, -0.35, -1.0, -10.5, -50.0, -86.9] {
+            let rel = (exp_nonpositive(x) as f64 / (x as f64).exp() - 1.0).abs();
+            assert!(rel < 2e-7, "e^{x}: relative error {rel}");
+        }
+        assert_eq!(sum_exp(&[f32::NEG_INFINITY; 3], f32::NEG_INFINITY), 0.0);
     }
 
     #[test]

@@ -406,7 +406,12 @@ fn choice_fields(rng: &mut Rng, p: &mut GenerationParameters) -> Verdict {
         (p.n, v) = (x, v.and(xv));
     }
     if rng.chance(1, 6) {
-        let pool = [(None, Good), (Some(2), Unsure), (Some(0), Unsure), (Some(1000), Bad)];
+        let pool = [
+            (None, Good),
+            (Some(2), Unsure),
+            (Some(0), Unsure),
+            (Some(1000), Bad),
+        ];
         let (x, xv) = pick(rng, &pool);
         (p.best_of, v) = (x, v.and(xv));
     }
@@ -425,7 +430,10 @@ fn logit_bias(rng: &mut Rng, model: ModelShape) -> Pick<HashMap<u32, f32>> {
         3 => (one(n, 1.0), Bad),
         4 => (one(u32::MAX, 1.0), Bad),
         5 => (one(1, 100.5), Bad),
-        6 => (one(1, *rng.pick(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY])), Bad),
+        6 => (
+            one(1, *rng.pick(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY])),
+            Bad,
+        ),
         _ => ((0..2000).map(|i| (i % n, 1.0)).collect(), Unsure),
     }
 }
@@ -444,7 +452,10 @@ fn constraint(rng: &mut Rng) -> Pick<Constraint> {
             (Kind::Regex("(".into()), Bad),
             (Kind::Regex("a{1000000000}".into()), Unsure),
             (Kind::JsonSchema("{".into()), Bad),
-            (Kind::JsonSchema(r#"{"type": "no such type"}"#.into()), Unsure),
+            (
+                Kind::JsonSchema(r#"{"type": "no such type"}"#.into()),
+                Unsure,
+            ),
             (Kind::Grammar("start: undefined_rule".into()), Bad),
             (Kind::Regex("x".repeat(300 * 1024)), Bad),
         ])

@@ -473,7 +473,7 @@ fn mutate_plan(
     }
     let i = rng.below(plan.seqs.len());
     let bs = shape.block_size;
-    let mut m = rng.below(16);
+    let mut m = rng.below(17);
     if !first && (m == 8 || m == 15) {
         m = 13;
     }
@@ -516,6 +516,7 @@ fn mutate_plan(
             (Bad, "plan:feed-unsampled")
         }
         13 | 14 => mutate_extras(rng, plan, m),
+        16 => prompt_scoring(rng, shape, &mut plan.seqs[i]),
         _ => {
             // The longest sequence the model takes, from position 0.
             let s = &mut plan.seqs[i];
@@ -600,6 +601,37 @@ fn mutate_extras(rng: &mut Rng, plan: &mut StepPlan, m: usize) -> (Verdict, &'st
             plan.trace_context
                 .insert(String::new(), "x".repeat(rng.range(0, 10_000)));
             (Verdict::Good, "plan:trace-context")
+        }
+    }
+}
+
+/// Prompt logprobs asked of a sequence: within the bounds they run; too many most likely
+/// tokens, or a next prompt token outside the vocabulary, are refused; a next token without
+/// scoring is ignored.
+fn prompt_scoring(
+    rng: &mut Rng,
+    shape: &WorkerShape,
+    s: &mut SequenceStep,
+) -> (Verdict, &'static str) {
+    match rng.below(4) {
+        0 => {
+            s.prompt_logprobs = Some(*rng.pick(&[0, 5, 256]));
+            s.next_prompt_token = Some(rng.below(shape.vocab_size as usize) as u32);
+            (Verdict::Good, "plan:prompt-logprobs")
+        }
+        1 => {
+            s.prompt_logprobs = Some(*rng.pick(&[257, u32::MAX]));
+            (Verdict::Bad, "plan:prompt-logprobs-top")
+        }
+        2 => {
+            s.prompt_logprobs = Some(1);
+            s.next_prompt_token = Some(*rng.pick(&[shape.vocab_size, u32::MAX]));
+            (Verdict::Bad, "plan:next-prompt-token")
+        }
+        _ => {
+            s.prompt_logprobs = None;
+            s.next_prompt_token = Some(u32::MAX);
+            (Verdict::Good, "plan:next-token-unscored")
         }
     }
 }
