@@ -178,9 +178,9 @@ async fn several_choices_share_the_prompt_and_equal_single_seeded_requests() {
         "every choice gave its blocks back"
     );
 
-    // A client that leaves cancels every choice: 4 × 2,000 tokens would take minutes here.
+    // A client that leaves cancels every choice: 4 × 1,000 tokens would take half a minute here.
     let long = GenerationParameters {
-        max_new_tokens: Some(2000),
+        max_new_tokens: Some(1000),
         ..sampled(Some(4), 3)
     };
     let mut stream = client

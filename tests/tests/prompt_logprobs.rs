@@ -2,7 +2,8 @@
 //! tensor-parallel degree 2, against the independent NumPy reference: every prompt token's
 //! logprob and the most likely tokens at its position, with the prompt read in chunks (each
 //! chunk's last row scores the next chunk's first token), unary and streamed, when the prefix
-//! cache holds the prompt (it is computed anyway), and for every choice of a request.
+//! cache holds the prompt (it is computed anyway), and for every choice of a request; and at tp 1
+//! a prompt longer than the rows a rank computes logits for at once, in one chunk.
 
 use helios_proto::v1::{
     FinishReason, GenerateRequest, GenerateResponse, GenerationParameters, SampledLogprobs,
@@ -80,16 +81,38 @@ fn assert_close(a: &[SampledLogprobs], b: &[SampledLogprobs]) {
     }
 }
 
+/// The reference's log-softmax at every position of `prompt`.
+fn reference(model: &std::path::Path, prompt: &[u32]) -> Vec<Vec<f64>> {
+    reference_all_logits(model, prompt)
+        .unwrap()
+        .iter()
+        .map(|row| log_softmax(row))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_longer_than_a_ranks_scoring_slice_is_scored_whole_at_tp_1() {
+    let dir = tempfile::tempdir().unwrap();
+    make_tiny_model(dir.path(), 19, &[]).unwrap();
+    // 300 rows in one chunk: more than the 256 a rank computes logits for at once.
+    let prompt: Vec<u32> = (0..301).map(|i| (i * 53 + 5) % 300).collect();
+    let want = reference(dir.path(), &prompt);
+    let server = Process::serve(&["--model", dir.path().to_str().unwrap(), "--tp", "1"]);
+    let mut client = server.client().await;
+    let r = client
+        .generate(request(&prompt, scored(None)))
+        .await
+        .expect("generate")
+        .into_inner();
+    assert_matches_reference(&r.prompt_logprobs, &prompt, &want);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompt_logprobs_match_the_reference_in_chunks_cached_streamed_and_per_choice() {
     let dir = tempfile::tempdir().unwrap();
     make_tiny_model(dir.path(), 17, &[]).unwrap();
     let prompt: Vec<u32> = (0..29).map(|i| (i * 37 + 11) % 300).collect();
-    let want: Vec<Vec<f64>> = reference_all_logits(dir.path(), &prompt)
-        .unwrap()
-        .iter()
-        .map(|row| log_softmax(row))
-        .collect();
+    let want = reference(dir.path(), &prompt);
     let server = Process::serve(&[
         "--model",
         dir.path().to_str().unwrap(),

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use helios_proto::v1::{Logits, ModelFacts, PromptLogprobs, SequenceStep, StepPlan, StepResult};
 use helios_proto::LoadFormat;
 
@@ -52,6 +52,10 @@ impl EngineOptions {
         }
     }
 }
+
+/// Scored prompt rows whose logits are computed at once: a 4096-token prompt chunk of a
+/// 49152-token vocabulary would otherwise hold 800 MB of them.
+const SCORED_ROWS_AT_ONCE: usize = 256;
 
 pub struct Engine {
     pub model: Model,
@@ -193,19 +197,18 @@ impl Engine {
         // 0 sampled before is no longer the latest step's.
         self.tables.commit(&plan);
         self.sampled.clear();
-        let logits = self.model.forward(&batch, &self.cache, &mut self.comm)?;
+        let (logits, scored) = self.model.forward(&batch, &self.cache, &mut self.comm)?;
         let mut result = StepResult {
             step_id: plan.step_id,
             ..Default::default()
         };
-        let mut rows = match logits {
+        let rows = match logits {
             Some(logits) => logits.to_vec2::<f32>()?,
             None => Vec::new(),
         };
-        let scored_rows = rows.split_off(batch.output_seqs.len().min(rows.len()));
         let seqs: Vec<&SequenceStep> = batch.output_seqs.iter().map(|&i| &plan.seqs[i]).collect();
         let gathered = self.gather(rows, &seqs, plan.return_logits, &device)?;
-        result.prompt_logprobs = self.score(&scored_rows, &batch.scored, &device)?;
+        result.prompt_logprobs = self.score(scored.as_ref(), &batch.scored, &device)?;
         let Some(rows) = gathered else {
             return Ok(result);
         };
@@ -266,11 +269,12 @@ impl Engine {
     }
 
     /// Rank 0: the prompt logprobs of every scored sequence, from every rank's share of the
-    /// scored rows (`rows`: this rank's logits of them); empty on the other ranks. Every rank
-    /// calls it alike (see [`crate::prompt_logprobs`]).
+    /// scored rows (`hidden`: their final hidden states); empty on the other ranks. Every rank
+    /// calls it alike (see [`crate::prompt_logprobs`]). The logits are computed
+    /// [`SCORED_ROWS_AT_ONCE`] rows at a time, so a long prompt chunk never holds them all.
     fn score(
         &mut self,
-        rows: &[Vec<f32>],
+        hidden: Option<&Tensor>,
         scored: &[ScoredSeq],
         device: &Device,
     ) -> Result<Vec<PromptLogprobs>> {
@@ -279,7 +283,18 @@ impl Engine {
         }
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
         let offset = vocab_parallel::slice_of(self.limits.vocab_size, rank, world).start;
-        let mine = prompt_logprobs::encode(rows, scored, offset);
+        let targets = prompt_logprobs::rows_of(scored);
+        let mut mine = Vec::with_capacity(prompt_logprobs::message_len(scored));
+        if let Some(hidden) = hidden {
+            for (k, part) in targets.chunks(SCORED_ROWS_AT_ONCE).enumerate() {
+                let at = k * SCORED_ROWS_AT_ONCE;
+                let rows = self
+                    .model
+                    .logits(&hidden.narrow(0, at, part.len())?)?
+                    .to_vec2::<f32>()?;
+                prompt_logprobs::encode_into(&mut mine, &rows, part, offset);
+            }
+        }
         let all = if world == 1 || mine.is_empty() {
             mine
         } else {

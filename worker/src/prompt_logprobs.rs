@@ -107,43 +107,55 @@ fn record_len(top: usize) -> usize {
     HEAD + top * CANDIDATE
 }
 
-/// This rank's message: the share of every scored row (`rows`, in the order of `seqs` and
-/// their targets), its logits those of ids `offset ..`.
-pub fn encode(rows: &[Vec<f32>], seqs: &[ScoredSeq], offset: usize) -> Vec<u8> {
-    let total = seqs
-        .iter()
+/// Every scored row of `seqs` in order: the token it predicts, and how many most likely
+/// tokens it returns.
+pub fn rows_of(seqs: &[ScoredSeq]) -> Vec<(u32, usize)> {
+    seqs.iter()
+        .flat_map(|s| s.targets.iter().map(move |&t| (t, s.top)))
+        .collect()
+}
+
+/// The length of a rank's message for `seqs` (alike on every rank).
+pub fn message_len(seqs: &[ScoredSeq]) -> usize {
+    seqs.iter()
         .map(|s| s.targets.len() * record_len(s.top))
-        .sum();
-    let mut out = Vec::with_capacity(total);
-    let mut rows = rows.iter();
-    for s in seqs {
-        for &t in &s.targets {
-            let row = rows.next().map_or(&[][..], Vec::as_slice);
-            let sh = share(row, offset, t, s.top);
-            let end = out.len() + record_len(s.top);
-            out.extend_from_slice(&sh.max.to_le_bytes());
-            out.extend_from_slice(&sh.sum.to_le_bytes());
-            out.extend_from_slice(&sh.target.unwrap_or(f32::NAN).to_le_bytes());
-            for (id, v) in sh.best {
-                out.extend_from_slice(&id.to_le_bytes());
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-            while out.len() < end {
-                out.extend_from_slice(&NO_ID.to_le_bytes());
-                out.extend_from_slice(&0f32.to_le_bytes());
-            }
+        .sum()
+}
+
+/// Appends the shares of scored rows to this rank's message: `rows[i]` (the logits of ids
+/// `offset ..`) predicts `scored[i]`. The engine computes the rows a slice at a time, so a long
+/// prompt never holds every row's logits at once.
+pub fn encode_into(out: &mut Vec<u8>, rows: &[Vec<f32>], scored: &[(u32, usize)], offset: usize) {
+    for (i, &(t, top)) in scored.iter().enumerate() {
+        let row = rows.get(i).map_or(&[][..], Vec::as_slice);
+        let sh = share(row, offset, t, top);
+        let end = out.len() + record_len(top);
+        out.extend_from_slice(&sh.max.to_le_bytes());
+        out.extend_from_slice(&sh.sum.to_le_bytes());
+        out.extend_from_slice(&sh.target.unwrap_or(f32::NAN).to_le_bytes());
+        for (id, v) in sh.best {
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        while out.len() < end {
+            out.extend_from_slice(&NO_ID.to_le_bytes());
+            out.extend_from_slice(&0f32.to_le_bytes());
         }
     }
+}
+
+/// This rank's whole message: the share of every scored row (`rows`, in the order of `seqs`
+/// and their targets), its logits those of ids `offset ..`.
+pub fn encode(rows: &[Vec<f32>], seqs: &[ScoredSeq], offset: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(message_len(seqs));
+    encode_into(&mut out, rows, &rows_of(seqs), offset);
     out
 }
 
 /// Rank 0's prompt logprobs of every scored sequence from all ranks' messages (`all`: the
 /// ranks' equally long messages in rank order, as `Communicator::all_gather` gives them).
 pub fn decode(all: &[u8], seqs: &[ScoredSeq], world: usize) -> Result<Vec<PromptLogprobs>> {
-    let len: usize = seqs
-        .iter()
-        .map(|s| s.targets.len() * record_len(s.top))
-        .sum();
+    let len = message_len(seqs);
     if all.len() != len * world {
         bail!(
             "gathered {} bytes of prompt scores, expected {world} × {len}",

@@ -166,7 +166,12 @@ fn check_answer(path: &str, messages: &[Bytes]) -> Result<(), String> {
         GENERATE | GENERATE_STREAM => {
             let last = messages.last().ok_or("no response")?;
             let last = GenerateResponse::decode(last.clone()).map_err(bad)?;
-            if last.finish_reason == 0 {
+            // Several choices (n, best_of) answer a unary call in `choices`, each finished.
+            if !last.choices.is_empty() && path == GENERATE {
+                if last.choices.iter().any(|c| c.finish_reason == 0) {
+                    return Err("a choice has no finish reason".into());
+                }
+            } else if last.finish_reason == 0 {
                 return Err("the last response has no finish reason".into());
             }
         }

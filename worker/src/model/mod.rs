@@ -151,14 +151,16 @@ impl Model {
     }
 
     /// Runs one step. Returns the logits of this rank's slice of the vocabulary,
-    /// `[N, vocab_slice]` (f32), of the batch's `N` output rows (`StepBatch::output_rows`);
-    /// `None` when it has none.
+    /// `[N, vocab_slice]` (f32), of the rows of the batch's `output_seqs`, and the final
+    /// (normed) hidden states `[S, hidden]` of its `S` scored rows, whose logits
+    /// [`Self::logits`] gives a slice at a time; `None` for either when there are none (see
+    /// `StepBatch::output_rows`).
     pub fn forward(
         &self,
         batch: &StepBatch,
         cache: &KvCache,
         comm: &mut dyn Communicator,
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let mut x = self.embed_tokens.index_select(&batch.tokens, 0)?;
         let (cos, sin) = self.rope.at(&batch.positions)?;
         let eps = self.eps as f32;
@@ -177,11 +179,26 @@ impl Model {
             x = (x + m)?;
         }
         if !batch.has_output() {
-            return Ok(None);
+            return Ok((None, None));
         }
-        let last = x.index_select(&batch.output_rows, 0)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, eps)?;
-        Ok(Some(self.lm_head.forward(&last)?.to_dtype(DType::F32)?))
+        let rows = x.index_select(&batch.output_rows, 0)?;
+        let rows = candle_nn::ops::rms_norm(&rows, &self.norm, eps)?;
+        let n = batch.output_seqs.len();
+        let scored = rows.dim(0)? - n;
+        let logits = match n {
+            0 => None,
+            _ => Some(self.logits(&rows.narrow(0, 0, n)?)?),
+        };
+        let scored = match scored {
+            0 => None,
+            _ => Some(rows.narrow(0, n, scored)?),
+        };
+        Ok((logits, scored))
+    }
+
+    /// This rank's slice of the logits (f32) of final hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
     }
 }
 
