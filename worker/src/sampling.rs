@@ -270,6 +270,8 @@ fn exp_nonpositive(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    // Not `clamp`: `max` and `min` take a NaN to a bound (and vectorize), `clamp` keeps it.
+    #[allow(clippy::manual_clamp)]
     let x = x.max(-87.0).min(0.0);
     let shifted = x * std::f32::consts::LOG2_E + ROUND;
     let k = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
