@@ -318,18 +318,13 @@ mod tests {
         kv_row_width: 2,
     };
 
-    /// A one-token decode step at position 2 with `p` and `context`.
-    fn build(p: SamplingParams, context: &[u32], sample: bool) -> Result<StepBatch> {
+    /// A step of sequence 5 alone, `seq` from its block 0.
+    fn build_one(seq: SequenceStep) -> Result<StepBatch> {
         let plan = StepPlan {
             seqs: vec![SequenceStep {
                 seq_id: 5,
-                token_ids: vec![1],
-                start_pos: 2,
                 block_table: vec![0],
-                sample,
-                sampling: Some(p),
-                context_token_ids: context.to_vec(),
-                ..Default::default()
+                ..seq
             }],
             ..Default::default()
         };
@@ -340,6 +335,18 @@ mod tests {
         StepBatch::build(&plan, &[table], &LIM, DType::F32, &Device::Cpu)
     }
 
+    /// A one-token decode step at position 2 with `p` and `context`.
+    fn build(p: SamplingParams, context: &[u32], sample: bool) -> Result<StepBatch> {
+        build_one(SequenceStep {
+            token_ids: vec![1],
+            start_pos: 2,
+            sample,
+            sampling: Some(p),
+            context_token_ids: context.to_vec(),
+            ..Default::default()
+        })
+    }
+
     fn refused(r: Result<StepBatch>) -> bool {
         r.is_err_and(|e| e.downcast_ref::<InvalidPlan>().is_some())
     }
@@ -347,23 +354,13 @@ mod tests {
     #[test]
     fn a_constraint_mask_must_cover_the_vocabulary_and_allow_a_token_of_it() {
         let with_mask = |mask: Vec<u8>| {
-            let plan = StepPlan {
-                seqs: vec![SequenceStep {
-                    seq_id: 5,
-                    token_ids: vec![1],
-                    start_pos: 2,
-                    block_table: vec![0],
-                    sample: true,
-                    allowed_tokens: mask,
-                    ..Default::default()
-                }],
+            build_one(SequenceStep {
+                token_ids: vec![1],
+                start_pos: 2,
+                sample: true,
+                allowed_tokens: mask,
                 ..Default::default()
-            };
-            let table = TableView {
-                kept: &[],
-                added: &[0],
-            };
-            StepBatch::build(&plan, &[table], &LIM, DType::F32, &Device::Cpu)
+            })
         };
         // Ten tokens: two bytes, the second with two bits that count.
         assert!(with_mask(Vec::new()).is_ok(), "no constraint");
@@ -414,23 +411,12 @@ mod tests {
     #[test]
     fn a_scored_step_names_its_targets_and_its_bounds_are_checked() {
         let with = |top: Option<u32>, next: Option<u32>| {
-            let plan = StepPlan {
-                seqs: vec![SequenceStep {
-                    seq_id: 5,
-                    token_ids: vec![1, 2, 3],
-                    start_pos: 0,
-                    block_table: vec![0],
-                    prompt_logprobs: top,
-                    next_prompt_token: next,
-                    ..Default::default()
-                }],
+            build_one(SequenceStep {
+                token_ids: vec![1, 2, 3],
+                prompt_logprobs: top,
+                next_prompt_token: next,
                 ..Default::default()
-            };
-            let table = TableView {
-                kept: &[],
-                added: &[0],
-            };
-            StepBatch::build(&plan, &[table], &LIM, DType::F32, &Device::Cpu)
+            })
         };
         let b = with(Some(2), Some(7)).unwrap();
         assert_eq!(b.scored.len(), 1);

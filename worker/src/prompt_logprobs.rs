@@ -233,13 +233,7 @@ mod tests {
     }
 
     fn rows(vocab: usize, n: usize) -> Vec<Vec<f32>> {
-        let mut state = 11u64;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 40) as f32 / (1u64 << 24) as f32
-        };
+        let mut next = crate::sampling::test_uniform(11);
         (0..n)
             .map(|k| {
                 (0..vocab)

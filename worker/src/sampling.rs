@@ -455,6 +455,19 @@ pub(crate) fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Test support: a fixed stream of uniform numbers in [0, 1) from `seed` (an LCG), for
+/// random but repeatable logits.
+#[cfg(test)]
+pub(crate) fn test_uniform(seed: u64) -> impl FnMut() -> f32 {
+    let mut state = seed;
+    move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -775,13 +788,7 @@ mod tests {
 
     #[test]
     fn the_fast_normalizer_and_top_few_agree_with_the_plain_ones() {
-        let mut state = 3u64;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 40) as f32 / (1u64 << 24) as f32
-        };
+        let mut next = crate::sampling::test_uniform(3);
         let rows: Vec<Vec<f32>> = vec![
             (0..49_152).map(|_| next() * 40.0 - 20.0).collect(),
             (0..1000)

@@ -174,13 +174,7 @@ mod tests {
 
     /// Rows of `vocab` scores: spread, peaked, with ties and repeated maxima.
     fn rows(vocab: usize) -> Vec<Vec<f32>> {
-        let mut state = 7u64;
-        let mut next = move || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 40) as f32 / (1u64 << 24) as f32
-        };
+        let mut next = crate::sampling::test_uniform(7);
         let spread: Vec<f32> = (0..vocab).map(|_| next() * 8.0 - 4.0).collect();
         let peaked: Vec<f32> = (0..vocab)
             .map(|i| {

@@ -358,27 +358,21 @@ fn parameters(rng: &mut Rng, model: ModelShape) -> Pick<GenerationParameters> {
         (p.stop_token_ids, v) = (x, v.and(xv));
     }
     p.ignore_eos = rng.chance(1, 3);
+    // Logprobs of sampled and of prompt tokens: unset, 0, or up to 20 most likely tokens.
+    let top_logprobs = [
+        (None, Good),
+        (Some(0), Good),
+        (Some(20), Good),
+        (Some(21), Bad),
+        (Some(1_000_000), Bad),
+        (Some(u32::MAX), Bad),
+    ];
     if field(rng) {
-        let pool = [
-            (None, Good),
-            (Some(0), Good),
-            (Some(20), Good),
-            (Some(21), Bad),
-            (Some(1_000_000), Bad),
-            (Some(u32::MAX), Bad),
-        ];
-        let (x, xv) = pick(rng, &pool);
+        let (x, xv) = pick(rng, &top_logprobs);
         (p.logprobs, v) = (x, v.and(xv));
     }
     if field(rng) {
-        let pool = [
-            (None, Good),
-            (Some(0), Good),
-            (Some(20), Good),
-            (Some(21), Bad),
-            (Some(u32::MAX), Bad),
-        ];
-        let (x, xv) = pick(rng, &pool);
+        let (x, xv) = pick(rng, &top_logprobs);
         (p.prompt_logprobs, v) = (x, v.and(xv));
     }
     v = v.and(choice_fields(rng, &mut p));
