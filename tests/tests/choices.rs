@@ -193,7 +193,16 @@ async fn several_choices_share_the_prompt_and_equal_single_seeded_requests() {
         let r = stream.message().await.expect("a response").expect("more");
         seen.insert(r.index);
     }
-    assert_eq!(model_info(&mut client).await.requests_running, 4);
+    // The replica's published numbers follow its steps: wait (bounded) to see all four run.
+    let mut running = 0;
+    for _ in 0..50 {
+        running = model_info(&mut client).await.requests_running;
+        if running == 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(running, 4, "every choice runs");
     drop(stream);
     assert!(
         wait_until_idle(&mut client, total, std::time::Duration::from_secs(10))
