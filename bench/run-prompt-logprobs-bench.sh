@@ -12,7 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source bench/lib.sh
 prepare
 
-echo "| tp | concurrency | prompt logprobs | round | failed | input tok/s | mean TTFT ms | p99 TTFT ms |"
+echo "| tp | concurrency | prompt logprobs | round | failed | prompt tok/s | mean TTFT ms | p99 TTFT ms |"
 echo "|---|---|---|---|---|---|---|---|"
 for tp in 1 3; do
   start_helios --model models/SmolLM2-135M-Instruct.Q4_1.gguf --tp "$tp" --no-prefix-caching

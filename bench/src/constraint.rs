@@ -42,7 +42,7 @@ pub fn run(a: ConstraintArgs) -> Result<()> {
         ..GrammarOptions::default()
     };
     let start = Instant::now();
-    let grammars = Grammars::new(tok.inner(), eos, vocab, opts)?;
+    let grammars = Grammars::new(&tok, vocab, opts)?;
     println!(
         "token trie for {vocab} tokens: {:.1} ms (once per server)",
         ms(start.elapsed())
@@ -58,8 +58,8 @@ pub fn run(a: ConstraintArgs) -> Result<()> {
                 .with_context(|| format!("schema {i}"))?;
             compiles.push(t.elapsed());
             let mut state = (i * 131 + walk * 7 + 1) as u64;
+            let mut mask = c.allowed()?;
             for _ in 0..a.tokens {
-                let mask = c.allowed()?;
                 let allowed: Vec<u32> = (0..vocab as u32)
                     .filter(|&t| mask[t as usize / 8] >> (t % 8) & 1 == 1)
                     .filter(|&t| t != eos)
@@ -73,7 +73,7 @@ pub fn run(a: ConstraintArgs) -> Result<()> {
                     break;
                 }
                 let t = Instant::now();
-                c.allowed()?;
+                mask = c.allowed()?;
                 masks.push(t.elapsed());
             }
         }

@@ -99,9 +99,7 @@ impl Inner {
         let grammars = self
             .grammars
             .get_or_init(|| {
-                let tok = &self.tokenizer;
-                let eos = tok.eos_token_ids().first().copied().unwrap_or(0);
-                Grammars::new(tok.inner(), eos, vocab_size, self.grammar_opts)
+                Grammars::new(&self.tokenizer, vocab_size, self.grammar_opts)
                     .map_err(|e| format!("{e:#}"))
             })
             .as_ref()

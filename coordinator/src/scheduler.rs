@@ -234,6 +234,8 @@ struct Planned {
     sample: bool,
     /// It samples and wants the logits it samples from.
     logits: bool,
+    /// It samples under a constraint.
+    constrained: bool,
     /// Its input is scored: the step's first position, and the prompt logprobs the answer
     /// must hold for it.
     scored: Option<(usize, usize)>,
@@ -242,6 +244,8 @@ struct Planned {
 struct PlannedStep {
     step_id: u64,
     seqs: Vec<Planned>,
+    /// It samples a constrained sequence, whose next mask needs that token.
+    constrained: bool,
 }
 
 pub struct Scheduler {
@@ -577,6 +581,7 @@ impl Scheduler {
         let return_logits = planned.iter().any(|p| p.logits);
         self.planned.push_back(PlannedStep {
             step_id,
+            constrained: planned.iter().any(|p| p.constrained),
             seqs: planned,
         });
         Ok(Some(StepPlan {
@@ -590,14 +595,12 @@ impl Scheduler {
         }))
     }
 
-    /// Whether a running constrained sequence's last token is still on its way back: its next
-    /// mask depends on it, so no step is planned until that answer is applied (overlap pauses
-    /// while constrained sequences run; the step in flight is not delayed).
+    /// Whether an unanswered step samples a constrained sequence: its next mask depends on
+    /// that token, so no step is planned until the answer is applied (overlap pauses while
+    /// constrained sequences run; the step in flight is not delayed). Read from the planned
+    /// steps, so that a step without constrained sequences pays nothing for the check.
     fn awaits_constrained_token(&self) -> bool {
-        self.running.iter().any(|id| {
-            let s = &self.seqs[id];
-            s.pending > 0 && s.params.constraint.is_some()
-        })
+        self.planned.iter().any(|p| p.constrained)
     }
 
     /// Whether waiting sequence `id` is a further choice whose leader (the request's first
@@ -697,6 +700,7 @@ impl Scheduler {
             let first = s.computed;
             (first, n - 1 + usize::from(next_prompt_token.is_some()))
         });
+        let constrained = !allowed_tokens.is_empty();
         steps.push(SequenceStep {
             seq_id: id,
             token_ids: if feed_sampled {
@@ -727,6 +731,7 @@ impl Scheduler {
             tokens: n,
             sample,
             logits: sample && s.params.return_logits,
+            constrained,
             scored,
         });
         Ok(())
@@ -773,6 +778,7 @@ impl Scheduler {
         let step = self.planned.pop_front().unwrap_or(PlannedStep {
             step_id: result.step_id,
             seqs: Vec::new(),
+            constrained: false,
         });
         let mut tokens = result.tokens.into_iter();
         // Rows come in plan order (when some sequence asked): each is found by reading on.

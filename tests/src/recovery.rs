@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use helios_proto::v1::generation_client::GenerationClient;
-use helios_proto::v1::{FinishReason, GenerateRequest, GenerationParameters};
+use helios_proto::v1::{GenerateRequest, GenerationParameters};
 use tonic::transport::Channel;
 use tonic::Status;
 
@@ -104,7 +104,8 @@ impl Running {
     }
 }
 
-/// Every stream finished with exactly the tokens and usage of its undisturbed run.
+/// Every stream finished as its undisturbed run did: the same finish reason, tokens, text and
+/// usage.
 pub fn assert_same_streams(got: &[Result<Streamed, Status>], want: &[Result<Streamed, Status>]) {
     assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -114,7 +115,11 @@ pub fn assert_same_streams(got: &[Result<Streamed, Status>], want: &[Result<Stre
         let g = g
             .as_ref()
             .unwrap_or_else(|e| panic!("stream {i} failed: {e:?}"));
-        assert_eq!(g.finish_reason, Some(FinishReason::Length), "stream {i}");
+        assert!(
+            w.finish_reason.is_some(),
+            "undisturbed stream {i} did not finish"
+        );
+        assert_eq!(g.finish_reason, w.finish_reason, "stream {i}");
         assert_eq!(
             g.token_ids, w.token_ids,
             "stream {i}: other tokens than undisturbed"

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use futures::StreamExt;
 use helios_proto::v1::generation_client::GenerationClient;
 use helios_proto::v1::{FinishReason, GenerateRequest, GenerateResponse, GenerationParameters};
+use helios_tests::recovery::{metric, metrics_text};
 use helios_tests::server::{
     model_info, prompt_request, stream_all, tokenize, wait_until_idle, Process,
 };
@@ -178,7 +179,16 @@ async fn several_choices_share_the_prompt_and_equal_single_seeded_requests() {
         "every choice gave its blocks back"
     );
 
-    // A client that leaves cancels every choice: 4 × 1,000 tokens would take half a minute here.
+    // A client that leaves cancels every choice: each ends "aborted", not by its length.
+    let aborted = || {
+        let text = metrics_text(&server.http_url());
+        metric(
+            &text,
+            "helios_requests_finished_total{finish_reason=\"aborted\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    let aborted_before = aborted();
     let long = GenerationParameters {
         max_new_tokens: Some(1000),
         ..sampled(Some(4), 3)
@@ -210,6 +220,7 @@ async fn several_choices_share_the_prompt_and_equal_single_seeded_requests() {
             .is_some(),
         "every choice was cancelled and gave its blocks back"
     );
+    assert_eq!(aborted() - aborted_before, 4.0, "every choice was aborted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

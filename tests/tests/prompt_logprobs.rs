@@ -69,9 +69,15 @@ fn assert_matches_reference(got: &[SampledLogprobs], prompt: &[u32], want: &[Vec
     }
 }
 
+/// The same scores, and the same most likely tokens with the same logprobs.
 fn assert_close(a: &[SampledLogprobs], b: &[SampledLogprobs]) {
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(b) {
+        let top = |l: &SampledLogprobs| l.top.iter().map(|t| t.token_id).collect::<Vec<_>>();
+        assert_eq!(top(x), top(y), "{x:?} vs {y:?}");
+        for (tx, ty) in x.top.iter().zip(&y.top) {
+            assert!((tx.logprob - ty.logprob).abs() < 1e-5, "{x:?} vs {y:?}");
+        }
         assert_eq!(x.sampled.map(|s| s.token_id), y.sampled.map(|s| s.token_id));
         let (lx, ly) = (
             x.sampled.map_or(0.0, |s| s.logprob),
@@ -97,7 +103,14 @@ async fn a_prompt_longer_than_a_ranks_scoring_slice_is_scored_whole_at_tp_1() {
     // 300 rows in one chunk: more than the 256 a rank computes logits for at once.
     let prompt: Vec<u32> = (0..301).map(|i| (i * 53 + 5) % 300).collect();
     let want = reference(dir.path(), &prompt);
-    let server = Process::serve(&["--model", dir.path().to_str().unwrap(), "--tp", "1"]);
+    let server = Process::serve(&[
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--tp",
+        "1",
+        "--max-batch-tokens",
+        "512",
+    ]);
     let mut client = server.client().await;
     let r = client
         .generate(request(&prompt, scored(None)))

@@ -42,6 +42,11 @@ impl GrammarCache {
         Some(parser.deep_clone())
     }
 
+    /// Whether it keeps anything (a size of 0 turns it off).
+    pub fn keeps(&self) -> bool {
+        self.capacity > 0
+    }
+
     pub fn insert(&self, spec: ConstraintSpec, parser: TokenParser) {
         if self.capacity == 0 {
             return;

@@ -30,6 +30,8 @@ use llguidance::api::{ParserLimits, TopLevelGrammar};
 use llguidance::toktrie::{ApproximateTokEnv, TokRxInfo, TokTrie, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory, TokenParser};
 
+use crate::tokenizer::TextTokenizer;
+
 pub use cache::{GrammarCache, Permits};
 
 /// What a request's output must be.
@@ -55,13 +57,7 @@ impl ConstraintSpec {
     }
 
     fn grammar(&self) -> Result<TopLevelGrammar> {
-        // Compact separators with one space, as models write JSON; no free whitespace, which
-        // lets a model pad forever. Options a client put in the schema are replaced.
-        let options = serde_json::json!({
-            "whitespace_flexible": false,
-            "item_separator": ", ",
-            "key_separator": ": ",
-        });
+        let options = json_format();
         Ok(match self {
             Self::JsonSchema(text) => {
                 let mut schema: serde_json::Value = serde_json::from_str(text)
@@ -129,16 +125,23 @@ pub enum GrammarError {
     TooSlow(Duration),
 }
 
+/// How a schema's JSON is written (llguidance's `x-guidance` options): compact separators
+/// with one space, as models write JSON, and no free whitespace, which would let a model pad
+/// forever. Options a client put in a schema are replaced; tool calls are written alike.
+pub fn json_format() -> serde_json::Value {
+    serde_json::json!({
+        "whitespace_flexible": false,
+        "item_separator": ", ",
+        "key_separator": ": ",
+    })
+}
+
 impl Grammars {
-    /// Builds the token trie of `tok` (with `eos` as the end token a complete grammar allows)
-    /// for a model of `vocab_size` tokens.
-    pub fn new(
-        tok: &tokenizers::Tokenizer,
-        eos: u32,
-        vocab_size: usize,
-        opts: GrammarOptions,
-    ) -> Result<Self> {
-        let words = vocabulary::token_bytes(tok, vocab_size)?;
+    /// Builds the token trie of `tok` (with its first EOS token as the end token a complete
+    /// grammar allows) for a model of `vocab_size` tokens.
+    pub fn new(tok: &TextTokenizer, vocab_size: usize, opts: GrammarOptions) -> Result<Self> {
+        let eos = tok.eos_token_ids().first().copied().unwrap_or(0);
+        let words = vocabulary::token_bytes(tok.inner(), vocab_size)?;
         let info = TokRxInfo::new(vocab_size as u32, eos);
         let env: Arc<dyn TokenizerEnv + Sync> =
             Arc::new(ApproximateTokEnv::new(TokTrie::from(&info, &words)));
@@ -158,10 +161,6 @@ impl Grammars {
         })))
     }
 
-    pub fn options(&self) -> GrammarOptions {
-        self.0.opts
-    }
-
     /// A fresh matcher for `spec`, from the cache or compiled now (blocking: call it off the
     /// async runtime), with its first mask computed, so that the step loop starts warm.
     pub fn compile(&self, spec: &ConstraintSpec) -> Result<TokenConstraint, GrammarError> {
@@ -178,7 +177,9 @@ impl Grammars {
                 if start.elapsed() > inner.opts.compile_timeout {
                     return Err(GrammarError::TooSlow(inner.opts.compile_timeout));
                 }
-                inner.cache.insert(spec.clone(), parser.deep_clone());
+                if inner.cache.keeps() {
+                    inner.cache.insert(spec.clone(), parser.deep_clone());
+                }
                 parser
             }
         };
@@ -242,14 +243,14 @@ impl TokenConstraint {
             return Ok(m);
         }
         let vob = self.matcher.compute_mask_or_eos()?;
-        let mut bytes = vec![0u8; self.vocab_size.div_ceil(8)];
-        for (i, word) in vob.as_slice().iter().enumerate() {
-            for (j, b) in word.to_le_bytes().into_iter().enumerate() {
-                if let Some(out) = bytes.get_mut(i * 4 + j) {
-                    *out = b;
-                }
-            }
-        }
+        let n = self.vocab_size.div_ceil(8);
+        let mut bytes: Vec<u8> = vob
+            .as_slice()
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .take(n)
+            .collect();
+        bytes.resize(n, 0);
         // Bits past the vocabulary (the last byte's padding) stay clear.
         if let Some(last) = bytes.last_mut() {
             let used = self.vocab_size % 8;

@@ -1,58 +1,20 @@
 //! Logprobs in OpenAI's two formats, from the gRPC API's `SampledLogprobs` (token ids).
 //!
 //! A token is shown as its text. With byte-level BPE (GPT-2, Llama 3, SmolLM2) a token can be
-//! part of a UTF-8 character, so its exact bytes are recovered from the token's vocabulary
-//! entry (GPT-2's byte-to-character table, inverted) rather than by decoding it alone, which
-//! would give U+FFFD; the chat format's `bytes` field carries them, and `token` shows them
+//! part of a UTF-8 character, so its exact bytes are read from the token's vocabulary entry
+//! (`TextTokenizer::token_bytes`, as structured outputs read them) rather than by decoding it
+//! alone, which would give U+FFFD; the chat format's `bytes` field carries them, and `token` shows them
 //! lossily. Special tokens (EOS) show as their text, as in vLLM.
 
 use helios_proto::v1::{SampledLogprobs, TokenLogprob};
-use tokenizers::DecoderWrapper;
 
 use super::types::{
     ChatLogprobs, ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs, TopLogprobMap,
 };
 use crate::tokenizer::TextTokenizer;
 
-/// The bytes token `id` stands for.
-pub fn token_bytes(tok: &TextTokenizer, id: u32) -> Vec<u8> {
-    let inner = tok.inner();
-    let Some(piece) = inner.id_to_token(id) else {
-        return Vec::new();
-    };
-    if matches!(inner.get_decoder(), Some(DecoderWrapper::ByteLevel(_))) {
-        // Added tokens (`<|im_end|>`) are stored as their text; so is anything the table
-        // cannot map back.
-        return piece
-            .chars()
-            .map(byte_level_byte)
-            .collect::<Option<Vec<u8>>>()
-            .unwrap_or_else(|| piece.into_bytes());
-    }
-    // SentencePiece: a byte-fallback token `<0xAB>`, or text with `▁` for spaces.
-    if let Some(hex) = piece.strip_prefix("<0x").and_then(|p| p.strip_suffix('>')) {
-        if let Ok(b) = u8::from_str_radix(hex, 16) {
-            return vec![b];
-        }
-    }
-    piece.replace('\u{2581}', " ").into_bytes()
-}
-
-/// GPT-2's byte-level alphabet, inverted: printable bytes stand for themselves, the other 68
-/// are the characters from U+0100 on, in byte order.
-fn byte_level_byte(c: char) -> Option<u8> {
-    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-    let code = c as u32;
-    if code < 256 {
-        let b = code as u8;
-        return printable(b).then_some(b);
-    }
-    let n = (code - 256) as usize;
-    (0..=255u8).filter(|&b| !printable(b)).nth(n)
-}
-
 fn text_of(tok: &TextTokenizer, id: u32) -> (String, Vec<u8>) {
-    let bytes = token_bytes(tok, id);
+    let bytes = tok.token_bytes(id);
     (String::from_utf8_lossy(&bytes).into_owned(), bytes)
 }
 
@@ -61,24 +23,11 @@ fn sampled(l: &SampledLogprobs) -> TokenLogprob {
 }
 
 /// The legacy completions format for tokens whose text starts at `offset` characters into the
-/// completion; `offset` moves past them. `top_logprobs` holds the top N and, as OpenAI's, the
-/// sampled token even when it is not among them.
+/// answer; `offset` moves past them: an echoed prompt's tokens (`ids`, with their
+/// `prompt_logprobs` as the gRPC API gives them, the first without a logprob, which shows as
+/// `null`; none without echo), then the generated tokens' (`generated`). `top_logprobs` holds
+/// the top N and, as OpenAI's, the token itself even when it is not among them.
 pub fn completion(
-    tok: &TextTokenizer,
-    logprobs: &[SampledLogprobs],
-    offset: &mut u32,
-) -> CompletionLogprobs {
-    let mut out = CompletionLogprobs::default();
-    for l in logprobs {
-        push(&mut out, tok, sampled(l).token_id, Some(l), offset);
-    }
-    out
-}
-
-/// The echoed prompt's entries of the legacy format (`ids`, and their `prompt_logprobs` as
-/// the gRPC API gives them: the first without a logprob, which shows as `null`), put before
-/// the generated tokens' entries of `generated`.
-pub fn with_prompt(
     tok: &TextTokenizer,
     ids: &[u32],
     prompt_logprobs: &[SampledLogprobs],
@@ -163,13 +112,13 @@ mod tests {
         let tok = smollm2();
         for text in ["Hello, world!", " café 日本語 🦀 done\n", "<|im_end|>"] {
             let ids = tok.encode(text).unwrap();
-            let bytes: Vec<u8> = ids.iter().flat_map(|&id| token_bytes(tok, id)).collect();
+            let bytes: Vec<u8> = ids.iter().flat_map(|&id| tok.token_bytes(id)).collect();
             assert_eq!(String::from_utf8(bytes).unwrap(), text);
         }
         // The crab is four bytes over more than one token: each piece alone is not UTF-8.
         let crab = tok.encode("🦀").unwrap();
         assert!(crab.len() > 1);
-        assert!(String::from_utf8(token_bytes(tok, crab[0])).is_err());
+        assert!(String::from_utf8(tok.token_bytes(crab[0])).is_err());
     }
 
     #[test]
@@ -188,7 +137,7 @@ mod tests {
             })
             .collect();
         let mut offset = 3;
-        let c = completion(tok, &logprobs, &mut offset);
+        let c = completion(tok, &[], &[], &logprobs, &mut offset);
         assert_eq!(c.tokens.concat(), " Paris is");
         assert_eq!(c.text_offset, [3, 9]);
         assert_eq!(offset, 12);
@@ -219,7 +168,7 @@ mod tests {
             .collect();
         let generated = vec![lp(answer[0], -0.25)];
         let mut offset = 0;
-        let c = with_prompt(tok, &prompt, &scored, &generated, &mut offset);
+        let c = completion(tok, &prompt, &scored, &generated, &mut offset);
         assert_eq!(c.tokens.concat(), "The capital is");
         assert_eq!(c.tokens.len(), prompt.len() + 1);
         assert_eq!(c.token_logprobs[0], None);

@@ -134,10 +134,16 @@ fn unix_now() -> u64 {
 
 /// `PREFIX-` and 16 hex digits, unique within the process and unpredictable across processes.
 fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", random_u64())
+}
+
+/// A number no other call in this process gets and no one can predict: a counter through a
+/// randomly keyed hash.
+pub(super) fn random_u64() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
-    format!("{prefix}-{:016x}", h.finish())
+    h.finish()
 }
 
 /// The HTTP API's routes over `front`, with `/health` and Prometheus' `/metrics`; further

@@ -226,17 +226,17 @@ impl Responder {
         }
         let offset = &mut self.offsets[i];
         // A choice's first response holds its prompt's logprobs when it echoes the prompt.
-        Some(if self.echo.is_some() && !r.prompt_token_ids.is_empty() {
-            logprobs::with_prompt(
-                &self.tokenizer,
-                &r.prompt_token_ids,
-                &r.prompt_logprobs,
-                &r.logprobs,
-                offset,
-            )
-        } else {
-            logprobs::completion(&self.tokenizer, &r.logprobs, offset)
-        })
+        let prompt = match self.echo {
+            Some(_) => &r.prompt_token_ids[..],
+            None => &[],
+        };
+        Some(logprobs::completion(
+            &self.tokenizer,
+            prompt,
+            &r.prompt_logprobs,
+            &r.logprobs,
+            offset,
+        ))
     }
 
     fn chat_logprobs(&self, r: &GenerateResponse) -> Option<super::types::ChatLogprobs> {

@@ -295,9 +295,8 @@ impl CallParser {
     /// A call read whole: `{"name": <declared tool>, "arguments": {...}}` (or `parameters`,
     /// or the arguments as JSON text).
     fn whole_call(&self, body: &str) -> Option<(String, String)> {
-        if !self.can_call() {
-            return None;
-        }
+        // Reached only from states entered while a call may still come.
+        debug_assert!(self.can_call());
         let v: Value = serde_json::from_str(body).ok()?;
         let name = v.get("name")?.as_str()?;
         if !self.names.iter().any(|n| n == name) {

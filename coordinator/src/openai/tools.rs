@@ -23,9 +23,6 @@
 //! - A required call together with another structured output (`response_format`,
 //!   `guided_*`) is refused: the output cannot be both.
 
-use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use helios_proto::v1::constraint::Kind;
 use helios_proto::v1::{ChatMessage, Constraint};
 use serde_json::{json, Value};
@@ -40,8 +37,13 @@ pub struct Tool {
     /// `{"type": "function", "function": {"name", "description"?, "parameters"}}`, as
     /// templates and the fallback prompt show it.
     pub spec: Value,
+}
+
+impl Tool {
     /// The parameters' JSON Schema (an empty object's when none was given).
-    pub parameters: Value,
+    pub fn parameters(&self) -> &Value {
+        &self.spec["function"]["parameters"]
+    }
 }
 
 /// `tool_choice`.
@@ -108,7 +110,7 @@ impl Tools {
 /// The schema of one call of `t`: its name, then its arguments. `$defs` (and `definitions`)
 /// move to the top, where the parameters' `#/$defs/...` references then find them.
 fn call_schema(t: &Tool) -> Value {
-    let mut arguments = t.parameters.clone();
+    let mut arguments = t.parameters().clone();
     let mut wrapper = json!({
         "type": "object",
         "properties": {"name": {"const": t.name}},
@@ -123,12 +125,7 @@ fn call_schema(t: &Tool) -> Value {
         }
     }
     wrapper["properties"]["arguments"] = arguments;
-    // As `ConstraintSpec` writes JSON: compact, one space, no free whitespace.
-    wrapper["x-guidance"] = json!({
-        "whitespace_flexible": false,
-        "item_separator": ", ",
-        "key_separator": ": ",
-    });
+    wrapper["x-guidance"] = crate::constraint::json_format();
     wrapper
 }
 
@@ -215,11 +212,10 @@ fn tool(i: usize, t: &Value) -> Result<Tool, ApiError> {
             ))
         }
     };
-    function.insert("parameters".into(), parameters.clone());
+    function.insert("parameters".into(), parameters);
     Ok(Tool {
         name: name.to_string(),
         spec: json!({"type": "function", "function": function}),
-        parameters,
     })
 }
 
@@ -448,12 +444,8 @@ fn spaced(v: &Value) -> String {
 
 /// `call_` and 24 hex digits, unpredictable.
 pub fn call_id() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
-    let a = h.finish();
-    h.write_u64(a);
-    format!("call_{a:016x}{:08x}", h.finish() as u32)
+    let (a, b) = (super::random_u64(), super::random_u64());
+    format!("call_{a:016x}{:08x}", b as u32)
 }
 
 #[cfg(test)]
@@ -484,7 +476,7 @@ mod tests {
         assert_eq!(t.names(), ["get_weather", "add", "now"]);
         assert!(t.parallel && t.active() && t.constraint().is_none());
         assert_eq!(
-            t.list[2].parameters,
+            *t.list[2].parameters(),
             json!({"type": "object", "properties": {}})
         );
         let t = tools(
@@ -552,7 +544,7 @@ mod tests {
         let tok = smollm2();
         let eos = tok.eos_token_ids()[0];
         let vocab = tok.vocab_size() + 3;
-        let g = Grammars::new(tok.inner(), eos, vocab, GrammarOptions::default()).unwrap();
+        let g = Grammars::new(tok, vocab, GrammarOptions::default()).unwrap();
         let mut c = g.compile(spec).expect("compiles");
         let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let mut out = Vec::new();
@@ -609,7 +601,7 @@ mod tests {
                 assert!(allowed.contains(&name.as_str()), "{text}");
                 let args: Value = serde_json::from_str(args).expect("arguments are JSON");
                 let tool = t.list.iter().find(|x| &x.name == name).unwrap();
-                let props = tool.parameters["properties"].as_object().unwrap();
+                let props = tool.parameters()["properties"].as_object().unwrap();
                 let obj = args.as_object().unwrap();
                 assert!(obj.keys().all(|k| props.contains_key(k)), "{text}");
                 if name == "get_weather" {

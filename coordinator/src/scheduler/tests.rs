@@ -740,3 +740,46 @@ fn an_answer_with_the_wrong_prompt_scores_fails_the_step() {
     assert_eq!(failed.seq_ids, vec![6, 7]);
     assert!(s.is_idle());
 }
+
+#[test]
+fn a_constrained_token_in_flight_pauses_planning_until_its_answer() {
+    use crate::constraint::{ConstraintSpec, GrammarOptions, Grammars};
+    let tok = crate::tokenizer::tests::smollm2();
+    let g = Grammars::new(tok, tok.vocab_size(), GrammarOptions::default()).unwrap();
+    // A fake rank 0 that samples the first token a mask allows.
+    let answer = |plan: &StepPlan| {
+        answer_with(plan, |q| {
+            let mask = &q.allowed_tokens;
+            (0..mask.len() as u32 * 8)
+                .find(|&t| mask[t as usize / 8] >> (t % 8) & 1 == 1)
+                .unwrap_or(q.seq_id as u32 + 1)
+        })
+    };
+    let with = |constrained: bool| {
+        let mut s = sched(64, 4, 64);
+        s.add(Sequence::new(1, vec![5; 3], params(8))).unwrap();
+        if constrained {
+            let mut p = params(8);
+            let spec = ConstraintSpec::Regex("[a-z]{4}".into());
+            p.constraint = Some(g.compile(&spec).unwrap());
+            s.add(Sequence::new(2, vec![5; 3], p)).unwrap();
+        }
+        s
+    };
+    // Unconstrained, the next step is planned while one is in flight.
+    let mut s = with(false);
+    s.schedule().unwrap().unwrap();
+    assert!(s.schedule().unwrap().is_some(), "overlap");
+    // With a constrained sequence in the step in flight, nothing is planned until its answer.
+    let mut s = with(true);
+    let first = s.schedule().unwrap().unwrap();
+    assert!(first.seqs.iter().any(|q| !q.allowed_tokens.is_empty()));
+    assert!(
+        s.schedule().unwrap().is_none(),
+        "its next mask needs the token"
+    );
+    s.apply(answer(&first)).unwrap();
+    let next = s.schedule().unwrap().expect("planned once answered");
+    assert_eq!(next.seqs.len(), 2);
+    s.audit().unwrap();
+}

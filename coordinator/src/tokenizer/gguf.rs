@@ -358,7 +358,7 @@ fn respell_byte_level(token: &str) -> String {
 }
 
 /// GPT-2's `bytes_to_unicode`: printable bytes map to themselves, the rest to U+0100 onwards.
-fn byte_to_unicode(b: u8) -> char {
+pub(crate) fn byte_to_unicode(b: u8) -> char {
     let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || b >= 0xAE;
     if printable(b) {
         return char::from(b);

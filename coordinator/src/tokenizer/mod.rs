@@ -20,6 +20,7 @@
 //! already starts with. EOS ids are the union of every source, since models list stop tokens in
 //! different files (e.g. `<|eot_id|>` only in `generation_config.json`).
 
+mod bytes;
 pub mod chat_template;
 pub mod gguf;
 
@@ -29,6 +30,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use helios_proto::LoadFormat;
 use serde_json::Value as Json;
 
+pub use bytes::{Spelling, TokenSpeller};
 pub use chat_template::{ChatMessage, ChatTemplate};
 
 /// The chat template slot of a model.
@@ -54,6 +56,8 @@ pub struct TextTokenizer {
     chat_template: TemplateSlot,
     vocab_size: usize,
     source: PathBuf,
+    /// Read from the decoder when a token's bytes are first asked for.
+    speller: std::sync::OnceLock<TokenSpeller>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -70,6 +74,22 @@ impl std::fmt::Debug for TextTokenizer {
 }
 
 impl TextTokenizer {
+    /// The bytes token `id` stands for (see [`bytes`]): its vocabulary entry read in the
+    /// model's spelling, or, where that cannot be read (an added token), its text; empty for an
+    /// id the vocabulary lacks.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(entry) = self.tokenizer.id_to_token(id) else {
+            return Vec::new();
+        };
+        let speller = self
+            .speller
+            .get_or_init(|| TokenSpeller::new(&self.tokenizer));
+        match speller.bytes(&entry) {
+            b if b.is_empty() => entry.into_bytes(),
+            b => b,
+        }
+    }
+
     /// Loads the tokenizer of a model.
     ///
     /// `path` is a `.gguf` file or an HF model directory (`tokenizer.json`, optional
@@ -149,6 +169,7 @@ impl TextTokenizer {
             chat_template: TemplateSlot::Missing,
             vocab_size,
             source: config_json.to_path_buf(),
+            speller: Default::default(),
         })
     }
 
@@ -167,6 +188,7 @@ impl TextTokenizer {
             chat_template,
             vocab_size,
             source: path.to_path_buf(),
+            speller: Default::default(),
         })
     }
 
@@ -253,6 +275,7 @@ impl TextTokenizer {
             chat_template,
             vocab_size,
             source: dir.to_path_buf(),
+            speller: Default::default(),
         })
     }
 

@@ -408,7 +408,7 @@ fn choice_fields(rng: &mut Rng, p: &mut GenerationParameters) -> Verdict {
         let pool = [
             (None, Good),
             (Some(2), Unsure),
-            (Some(0), Unsure),
+            (Some(0), Bad),
             (Some(1000), Bad),
         ];
         let (x, xv) = pick(rng, &pool);
@@ -451,10 +451,7 @@ fn constraint(rng: &mut Rng) -> Pick<Constraint> {
             (Kind::Regex("(".into()), Bad),
             (Kind::Regex("a{1000000000}".into()), Unsure),
             (Kind::JsonSchema("{".into()), Bad),
-            (
-                Kind::JsonSchema(r#"{"type": "no such type"}"#.into()),
-                Unsure,
-            ),
+            (Kind::JsonSchema(r#"{"type": "no such type"}"#.into()), Bad),
             (Kind::Grammar("start: undefined_rule".into()), Bad),
             (Kind::Regex("x".repeat(300 * 1024)), Bad),
         ])
