@@ -10,6 +10,7 @@ use helios_proto::v1::{
 };
 use helios_tests::server::Process;
 use helios_tests::{make_tiny_model, reference_all_logits};
+use tempfile::TempDir;
 
 /// Log-softmax of one row, in f64.
 fn log_softmax(row: &[f64]) -> Vec<f64> {
@@ -87,30 +88,28 @@ fn assert_close(a: &[SampledLogprobs], b: &[SampledLogprobs]) {
     }
 }
 
-/// The reference's log-softmax at every position of `prompt`.
-fn reference(model: &std::path::Path, prompt: &[u32]) -> Vec<Vec<f64>> {
-    reference_all_logits(model, prompt)
+/// A tiny model of `seed`, the reference's log-softmax at every position of `prompt` under
+/// it, and `helios serve` on it with `flags`.
+fn serve_tiny(seed: u64, prompt: &[u32], flags: &[&str]) -> (TempDir, Vec<Vec<f64>>, Process) {
+    let dir = tempfile::tempdir().unwrap();
+    make_tiny_model(dir.path(), seed, &[]).unwrap();
+    let want = reference_all_logits(dir.path(), prompt)
         .unwrap()
         .iter()
         .map(|row| log_softmax(row))
-        .collect()
+        .collect();
+    let mut args = vec!["--model", dir.path().to_str().unwrap()];
+    args.extend_from_slice(flags);
+    let server = Process::serve(&args);
+    (dir, want, server)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prompt_longer_than_a_ranks_scoring_slice_is_scored_whole_at_tp_1() {
-    let dir = tempfile::tempdir().unwrap();
-    make_tiny_model(dir.path(), 19, &[]).unwrap();
     // 300 rows in one chunk: more than the 256 a rank computes logits for at once.
     let prompt: Vec<u32> = (0..301).map(|i| (i * 53 + 5) % 300).collect();
-    let want = reference(dir.path(), &prompt);
-    let server = Process::serve(&[
-        "--model",
-        dir.path().to_str().unwrap(),
-        "--tp",
-        "1",
-        "--max-batch-tokens",
-        "512",
-    ]);
+    let flags = ["--tp", "1", "--max-batch-tokens", "512"];
+    let (_dir, want, server) = serve_tiny(19, &prompt, &flags);
     let mut client = server.client().await;
     let r = client
         .generate(request(&prompt, scored(None)))
@@ -122,21 +121,17 @@ async fn a_prompt_longer_than_a_ranks_scoring_slice_is_scored_whole_at_tp_1() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompt_logprobs_match_the_reference_in_chunks_cached_streamed_and_per_choice() {
-    let dir = tempfile::tempdir().unwrap();
-    make_tiny_model(dir.path(), 17, &[]).unwrap();
     let prompt: Vec<u32> = (0..29).map(|i| (i * 37 + 11) % 300).collect();
-    let want = reference(dir.path(), &prompt);
-    let server = Process::serve(&[
-        "--model",
-        dir.path().to_str().unwrap(),
+    // Chunks of 8: rows at chunk ends score the next chunk's first token.
+    let flags = [
         "--tp",
         "2",
-        // Chunks of 8: rows at chunk ends score the next chunk's first token.
         "--max-batch-tokens",
         "8",
         "--threads-per-worker",
         "1",
-    ]);
+    ];
+    let (_dir, want, server) = serve_tiny(17, &prompt, &flags);
     let mut client = server.client().await;
 
     let unary = client

@@ -191,8 +191,10 @@ async fn a_rank_that_never_returns_fails_its_requests_after_the_recovery_timeout
     // Short prompts (the tiny model holds 512 positions), long answers.
     let run = Running::start(&client, workload(3, 450));
     run.wait_for(3, Duration::from_secs(60)).await;
-    drop(workers.remove(1));
+    // The clock starts before the kill: the coordinator may notice the loss while the test
+    // is still reaping the process, and its timeout counts from there.
     let lost = Instant::now();
+    drop(workers.remove(1));
     let results = run.finish(Duration::from_secs(30)).await;
     let waited = lost.elapsed();
     for r in &results {
